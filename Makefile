@@ -1,0 +1,46 @@
+# Panther developer commands. On a fresh machine `make demo` and `make test` do all set-up:
+# create .venv, install the pinned dev dependencies, build and install the package, then run.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.deps-stamp
+BUILD_LOCK := /tmp/panther-build.lock
+export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+
+.PHONY: all setup build demo test test-py test-cpp bench clean
+
+all: build
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements-dev.txt | $(PY)
+	$(PY) -m pip install --upgrade -q pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	@touch $@
+
+setup: $(STAMP)
+	@bash scripts/ensure_cpp_deps.sh
+
+# Incremental: scikit-build-core keeps its CMake tree under build/. flock serialises builds.
+build: setup
+	flock $(BUILD_LOCK) $(PY) -m pip install -q --no-build-isolation --no-deps .
+
+demo: build
+	$(PY) examples/demo.py
+
+test: build
+	$(PY) -m pytest -q -ra
+	@bash scripts/run_cpp_tests.sh $(PY)
+
+test-py: build
+	$(PY) -m pytest -q -ra
+
+test-cpp: build
+	@bash scripts/run_cpp_tests.sh $(PY)
+
+bench: build
+	$(PY) bench/python/bench_linear.py
+
+clean:
+	rm -rf build dist *.egg-info

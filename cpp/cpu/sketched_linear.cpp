@@ -1,0 +1,80 @@
+// CPU kernels of panther::sketched_linear, _sketched_linear_fwd and _sketched_linear_backward.
+// fp32/fp64 run the two-GEMM path in their own precision; fp16/bf16 are computed in fp32 and
+// rounded once at the end (fp32 accumulation, no intermediate rounding).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "kernels/sketched_linear.h"
+
+namespace panther::cpu {
+namespace {
+using namespace panther::detail;
+
+constexpr const char* kOp = "panther::sketched_linear";
+
+at::ScalarType compute_dtype(at::ScalarType t) {
+  return is_low_precision(t) ? at::kFloat : t;
+}
+
+std::optional<at::Tensor> cast_opt(const std::optional<at::Tensor>& t, at::ScalarType dt) {
+  if (t.has_value() && t->defined()) return t->to(dt);
+  return std::nullopt;
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_impl(const at::Tensor& input, const at::Tensor& S1s,
+                                            const at::Tensor& S2s, const at::Tensor& U1s,
+                                            const at::Tensor& U2s,
+                                            const std::optional<at::Tensor>& bias) {
+  const SketchDims d = check_sketched_linear(kOp, input, S1s, S2s, U1s, U2s, bias);
+  const auto dt = input.scalar_type(), cdt = compute_dtype(dt);
+  const double scale = 1.0 / (2.0 * static_cast<double>(d.L));
+  at::Tensor x2 = input.reshape({d.N, d.d_in}).to(cdt);
+  at::Tensor A = pack_A(S1s, U2s).to(cdt), B = pack_B(U1s, S2s).to(cdt);
+  auto [y, Ts] = forward_exact(x2, A, B, cast_opt(bias, cdt), scale);
+  y = y.to(dt).reshape(sketched_output_shape(input, d.d_out));
+  if (is_low_precision(dt)) {
+    // Saved in the device-independent compact form: [hi | lo] in the input dtype.
+    at::Tensor hi = Ts.to(dt);
+    at::Tensor lo = (Ts - hi.to(at::kFloat)).to(dt);
+    Ts = at::cat({hi, lo}, 1);
+  }
+  return {y, Ts};
+}
+
+at::Tensor sketched_linear_cpu(const at::Tensor& input, const at::Tensor& S1s, const at::Tensor& S2s,
+                               const at::Tensor& U1s, const at::Tensor& U2s,
+                               const std::optional<at::Tensor>& bias) {
+  const SketchDims d = check_sketched_linear(kOp, input, S1s, S2s, U1s, U2s, bias);
+  const auto dt = input.scalar_type(), cdt = compute_dtype(dt);
+  const double scale = 1.0 / (2.0 * static_cast<double>(d.L));
+  at::Tensor x2 = input.reshape({d.N, d.d_in}).to(cdt);
+  auto [y, Ts] = forward_exact(x2, pack_A(S1s, U2s).to(cdt), pack_B(U1s, S2s).to(cdt),
+                               cast_opt(bias, cdt), scale);
+  return y.to(dt).reshape(sketched_output_shape(input, d.d_out));
+}
+
+Grads6 backward_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& saved,
+                    const at::Tensor& S1s, const at::Tensor& S2s, const at::Tensor& U1s,
+                    const at::Tensor& U2s, std::array<bool, 6> mask) {
+  const SketchDims d = check_sketched_linear("panther::_sketched_linear_backward", input, S1s, S2s,
+                                             U1s, U2s, std::nullopt);
+  const auto dt = input.scalar_type(), cdt = compute_dtype(dt);
+  const double scale = 1.0 / (2.0 * static_cast<double>(d.L));
+  const int64_t Lk2 = 2 * d.L * d.k;
+  at::Tensor Ts = saved.to(cdt);
+  if (is_low_precision(dt)) Ts = Ts.narrow(1, 0, Lk2) + Ts.narrow(1, Lk2, Lk2);
+  at::Tensor G2 = grad_out.reshape({d.N, d.d_out}).to(cdt);
+  at::Tensor x2 = input.reshape({d.N, d.d_in}).to(cdt);
+  PackedGrads g = backward_exact(G2, x2, Ts, pack_A(S1s, U2s).to(cdt), pack_B(U1s, S2s).to(cdt),
+                                 scale, mask);
+  return unpack_grads(g, d, input, dt, mask);
+}
+
+}  // namespace
+}  // namespace panther::cpu
+
+TORCH_LIBRARY_IMPL(panther, CPU, m) {
+  m.impl("sketched_linear", &panther::cpu::sketched_linear_cpu);
+  m.impl("_sketched_linear_fwd", &panther::cpu::fwd_impl);
+  m.impl("_sketched_linear_backward", &panther::cpu::backward_cpu);
+}

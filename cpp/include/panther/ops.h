@@ -1,0 +1,21 @@
+// Panther's public C++ API: typed functions that call the operators through the PyTorch
+// dispatcher, so C++ callers get autograd, autocast and every backend exactly as Python does.
+// Link panther::panther_ops (find_package(panther)) and include <panther/ops.h>.
+#pragma once
+#include <ATen/Tensor.h>
+#include <optional>
+
+namespace panther {
+
+/// Sketched (randomized low-rank) linear layer.
+///   y = 1/(2L) * sum_i (x S1s[i] U1s[i] + x U2s[i] S2s[i]) + bias
+/// input (..., d_in); S1s (L, d_in, k); S2s (L, k, d_out); U1s (L, k, d_out); U2s (L, d_in, k);
+/// bias (d_out) or nullopt. Returns (..., d_out). All tensors share dtype and device.
+at::Tensor sketched_linear(const at::Tensor& input, const at::Tensor& S1s, const at::Tensor& S2s,
+                           const at::Tensor& U1s, const at::Tensor& U2s,
+                           const std::optional<at::Tensor>& bias = std::nullopt);
+
+/// Version string of torch this library was compiled against.
+const char* built_with_torch();
+
+}  // namespace panther

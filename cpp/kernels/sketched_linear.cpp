@@ -1,0 +1,134 @@
+// Shared implementation of the sketched linear op: checks, operand packing and the exact
+// (fp32/fp64) two-GEMM forward and backward. No registrations here.
+#include "kernels/sketched_linear.h"
+
+#include <c10/util/Exception.h>
+#include <sstream>
+
+namespace panther::detail {
+namespace {
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << "(";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << (s.size() == 1 ? ",)" : ")");
+  return o.str();
+}
+
+void check_shape(const char* op, const char* name, const at::Tensor& t,
+                 std::initializer_list<int64_t> want, const char* want_str) {
+  std::vector<int64_t> w(want);
+  TORCH_CHECK(t.sizes().vec() == w, op, ": ", name, " must have shape ", want_str, " = ",
+              shape_str(w), ", got ", shape_str(t.sizes()));
+}
+
+void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": ", name, " must have the input's dtype ",
+              input.scalar_type(), ", got ", t.scalar_type(),
+              " (cast the input or the layer, e.g. layer.to(dtype); under autocast this is automatic)");
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " must be on the input's device ",
+              input.device(), ", got ", t.device());
+}
+
+}  // namespace
+
+SketchDims check_sketched_linear(const char* op, const at::Tensor& input, const at::Tensor& S1s,
+                                 const at::Tensor& S2s, const at::Tensor& U1s,
+                                 const at::Tensor& U2s, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(input.dim() >= 1, op, ": input must have at least 1 dimension (..., d_in), got a 0-d tensor");
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), op,
+              ": input must be float64, float32, float16 or bfloat16, got ", input.scalar_type());
+  TORCH_CHECK(S1s.dim() == 3, op, ": S1s must be 3-d (num_terms, d_in, low_rank), got shape ",
+              shape_str(S1s.sizes()));
+  const int64_t L = S1s.size(0), d_in = S1s.size(1), k = S1s.size(2);
+  TORCH_CHECK(S2s.dim() == 3, op, ": S2s must be 3-d (num_terms, low_rank, d_out), got shape ",
+              shape_str(S2s.sizes()));
+  const int64_t d_out = S2s.size(2);
+  TORCH_CHECK(L >= 1 && k >= 1, op, ": num_terms and low_rank must be >= 1, got S1s of shape ",
+              shape_str(S1s.sizes()));
+  check_shape(op, "S2s", S2s, {L, k, d_out}, "(num_terms, low_rank, d_out)");
+  check_shape(op, "U1s", U1s, {L, k, d_out}, "(num_terms, low_rank, d_out)");
+  check_shape(op, "U2s", U2s, {L, d_in, k}, "(num_terms, d_in, low_rank)");
+  TORCH_CHECK(input.size(-1) == d_in, op, ": input last dim must be d_in=", d_in,
+              " (from S1s), got ", input.size(-1), " (input shape ", shape_str(input.sizes()), ")");
+  check_same(op, "S1s", S1s, input);
+  check_same(op, "S2s", S2s, input);
+  check_same(op, "U1s", U1s, input);
+  check_same(op, "U2s", U2s, input);
+  if (bias.has_value() && bias->defined()) {
+    check_shape(op, "bias", *bias, {d_out}, "(d_out,)");
+    check_same(op, "bias", *bias, input);
+  }
+  int64_t rows = 1;
+  for (int64_t i = 0; i + 1 < input.dim(); ++i) rows *= input.size(i);
+  return {L, k, d_in, d_out, rows};
+}
+
+std::vector<int64_t> sketched_output_shape(const at::Tensor& input, int64_t d_out) {
+  auto s = input.sizes().vec();
+  s.back() = d_out;
+  return s;
+}
+
+at::Tensor pack_A(const at::Tensor& S1s, const at::Tensor& U2s) {
+  const int64_t L = S1s.size(0), d_in = S1s.size(1), k = S1s.size(2);
+  // (L, d_in, k) -> (d_in, L*k): column block i holds term i.
+  auto a = S1s.permute({1, 0, 2}).reshape({d_in, L * k});
+  auto b = U2s.permute({1, 0, 2}).reshape({d_in, L * k});
+  return at::cat({a, b}, 1);
+}
+
+at::Tensor pack_B(const at::Tensor& U1s, const at::Tensor& S2s) {
+  const int64_t L = U1s.size(0), k = U1s.size(1), d_out = U1s.size(2);
+  return at::cat({U1s.reshape({L * k, d_out}), S2s.reshape({L * k, d_out})}, 0);
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_exact(const at::Tensor& x2, const at::Tensor& A,
+                                                 const at::Tensor& B,
+                                                 const std::optional<at::Tensor>& bias,
+                                                 double scale) {
+  // The 1/(2L) scale is folded into the small (N, 2Lk) intermediate, never into the output.
+  at::Tensor Ts = at::mm(x2, A);
+  Ts.mul_(scale);
+  at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, Ts, B) : at::mm(Ts, B);
+  return {y, Ts};
+}
+
+PackedGrads backward_exact(const at::Tensor& G2, const at::Tensor& x2, const at::Tensor& Ts,
+                           const at::Tensor& A, const at::Tensor& B, double scale,
+                           const std::array<bool, 6>& mask) {
+  // y = Ts B + b with Ts = s x A:  dB = Ts^T G,  dTs = G B^T,  dA = s x^T dTs,  dx = s dTs A^T.
+  PackedGrads g;
+  const bool need_x = mask[0], need_A = mask[1] || mask[4], need_B = mask[2] || mask[3];
+  if (need_x || need_A) {
+    at::Tensor gT = at::mm(G2, B.t());
+    gT.mul_(scale);
+    if (need_x) g.gx = at::mm(gT, A.t());
+    if (need_A) g.gA = at::mm(x2.t(), gT);
+  }
+  if (need_B) g.gB = at::mm(Ts.t(), G2);
+  if (mask[5]) g.gb = G2.sum(0);
+  return g;
+}
+
+Grads6 unpack_grads(const PackedGrads& g, const SketchDims& d, const at::Tensor& input,
+                    at::ScalarType dtype, const std::array<bool, 6>& mask) {
+  const int64_t Lk = d.L * d.k;
+  auto per_term_in = [&](const at::Tensor& cols) {  // (d_in, Lk) -> (L, d_in, k)
+    return cols.reshape({d.d_in, d.L, d.k}).permute({1, 0, 2}).to(dtype).contiguous();
+  };
+  auto per_term_out = [&](const at::Tensor& rows) {  // (Lk, d_out) -> (L, k, d_out)
+    return rows.reshape({d.L, d.k, d.d_out}).to(dtype).contiguous();
+  };
+  Grads6 out;
+  if (mask[0]) std::get<0>(out) = g.gx.to(dtype).reshape(input.sizes());
+  if (mask[1]) std::get<1>(out) = per_term_in(g.gA.narrow(1, 0, Lk));
+  if (mask[2]) std::get<2>(out) = per_term_out(g.gB.narrow(0, Lk, Lk));
+  if (mask[3]) std::get<3>(out) = per_term_out(g.gB.narrow(0, 0, Lk));
+  if (mask[4]) std::get<4>(out) = per_term_in(g.gA.narrow(1, Lk, Lk));
+  if (mask[5]) std::get<5>(out) = g.gb.to(dtype);
+  return out;
+}
+
+}  // namespace panther::detail

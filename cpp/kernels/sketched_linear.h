@@ -1,0 +1,55 @@
+// Device-independent pieces of the sketched linear op (argument checks, packing the sketches
+// into the two GEMM operands, the exact-precision forward/backward written with ATen GEMMs).
+#pragma once
+#include <ATen/ATen.h>
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace panther::detail {
+
+struct SketchDims {
+  int64_t L, k, d_in, d_out, N;
+};
+
+// Validates shapes, dtypes and devices; errors name the op, the argument, expected and got.
+SketchDims check_sketched_linear(const char* op, const at::Tensor& input, const at::Tensor& S1s,
+                                 const at::Tensor& S2s, const at::Tensor& U1s,
+                                 const at::Tensor& U2s, const std::optional<at::Tensor>& bias);
+
+// Output shape (..., d_out) for an input (..., d_in).
+std::vector<int64_t> sketched_output_shape(const at::Tensor& input, int64_t d_out);
+
+inline bool is_low_precision(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16;
+}
+
+// A = [S1_1 .. S1_L | U2_1 .. U2_L]  (d_in, 2Lk)
+at::Tensor pack_A(const at::Tensor& S1s, const at::Tensor& U2s);
+// B = [U1_1; ..; U1_L; S2_1; ..; S2_L]  (2Lk, d_out)
+at::Tensor pack_B(const at::Tensor& U1s, const at::Tensor& S2s);
+
+// Exact-precision path (fp32/fp64, any device): returns (y2d, Ts) with Ts = x A / (2L).
+std::tuple<at::Tensor, at::Tensor> forward_exact(const at::Tensor& x2, const at::Tensor& A,
+                                                 const at::Tensor& B,
+                                                 const std::optional<at::Tensor>& bias,
+                                                 double scale);
+
+using Grads6 = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>,
+                          std::optional<at::Tensor>, std::optional<at::Tensor>,
+                          std::optional<at::Tensor>, std::optional<at::Tensor>>;
+
+// Raw gradients of the two GEMM operands: gx (N, d_in), gA (d_in, 2Lk), gB (2Lk, d_out), gb.
+struct PackedGrads {
+  at::Tensor gx, gA, gB, gb;
+};
+
+PackedGrads backward_exact(const at::Tensor& G2, const at::Tensor& x2, const at::Tensor& Ts,
+                           const at::Tensor& A, const at::Tensor& B, double scale,
+                           const std::array<bool, 6>& mask);
+
+// Splits packed gradients back into the per-argument layout and dtype.
+Grads6 unpack_grads(const PackedGrads& g, const SketchDims& d, const at::Tensor& input,
+                    at::ScalarType dtype, const std::array<bool, 6>& mask);
+
+}  // namespace panther::detail

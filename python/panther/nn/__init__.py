@@ -1,0 +1,4 @@
+"""Panther's neural-network modules."""
+from .linear import SKLinear
+
+__all__ = ["SKLinear"]

@@ -1,0 +1,171 @@
+"""SKLinear: a sketched, randomized low-rank replacement for ``nn.Linear``."""
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+
+def _check_positive_int(layer: str, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{layer}: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def rademacher(shape, scale: float, *, generator: Optional[torch.Generator] = None,
+               dtype=None, device=None) -> Tensor:
+    """Entries +-scale with equal probability, drawn from ``generator`` (or the global one)."""
+    signs = torch.randint(0, 2, shape, generator=generator, device=device, dtype=torch.int8)
+    return (signs.to(dtype or torch.get_default_dtype()) * 2 - 1) * scale
+
+
+class SKLinear(nn.Module):
+    r"""Sketched linear layer: a rank-``2 * num_terms * low_rank`` randomized stand-in for ``nn.Linear``.
+
+    .. math::
+        y = \frac{1}{2L} \sum_{i=1}^{L} \left( x S^{(1)}_i U^{(1)}_i + x U^{(2)}_i S^{(2)}_i \right) + b
+
+    with ``L = num_terms`` and ``k = low_rank``. ``S1s`` ``(L, in_features, k)`` and ``S2s``
+    ``(L, k, out_features)`` are learned; ``U1s`` ``(L, k, out_features)`` and ``U2s``
+    ``(L, in_features, k)`` are fixed random sign matrices with entries ``+-1/sqrt(k)`` (buffers,
+    saved in the state dict). Initialised from a dense weight ``W`` (``nn.Linear`` layout,
+    ``out x in``) as ``S1_i = W^T U1_i^T`` and ``S2_i = U2_i^T W^T``, so every term is an unbiased
+    estimate of ``W^T``. Names and shapes match the original Panther, so its checkpoints load.
+
+    Args:
+        in_features, out_features: sizes of each input and output sample.
+        num_terms: number of sketch terms ``L`` (>= 1).
+        low_rank: sketch size ``k`` (>= 1; any value, no multiple-of-16 restriction).
+        W_init: optional ``(out_features, in_features)`` weight to sketch (e.g. a trained
+            ``nn.Linear.weight``); default: ``nn.Linear``'s initialisation.
+        bias: learn an additive bias (initialised as ``nn.Linear``'s).
+        dtype, device: of parameters and buffers.
+        generator: ``torch.Generator`` for the random draws (default: the global generator;
+            constructing a layer never reseeds anything).
+
+    Shape: input ``(..., in_features)`` -> output ``(..., out_features)``.
+    """
+
+    __constants__ = ["in_features", "out_features", "num_terms", "low_rank"]
+    in_features: int
+    out_features: int
+    num_terms: int
+    low_rank: int
+    bias: Optional[Tensor]
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_terms: int,
+        low_rank: int,
+        W_init: Optional[Tensor] = None,
+        bias: bool = True,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        self.in_features = _check_positive_int(name, "in_features", in_features)
+        self.out_features = _check_positive_int(name, "out_features", out_features)
+        self.num_terms = _check_positive_int(name, "num_terms", num_terms)
+        self.low_rank = _check_positive_int(name, "low_rank", low_rank)
+        L, k = num_terms, low_rank
+        if W_init is not None:
+            if not isinstance(W_init, Tensor):
+                raise TypeError(f"{name}: W_init must be a Tensor or None, got {type(W_init).__name__}")
+            if tuple(W_init.shape) != (out_features, in_features):
+                raise ValueError(
+                    f"{name}: W_init must have shape (out_features={out_features}, "
+                    f"in_features={in_features}) (nn.Linear layout), got {tuple(W_init.shape)}"
+                )
+        sketch_numbers = 2 * L * k * (in_features + out_features)
+        if sketch_numbers > in_features * out_features:
+            warnings.warn(
+                f"{name}({in_features}, {out_features}, num_terms={L}, low_rank={k}) holds "
+                f"{sketch_numbers:,} sketch numbers, more than the {in_features * out_features:,} "
+                f"weights of the dense layer it replaces; lower num_terms or low_rank to save memory",
+                UserWarning,
+                stacklevel=2,
+            )
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        scale = 1.0 / math.sqrt(k)
+        self.register_buffer(
+            "U1s", rademacher((L, k, out_features), scale, generator=generator, dtype=dtype, device=device)
+        )
+        self.register_buffer(
+            "U2s", rademacher((L, in_features, k), scale, generator=generator, dtype=dtype, device=device)
+        )
+        # The sketches are formed in at least fp32 and rounded once to the layer's dtype.
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        with torch.no_grad():
+            if W_init is None:
+                W = torch.empty(out_features, in_features, dtype=work, device=device)
+                nn.init.kaiming_uniform_(W, a=math.sqrt(5), generator=generator)
+            else:
+                W = W_init.detach().to(device=self.U1s.device, dtype=work)
+            U1 = self.U1s.to(work)
+            U2 = self.U2s.to(work)
+            S1s = torch.einsum("oi,lko->lik", W, U1)  # W^T U1_i^T: (L, in, k)
+            S2s = torch.einsum("lik,oi->lko", U2, W)  # U2_i^T W^T: (L, k, out)
+        self.S1s = nn.Parameter(S1s.to(dtype))
+        self.S2s = nn.Parameter(S2s.to(dtype))
+        if bias:
+            bound = 1.0 / math.sqrt(in_features)
+            b = torch.empty(out_features, dtype=dtype, device=self.U1s.device)
+            with torch.no_grad():
+                b.uniform_(-bound, bound, generator=generator)
+            self.bias = nn.Parameter(b)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        num_terms: int,
+        low_rank: int,
+        generator: Optional[torch.Generator] = None,
+    ):
+        """Sketch a (trained) ``nn.Linear``: its weight initialises the sketches, its bias is copied."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"SKLinear.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            num_terms,
+            low_rank,
+            W_init=linear.weight,
+            bias=linear.bias is not None,
+            dtype=linear.weight.dtype,
+            device=linear.weight.device,
+            generator=generator,
+        )
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def dense_weight(self) -> Tensor:
+        """The equivalent dense weight ``(out_features, in_features)`` (for inspection and tests)."""
+        L = self.num_terms
+        W_t = torch.einsum("lik,lko->io", self.S1s, self.U1s) + torch.einsum("lik,lko->io", self.U2s, self.S2s)
+        return (W_t / (2 * L)).t()
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() == 0:
+            raise ValueError("SKLinear: input must have at least 1 dimension (..., in_features), got a 0-d tensor")
+        if input.size(-1) != self.in_features:
+            raise ValueError(
+                f"SKLinear: input last dim must be in_features={self.in_features}, got {input.size(-1)}"
+            )
+        return torch.ops.panther.sketched_linear(input, self.S1s, self.S2s, self.U1s, self.U2s, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"num_terms={self.num_terms}, low_rank={self.low_rank}, bias={self.bias is not None}"
+        )
