@@ -17,48 +17,124 @@ using namespace panther::detail;
 
 constexpr const char* kOp = "panther::sketched_linear";
 
-// out[r, c] = lowp(s * in[r, c]); out[r, C + c] = lowp(s * in[r, c] - out[r, c]).
+// Packs the four sketch tensors into the GEMM operands in one launch:
+//   A (d_in, repsA * 2Lk) = [S1_1 .. S1_L | U2_1 .. U2_L] repeated repsA times along columns,
+//   B (repsB * 2Lk, d_out) = [U1_1; ..; U1_L; S2_1; ..; S2_L] repeated repsB times along rows.
+// (Repetition builds the [B; B] / [A | A] operands that multiply a [hi | lo] split.)
 template <typename T>
-__global__ void split_hi_lo_kernel(const float* __restrict__ in, T* __restrict__ out, int64_t rows,
-                                   int64_t cols, float scale) {
-  const int64_t total = rows * cols;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+__global__ void pack_operands_kernel(const T* __restrict__ S1, const T* __restrict__ U2,
+                                     const T* __restrict__ U1, const T* __restrict__ S2,
+                                     T* __restrict__ A, T* __restrict__ B, int64_t L, int64_t d_in,
+                                     int64_t k, int64_t d_out, int64_t repsA, int64_t repsB) {
+  const int64_t Lk = L * k, colsA = repsA * 2 * Lk, nA = d_in * colsA;
+  const int64_t per = Lk * d_out, nB = repsB * 2 * per;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < nA + nB;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / cols, c = i - r * cols;
-    const float v = in[i] * scale;
-    const T hi = static_cast<T>(v);
-    const T lo = static_cast<T>(v - static_cast<float>(hi));
-    out[r * 2 * cols + c] = hi;
-    out[r * 2 * cols + cols + c] = lo;
+    if (i < nA) {
+      const int64_t r = i / colsA, c = (i - r * colsA) % (2 * Lk);
+      const bool second = c >= Lk;
+      const int64_t cc = second ? c - Lk : c, l = cc / k, j = cc - l * k;
+      A[i] = (second ? U2 : S1)[(l * d_in + r) * k + j];
+    } else {
+      const int64_t b = i - nA, blk = b / per;
+      B[b] = ((blk & 1) ? S2 : U1)[b - blk * per];
+    }
   }
 }
 
-// (R, C) fp32 contiguous -> (R, 2C) in dtype: [hi | lo] of scale * t.
-at::Tensor split_hi_lo(const at::Tensor& t32, at::ScalarType dtype, double scale) {
+std::tuple<at::Tensor, at::Tensor> pack_operands(const at::Tensor& S1s, const at::Tensor& U2s,
+                                                 const at::Tensor& U1s, const at::Tensor& S2s,
+                                                 int64_t repsA, int64_t repsB) {
+  const int64_t L = S1s.size(0), d_in = S1s.size(1), k = S1s.size(2), d_out = S2s.size(2);
+  auto s1 = S1s.contiguous(), u2 = U2s.contiguous(), u1 = U1s.contiguous(), s2 = S2s.contiguous();
+  at::Tensor A = at::empty({d_in, repsA * 2 * L * k}, S1s.options());
+  at::Tensor B = at::empty({repsB * 2 * L * k, d_out}, S1s.options());
+  const int64_t total = A.numel() + B.numel();
+  if (total == 0) return {A, B};
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 4096);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, S1s.scalar_type(), "panther_pack", [&] {
+    pack_operands_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+        s1.data_ptr<scalar_t>(), u2.data_ptr<scalar_t>(), u1.data_ptr<scalar_t>(),
+        s2.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(), L, d_in, k, d_out,
+        repsA, repsB);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {A, B};
+}
+
+// Row r of out (R, 2C + pad) = [hi | lo | 1 0 .. 0] with hi = lowp(s t[r]), lo = lowp(s t[r] - hi).
+template <typename T>
+__global__ void split_hi_lo_kernel(const float* __restrict__ in, T* __restrict__ out, int64_t rows,
+                                   int64_t cols, int64_t pad, float scale) {
+  const int64_t w = cols + pad, ld = 2 * cols + pad;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < rows * w;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / w, c = i - r * w;
+    if (c < cols) {
+      const float v = in[r * cols + c] * scale;
+      const T hi = static_cast<T>(v);
+      out[r * ld + c] = hi;
+      out[r * ld + cols + c] = static_cast<T>(v - static_cast<float>(hi));
+    } else {
+      out[r * ld + cols + c] = static_cast<T>(c == cols ? 1.0f : 0.0f);
+    }
+  }
+}
+
+// (R, C) fp32 -> (R, 2C + pad) in dtype: [hi | lo | pad] of scale * t.
+at::Tensor split_hi_lo(const at::Tensor& t32, at::ScalarType dtype, double scale, int64_t pad) {
   TORCH_INTERNAL_ASSERT(t32.scalar_type() == at::kFloat && t32.dim() == 2);
   at::Tensor in = t32.contiguous();
   const int64_t R = in.size(0), C = in.size(1);
-  at::Tensor out = at::empty({R, 2 * C}, in.options().dtype(dtype));
+  at::Tensor out = at::empty({R, 2 * C + pad}, in.options().dtype(dtype));
   if (out.numel() == 0) return out;
   const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((R * C + threads - 1) / threads, 65535);
+  const int64_t blocks = std::min<int64_t>((R * (C + pad) + threads - 1) / threads, 65535);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "panther_split_hi_lo", [&] {
     split_hi_lo_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        in.data_ptr<float>(), out.data_ptr<scalar_t>(), R, C, static_cast<float>(scale));
+        in.data_ptr<float>(), out.data_ptr<scalar_t>(), R, C, pad, static_cast<float>(scale));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
-// Sum of the two K-halves of a product against [hi | lo]: (R, 2C) -> (R, C) or rows likewise.
-at::Tensor fold_cols(const at::Tensor& t) {
-  const int64_t C = t.size(1) / 2;
-  return t.narrow(1, 0, C) + t.narrow(1, C, C);
-}
-at::Tensor fold_rows(const at::Tensor& t) {
-  const int64_t R = t.size(0) / 2;
-  return t.narrow(0, 0, R) + t.narrow(0, R, R);
+// Low-precision backward epilogue in one launch: folds the [hi | lo] halves of the fp32 GEMM
+// results and scatters them into the per-term layouts of the parameters, rounding once:
+//   gA = rawA[:, :2Lk] + rawA[:, 2Lk:]            rawA (d_in, 4Lk)
+//   gB = rawB[:2Lk] + rawB[2Lk:4Lk], gb = rawB[4Lk]  rawB (4Lk + pad, d_out)
+// Null outputs are skipped (gradients nobody asked for).
+template <typename T>
+__global__ void unpack_grads_kernel(const float* __restrict__ rawA, const float* __restrict__ rawB,
+                                    T* gS1, T* gU2, T* gU1, T* gS2, T* gb, int64_t L, int64_t d_in,
+                                    int64_t k, int64_t d_out) {
+  const int64_t Lk = L * k, nIn = L * d_in * k, nOut = L * k * d_out;
+  const int64_t total = 2 * nIn + 2 * nOut + d_out;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (i < 2 * nIn) {
+      const bool u2 = i >= nIn;
+      T* dst = u2 ? gU2 : gS1;
+      if (dst == nullptr) continue;
+      const int64_t e = u2 ? i - nIn : i;               // index into (L, d_in, k)
+      const int64_t l = e / (d_in * k), r = (e / k) % d_in, j = e % k;
+      const int64_t c = (u2 ? Lk : 0) + l * k + j;
+      dst[e] = static_cast<T>(rawA[r * 4 * Lk + c] + rawA[r * 4 * Lk + 2 * Lk + c]);
+    } else if (i < 2 * nIn + 2 * nOut) {
+      const int64_t e0 = i - 2 * nIn;
+      const bool s2 = e0 >= nOut;
+      T* dst = s2 ? gS2 : gU1;
+      if (dst == nullptr) continue;
+      const int64_t e = s2 ? e0 - nOut : e0;            // index into (L, k, d_out) = (Lk, d_out)
+      const int64_t row = (s2 ? Lk : 0) + e / d_out, o = e % d_out;
+      dst[e] = static_cast<T>(rawB[row * d_out + o] + rawB[(2 * Lk + row) * d_out + o]);
+    } else if (gb != nullptr) {
+      const int64_t o = i - 2 * nIn - 2 * nOut;
+      gb[o] = static_cast<T>(rawB[4 * Lk * d_out + o]);
+    }
+  }
 }
 
 struct Fwd {
@@ -72,20 +148,19 @@ Fwd forward_cuda(const at::Tensor& input, const at::Tensor& S1s, const at::Tenso
   const c10::cuda::CUDAGuard guard(input.device());
   const double scale = 1.0 / (2.0 * static_cast<double>(d.L));
   const auto dt = input.scalar_type();
-  at::Tensor x2 = input.reshape({d.N, d.d_in});
-  at::Tensor A = pack_A(S1s, U2s);
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (!is_low_precision(dt)) {
-    auto [y, Ts] = forward_exact(x2, A, pack_B(U1s, S2s), bias, scale);
-    return {y.reshape(sketched_output_shape(input, d.d_out)), Ts};
-  }
   const int64_t Lk = d.L * d.k;
-  at::Tensor T32 = at::mm(x2, A, at::kFloat);            // (N, 2Lk), fp32 accumulate and store
-  at::Tensor hilo = split_hi_lo(T32, dt, scale);         // (N, 4Lk)
-  at::Tensor BB = at::cat({U1s.reshape({Lk, d.d_out}), S2s.reshape({Lk, d.d_out}),
-                           U1s.reshape({Lk, d.d_out}), S2s.reshape({Lk, d.d_out})}, 0);
-  at::Tensor y = has_bias ? at::addmm(*bias, hilo, BB) : at::mm(hilo, BB);
-  return {y.reshape(sketched_output_shape(input, d.d_out)), hilo};
+  at::Tensor x2 = input.reshape({d.N, d.d_in});
+  const bool lowp = is_low_precision(dt);
+  auto [A, B] = pack_operands(S1s, U2s, U1s, S2s, 1, lowp ? 2 : 1);
+  if (!lowp) {
+    auto [y, saved] = forward_exact(x2, A, B, bias, scale);
+    return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
+  }
+  at::Tensor T32 = at::mm(x2, A, at::kFloat);                       // (N, 2Lk) fp32
+  at::Tensor saved = split_hi_lo(T32, dt, scale, kSavedPad);       // (N, 4Lk + pad)
+  at::Tensor hilo = saved.narrow(1, 0, 4 * Lk);
+  at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, hilo, B) : at::mm(hilo, B);
+  return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
 }
 
 at::Tensor sketched_linear_cuda(const at::Tensor& input, const at::Tensor& S1s, const at::Tensor& S2s,
@@ -110,26 +185,52 @@ Grads6 backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const 
   const c10::cuda::CUDAGuard guard(input.device());
   const double scale = 1.0 / (2.0 * static_cast<double>(d.L));
   const auto dt = input.scalar_type();
+  const int64_t Lk = d.L * d.k;
   at::Tensor G2 = grad_out.reshape({d.N, d.d_out});
   at::Tensor x2 = input.reshape({d.N, d.d_in});
-  at::Tensor A = pack_A(S1s, U2s), B = pack_B(U1s, S2s);
-  if (!is_low_precision(dt)) {
+  const bool lowp = is_low_precision(dt);
+  auto [A, B] = pack_operands(S1s, U2s, U1s, S2s, lowp ? 2 : 1, 1);
+  if (!lowp) {
     return unpack_grads(backward_exact(G2, x2, saved, A, B, scale, mask), d, input, dt, mask);
   }
-  // Low precision: every GEMM accumulates in fp32; fp32 operands enter as [hi | lo] splits.
-  PackedGrads g;
+  // Low precision: every GEMM accumulates in fp32; fp32 operands enter as [hi | lo] splits
+  // (A here is [A | A], so [ghi | glo] [A | A]^T = (ghi + glo) A^T).
   const bool need_x = mask[0], need_A = mask[1] || mask[4], need_B = mask[2] || mask[3];
+  Grads6 out;
+  at::Tensor rawA, rawB;
   if (need_x || need_A) {
-    at::Tensor gT = split_hi_lo(at::mm(G2, B.t(), at::kFloat), dt, scale);  // (N, 4Lk)
-    if (need_x) {
-      at::Tensor AtAt = at::cat({A.t(), A.t()}, 0);                         // (4Lk, d_in)
-      g.gx = at::mm(gT, AtAt);
-    }
-    if (need_A) g.gA = fold_cols(at::mm(x2.t(), gT, at::kFloat));            // (d_in, 2Lk)
+    at::Tensor gT = split_hi_lo(at::mm(G2, B.t(), at::kFloat), dt, scale, 0);  // (N, 4Lk)
+    if (need_x) std::get<0>(out) = at::mm(gT, A.t()).reshape(input.sizes());
+    if (need_A) rawA = at::mm(x2.t(), gT, at::kFloat).contiguous();             // (d_in, 4Lk)
   }
-  if (need_B) g.gB = fold_rows(at::mm(saved.t(), G2, at::kFloat));           // (2Lk, d_out)
-  if (mask[5]) g.gb = G2.sum(0, /*keepdim=*/false, at::kFloat);
-  return unpack_grads(g, d, input, dt, mask);
+  if (need_B || mask[5]) rawB = at::mm(saved.t(), G2, at::kFloat).contiguous();  // (4Lk + pad, d_out)
+  auto opts = input.options();
+  auto alloc = [&](bool want, at::IntArrayRef shape) {
+    return want ? at::empty(shape, opts) : at::Tensor();
+  };
+  at::Tensor gS1 = alloc(mask[1], S1s.sizes()), gU2 = alloc(mask[4], U2s.sizes());
+  at::Tensor gU1 = alloc(mask[3], U1s.sizes()), gS2 = alloc(mask[2], S2s.sizes());
+  at::Tensor gb = alloc(mask[5], {d.d_out});
+  if (need_A || need_B || mask[5]) {
+    const int64_t total = 2 * d.L * d.d_in * d.k + 2 * Lk * d.d_out + d.d_out;
+    const int threads = 256;
+    const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 4096);
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "panther_unpack_grads", [&] {
+      auto ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+      unpack_grads_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+          rawA.defined() ? rawA.data_ptr<float>() : nullptr,
+          rawB.defined() ? rawB.data_ptr<float>() : nullptr, ptr(gS1), ptr(gU2), ptr(gU1), ptr(gS2),
+          ptr(gb), d.L, d.d_in, d.k, d.d_out);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (mask[1]) std::get<1>(out) = gS1;
+  if (mask[2]) std::get<2>(out) = gS2;
+  if (mask[3]) std::get<3>(out) = gU1;
+  if (mask[4]) std::get<4>(out) = gU2;
+  if (mask[5]) std::get<5>(out) = gb;
+  return out;
 }
 
 }  // namespace

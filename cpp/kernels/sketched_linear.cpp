@@ -50,7 +50,9 @@ SketchDims check_sketched_linear(const char* op, const at::Tensor& input, const 
   check_shape(op, "S2s", S2s, {L, k, d_out}, "(num_terms, low_rank, d_out)");
   check_shape(op, "U1s", U1s, {L, k, d_out}, "(num_terms, low_rank, d_out)");
   check_shape(op, "U2s", U2s, {L, d_in, k}, "(num_terms, d_in, low_rank)");
-  TORCH_CHECK(input.size(-1) == d_in, op, ": input last dim must be d_in=", d_in,
+  // sym_size: under dynamic shapes (torch.export Dim, torch.compile(dynamic=True)) the Meta
+  // kernels see symbolic sizes; only the last dim is checked, leading dims stay symbolic.
+  TORCH_CHECK(input.sym_size(-1) == d_in, op, ": input last dim must be d_in=", d_in,
               " (from S1s), got ", input.size(-1), " (input shape ", shape_str(input.sizes()), ")");
   check_same(op, "S1s", S1s, input);
   check_same(op, "S2s", S2s, input);
@@ -60,9 +62,11 @@ SketchDims check_sketched_linear(const char* op, const at::Tensor& input, const 
     check_shape(op, "bias", *bias, {d_out}, "(d_out,)");
     check_same(op, "bias", *bias, input);
   }
-  int64_t rows = 1;
-  for (int64_t i = 0; i + 1 < input.dim(); ++i) rows *= input.size(i);
-  return {L, k, d_in, d_out, rows};
+  // N = product of the leading dims; -1 when they are symbolic (Meta kernels under dynamic
+  // shapes compute their own symbolic row count; real kernels always see concrete sizes).
+  c10::SymInt rows = 1;
+  for (int64_t i = 0; i + 1 < input.dim(); ++i) rows *= input.sym_size(i);
+  return {L, k, d_in, d_out, rows.maybe_as_int().value_or(-1)};
 }
 
 std::vector<int64_t> sketched_output_shape(const at::Tensor& input, int64_t d_out) {
@@ -89,17 +93,23 @@ std::tuple<at::Tensor, at::Tensor> forward_exact(const at::Tensor& x2, const at:
                                                  const std::optional<at::Tensor>& bias,
                                                  double scale) {
   // The 1/(2L) scale is folded into the small (N, 2Lk) intermediate, never into the output.
-  at::Tensor Ts = at::mm(x2, A);
+  const int64_t C = A.size(1);
+  at::Tensor saved = at::empty({x2.size(0), C + kSavedPad}, x2.options().dtype(A.scalar_type()));
+  at::Tensor Ts = saved.narrow(1, 0, C);
+  at::mm_out(Ts, x2, A);
   Ts.mul_(scale);
+  saved.narrow(1, C, kSavedPad).zero_().select(1, 0).fill_(1);
   at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, Ts, B) : at::mm(Ts, B);
-  return {y, Ts};
+  return {y, saved};
 }
 
-PackedGrads backward_exact(const at::Tensor& G2, const at::Tensor& x2, const at::Tensor& Ts,
+PackedGrads backward_exact(const at::Tensor& G2, const at::Tensor& x2, const at::Tensor& saved,
                            const at::Tensor& A, const at::Tensor& B, double scale,
                            const std::array<bool, 6>& mask) {
-  // y = Ts B + b with Ts = s x A:  dB = Ts^T G,  dTs = G B^T,  dA = s x^T dTs,  dx = s dTs A^T.
+  // y = Ts B + b with Ts = s x A:  dB = Ts^T G,  db = 1^T G,  dTs = G B^T,  dA = s x^T dTs,
+  // dx = s dTs A^T. dB and db come from one GEMM against the padded saved intermediate.
   PackedGrads g;
+  const int64_t C = A.size(1);
   const bool need_x = mask[0], need_A = mask[1] || mask[4], need_B = mask[2] || mask[3];
   if (need_x || need_A) {
     at::Tensor gT = at::mm(G2, B.t());
@@ -107,8 +117,11 @@ PackedGrads backward_exact(const at::Tensor& G2, const at::Tensor& x2, const at:
     if (need_x) g.gx = at::mm(gT, A.t());
     if (need_A) g.gA = at::mm(x2.t(), gT);
   }
-  if (need_B) g.gB = at::mm(Ts.t(), G2);
-  if (mask[5]) g.gb = G2.sum(0);
+  if (need_B || mask[5]) {
+    at::Tensor gBext = at::mm(saved.t(), G2);  // (C + pad, d_out)
+    if (need_B) g.gB = gBext.narrow(0, 0, C);
+    if (mask[5]) g.gb = gBext.select(0, C);
+  }
   return g;
 }
 
@@ -121,13 +134,19 @@ Grads6 unpack_grads(const PackedGrads& g, const SketchDims& d, const at::Tensor&
   auto per_term_out = [&](const at::Tensor& rows) {  // (Lk, d_out) -> (L, k, d_out)
     return rows.reshape({d.L, d.k, d.d_out}).to(dtype).contiguous();
   };
+  // Every output must own its memory: the schema promises fresh tensors, and views of one packed
+  // GEMM result (the S2s and U1s rows of gB, the S1s and U2s columns of gA when d_in == 1, a bias
+  // row of gB) would alias each other. Copy where the dtype conversion did not already.
+  auto own = [](at::Tensor t, const at::Tensor& packed) {
+    return t.is_alias_of(packed) ? t.clone(at::MemoryFormat::Contiguous) : t;
+  };
   Grads6 out;
   if (mask[0]) std::get<0>(out) = g.gx.to(dtype).reshape(input.sizes());
-  if (mask[1]) std::get<1>(out) = per_term_in(g.gA.narrow(1, 0, Lk));
-  if (mask[2]) std::get<2>(out) = per_term_out(g.gB.narrow(0, Lk, Lk));
-  if (mask[3]) std::get<3>(out) = per_term_out(g.gB.narrow(0, 0, Lk));
-  if (mask[4]) std::get<4>(out) = per_term_in(g.gA.narrow(1, Lk, Lk));
-  if (mask[5]) std::get<5>(out) = g.gb.to(dtype);
+  if (mask[1]) std::get<1>(out) = own(per_term_in(g.gA.narrow(1, 0, Lk)), g.gA);
+  if (mask[2]) std::get<2>(out) = own(per_term_out(g.gB.narrow(0, Lk, Lk)), g.gB);
+  if (mask[3]) std::get<3>(out) = own(per_term_out(g.gB.narrow(0, 0, Lk)), g.gB);
+  if (mask[4]) std::get<4>(out) = own(per_term_in(g.gA.narrow(1, Lk, Lk)), g.gA);
+  if (mask[5]) std::get<5>(out) = own(g.gb.to(dtype), g.gb);
   return out;
 }
 

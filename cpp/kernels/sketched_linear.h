@@ -20,8 +20,20 @@ SketchDims check_sketched_linear(const char* op, const at::Tensor& input, const 
 // Output shape (..., d_out) for an input (..., d_in).
 std::vector<int64_t> sketched_output_shape(const at::Tensor& input, int64_t d_out);
 
+// The saved intermediate carries kSavedPad extra columns [1, 0, ..., 0]: the GEMM that forms the
+// gradient of B against it then also yields the bias gradient (the row of ones sums the output
+// gradient) in the same pass over grad_output, instead of a separate reduction.
+constexpr int64_t kSavedPad = 8;
+
+// Columns of the saved intermediate before the pad: 2Lk (fp32/fp64) or 4Lk ([hi | lo], fp16/bf16).
+inline int64_t saved_core_cols(at::ScalarType t, int64_t Lk);
+
 inline bool is_low_precision(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16;
+}
+
+inline int64_t saved_core_cols(at::ScalarType t, int64_t Lk) {
+  return (is_low_precision(t) ? 4 : 2) * Lk;
 }
 
 // A = [S1_1 .. S1_L | U2_1 .. U2_L]  (d_in, 2Lk)
@@ -29,7 +41,8 @@ at::Tensor pack_A(const at::Tensor& S1s, const at::Tensor& U2s);
 // B = [U1_1; ..; U1_L; S2_1; ..; S2_L]  (2Lk, d_out)
 at::Tensor pack_B(const at::Tensor& U1s, const at::Tensor& S2s);
 
-// Exact-precision path (fp32/fp64, any device): returns (y2d, Ts) with Ts = x A / (2L).
+// Exact-precision path (fp32/fp64, any device): returns (y2d, saved) with
+// saved = [x A / (2L) | 1 | 0...] of shape (N, 2Lk + kSavedPad).
 std::tuple<at::Tensor, at::Tensor> forward_exact(const at::Tensor& x2, const at::Tensor& A,
                                                  const at::Tensor& B,
                                                  const std::optional<at::Tensor>& bias,
@@ -39,12 +52,13 @@ using Grads6 = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>,
                           std::optional<at::Tensor>, std::optional<at::Tensor>,
                           std::optional<at::Tensor>, std::optional<at::Tensor>>;
 
-// Raw gradients of the two GEMM operands: gx (N, d_in), gA (d_in, 2Lk), gB (2Lk, d_out), gb.
+// Raw gradients of the two GEMM operands: gx (N, d_in), gA (d_in, 2Lk), gB (2Lk, d_out), gb (d_out).
 struct PackedGrads {
   at::Tensor gx, gA, gB, gb;
 };
 
-PackedGrads backward_exact(const at::Tensor& G2, const at::Tensor& x2, const at::Tensor& Ts,
+// saved: (N, 2Lk + kSavedPad) as returned by forward_exact.
+PackedGrads backward_exact(const at::Tensor& G2, const at::Tensor& x2, const at::Tensor& saved,
                            const at::Tensor& A, const at::Tensor& B, double scale,
                            const std::array<bool, 6>& mask);
 

@@ -9,11 +9,25 @@ namespace panther::meta {
 namespace {
 using namespace panther::detail;
 
+// Shapes in SymInts, so that dynamic leading dims (torch.export Dim, torch.compile(dynamic=True))
+// stay symbolic instead of being specialised to the example's sizes.
+std::vector<c10::SymInt> sym_output_shape(const at::Tensor& input, int64_t d_out) {
+  auto s = input.sym_sizes().vec();
+  s.back() = d_out;
+  return s;
+}
+
+c10::SymInt sym_rows(const at::Tensor& input) {
+  c10::SymInt rows = 1;
+  for (int64_t i = 0; i + 1 < input.dim(); ++i) rows *= input.sym_size(i);
+  return rows;
+}
+
 at::Tensor sketched_linear_meta(const at::Tensor& input, const at::Tensor& S1s,
                                 const at::Tensor& S2s, const at::Tensor& U1s,
                                 const at::Tensor& U2s, const std::optional<at::Tensor>& bias) {
   const SketchDims d = check_sketched_linear("panther::sketched_linear", input, S1s, S2s, U1s, U2s, bias);
-  return at::empty(sketched_output_shape(input, d.d_out), input.options());
+  return at::empty_symint(sym_output_shape(input, d.d_out), input.options());
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_meta(const at::Tensor& input, const at::Tensor& S1s,
@@ -21,9 +35,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_meta(const at::Tensor& input, const at::T
                                             const at::Tensor& U2s,
                                             const std::optional<at::Tensor>& bias) {
   const SketchDims d = check_sketched_linear("panther::sketched_linear", input, S1s, S2s, U1s, U2s, bias);
-  const bool lowp = is_low_precision(input.scalar_type());
-  at::Tensor y = at::empty(sketched_output_shape(input, d.d_out), input.options());
-  at::Tensor saved = at::empty({d.N, (lowp ? 4 : 2) * d.L * d.k}, input.options());
+  at::Tensor y = at::empty_symint(sym_output_shape(input, d.d_out), input.options());
+  const int64_t cols = saved_core_cols(input.scalar_type(), d.L * d.k) + kSavedPad;
+  at::Tensor saved = at::empty_symint({sym_rows(input), c10::SymInt(cols)}, input.options());
   return {y, saved};
 }
 
