@@ -1,0 +1,82 @@
+"""Tutorial 000, "From Standard to Sketched" as a runnable script.
+
+Source: shared/seeds/000_64c79363b5271b5c.txt (tutorial "Neural Networks with Sketching").
+Tutorial blocks, copied verbatim in tutorial order: 1 ("From Standard to Sketched").
+Runs as written: builds both MLPs and prints their parameter counts.
+"""
+
+# ==== tutorial 000, block 1: "From Standard to Sketched" (verbatim) ==========
+import torch
+import torch.nn as nn
+import torch.optim as optim
+import panther as pr
+from torch.utils.data import DataLoader, TensorDataset
+
+# Standard neural network
+class StandardMLP(nn.Module):
+    def __init__(self, input_dim, hidden_dims, output_dim, dropout=0.1):
+        super().__init__()
+
+        layers = []
+        current_dim = input_dim
+
+        for hidden_dim in hidden_dims:
+            layers.extend([
+                nn.Linear(current_dim, hidden_dim),
+                nn.ReLU(),
+                nn.Dropout(dropout)
+            ])
+            current_dim = hidden_dim
+
+        layers.append(nn.Linear(current_dim, output_dim))
+        self.network = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.network(x)
+
+# Sketched neural network
+class SketchedMLP(nn.Module):
+    def __init__(self, input_dim, hidden_dims, output_dim,
+                num_terms_schedule, low_rank_schedule, dropout=0.1):
+        super().__init__()
+
+        layers = []
+        current_dim = input_dim
+
+        for i, hidden_dim in enumerate(hidden_dims):
+            layers.extend([
+                pr.nn.SKLinear(
+                    current_dim, hidden_dim,
+                    num_terms=num_terms_schedule[i],
+                    low_rank=low_rank_schedule[i]
+                ),
+                nn.ReLU(),
+                nn.Dropout(dropout)
+            ])
+            current_dim = hidden_dim
+
+        # Output layer
+        layers.append(pr.nn.SKLinear(
+            current_dim, output_dim,
+            num_terms=num_terms_schedule[-1],
+            low_rank=low_rank_schedule[-1]
+        ))
+
+        self.network = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.network(x)
+
+# Compare models
+input_dim, hidden_dims, output_dim = 784, [512, 256, 128], 10
+
+standard_model = StandardMLP(input_dim, hidden_dims, output_dim)
+sketched_model = SketchedMLP(input_dim, hidden_dims, output_dim,num_terms_schedule=[3,3,2],low_rank_schedule=[32,16,8])
+
+# Parameter comparison
+standard_params = sum(p.numel() for p in standard_model.parameters())
+sketched_params = sum(p.numel() for p in sketched_model.parameters())
+
+print(f"Standard model parameters: {standard_params:,}")
+print(f"Sketched model parameters: {sketched_params:,}")
+print(f"Parameter reduction: {(1 - sketched_params/standard_params)*100:.1f}%")
