@@ -14,4 +14,14 @@ TORCH_LIBRARY(panther, m) {
   m.def("_sketched_linear_fwd(Tensor input, Tensor S1s, Tensor S2s, Tensor U1s, Tensor U2s, Tensor? bias) -> (Tensor, Tensor)");
   // Gradients of sketched_linear for (input, S1s, S2s, U1s, U2s, bias); None where the mask is false.
   m.def("_sketched_linear_backward(Tensor grad_output, Tensor input, Tensor saved, Tensor S1s, Tensor S2s, Tensor U1s, Tensor U2s, bool[6] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+
+  // ---- FAVOR+ random-feature attention ----------------------------------------------------
+  // query (B, H, Lq, D), key (B, H, Lk, D), value (B, H, Lk, Dv), projection (M, D) shared by the
+  // heads; kernel "softmax" or "relu"; causal needs Lq == Lk; key_padding_mask (B, Lk) bool,
+  // True = padded key (removed from numerator and denominator). Returns (B, H, Lq, Dv) in the
+  // query's dtype. Non-causal O(L M D); causal chunked, time and memory linear in length.
+  m.def("favor_attention(Tensor query, Tensor key, Tensor value, Tensor projection, str kernel=\"softmax\", bool causal=False, Tensor? key_padding_mask=None) -> Tensor");
+  // Gradients of favor_attention for (query, key, value, projection); None where the mask is
+  // false. Recomputes features and per-chunk states from the inputs.
+  m.def("_favor_attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor projection, str kernel, bool causal, Tensor? key_padding_mask, bool[4] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?)");
 }

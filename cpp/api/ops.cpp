@@ -16,6 +16,17 @@ at::Tensor sketched_linear(const at::Tensor& input, const at::Tensor& S1s, const
   return op.call(input, S1s, S2s, U1s, U2s, bias);
 }
 
+at::Tensor favor_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                           const at::Tensor& projection, const std::string& kernel, bool causal,
+                           const std::optional<at::Tensor>& key_padding_mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("panther::favor_attention", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, c10::string_view, bool,
+                                         const std::optional<at::Tensor>&)>();
+  return op.call(query, key, value, projection, kernel, causal, key_padding_mask);
+}
+
 const char* built_with_torch() { return PANTHER_TORCH_VERSION; }
 
 }  // namespace panther

@@ -23,4 +23,32 @@ def sketched_linear(
     return torch.ops.panther.sketched_linear(input, S1s, S2s, U1s, U2s, bias)
 
 
-__all__ = ["sketched_linear"]
+def favor_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    projection: Tensor,
+    kernel: str = "softmax",
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """FAVOR+ random-feature attention (Performer), linear in sequence length.
+
+    Shapes: query ``(B, H, Lq, D)``, key ``(B, H, Lk, D)``, value ``(B, H, Lk, Dv)``,
+    projection ``(M, D)`` (random features shared by the heads), key_padding_mask ``(B, Lk)``
+    bool with True = padded key (ignored) -> ``(B, H, Lq, Dv)`` in the query's dtype.
+
+    ``kernel``: ``"softmax"`` (positive random features,
+    ``phi(x) = M^-1/2 (exp(x' w - |x'|^2/2 - c) + 1e-6)``, ``x' = x D^-1/4``, an unbiased
+    estimate of ``exp(q.k / sqrt(D))``) or ``"relu"`` (``phi(x) = M^-1/2 relu(x w) + 1e-3``).
+    ``causal=True`` (needs ``Lq == Lk``): position i attends to keys ``j <= i`` only; computed in
+    chunks, time and memory linear in length. Stabilisers: per query row; for keys the running
+    max over keys up to the position (causal) or the max over all unpadded keys (non-causal), so
+    no output depends on a later position. A query that sees no unpadded key outputs 0.
+    fp16/bf16 inputs are computed in fp32. Differentiable in query, key, value and projection
+    (stabilisers are treated as constants, exact up to O(eps)).
+    """
+    return torch.ops.panther.favor_attention(query, key, value, projection, kernel, causal, key_padding_mask)
+
+
+__all__ = ["sketched_linear", "favor_attention"]

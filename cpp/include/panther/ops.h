@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/Tensor.h>
 #include <optional>
+#include <string>
 
 namespace panther {
 
@@ -14,6 +15,15 @@ namespace panther {
 at::Tensor sketched_linear(const at::Tensor& input, const at::Tensor& S1s, const at::Tensor& S2s,
                            const at::Tensor& U1s, const at::Tensor& U2s,
                            const std::optional<at::Tensor>& bias = std::nullopt);
+
+/// FAVOR+ random-feature attention (Performer), linear in sequence length.
+/// query (B, H, Lq, D); key (B, H, Lk, D); value (B, H, Lk, Dv); projection (M, D) shared by the
+/// heads; kernel "softmax" or "relu"; causal needs Lq == Lk; key_padding_mask (B, Lk) bool with
+/// true = padded key (ignored). Returns (B, H, Lq, Dv) in the query's dtype.
+at::Tensor favor_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                           const at::Tensor& projection, const std::string& kernel = "softmax",
+                           bool causal = false,
+                           const std::optional<at::Tensor>& key_padding_mask = std::nullopt);
 
 /// Version string of torch this library was compiled against.
 const char* built_with_torch();

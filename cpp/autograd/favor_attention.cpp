@@ -1,0 +1,95 @@
+// Autograd kernel of panther::favor_attention: a C++ autograd::Function whose forward calls the op
+// below autograd (keeping only its inputs) and whose backward calls _favor_attention_backward
+// through the dispatcher, which recomputes the features and per-chunk states (nothing per token
+// is stored). Gradients flow to query, key, value and, when it requires grad, projection.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace panther::autograd {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Grads4 = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>,
+                          std::optional<at::Tensor>, std::optional<at::Tensor>>;
+
+const auto& plain_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("panther::favor_attention", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, c10::string_view, bool,
+                                         const std::optional<at::Tensor>&)>();
+  return op;
+}
+
+const auto& bwd_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("panther::_favor_attention_backward", "")
+                       .typed<Grads4(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, const at::Tensor&, c10::string_view, bool,
+                                     const std::optional<at::Tensor>&, std::array<bool, 4>)>();
+  return op;
+}
+
+class FavorAttentionFunction : public torch::autograd::Function<FavorAttentionFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
+                            const at::Tensor& value, const at::Tensor& projection,
+                            const std::string& kernel, bool causal,
+                            const std::optional<at::Tensor>& key_padding_mask) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor out = plain_op().call(query, key, value, projection, kernel, causal, key_padding_mask);
+    const bool has_mask = key_padding_mask.has_value() && key_padding_mask->defined();
+    ctx->save_for_backward({query, key, value, projection,
+                            has_mask ? *key_padding_mask : at::Tensor()});
+    ctx->saved_data["kernel"] = kernel;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["has_mask"] = has_mask;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    auto s = ctx->get_saved_variables();
+    std::array<bool, 4> mask;
+    for (size_t i = 0; i < 4; ++i) mask[i] = ctx->needs_input_grad(i);
+    at::Tensor g = grad_outputs[0];
+    variable_list result(7);
+    if (!g.defined() || !(mask[0] || mask[1] || mask[2] || mask[3])) return result;
+    const std::string kernel = ctx->saved_data["kernel"].toStringRef();
+    const bool causal = ctx->saved_data["causal"].toBool();
+    std::optional<at::Tensor> kpm;
+    if (ctx->saved_data["has_mask"].toBool()) kpm = s[4];
+    auto grads = bwd_op().call(g, s[0], s[1], s[2], s[3], kernel, causal, kpm, mask);
+    auto get = [](const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); };
+    result[0] = get(std::get<0>(grads));
+    result[1] = get(std::get<1>(grads));
+    result[2] = get(std::get<2>(grads));
+    result[3] = get(std::get<3>(grads));
+    return result;
+  }
+};
+
+at::Tensor favor_attention_autograd(const at::Tensor& query, const at::Tensor& key,
+                                    const at::Tensor& value, const at::Tensor& projection,
+                                    c10::string_view kernel, bool causal,
+                                    const std::optional<at::Tensor>& key_padding_mask) {
+  const bool any_grad = at::GradMode::is_enabled() &&
+                        (query.requires_grad() || key.requires_grad() || value.requires_grad() ||
+                         projection.requires_grad());
+  if (!any_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return plain_op().call(query, key, value, projection, kernel, causal, key_padding_mask);
+  }
+  return FavorAttentionFunction::apply(query, key, value, projection, std::string(kernel), causal,
+                                       key_padding_mask);
+}
+
+}  // namespace
+}  // namespace panther::autograd
+
+TORCH_LIBRARY_IMPL(panther, Autograd, m) {
+  m.impl("favor_attention", &panther::autograd::favor_attention_autograd);
+}

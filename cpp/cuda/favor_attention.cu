@@ -1,0 +1,89 @@
+// CUDA kernels of panther::favor_attention and _favor_attention_backward: the shared ATen
+// implementation (cuBLAS batched GEMMs, kernels/favor_attention.cpp) under a device guard, plus
+// one custom kernel, the exclusive scan over per-chunk states (one launch instead of one ATen
+// step per chunk). fp16/bf16 compute in fp32 and round once at the end.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "kernels/favor_attention.h"
+
+namespace panther::cuda {
+namespace {
+using namespace panther::detail;
+
+constexpr int64_t kCudaChunk = 128;
+
+// One thread per (batch*head, state entry): walks the chunks in order (or in reverse), keeping
+// the running state in a register. Reads and writes are coalesced along the state entries.
+//   forward: out[c] = acc; acc = a[c] * acc + x[c]   (out[0] = 0)
+//   reverse: the same walking c from n-1 down to 0.
+template <typename T>
+__global__ void chunk_scan_kernel(const T* __restrict__ x, const T* __restrict__ a,
+                                  T* __restrict__ out, int64_t BH, int64_t n, int64_t E,
+                                  bool reverse) {
+  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (idx >= BH * E) return;
+  const int64_t bh = idx / E, e = idx - bh * E;
+  const T* xb = x + bh * n * E + e;
+  T* ob = out + bh * n * E + e;
+  const T* ab = a + bh * n;
+  T acc = T(0);
+  for (int64_t step = 0; step < n; ++step) {
+    const int64_t c = reverse ? n - 1 - step : step;
+    ob[c * E] = acc;
+    acc = ab[c] * acc + xb[c * E];
+  }
+}
+
+at::Tensor chunk_scan_cuda(const at::Tensor& x_in, const at::Tensor& a_in, bool reverse) {
+  TORCH_INTERNAL_ASSERT(x_in.dim() == 3 && a_in.dim() == 2);
+  at::Tensor x = x_in.contiguous();
+  at::Tensor a = a_in.to(x.scalar_type()).contiguous();
+  at::Tensor out = at::empty_like(x);
+  const int64_t BH = x.size(0), n = x.size(1), E = x.size(2);
+  if (out.numel() == 0) return out;
+  const int threads = 256;
+  const int64_t blocks = (BH * E + threads - 1) / threads;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "panther_chunk_scan_cuda", [&] {
+    chunk_scan_kernel<scalar_t><<<static_cast<unsigned int>(blocks), threads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), BH, n, E,
+        reverse);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor favor_attention_cuda(const at::Tensor& query, const at::Tensor& key,
+                                const at::Tensor& value, const at::Tensor& projection,
+                                c10::string_view kernel, bool causal,
+                                const std::optional<at::Tensor>& key_padding_mask) {
+  const FavorDims d = check_favor_attention("panther::favor_attention", query, key, value,
+                                            projection, kernel, causal, key_padding_mask);
+  const c10::cuda::CUDAGuard guard(query.device());
+  return favor_forward(d, query, key, value, projection, causal, key_padding_mask, kCudaChunk,
+                       &chunk_scan_cuda);
+}
+
+FavorGrads favor_attention_backward_cuda(const at::Tensor& grad_output, const at::Tensor& query,
+                                         const at::Tensor& key, const at::Tensor& value,
+                                         const at::Tensor& projection, c10::string_view kernel,
+                                         bool causal,
+                                         const std::optional<at::Tensor>& key_padding_mask,
+                                         std::array<bool, 4> output_mask) {
+  const FavorDims d = check_favor_attention("panther::_favor_attention_backward", query, key,
+                                            value, projection, kernel, causal, key_padding_mask);
+  const c10::cuda::CUDAGuard guard(query.device());
+  return favor_backward(d, grad_output, query, key, value, projection, causal, key_padding_mask,
+                        kCudaChunk, &chunk_scan_cuda, output_mask);
+}
+
+}  // namespace
+}  // namespace panther::cuda
+
+TORCH_LIBRARY_IMPL(panther, CUDA, m) {
+  m.impl("favor_attention", &panther::cuda::favor_attention_cuda);
+  m.impl("_favor_attention_backward", &panther::cuda::favor_attention_backward_cuda);
+}

@@ -1,0 +1,426 @@
+// Shared implementation of the FAVOR+ attention op: checks, feature maps, non-causal and
+// chunked-causal forward, and the hand-derived backward (all ATen GEMMs, any device). The only
+// device-specific piece, the exclusive scan over per-chunk states, is passed in. No registrations.
+//
+// Causal algorithm (per batch*head, chunks of C positions, states of size M x (Dv+1)):
+//   khat_j = M^-1/2 exp(b_j - r_j) with b_j = x'_j W^T - |x'_j|^2/2 and r_j the running max of
+//   max_m b_j'm over valid keys j' <= j. For query i (with r_i >= r_j for j <= i):
+//     psi_i(k_j) = exp(r_j - r_i) khat_j + e_k           (e_k = M^-1/2 eps; relu: r = 0, e_k = eps)
+//   y_i = [num_i, den_i] = sum_{j<=i} (phi_i . psi_i(k_j)) [v_j, 1]
+//       = s_i phi_i H_c                      (earlier chunks; s_i = exp(P_c - r_i) <= 1)
+//       + sum_{j in chunk, j<=i} exp(r_j - r_i) (phi_i . khat_j) [v_j, 1]  (masked C x C block)
+//       + e_k (sum_m phi_im) sum_{j<=i} [v_j, 1]                           (eps part, a cumsum)
+//   H_c = sum_{j < start of c} exp(r_j - P_c) khat_j [v_j, 1]^T, P_c = r at the end of chunk c-1,
+//   built by the scan H_{c+1} = exp(P_c - R_c) H_c + T_c (R_c = r at the end of chunk c,
+//   T_c = sum_{j in c} exp(r_j - R_c) khat_j [v_j, 1]^T). Every exponent above is <= 0, so
+//   nothing overflows, and no quantity at position i involves a key after i.
+#include "kernels/favor_attention.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <cmath>
+#include <limits>
+#include <sstream>
+
+namespace panther::detail {
+namespace {
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << "(";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << (s.size() == 1 ? ",)" : ")");
+  return o.str();
+}
+
+at::ScalarType compute_dtype(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+// Everything the forward and backward share: inputs in the compute dtype and the features.
+struct Prepared {
+  int64_t BH = 0, E1 = 0;
+  at::Tensor xq, xk;       // (BH, Lq, D), (BH, Lk, D): what multiplies W (softmax: x D^-1/4)
+  at::Tensor W;            // (M, D)
+  at::Tensor V;            // (BH, Lk, Dv+1): [v, 1], zero rows at padded keys
+  at::Tensor valid;        // (BH, Lk) 0/1
+  at::Tensor phi;          // (BH, Lq, M) query features (eps included)
+  at::Tensor dphi_dpre;    // (BH, Lq, M) d phi / d (pre-activation)
+  at::Tensor khat;         // (BH, Lk, M) key features without eps, zero at padded keys
+  at::Tensor dkhat_dpre;   // (BH, Lk, M) d khat / d (pre-activation)
+  at::Tensor r;            // (BH, Lk) key stabiliser (zero for relu)
+  double ek = 0.0;         // eps of key features
+  double xscale = 1.0;     // x' = xscale * x
+};
+
+Prepared prepare(const FavorDims& d, const at::Tensor& query, const at::Tensor& key,
+                 const at::Tensor& value, const at::Tensor& projection, bool causal,
+                 const std::optional<at::Tensor>& mask) {
+  Prepared p;
+  const auto cdt = compute_dtype(query.scalar_type());
+  p.BH = d.B * d.H;
+  p.E1 = d.Dv + 1;
+  const int64_t BH = p.BH;
+  at::Tensor Q = query.to(cdt).reshape({BH, d.Lq, d.D});
+  at::Tensor K = key.to(cdt).reshape({BH, d.Lk, d.D});
+  at::Tensor Vr = value.to(cdt).reshape({BH, d.Lk, d.Dv});
+  p.W = projection.to(cdt).contiguous();
+  const auto opts = Q.options();
+  at::Tensor valid_b;  // (BH, Lk) bool, or undefined when nothing is padded
+  if (mask.has_value() && mask->defined()) {
+    valid_b = mask->logical_not().unsqueeze(1).expand({d.B, d.H, d.Lk}).reshape({BH, d.Lk});
+    p.valid = valid_b.to(cdt);
+  } else {
+    p.valid = at::ones({BH, d.Lk}, opts);
+  }
+  p.V = at::cat({Vr, at::ones({BH, d.Lk, 1}, opts)}, -1) * p.valid.unsqueeze(-1);
+  const double sM = 1.0 / std::sqrt(static_cast<double>(d.M));
+  const at::Tensor Wt = p.W.t();
+  if (d.kernel == FavorKernel::Softmax) {
+    p.xscale = std::pow(static_cast<double>(d.D), -0.25);
+    p.xq = Q * p.xscale;
+    p.xk = K * p.xscale;
+    // Queries: per-row stabiliser c_i = max_m pre_im, so the largest feature is M^-1/2 (1 + eps).
+    at::Tensor preq = at::matmul(p.xq, Wt) - 0.5 * p.xq.square().sum(-1, /*keepdim=*/true);
+    at::Tensor ex = at::exp(preq - std::get<0>(preq.max(-1, /*keepdim=*/true)));
+    p.dphi_dpre = ex * sM;
+    p.phi = p.dphi_dpre + kFavorSoftmaxEps * sM;
+    // Keys: padded keys get pre = -inf (feature exactly 0, never part of a max).
+    at::Tensor prek = at::matmul(p.xk, Wt) - 0.5 * p.xk.square().sum(-1, /*keepdim=*/true);
+    if (valid_b.defined()) {
+      prek = prek.masked_fill(valid_b.logical_not().unsqueeze(-1),
+                              -std::numeric_limits<double>::infinity());
+    }
+    at::Tensor a = std::get<0>(prek.max(-1));  // (BH, Lk)
+    at::Tensor r = causal ? std::get<0>(at::cummax(a, 1))
+                          : std::get<0>(a.max(1, /*keepdim=*/true)).expand({BH, d.Lk});
+    // r = -inf where no valid key has been seen yet: those positions have only zero features;
+    // give them the first finite r (0 if none) so every exponent stays finite and <= 0.
+    at::Tensor neg = at::isneginf(r);
+    at::Tensor first = at::where(neg, std::numeric_limits<double>::infinity(), r)
+                           .amin(1, /*keepdim=*/true);
+    first = at::where(at::isinf(first), 0.0, first);
+    p.r = at::where(neg, first, r).contiguous();
+    p.khat = at::exp(prek - p.r.unsqueeze(-1)) * sM;
+    p.dkhat_dpre = p.khat;
+    p.ek = kFavorSoftmaxEps * sM;
+  } else {
+    p.xq = Q;
+    p.xk = K;
+    at::Tensor uq = at::matmul(Q, Wt);
+    p.phi = at::relu(uq) * sM + kFavorReluEps;
+    p.dphi_dpre = (uq > 0).to(cdt) * sM;
+    at::Tensor uk = at::matmul(K, Wt);
+    at::Tensor vm = p.valid.unsqueeze(-1);
+    p.khat = at::relu(uk) * sM * vm;
+    p.dkhat_dpre = (uk > 0).to(cdt) * sM * vm;
+    p.r = at::zeros({BH, d.Lk}, opts);
+    p.ek = kFavorReluEps;
+  }
+  return p;
+}
+
+// Everything the causal backward reuses from the causal forward (all O(L) in size).
+struct CausalState {
+  int64_t L = 0, C = 0, n = 0, Lp = 0;
+  at::Tensor phic, khc, Vc;  // (BH, n, C, M|M|E1)
+  at::Tensor rc;             // (BH, n, C)
+  at::Tensor alpha;          // (BH, n): exp(P_c - R_c)
+  at::Tensor kfac;           // (BH, n, C): exp(r_j - R_c)
+  at::Tensor Hs;             // (BH, n, M, E1): exclusive prefix states
+  at::Tensor s;              // (BH, n, C): exp(P_c - r_i)
+  at::Tensor E;              // (BH, n, C, C): exp(r_j - r_i) for j <= i, else 0
+  at::Tensor A;              // (BH, n, C, C): (phi_i . khat_j) E_ij
+  at::Tensor Cum;            // (BH, Lp, E1): inclusive cumsum of [v, 1] over valid keys
+  at::Tensor phisum;         // (BH, Lp, 1)
+};
+
+at::Tensor pad_len(const at::Tensor& t, int64_t pad) {
+  return pad ? at::constant_pad_nd(t, {0, 0, 0, pad}) : t;
+}
+
+// Y (BH, L, E1) of the causal mode; fills st for the backward.
+at::Tensor causal_forward(const FavorDims& d, const Prepared& p, int64_t chunk, ChunkScanFn scan,
+                          CausalState& st) {
+  const int64_t BH = p.BH, M = d.M, E1 = p.E1, L = d.Lk;
+  const int64_t C = std::min<int64_t>(chunk, L), n = (L + C - 1) / C, Lp = n * C, pad = Lp - L;
+  st.L = L;
+  st.C = C;
+  st.n = n;
+  st.Lp = Lp;
+  st.phic = pad_len(p.phi, pad).view({BH, n, C, M});
+  st.khc = pad_len(p.khat, pad).view({BH, n, C, M});
+  at::Tensor Vp = pad_len(p.V, pad);
+  st.Vc = Vp.view({BH, n, C, E1});
+  at::Tensor rp = pad ? at::cat({p.r, p.r.narrow(1, L - 1, 1).expand({BH, pad})}, 1) : p.r;
+  st.rc = rp.reshape({BH, n, C});
+  at::Tensor R = st.rc.select(2, C - 1);                                       // (BH, n)
+  at::Tensor P = at::cat({st.rc.select(2, 0).narrow(1, 0, 1), R.narrow(1, 0, n - 1)}, 1);
+  st.alpha = at::exp(P - R).contiguous();
+  st.kfac = at::exp(st.rc - R.unsqueeze(-1));
+  at::Tensor Ktil = st.khc * st.kfac.unsqueeze(-1);
+  at::Tensor T = at::matmul(Ktil.transpose(-1, -2), st.Vc);                  // (BH, n, M, E1)
+  st.Hs = scan(T.reshape({BH, n, M * E1}).contiguous(), st.alpha, /*reverse=*/false)
+              .view({BH, n, M, E1});
+  st.s = at::exp(P.unsqueeze(-1) - st.rc);
+  at::Tensor tril = at::ones({C, C}, st.rc.options().dtype(at::kBool)).tril();
+  at::Tensor diff = st.rc.unsqueeze(-2) - st.rc.unsqueeze(-1);               // [i, j] = r_j - r_i
+  st.E = at::exp(diff.clamp_max(0)).masked_fill(tril.logical_not(), 0);
+  st.A = at::matmul(st.phic, st.khc.transpose(-1, -2)) * st.E;
+  at::Tensor Y = at::matmul(st.phic, st.Hs) * st.s.unsqueeze(-1) + at::matmul(st.A, st.Vc);
+  st.Cum = at::cumsum(Vp, 1);
+  st.phisum = pad_len(p.phi, pad).sum(-1, /*keepdim=*/true);
+  at::Tensor Yf = Y.view({BH, Lp, E1}) + p.ek * st.phisum * st.Cum;
+  return Yf.narrow(1, 0, L);
+}
+
+// Y (BH, Lq, E1) of the non-causal mode; returns KV and Kf for the backward.
+at::Tensor noncausal_forward(const Prepared& p, at::Tensor& Kf, at::Tensor& KV) {
+  Kf = p.khat + p.ek * p.valid.unsqueeze(-1);
+  KV = at::matmul(Kf.transpose(1, 2), p.V);  // (BH, M, E1)
+  return at::matmul(p.phi, KV);
+}
+
+}  // namespace
+
+FavorDims check_favor_attention(const char* op, const at::Tensor& query, const at::Tensor& key,
+                                const at::Tensor& value, const at::Tensor& projection,
+                                std::string_view kernel, bool causal,
+                                const std::optional<at::Tensor>& key_padding_mask) {
+  FavorDims d{};
+  if (kernel == "softmax") {
+    d.kernel = FavorKernel::Softmax;
+  } else if (kernel == "relu") {
+    d.kernel = FavorKernel::Relu;
+  } else {
+    TORCH_CHECK(false, op, ": kernel must be \"softmax\" or \"relu\", got \"", std::string(kernel), "\"");
+  }
+  TORCH_CHECK(query.dim() == 4, op, ": query must be 4-d (batch, heads, Lq, head_dim), got shape ",
+              shape_str(query.sizes()));
+  TORCH_CHECK(key.dim() == 4, op, ": key must be 4-d (batch, heads, Lk, head_dim), got shape ",
+              shape_str(key.sizes()));
+  TORCH_CHECK(value.dim() == 4, op, ": value must be 4-d (batch, heads, Lk, value_dim), got shape ",
+              shape_str(value.sizes()));
+  TORCH_CHECK(projection.dim() == 2, op,
+              ": projection must be 2-d (num_random_features, head_dim), got shape ",
+              shape_str(projection.sizes()));
+  const auto dt = query.scalar_type();
+  TORCH_CHECK(at::isFloatingType(dt), op,
+              ": query must be float64, float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(key.scalar_type() == dt, op, ": key must have the query's dtype ", dt, ", got ",
+              key.scalar_type());
+  TORCH_CHECK(value.scalar_type() == dt, op, ": value must have the query's dtype ", dt, ", got ",
+              value.scalar_type());
+  TORCH_CHECK(at::isFloatingType(projection.scalar_type()), op,
+              ": projection must be a floating-point tensor, got ", projection.scalar_type());
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"key", &key},
+                         {"value", &value}, {"projection", &projection}}) {
+    TORCH_CHECK(t->device() == query.device(), op, ": ", name, " must be on the query's device ",
+                query.device(), ", got ", t->device());
+  }
+  d.B = query.size(0);
+  d.H = query.size(1);
+  d.Lq = query.size(2);
+  d.D = query.size(3);
+  d.Lk = key.size(2);
+  d.Dv = value.size(3);
+  d.M = projection.size(0);
+  TORCH_CHECK(key.size(0) == d.B && key.size(1) == d.H && key.size(3) == d.D, op,
+              ": key must have shape (batch=", d.B, ", heads=", d.H, ", Lk, head_dim=", d.D,
+              ") to match query ", shape_str(query.sizes()), ", got ", shape_str(key.sizes()));
+  TORCH_CHECK(value.size(0) == d.B && value.size(1) == d.H && value.size(2) == d.Lk, op,
+              ": value must have shape (batch=", d.B, ", heads=", d.H, ", Lk=", d.Lk,
+              ", value_dim) to match key ", shape_str(key.sizes()), ", got ",
+              shape_str(value.sizes()));
+  TORCH_CHECK(d.D >= 1, op, ": head_dim must be >= 1, got query shape ", shape_str(query.sizes()));
+  TORCH_CHECK(d.M >= 1 && projection.size(1) == d.D, op,
+              ": projection must have shape (num_random_features >= 1, head_dim=", d.D, "), got ",
+              shape_str(projection.sizes()));
+  TORCH_CHECK(!causal || d.Lq == d.Lk, op,
+              ": causal=True needs equal query and key lengths, got Lq=", d.Lq, " and Lk=", d.Lk);
+  if (key_padding_mask.has_value() && key_padding_mask->defined()) {
+    const at::Tensor& m = *key_padding_mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool, op,
+                ": key_padding_mask must be bool (True = padded key, ignored), got ", m.scalar_type());
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == d.B && m.size(1) == d.Lk, op,
+                ": key_padding_mask must have shape (batch=", d.B, ", Lk=", d.Lk, "), got ",
+                shape_str(m.sizes()));
+    TORCH_CHECK(m.device() == query.device(), op,
+                ": key_padding_mask must be on the query's device ", query.device(), ", got ",
+                m.device());
+  }
+  return d;
+}
+
+at::Tensor chunk_scan_generic(const at::Tensor& x, const at::Tensor& a, bool reverse) {
+  const int64_t n = x.size(1);
+  at::Tensor out = at::zeros_like(x);
+  if (n <= 1 || x.numel() == 0) return out;
+  if (!reverse) {
+    for (int64_t c = 1; c < n; ++c) {
+      out.select(1, c).copy_(out.select(1, c - 1) * a.select(1, c - 1).unsqueeze(-1) +
+                             x.select(1, c - 1));
+    }
+  } else {
+    for (int64_t c = n - 2; c >= 0; --c) {
+      out.select(1, c).copy_(out.select(1, c + 1) * a.select(1, c + 1).unsqueeze(-1) +
+                             x.select(1, c + 1));
+    }
+  }
+  return out;
+}
+
+at::Tensor chunk_scan_cpu(const at::Tensor& x_in, const at::Tensor& a_in, bool reverse) {
+  TORCH_INTERNAL_ASSERT(x_in.dim() == 3 && a_in.dim() == 2);
+  at::Tensor x = x_in.contiguous(), a = a_in.contiguous().to(x.scalar_type());
+  at::Tensor out = at::empty_like(x);
+  const int64_t BH = x.size(0), n = x.size(1), E = x.size(2);
+  if (out.numel() == 0) return out;
+  constexpr int64_t kBlock = 512;  // state entries per task: a contiguous run of each chunk row
+  const int64_t nblk = (E + kBlock - 1) / kBlock;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "panther_chunk_scan_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* ap = a.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, BH * nblk, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> acc(kBlock);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bh = t / nblk, e0 = (t % nblk) * kBlock, len = std::min(kBlock, E - e0);
+        std::fill(acc.begin(), acc.begin() + len, scalar_t(0));
+        for (int64_t step = 0; step < n; ++step) {
+          const int64_t c = reverse ? n - 1 - step : step;
+          const scalar_t* xr = xp + (bh * n + c) * E + e0;
+          scalar_t* orow = op + (bh * n + c) * E + e0;
+          const scalar_t ac = ap[bh * n + c];
+          for (int64_t e = 0; e < len; ++e) {
+            orow[e] = acc[e];
+            acc[e] = ac * acc[e] + xr[e];
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor favor_forward(const FavorDims& d, const at::Tensor& query, const at::Tensor& key,
+                         const at::Tensor& value, const at::Tensor& projection, bool causal,
+                         const std::optional<at::Tensor>& key_padding_mask, int64_t chunk,
+                         ChunkScanFn scan) {
+  const auto dt = query.scalar_type();
+  if (d.B * d.H * d.Lq * d.Dv == 0 || d.Lk == 0) {
+    // No output, or no key at all: every query sees nothing and its output is 0.
+    return at::zeros({d.B, d.H, d.Lq, d.Dv}, query.options());
+  }
+  Prepared p = prepare(d, query, key, value, projection, causal, key_padding_mask);
+  at::Tensor Y;
+  if (causal) {
+    CausalState st;
+    Y = causal_forward(d, p, chunk, scan, st);
+  } else {
+    at::Tensor Kf, KV;
+    Y = noncausal_forward(p, Kf, KV);
+  }
+  at::Tensor num = Y.narrow(-1, 0, d.Dv), den = Y.narrow(-1, d.Dv, 1);
+  // den > 0 whenever a query sees a valid key (every feature is >= eps > 0); a query that sees
+  // none (all keys padded) outputs 0.
+  at::Tensor out = num / at::where(den == 0, 1.0, den);
+  return out.to(dt).reshape({d.B, d.H, d.Lq, d.Dv});
+}
+
+FavorGrads favor_backward(const FavorDims& d, const at::Tensor& grad_output,
+                          const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                          const at::Tensor& projection, bool causal,
+                          const std::optional<at::Tensor>& key_padding_mask, int64_t chunk,
+                          ChunkScanFn scan, std::array<bool, 4> mask) {
+  FavorGrads out;
+  if (d.B * d.H * d.Lq * d.Dv == 0 || d.Lk == 0) {
+    if (mask[0]) std::get<0>(out) = at::zeros_like(query, at::MemoryFormat::Contiguous);
+    if (mask[1]) std::get<1>(out) = at::zeros_like(key, at::MemoryFormat::Contiguous);
+    if (mask[2]) std::get<2>(out) = at::zeros_like(value, at::MemoryFormat::Contiguous);
+    if (mask[3]) std::get<3>(out) = at::zeros_like(projection, at::MemoryFormat::Contiguous);
+    return out;
+  }
+  Prepared p = prepare(d, query, key, value, projection, causal, key_padding_mask);
+  const int64_t BH = p.BH, M = d.M, E1 = p.E1;
+  const auto cdt = p.phi.scalar_type();
+
+  // Forward again (features and per-chunk states only), then the gradient of y = [num, den]:
+  // out = num / den  =>  dnum = g / den, dden = -(g . out) / den.
+  CausalState st;
+  at::Tensor Kf, KV, Y;
+  Y = causal ? causal_forward(d, p, chunk, scan, st) : noncausal_forward(p, Kf, KV);
+  at::Tensor num = Y.narrow(-1, 0, d.Dv), den = Y.narrow(-1, d.Dv, 1);
+  at::Tensor none = den == 0;
+  at::Tensor dsafe = at::where(none, 1.0, den);
+  at::Tensor o = num / dsafe;
+  at::Tensor g = grad_output.to(cdt).reshape({BH, d.Lq, d.Dv});
+  at::Tensor Yb = at::cat({g / dsafe, -(g * o).sum(-1, /*keepdim=*/true) / dsafe}, -1)
+                      .masked_fill(none, 0);  // (BH, Lq, E1)
+
+  at::Tensor dphi, dkhat, dV;  // (BH, Lq, M), (BH, Lk, M), (BH, Lk, E1)
+  if (!causal) {
+    dphi = at::matmul(Yb, KV.transpose(1, 2));
+    at::Tensor dKV = at::matmul(p.phi.transpose(1, 2), Yb);  // (BH, M, E1)
+    dkhat = at::matmul(p.V, dKV.transpose(1, 2));
+    if (mask[2]) dV = at::matmul(Kf, dKV);
+  } else {
+    const int64_t L = st.L, C = st.C, n = st.n, Lp = st.Lp, pad = Lp - L;
+    at::Tensor Ybp = pad_len(Yb, pad);
+    at::Tensor Ybc = Ybp.view({BH, n, C, E1});
+    // Across chunks: y_i += s_i phi_i H_c, H by the forward scan => states' gradient by the
+    // reverse scan (a suffix sum of per-chunk gradient states).
+    at::Tensor s4 = st.s.unsqueeze(-1);
+    at::Tensor dphic = at::matmul(Ybc, st.Hs.transpose(-1, -2)) * s4;            // (BH,n,C,M)
+    at::Tensor dH = at::matmul((st.phic * s4).transpose(-1, -2), Ybc);            // (BH,n,M,E1)
+    at::Tensor dT = scan(dH.reshape({BH, n, M * E1}).contiguous(), st.alpha, /*reverse=*/true)
+                        .view({BH, n, M, E1});
+    at::Tensor kf4 = st.kfac.unsqueeze(-1);
+    at::Tensor dkc = at::matmul(st.Vc, dT.transpose(-1, -2)) * kf4;               // (BH,n,C,M)
+    at::Tensor dVc;
+    if (mask[2]) dVc = at::matmul(st.khc * kf4, dT);
+    // Inside a chunk: y_i += sum_j A_ij [v_j, 1], A = (phi khat^T) o E.
+    at::Tensor Wm = at::matmul(Ybc, st.Vc.transpose(-1, -2)) * st.E;             // (BH,n,C,C)
+    dphic = dphic + at::matmul(Wm, st.khc);
+    dkc = dkc + at::matmul(Wm.transpose(-1, -2), st.phic);
+    if (mask[2]) dVc = dVc + at::matmul(st.A.transpose(-1, -2), Ybc);
+    // eps part: y_i += e_k (sum_m phi_im) Cum_i.
+    at::Tensor dphi_p = dphic.view({BH, Lp, M}) +
+                        p.ek * (Ybp * st.Cum).sum(-1, /*keepdim=*/true);
+    dphi = dphi_p.narrow(1, 0, L);
+    dkhat = dkc.view({BH, Lp, M}).narrow(1, 0, L);
+    if (mask[2]) {
+      at::Tensor dCum = p.ek * st.phisum * Ybp;
+      at::Tensor dVp = dVc.view({BH, Lp, E1}) + at::flip(at::cumsum(at::flip(dCum, {1}), 1), {1});
+      dV = dVp.narrow(1, 0, L);
+    }
+  }
+
+  // Through the feature maps (stabilisers are constants).
+  at::Tensor dpre_q = dphi * p.dphi_dpre;    // (BH, Lq, M)
+  at::Tensor dpre_k = dkhat * p.dkhat_dpre;  // (BH, Lk, M)
+  const bool softmax = d.kernel == FavorKernel::Softmax;
+  if (mask[0]) {
+    at::Tensor dx = at::matmul(dpre_q, p.W);
+    if (softmax) dx = (dx - dpre_q.sum(-1, /*keepdim=*/true) * p.xq) * p.xscale;
+    std::get<0>(out) = dx.reshape({d.B, d.H, d.Lq, d.D}).to(query.scalar_type());
+  }
+  if (mask[1]) {
+    at::Tensor dx = at::matmul(dpre_k, p.W);
+    if (softmax) dx = (dx - dpre_k.sum(-1, /*keepdim=*/true) * p.xk) * p.xscale;
+    std::get<1>(out) = dx.reshape({d.B, d.H, d.Lk, d.D}).to(key.scalar_type());
+  }
+  if (mask[2]) {
+    at::Tensor dv = dV.narrow(-1, 0, d.Dv) * p.valid.unsqueeze(-1);
+    std::get<2>(out) = dv.reshape({d.B, d.H, d.Lk, d.Dv}).to(value.scalar_type());
+  }
+  if (mask[3]) {
+    // pre = x' W^T (+ terms without W)  =>  dW = sum over rows of dpre^T x'.
+    at::Tensor dW = at::matmul(dpre_q.reshape({-1, M}).t(), p.xq.reshape({-1, d.D})) +
+                    at::matmul(dpre_k.reshape({-1, M}).t(), p.xk.reshape({-1, d.D}));
+    std::get<3>(out) = dW.to(projection.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace panther::detail

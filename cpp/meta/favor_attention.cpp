@@ -1,0 +1,43 @@
+// Meta (shape-only) kernels of panther::favor_attention and _favor_attention_backward, used by
+// torch.compile, torch.export and FakeTensor tracing. They run the same checks as the real kernels.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "kernels/favor_attention.h"
+
+namespace panther::meta {
+namespace {
+using namespace panther::detail;
+
+at::Tensor favor_attention_meta(const at::Tensor& query, const at::Tensor& key,
+                                const at::Tensor& value, const at::Tensor& projection,
+                                c10::string_view kernel, bool causal,
+                                const std::optional<at::Tensor>& key_padding_mask) {
+  const FavorDims d = check_favor_attention("panther::favor_attention", query, key, value,
+                                            projection, kernel, causal, key_padding_mask);
+  return at::empty({d.B, d.H, d.Lq, d.Dv}, query.options());
+}
+
+FavorGrads favor_attention_backward_meta(const at::Tensor& grad_output, const at::Tensor& query,
+                                         const at::Tensor& key, const at::Tensor& value,
+                                         const at::Tensor& projection, c10::string_view kernel,
+                                         bool causal,
+                                         const std::optional<at::Tensor>& key_padding_mask,
+                                         std::array<bool, 4> output_mask) {
+  check_favor_attention("panther::_favor_attention_backward", query, key, value, projection,
+                        kernel, causal, key_padding_mask);
+  FavorGrads out;
+  if (output_mask[0]) std::get<0>(out) = at::empty_like(query, at::MemoryFormat::Contiguous);
+  if (output_mask[1]) std::get<1>(out) = at::empty_like(key, at::MemoryFormat::Contiguous);
+  if (output_mask[2]) std::get<2>(out) = at::empty_like(value, at::MemoryFormat::Contiguous);
+  if (output_mask[3]) std::get<3>(out) = at::empty_like(projection, at::MemoryFormat::Contiguous);
+  return out;
+}
+
+}  // namespace
+}  // namespace panther::meta
+
+TORCH_LIBRARY_IMPL(panther, Meta, m) {
+  m.impl("favor_attention", &panther::meta::favor_attention_meta);
+  m.impl("_favor_attention_backward", &panther::meta::favor_attention_backward_meta);
+}
