@@ -1,6 +1,7 @@
 """SKLinear: a sketched, randomized low-rank replacement for ``nn.Linear``."""
 
 import math
+import os
 import warnings
 from typing import Optional
 
@@ -12,6 +13,56 @@ def _check_positive_int(layer: str, name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{layer}: {name} must be a positive integer, got {value!r}")
     return value
+
+
+# Refuse layers whose tensors cannot exist, before anything is allocated (a typo such as
+# SKLinear(10**9, 10**9, ...) would otherwise start filling RAM or fail deep in an allocator).
+_MAX_NUMEL = 2**63 - 1
+
+
+def _device_memory_bytes(dev: torch.device) -> Optional[int]:
+    """Total memory of ``dev`` in bytes, or None where it is unknown or unlimited (meta)."""
+    if dev.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+            return 2**40
+    if dev.type == "cuda" and torch.cuda.is_available():
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).total_memory
+    return None
+
+
+def _check_size(layer: str, in_features: int, out_features: int, L: int, k: int,
+                dtype: Optional[torch.dtype], device, dense_init: bool) -> None:
+    shapes = {
+        "S1s/U2s (num_terms, in_features, low_rank)": (L, in_features, k),
+        "S2s/U1s (num_terms, low_rank, out_features)": (L, k, out_features),
+        "initial dense weight (out_features, in_features)": (out_features, in_features),
+    }
+    for what, shape in shapes.items():
+        if math.prod(shape) > _MAX_NUMEL:
+            raise ValueError(
+                f"{layer}: {what} = {shape} has more elements than a tensor can hold "
+                f"(in_features={in_features}, out_features={out_features}, num_terms={L}, low_rank={k})"
+            )
+    dev = torch.device(device) if device is not None else torch.empty(0).device
+    limit = _device_memory_bytes(dev)
+    if limit is None:
+        return
+    item = torch.empty(0, dtype=dtype if dtype is not None else torch.get_default_dtype()).element_size()
+    # Parameters and buffers (2 * L * k * (in + out) numbers) plus, without W_init, the dense
+    # weight drawn at construction (at least fp32) to be sketched.
+    need = 2 * L * k * (in_features + out_features) * item
+    if dense_init:
+        need += in_features * out_features * max(item, 4)
+    if need > limit:
+        raise ValueError(
+            f"{layer}(in_features={in_features}, out_features={out_features}, num_terms={L}, "
+            f"low_rank={k}) needs {need / 2**30:,.1f} GiB to build (sketches"
+            f"{' + initial dense weight' if dense_init else ''}), "
+            f"more than the {limit / 2**30:,.1f} GiB of memory on device {dev}"
+        )
 
 
 def rademacher(shape, scale: float, *, generator: Optional[torch.Generator] = None,
@@ -39,7 +90,8 @@ class SKLinear(nn.Module):
         num_terms: number of sketch terms ``L`` (>= 1).
         low_rank: sketch size ``k`` (>= 1; any value, no multiple-of-16 restriction).
         W_init: optional ``(out_features, in_features)`` weight to sketch (e.g. a trained
-            ``nn.Linear.weight``); default: ``nn.Linear``'s initialisation.
+            ``nn.Linear.weight``); default: a random ``W`` drawn so that the layer's effective
+            weight (:meth:`dense_weight`, ``W`` plus the sketch noise) has ``nn.Linear``'s scale.
         bias: learn an additive bias (initialised as ``nn.Linear``'s).
         dtype, device: of parameters and buffers.
         generator: ``torch.Generator`` for the random draws (default: the global generator;
@@ -74,6 +126,7 @@ class SKLinear(nn.Module):
         self.num_terms = _check_positive_int(name, "num_terms", num_terms)
         self.low_rank = _check_positive_int(name, "low_rank", low_rank)
         L, k = num_terms, low_rank
+        _check_size(name, in_features, out_features, L, k, dtype, device, dense_init=W_init is None)
         if W_init is not None:
             if not isinstance(W_init, Tensor):
                 raise TypeError(f"{name}: W_init must be a Tensor or None, got {type(W_init).__name__}")
@@ -105,14 +158,19 @@ class SKLinear(nn.Module):
             if W_init is None:
                 W = torch.empty(out_features, in_features, dtype=work, device=device)
                 nn.init.kaiming_uniform_(W, a=math.sqrt(5), generator=generator)
+                # The layer's effective weight (dense_weight()) is W plus the sketch noise, whose
+                # variance per entry is var(W) * (in + out - 2) / (4 L k). Shrink W so that the
+                # effective weight has nn.Linear's variance, hence activations nn.Linear's scale.
+                W.mul_((1.0 + (in_features + out_features - 2) / (4.0 * L * k)) ** -0.5)
             else:
                 W = W_init.detach().to(device=self.U1s.device, dtype=work)
             U1 = self.U1s.to(work)
             U2 = self.U2s.to(work)
             S1s = torch.einsum("oi,lko->lik", W, U1)  # W^T U1_i^T: (L, in, k)
             S2s = torch.einsum("lik,oi->lko", U2, W)  # U2_i^T W^T: (L, k, out)
-        self.S1s = nn.Parameter(S1s.to(dtype))
-        self.S2s = nn.Parameter(S2s.to(dtype))
+        # Contiguous, as FSDP2 (fully_shard) and flat-buffer optimizers require of parameters.
+        self.S1s = nn.Parameter(S1s.to(dtype).contiguous())
+        self.S2s = nn.Parameter(S2s.to(dtype).contiguous())
         if bias:
             bound = 1.0 / math.sqrt(in_features)
             b = torch.empty(out_features, dtype=dtype, device=self.U1s.device)
