@@ -185,7 +185,7 @@ at::Tensor noncausal_forward(const Prepared& p, at::Tensor& Kf, at::Tensor& KV) 
 
 FavorDims check_favor_attention(const char* op, const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& projection,
-                                std::string_view kernel, bool causal,
+                                c10::string_view kernel, bool causal,
                                 const std::optional<at::Tensor>& key_padding_mask) {
   FavorDims d{};
   if (kernel == "softmax") {
@@ -193,7 +193,7 @@ FavorDims check_favor_attention(const char* op, const at::Tensor& query, const a
   } else if (kernel == "relu") {
     d.kernel = FavorKernel::Relu;
   } else {
-    TORCH_CHECK(false, op, ": kernel must be \"softmax\" or \"relu\", got \"", std::string(kernel), "\"");
+    TORCH_CHECK(false, op, ": kernel must be \"softmax\" or \"relu\", got \"", std::string(kernel.data(), kernel.size()), "\"");
   }
   TORCH_CHECK(query.dim() == 4, op, ": query must be 4-d (batch, heads, Lq, head_dim), got shape ",
               shape_str(query.sizes()));
