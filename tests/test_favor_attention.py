@@ -292,6 +292,10 @@ def test_errors_name_op_argument_expected_and_got():
         op(q, k, v[:, :, :5], W)
     with pytest.raises(RuntimeError, match=r"query must be 4-d \(batch, heads, Lq, head_dim\), got shape \(2, 10, 4\)"):
         op(q[0], k, v, W)
+    with pytest.raises(RuntimeError, match=r"projection must be on the query's device cpu, got meta"):
+        op(q, k, v, W.to("meta"))
+    with pytest.raises(RuntimeError, match=r"key_padding_mask must be on the query's device cpu, got meta"):
+        op(q, k, v, W, "softmax", False, torch.zeros(2, 12, dtype=torch.bool, device="meta"))
     # Shape checks run under FakeTensor/meta too.
     with pytest.raises(RuntimeError, match=r"causal=True needs equal query and key lengths"):
         op(q.to("meta"), k.to("meta"), v.to("meta"), W.to("meta"), "softmax", True)

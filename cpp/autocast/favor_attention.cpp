@@ -20,7 +20,7 @@ at::Tensor favor_attention_autocast(const at::Tensor& query, const at::Tensor& k
   const auto dt = at::autocast::get_autocast_dtype(device);
   auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(dt, t, device); };
   return panther::favor_attention(cast(query), cast(key), cast(value), projection,
-                                  std::string(kernel), causal, key_padding_mask);
+                                  std::string(kernel.data(), kernel.size()), causal, key_padding_mask);
 }
 
 }  // namespace

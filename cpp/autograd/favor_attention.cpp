@@ -83,7 +83,7 @@ at::Tensor favor_attention_autograd(const at::Tensor& query, const at::Tensor& k
     at::AutoDispatchBelowADInplaceOrView guard;
     return plain_op().call(query, key, value, projection, kernel, causal, key_padding_mask);
   }
-  return FavorAttentionFunction::apply(query, key, value, projection, std::string(kernel), causal,
+  return FavorAttentionFunction::apply(query, key, value, projection, std::string(kernel.data(), kernel.size()), causal,
                                        key_padding_mask);
 }
 

@@ -45,7 +45,8 @@ struct Prepared {
   at::Tensor V;            // (BH, Lk, Dv+1): [v, 1], zero rows at padded keys
   at::Tensor valid;        // (BH, Lk) 0/1
   at::Tensor phi;          // (BH, Lq, M) query features (eps included)
-  at::Tensor dphi_dpre;    // (BH, Lq, M) d phi / d (pre-activation)
+  at::Tensor dphi_dpre;    // relu: (BH, Lq, M) d phi / d (pre-activation); softmax: undefined
+  double phi_offset = 0;   // softmax: d phi / d (pre-activation) = phi - phi_offset
   at::Tensor khat;         // (BH, Lk, M) key features without eps, zero at padded keys
   at::Tensor dkhat_dpre;   // (BH, Lk, M) d khat / d (pre-activation)
   at::Tensor r;            // (BH, Lk) key stabiliser (zero for relu)
@@ -81,15 +82,19 @@ Prepared prepare(const FavorDims& d, const at::Tensor& query, const at::Tensor& 
     p.xq = Q * p.xscale;
     p.xk = K * p.xscale;
     // Queries: per-row stabiliser c_i = max_m pre_im, so the largest feature is M^-1/2 (1 + eps).
-    at::Tensor preq = at::matmul(p.xq, Wt) - 0.5 * p.xq.square().sum(-1, /*keepdim=*/true);
-    at::Tensor ex = at::exp(preq - std::get<0>(preq.max(-1, /*keepdim=*/true)));
-    p.dphi_dpre = ex * sM;
-    p.phi = p.dphi_dpre + kFavorSoftmaxEps * sM;
+    // (in place on fresh temporaries: one buffer of (BH, Lq, M) instead of five)
+    at::Tensor u = at::matmul(p.xq, Wt);
+    u.sub_(p.xq.square().sum(-1, /*keepdim=*/true).mul_(0.5));
+    u.sub_(std::get<0>(u.max(-1, /*keepdim=*/true)));
+    p.phi = u.exp_().mul_(sM).add_(kFavorSoftmaxEps * sM);
+    // d phi / d pre = M^-1/2 exp(...) = phi - M^-1/2 eps (formed by the backward when needed).
+    p.phi_offset = kFavorSoftmaxEps * sM;
     // Keys: padded keys get pre = -inf (feature exactly 0, never part of a max).
-    at::Tensor prek = at::matmul(p.xk, Wt) - 0.5 * p.xk.square().sum(-1, /*keepdim=*/true);
+    at::Tensor prek = at::matmul(p.xk, Wt);
+    prek.sub_(p.xk.square().sum(-1, /*keepdim=*/true).mul_(0.5));
     if (valid_b.defined()) {
-      prek = prek.masked_fill(valid_b.logical_not().unsqueeze(-1),
-                              -std::numeric_limits<double>::infinity());
+      prek.masked_fill_(valid_b.logical_not().unsqueeze(-1),
+                        -std::numeric_limits<double>::infinity());
     }
     at::Tensor a = std::get<0>(prek.max(-1));  // (BH, Lk)
     at::Tensor r = causal ? std::get<0>(at::cummax(a, 1))
@@ -101,7 +106,7 @@ Prepared prepare(const FavorDims& d, const at::Tensor& query, const at::Tensor& 
                            .amin(1, /*keepdim=*/true);
     first = at::where(at::isinf(first), 0.0, first);
     p.r = at::where(neg, first, r).contiguous();
-    p.khat = at::exp(prek - p.r.unsqueeze(-1)) * sM;
+    p.khat = prek.sub_(p.r.unsqueeze(-1)).exp_().mul_(sM);
     p.dkhat_dpre = p.khat;
     p.ek = kFavorSoftmaxEps * sM;
   } else {
@@ -185,7 +190,7 @@ at::Tensor noncausal_forward(const Prepared& p, at::Tensor& Kf, at::Tensor& KV) 
 
 FavorDims check_favor_attention(const char* op, const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& projection,
-                                std::string_view kernel, bool causal,
+                                c10::string_view kernel, bool causal,
                                 const std::optional<at::Tensor>& key_padding_mask) {
   FavorDims d{};
   if (kernel == "softmax") {
@@ -193,7 +198,7 @@ FavorDims check_favor_attention(const char* op, const at::Tensor& query, const a
   } else if (kernel == "relu") {
     d.kernel = FavorKernel::Relu;
   } else {
-    TORCH_CHECK(false, op, ": kernel must be \"softmax\" or \"relu\", got \"", std::string(kernel), "\"");
+    TORCH_CHECK(false, op, ": kernel must be \"softmax\" or \"relu\", got \"", std::string(kernel.data(), kernel.size()), "\"");
   }
   TORCH_CHECK(query.dim() == 4, op, ": query must be 4-d (batch, heads, Lq, head_dim), got shape ",
               shape_str(query.sizes()));
@@ -397,7 +402,8 @@ FavorGrads favor_backward(const FavorDims& d, const at::Tensor& grad_output,
   }
 
   // Through the feature maps (stabilisers are constants).
-  at::Tensor dpre_q = dphi * p.dphi_dpre;    // (BH, Lq, M)
+  at::Tensor dpre_q = p.dphi_dpre.defined() ? dphi * p.dphi_dpre
+                                            : dphi * (p.phi - p.phi_offset);  // (BH, Lq, M)
   at::Tensor dpre_k = dkhat * p.dkhat_dpre;  // (BH, Lk, M)
   const bool softmax = d.kernel == FavorKernel::Softmax;
   if (mask[0]) {

@@ -15,7 +15,7 @@
 #include <ATen/ATen.h>
 #include <array>
 #include <optional>
-#include <string_view>
+#include <c10/util/string_view.h>
 #include <tuple>
 
 namespace panther::detail {
@@ -35,7 +35,7 @@ struct FavorDims {
 // Validates shapes, dtypes, devices, the kernel string, the mask and causal's Lq == Lk.
 FavorDims check_favor_attention(const char* op, const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& projection,
-                                std::string_view kernel, bool causal,
+                                c10::string_view kernel, bool causal,
                                 const std::optional<at::Tensor>& key_padding_mask);
 
 // Exclusive scan over chunk states: x (BH, n, E), a (BH, n), both contiguous, same dtype.

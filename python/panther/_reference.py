@@ -92,7 +92,9 @@ def favor_attention_reference(
     psi_i(k_j) = M^-1/2 (exp(k'_j W^T - |k'_j|^2/2 - r_i) + eps), r_i the max of the same
     exponent over valid keys j' <= i (causal) or over all valid keys (non-causal); x' = x D^-1/4.
     relu: phi(x) = M^-1/2 relu(x W^T) + eps for queries and keys.
-    A query that sees no valid key outputs 0.
+    A query that sees no valid key outputs 0. The stabilisers c and r are computed from detached
+    tensors (constants for autograd, as in the native op's backward: the ratio does not depend on
+    them except through eps), so autograd through this function gives the op's exact gradients.
     """
     q, k, v, W = (t.to(torch.float64) for t in (q, k, v, projection))
     B, H, Lq, D = q.shape
@@ -108,10 +110,10 @@ def favor_attention_reference(
         s = D ** -0.25
         xq, xk = q * s, k * s
         preq = xq @ W.T - 0.5 * (xq * xq).sum(-1, keepdim=True)
-        phi = sM * (torch.exp(preq - preq.amax(-1, keepdim=True)) + FAVOR_SOFTMAX_EPS)
+        phi = sM * (torch.exp(preq - preq.detach().amax(-1, keepdim=True)) + FAVOR_SOFTMAX_EPS)
         prek = xk @ W.T - 0.5 * (xk * xk).sum(-1, keepdim=True)
         prek = prek.masked_fill(~valid[..., None], float("-inf"))
-        a = prek.amax(-1)  # (B, H, Lk)
+        a = prek.detach().amax(-1)  # (B, H, Lk)
         if causal:
             r = torch.cummax(a, dim=-1).values
         else:
