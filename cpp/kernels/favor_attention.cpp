@@ -140,6 +140,18 @@ struct CausalState {
   at::Tensor phisum;         // (BH, Lp, 1)
 };
 
+// Inclusive cumsum of (BH, L, E) along positions (dim 1), optionally from the end. Scanning a
+// non-innermost dimension with a short inner size is very slow on CUDA (ATen's outer-dim scan
+// took 6 ms at L = 16k, E = 65); scanning the innermost dimension of the transposed tensor costs
+// two copies and a fast scan.
+at::Tensor cumsum_positions(const at::Tensor& t, bool reverse) {
+  at::Tensor tt = t.transpose(1, 2);
+  if (reverse) tt = tt.flip({2});
+  at::Tensor c = at::cumsum(tt.contiguous(), 2);
+  if (reverse) c = c.flip({2});
+  return c.transpose(1, 2);
+}
+
 at::Tensor pad_len(const at::Tensor& t, int64_t pad) {
   return pad ? at::constant_pad_nd(t, {0, 0, 0, pad}) : t;
 }
@@ -173,7 +185,7 @@ at::Tensor causal_forward(const FavorDims& d, const Prepared& p, int64_t chunk, 
   st.E = at::exp(diff.clamp_max(0)).masked_fill(tril.logical_not(), 0);
   st.A = at::matmul(st.phic, st.khc.transpose(-1, -2)) * st.E;
   at::Tensor Y = at::matmul(st.phic, st.Hs) * st.s.unsqueeze(-1) + at::matmul(st.A, st.Vc);
-  st.Cum = at::cumsum(Vp, 1);
+  st.Cum = cumsum_positions(Vp, /*reverse=*/false);
   st.phisum = pad_len(p.phi, pad).sum(-1, /*keepdim=*/true);
   at::Tensor Yf = Y.view({BH, Lp, E1}) + p.ek * st.phisum * st.Cum;
   return Yf.narrow(1, 0, L);
@@ -396,7 +408,7 @@ FavorGrads favor_backward(const FavorDims& d, const at::Tensor& grad_output,
     dkhat = dkc.view({BH, Lp, M}).narrow(1, 0, L);
     if (mask[2]) {
       at::Tensor dCum = p.ek * st.phisum * Ybp;
-      at::Tensor dVp = dVc.view({BH, Lp, E1}) + at::flip(at::cumsum(at::flip(dCum, {1}), 1), {1});
+      at::Tensor dVp = dVc.view({BH, Lp, E1}) + cumsum_positions(dCum, /*reverse=*/true);
       dV = dVp.narrow(1, 0, L);
     }
   }
