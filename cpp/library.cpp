@@ -20,8 +20,11 @@ TORCH_LIBRARY(panther, m) {
   // heads; kernel "softmax" or "relu"; causal needs Lq == Lk; key_padding_mask (B, Lk) bool,
   // True = padded key (removed from numerator and denominator). Returns (B, H, Lq, Dv) in the
   // query's dtype. Non-causal O(L M D); causal chunked, time and memory linear in length.
-  m.def("favor_attention(Tensor query, Tensor key, Tensor value, Tensor projection, str kernel=\"softmax\", bool causal=False, Tensor? key_padding_mask=None) -> Tensor");
+  // The argument is named kernel_fn, never `kernel`: inductor lowers custom ops with
+  // FallbackKernel.create(kernel, *args, **kwargs), so an op argument called `kernel` breaks
+  // torch.compile and AOTInductor ("got multiple values for argument 'kernel'").
+  m.def("favor_attention(Tensor query, Tensor key, Tensor value, Tensor projection, str kernel_fn=\"softmax\", bool causal=False, Tensor? key_padding_mask=None) -> Tensor");
   // Gradients of favor_attention for (query, key, value, projection); None where the mask is
   // false. Recomputes features and per-chunk states from the inputs.
-  m.def("_favor_attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor projection, str kernel, bool causal, Tensor? key_padding_mask, bool[4] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?)");
+  m.def("_favor_attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor projection, str kernel_fn, bool causal, Tensor? key_padding_mask, bool[4] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?)");
 }

@@ -227,7 +227,7 @@ def test_opcheck(case):
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     torch.library.opcheck(op, (q, k, v, W.to(dtype), kernel, causal, mask))
     torch.library.opcheck(op, (q.detach(), k.detach(), v.detach(), W.to(dtype)),
-                          {"kernel": kernel, "causal": causal, "key_padding_mask": mask})
+                          {"kernel_fn": kernel, "causal": causal, "key_padding_mask": mask})
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
