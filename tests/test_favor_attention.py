@@ -361,3 +361,22 @@ def test_cuda_opcheck_and_large_inputs():
     q, k, v, W, mask = make_inputs(1, 2, 150, 150, 8, 5, 16, dtype=torch.float32, masked=True, device="cuda")
     torch.library.opcheck(op, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), W.float(),
                                "softmax", True, mask))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("jump_at", [40, 64, 130])
+def test_running_max_rescaling(dtype, jump_at):
+    # Large-norm keys first (their exponents are hundreds below zero), then ordinary keys: the
+    # running max jumps by hundreds mid-chunk (40, 130) or at a chunk start (64); the per-chunk
+    # states are rescaled without overflow or NaN and match the reference.
+    q, k, v, W, _ = make_inputs(1, 2, 200, 200, 8, 4, 16)
+    k[:, :, :jump_at] = 40 * torch.nn.functional.normalize(k[:, :, :jump_at], dim=-1)
+    out = op(q.to(dtype), k.to(dtype), v.to(dtype), W.to(dtype), "softmax", True)
+    ref = favor_attention_reference(q, k, v, W, "softmax", True)
+    assert torch.isfinite(out).all()
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    # The jump really happened: the key exponents before it are far below those after it.
+    kp = k * 8 ** -0.25
+    a = (kp @ W.T - 0.5 * kp.square().sum(-1, keepdim=True)).amax(-1)
+    assert a[..., :jump_at].max() < a[..., jump_at:].max() - 100

@@ -229,7 +229,9 @@ class RandMultiHeadAttention(nn.Module):
         (nn.MultiheadAttention's convention). Both may be given; a key is used if neither masks it.
         need_weights: accepted for compatibility; no attention matrix exists, so None is returned.
         attn_mask: None or a causal ``(L, L)`` mask (anything else is an error); is_causal=True,
-        a causal attn_mask or ``iscausal=True`` at construction make the layer causal.
+        a causal attn_mask or ``iscausal=True`` at construction make the layer causal. The mask is
+        checked by value, which torch.compile(fullgraph=True)/torch.export cannot trace: there,
+        pass ``is_causal=True`` instead of a mask.
         """
         if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
             raise ValueError(
