@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# The one command for the GPU machine (H100, torch + CUDA in plain python3, nvcc, cmake, ninja,
+# nanobind, scikit-build-core, pytest; no network). In order:
+#   1. versions (nvidia-smi, torch, nvcc, cmake) and the commit measured;
+#   2. build + install Panther with CUDA kernels (sm_90) into a private target dir (no network);
+#   3. the whole pytest suite, cuda-marked tests included;
+#   4. the Python benchmarks (bench_linear.py, bench_attention.py) on CUDA;
+#   5. the C++ microbenchmarks (CUDA cases) when Google Benchmark is available: system-wide, or a
+#      copy carried in .carry/benchmark (scripts/pack_benchmark_carry.sh makes one), or
+#      PANTHER_BENCHMARK_ROOT; built with the package in step 2; skipped with a message otherwise;
+#   6. a summary, then the benchmark tables (printed last).
+# One failing stage does not stop the others; the exit status is non-zero when any stage failed.
+# Logs and tables go to $OUT when set (the device tool copies back its files: at most 8, kept
+# flat here), else to /tmp/panther-gpu-check:
+#   gpu-check.log  pytest.log  h100-linear.md/.csv  h100-attention.md/.csv  h100-cpp.md/.json
+# Time: the whole run aims to fit PANTHER_GPU_CHECK_BUDGET seconds (default 540); each stage gets
+# a timeout that leaves room for the stages after it.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+RES=${OUT:-/tmp/panther-gpu-check}
+mkdir -p "$RES"
+exec > >(tee -a "$RES/gpu-check.log") 2>&1
+
+BUDGET=${PANTHER_GPU_CHECK_BUDGET:-540}
+T0=$SECONDS
+SITE=${PANTHER_SITE:-/tmp/panther-site}
+declare -A STATUS=()
+ORDER=()
+record() { STATUS[$1]=$2; ORDER+=("$1"); }
+stage() { echo; echo "==== $* [$(date -u +%H:%M:%S), $((SECONDS - T0)) s since start]"; }
+# limit WANTED RESERVE: seconds for a stage, leaving RESERVE for later stages (at least 30).
+limit() {
+  local left=$(( BUDGET - (SECONDS - T0) - $2 )) want=$1
+  (( left < want )) && want=$left
+  (( want < 30 )) && want=30
+  echo "$want"
+}
+
+# ------------------------------------------------------------------ 1. versions, commit
+stage "versions"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || echo "nvidia-smi failed"
+"$PY" - <<'EOF' 2>&1 || echo "python3 cannot import torch"
+import sys, torch
+print(f"python {sys.version.split()[0]} ({sys.executable}); torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"cuda available: {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device 0: {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, cc {p.major}.{p.minor}")
+for m in ("nanobind", "scikit_build_core", "pytest", "triton"):
+    try:
+        mod = __import__(m)
+        print(f"{m} {getattr(mod, '__version__', '?')}")
+    except Exception as e:
+        print(f"{m}: not importable ({e})")
+EOF
+nvcc --version 2>&1 | tail -2 || echo "nvcc not found"
+cmake --version 2>&1 | head -1 || echo "cmake not found"
+echo "ninja $(ninja --version 2>&1 || echo 'not found')"
+
+COMMIT=$(git rev-parse HEAD 2>/dev/null || true)
+if [ -n "$COMMIT" ]; then
+  git diff --quiet HEAD 2>/dev/null || COMMIT="$COMMIT-dirty"
+elif [ -f COMMIT ]; then
+  COMMIT=$(head -1 COMMIT)
+else
+  COMMIT=unknown
+fi
+export PANTHER_COMMIT=$COMMIT
+echo "commit: $PANTHER_COMMIT"
+
+# ------------------------------------------------------------------ 2. build + install (CUDA)
+# Google Benchmark: system-wide, PANTHER_BENCHMARK_ROOT, or a carried copy in .carry/benchmark.
+# When there is one, the C++ benchmark is built in the same CMake tree as the package (no second
+# compile of the op library); if that build fails, the package is rebuilt without it.
+BENCH_ROOT=${PANTHER_BENCHMARK_ROOT:-}
+if [ -z "$BENCH_ROOT" ] && [ -f "$ROOT/.carry/benchmark/include/benchmark/benchmark.h" ]; then
+  BENCH_ROOT=$ROOT/.carry/benchmark
+fi
+HAVE_GBENCH=0
+if [ -n "$BENCH_ROOT" ] || [ -f /usr/include/benchmark/benchmark.h ] || [ -f /usr/local/include/benchmark/benchmark.h ]; then
+  HAVE_GBENCH=1
+fi
+BUILD_LOG=/tmp/panther-gpu-build.log
+build_package() {  # build_package BENCH(ON|OFF) TIMEOUT
+  rm -rf "$SITE"
+  PANTHER_WITH_CUDA=ON PANTHER_BUILD_BENCH=$1 \
+    CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 ${BENCH_ROOT:+-DPANTHER_BENCHMARK_ROOT=$BENCH_ROOT} ${CMAKE_ARGS:-}" \
+    CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} PIP_NO_INDEX=1 \
+    timeout "$2" "$PY" -m pip install -v --no-build-isolation --no-deps --no-index \
+      --disable-pip-version-check --target "$SITE" . >"$BUILD_LOG" 2>&1
+}
+if [ $HAVE_GBENCH = 1 ]; then
+  stage "build: pip install --no-build-isolation --target $SITE (PANTHER_WITH_CUDA=ON, sm_90, with panther_bench)"
+  build_package ON "$(limit 300 240)"
+  rc=$?
+  if [ $rc -ne 0 ] && grep -q -E "FAILED: bench/cpp|CMake Error at bench/cpp" "$BUILD_LOG"; then
+    echo "the C++ benchmark did not build (rc $rc); last lines:"; tail -40 "$BUILD_LOG"
+    echo "rebuilding without the C++ benchmark"
+    HAVE_GBENCH=0
+    build_package OFF "$(limit 300 240)"
+    rc=$?
+  fi
+else
+  stage "build: pip install --no-build-isolation --target $SITE (PANTHER_WITH_CUDA=ON, sm_90)"
+  build_package OFF "$(limit 300 240)"
+  rc=$?
+fi
+if [ $rc -eq 0 ]; then
+  grep -E "Panther:" "$BUILD_LOG" | head -5
+  tail -2 "$BUILD_LOG"
+else
+  echo "BUILD FAILED (rc $rc; 124 = timeout); last lines of $BUILD_LOG:"
+  tail -80 "$BUILD_LOG"
+fi
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c "
+import torch, panther
+info = panther.build_info()
+print('import panther:', info)
+print('ops:', [n for n in ('sketched_linear', 'favor_attention') if hasattr(torch.ops.panther, n)])
+assert info['with_cuda'], 'panther was built without CUDA kernels'
+" 2>&1
+rc2=$?
+if [ $rc -eq 0 ] && [ $rc2 -eq 0 ]; then record build ok; else record build "FAILED (pip rc $rc, import rc $rc2)"; fi
+
+# ------------------------------------------------------------------ 3. tests
+stage "tests: python3 -m pytest -q -ra (cuda tests included)"
+timeout "$(limit 260 200)" "$PY" -m pytest -q -ra -p no:cacheprovider 2>&1 | tee "$RES/pytest.log" | tail -60
+rc=${PIPESTATUS[0]}
+if [ $rc -eq 0 ]; then record tests ok; else record tests "FAILED (rc $rc; 124 = timeout; see pytest.log)"; fi
+
+# ------------------------------------------------------------------ 4. Python benchmarks
+stage "bench_linear.py --device cuda"
+timeout "$(limit 120 110)" "$PY" bench/python/bench_linear.py --device cuda \
+  --markdown "$RES/h100-linear.md" --csv "$RES/h100-linear.csv" >/tmp/panther-bench-linear.out 2>&1
+rc=$?
+grep -E "^(done|FAILED)|Error|error" /tmp/panther-bench-linear.out | tail -20
+if [ $rc -eq 0 ]; then record bench_linear ok; else
+  tail -20 /tmp/panther-bench-linear.out; record bench_linear "FAILED (rc $rc; 124 = timeout)"; fi
+
+stage "bench_attention.py --device cuda"
+timeout "$(limit 170 40)" "$PY" bench/python/bench_attention.py --device cuda \
+  --markdown "$RES/h100-attention.md" --csv "$RES/h100-attention.csv" >/tmp/panther-bench-attention.out 2>&1
+rc=$?
+grep -E "^(done|FAILED|bench_attention)|Error|error" /tmp/panther-bench-attention.out | tail -40
+if [ $rc -eq 0 ]; then
+  if grep -q "nothing to benchmark" /tmp/panther-bench-attention.out; then
+    record bench_attention "skipped (no favor_attention op)"
+  else
+    record bench_attention ok
+  fi
+else
+  tail -20 /tmp/panther-bench-attention.out; record bench_attention "FAILED (rc $rc; 124 = timeout)"
+fi
+
+# ------------------------------------------------------------------ 5. C++ microbenchmarks
+stage "C++ benchmarks (panther_bench, CUDA cases)"
+BENCH_BIN=$(ls -t build/*/bench/cpp/panther_bench 2>/dev/null | head -1)
+if [ $HAVE_GBENCH = 0 ]; then
+  echo "skipped: no usable Google Benchmark here (carry one: scripts/pack_benchmark_carry.sh, then .carry/benchmark)"
+  record bench_cpp "skipped (no Google Benchmark)"
+elif [ -z "$BENCH_BIN" ]; then
+  echo "panther_bench was not built; configure output:"; grep -E "Panther:|benchmark" "$BUILD_LOG" | head
+  record bench_cpp "FAILED (not built)"
+else
+  timeout "$(limit 120 5)" "$BENCH_BIN" --benchmark_filter=/cuda/ --benchmark_min_time=0.05 \
+    --benchmark_out="$RES/h100-cpp.json" --benchmark_out_format=json >/tmp/panther-bench-cpp.out 2>&1
+  rc=$?
+  head -3 /tmp/panther-bench-cpp.out
+  "$PY" bench/cpp/results_to_markdown.py "$RES/h100-cpp.json" "$RES/h100-cpp.md" \
+    "C++ microbenchmarks (panther_bench, CUDA)" 2>&1 || echo "could not convert $RES/h100-cpp.json"
+  if [ $rc -eq 0 ]; then record bench_cpp ok; else
+    tail -20 /tmp/panther-bench-cpp.out; record bench_cpp "FAILED (rc $rc; 124 = timeout)"; fi
+fi
+
+# ------------------------------------------------------------------ 6. summary, tables last
+stage "summary (commit $PANTHER_COMMIT, $((SECONDS - T0)) s)"
+fail=0
+for s in "${ORDER[@]}"; do
+  printf '  %-16s %s\n' "$s" "${STATUS[$s]}"
+  case "${STATUS[$s]}" in FAILED*) fail=1 ;; esac
+done
+echo "  results in $RES: $(cd "$RES" && ls | tr '\n' ' ')"
+for f in h100-cpp.md h100-attention.md h100-linear.md; do
+  if [ -f "$RES/$f" ]; then
+    echo; echo "==== $f"; cat "$RES/$f"
+  fi
+done
+exit $fail
