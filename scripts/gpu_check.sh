@@ -12,9 +12,13 @@
 # One failing stage does not stop the others; the exit status is non-zero when any stage failed.
 # Logs and tables go to $OUT when set (the device tool copies back its files: at most 8, kept
 # flat here), else to /tmp/panther-gpu-check:
-#   gpu-check.log  pytest.log  h100-linear.md/.csv  h100-attention.md/.csv  h100-cpp.md/.json
+#   gpu-check.log  pytest.log  deploy.log  h100-linear.md  h100-attention.md  h100-cpp.md/.json
+#   (CSV copies of the Python tables stay in /tmp: the device returns at most 8 files)
 # Time: the whole run aims to fit PANTHER_GPU_CHECK_BUDGET seconds (default 540); each stage gets
-# a timeout that leaves room for the stages after it.
+# a timeout that leaves room for the stages after it. Stages can be switched off to split the
+# check over two calls of a device with a per-command limit: PANTHER_GPU_TESTS=0 (pytest),
+# PANTHER_GPU_BENCH=0 (Python benchmarks), PANTHER_GPU_DEPLOY=0 (scripts/deploy_check.sh cuda:
+# TorchScript and AOTInductor models exported for CUDA, loaded and run from C++).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -126,15 +130,25 @@ rc2=$?
 if [ $rc -eq 0 ] && [ $rc2 -eq 0 ]; then record build ok; else record build "FAILED (pip rc $rc, import rc $rc2)"; fi
 
 # ------------------------------------------------------------------ 3. tests
+if [ "${PANTHER_GPU_TESTS:-1}" = 1 ]; then
 stage "tests: python3 -m pytest -q -ra (cuda tests included)"
 timeout "$(limit 260 200)" "$PY" -m pytest -q -ra -p no:cacheprovider 2>&1 | tee "$RES/pytest.log" | tail -60
 rc=${PIPESTATUS[0]}
 if [ $rc -eq 0 ]; then record tests ok; else record tests "FAILED (rc $rc; 124 = timeout; see pytest.log)"; fi
+fi
+
+if [ "${PANTHER_GPU_DEPLOY:-1}" = 1 ]; then
+stage "deploy: scripts/deploy_check.sh (CUDA: TorchScript + AOTInductor from C++, C++ training)"
+timeout "$(limit 300 30)" bash scripts/deploy_check.sh "$PY" cuda 2>&1 | tee "$RES/deploy.log" | tail -25
+rc=${PIPESTATUS[0]}
+if [ $rc -eq 0 ]; then record deploy ok; else record deploy "FAILED (rc $rc; 124 = timeout; see deploy.log)"; fi
+fi
 
 # ------------------------------------------------------------------ 4. Python benchmarks
+if [ "${PANTHER_GPU_BENCH:-1}" = 1 ]; then
 stage "bench_linear.py --device cuda"
 timeout "$(limit 120 110)" "$PY" bench/python/bench_linear.py --device cuda \
-  --markdown "$RES/h100-linear.md" --csv "$RES/h100-linear.csv" >/tmp/panther-bench-linear.out 2>&1
+  --markdown "$RES/h100-linear.md" --csv /tmp/panther-h100-linear.csv >/tmp/panther-bench-linear.out 2>&1
 rc=$?
 grep -E "^(done|FAILED)|Error|error" /tmp/panther-bench-linear.out | tail -20
 if [ $rc -eq 0 ]; then record bench_linear ok; else
@@ -142,7 +156,7 @@ if [ $rc -eq 0 ]; then record bench_linear ok; else
 
 stage "bench_attention.py --device cuda"
 timeout "$(limit 170 40)" "$PY" bench/python/bench_attention.py --device cuda \
-  --markdown "$RES/h100-attention.md" --csv "$RES/h100-attention.csv" >/tmp/panther-bench-attention.out 2>&1
+  --markdown "$RES/h100-attention.md" --csv /tmp/panther-h100-attention.csv >/tmp/panther-bench-attention.out 2>&1
 rc=$?
 grep -E "^(done|FAILED|bench_attention)|Error|error" /tmp/panther-bench-attention.out | tail -40
 if [ $rc -eq 0 ]; then
@@ -153,6 +167,7 @@ if [ $rc -eq 0 ]; then
   fi
 else
   tail -20 /tmp/panther-bench-attention.out; record bench_attention "FAILED (rc $rc; 124 = timeout)"
+fi
 fi
 
 # ------------------------------------------------------------------ 5. C++ microbenchmarks

@@ -137,13 +137,185 @@ __global__ void unpack_grads_kernel(const float* __restrict__ rawA, const float*
   }
 }
 
+// ---- Few-token forward (decode-sized batches) ---------------------------------------------
+// With a handful of tokens the GEMMs are tiny and the cost is the host's: packing, two cuBLAS
+// calls and the split each cost a launch and tens of microseconds of CPU. Two direct kernels read
+// the sketches in their own layout instead, accumulate in fp32 and round the output once.
+constexpr int64_t kSmallTokens = 128;    // tokens at or below which the direct path is used
+constexpr int64_t kSmallCols = 32;       // columns of T per block in small_xa_kernel
+constexpr int kSmallRows = 2;            // tokens per block in small_xa_kernel
+constexpr int kSmallThreads = 256;
+constexpr int kTileRows = 8;             // tokens per pass in small_tb_kernel
+
+// Partial products over a slice of d_in (split-K, so a few tokens still fill the GPU):
+//   P[z, n, c] = sum_{i in slice z} x[n, i] A(i, c),
+// A(i, c) = S1s[l, i, j] for c = l k + j < Lk, U2s[l, i, j] for c = Lk + l k + j.
+template <typename T>
+__global__ void small_xa_kernel(const T* __restrict__ x, const T* __restrict__ S1,
+                                const T* __restrict__ U2, float* __restrict__ P, int64_t N,
+                                int64_t d_in, int64_t L, int64_t k, int64_t slice) {
+  const int64_t Lk = L * k, C = 2 * Lk;
+  const int64_t n0 = blockIdx.x * kSmallRows, c0 = blockIdx.y * kSmallCols;
+  const int64_t i0 = blockIdx.z * slice, i1 = (i0 + slice < d_in) ? i0 + slice : d_in;
+  const int64_t cleft = C - c0;
+  const int ncols = static_cast<int>(cleft < kSmallCols ? cleft : kSmallCols);
+  // Column c of this block reads src[c][i * k] (its term's block of S1s or U2s).
+  __shared__ const T* src[kSmallCols];
+  if (threadIdx.x < kSmallCols) {
+    const int64_t tc = static_cast<int64_t>(threadIdx.x) < ncols ? threadIdx.x : ncols - 1;
+    const int64_t cc = c0 + tc;
+    const bool second = cc >= Lk;
+    const int64_t t = second ? cc - Lk : cc, l = t / k, j = t - l * k;
+    src[threadIdx.x] = (second ? U2 : S1) + l * d_in * k + j;
+  }
+  __syncthreads();
+  float acc[kSmallRows][kSmallCols];
+#pragma unroll
+  for (int r = 0; r < kSmallRows; ++r)
+#pragma unroll
+    for (int c = 0; c < kSmallCols; ++c) acc[r][c] = 0.f;
+  for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
+    float xv[kSmallRows];
+#pragma unroll
+    for (int r = 0; r < kSmallRows; ++r)
+      xv[r] = (n0 + r < N) ? static_cast<float>(x[(n0 + r) * d_in + i]) : 0.f;
+    const int64_t ik = i * k;
+#pragma unroll
+    for (int c = 0; c < kSmallCols; ++c) {
+      const float a = c < ncols ? static_cast<float>(src[c][ik]) : 0.f;
+#pragma unroll
+      for (int r = 0; r < kSmallRows; ++r) acc[r][c] += xv[r] * a;
+    }
+  }
+  // Block reduction of every acc entry: warp shuffles, then one value per warp through smem.
+  __shared__ float part[kSmallThreads / 32][kSmallRows * kSmallCols];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int r = 0; r < kSmallRows; ++r)
+#pragma unroll
+    for (int c = 0; c < kSmallCols; ++c) {
+      float v = acc[r][c];
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+      if (lane == 0) part[warp][r * kSmallCols + c] = v;
+    }
+  __syncthreads();
+  for (int e = threadIdx.x; e < kSmallRows * kSmallCols; e += blockDim.x) {
+    const int r = e / kSmallCols, c = e - r * kSmallCols;
+    if (n0 + r >= N || c >= ncols) continue;
+    float v = 0.f;
+    for (int w = 0; w < kSmallThreads / 32; ++w) v += part[w][e];
+    P[(blockIdx.z * N + n0 + r) * C + c0 + c] = v;
+  }
+}
+
+// y[n, o] = sum_c T[n, c] B(c, o) + bias[o] with T = s * sum_z P[z] and B(c, o) = U1s row c
+// (c < Lk) or S2s row c - Lk. Block 0 also writes the saved intermediate in the big path's
+// layout ([T | 1 0..] for fp32, [hi | lo | 1 0..] in the input dtype for fp16/bf16).
+template <typename T>
+__global__ void small_tb_kernel(const float* __restrict__ P, int64_t splits,
+                                const T* __restrict__ U1, const T* __restrict__ S2,
+                                const T* __restrict__ bias, T* __restrict__ y,
+                                T* __restrict__ saved, int64_t N, int64_t d_out, int64_t Lk,
+                                float scale, bool split) {
+  extern __shared__ float tile[];  // kTileRows x 2Lk
+  const int64_t C = 2 * Lk;
+  const int64_t o = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const float b = (bias != nullptr && o < d_out) ? static_cast<float>(bias[o]) : 0.f;
+  for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
+    const int64_t left = N - n0;
+    const int rows = static_cast<int>(left < kTileRows ? left : kTileRows);
+    __syncthreads();
+    for (int64_t e = threadIdx.x; e < rows * C; e += blockDim.x) {
+      float v = 0.f;
+      for (int64_t z = 0; z < splits; ++z) v += P[(z * N + n0) * C + e];
+      v *= scale;
+      tile[e] = v;
+      if (saved != nullptr && blockIdx.x == 0) {
+        const int64_t n = n0 + e / C, c = e % C, ld = (split ? 2 * C : C) + kSavedPad;
+        const T hi = static_cast<T>(v);
+        saved[n * ld + c] = hi;
+        if (split) saved[n * ld + C + c] = static_cast<T>(v - static_cast<float>(hi));
+      }
+    }
+    if (saved != nullptr && blockIdx.x == 0) {  // the pad columns [1, 0, ..., 0]
+      const int64_t ld = (split ? 2 * C : C) + kSavedPad;
+      for (int64_t e = threadIdx.x; e < rows * kSavedPad; e += blockDim.x) {
+        const int64_t n = n0 + e / kSavedPad, q = e % kSavedPad;
+        saved[n * ld + (split ? 2 * C : C) + q] = static_cast<T>(q == 0 ? 1.f : 0.f);
+      }
+    }
+    __syncthreads();
+    if (o >= d_out) continue;
+    float acc[kTileRows];
+#pragma unroll
+    for (int r = 0; r < kTileRows; ++r) acc[r] = b;
+    for (int64_t c = 0; c < C; ++c) {
+      const float bv = static_cast<float>(c < Lk ? U1[c * d_out + o] : S2[(c - Lk) * d_out + o]);
+#pragma unroll
+      for (int r = 0; r < kTileRows; ++r) acc[r] += tile[r * C + c] * bv;
+    }
+    for (int r = 0; r < rows; ++r) y[(n0 + r) * d_out + o] = static_cast<T>(acc[r]);
+  }
+}
+
+// The direct few-token forward; `want_saved` also builds the intermediate autograd keeps.
+std::tuple<at::Tensor, at::Tensor> forward_small(const at::Tensor& x2, const at::Tensor& S1s,
+                                                 const at::Tensor& S2s, const at::Tensor& U1s,
+                                                 const at::Tensor& U2s,
+                                                 const std::optional<at::Tensor>& bias,
+                                                 const SketchDims& d, double scale,
+                                                 bool want_saved) {
+  const auto dt = x2.scalar_type();
+  const bool lowp = is_low_precision(dt);
+  const int64_t Lk = d.L * d.k, C = 2 * Lk;
+  at::Tensor x = x2.contiguous();
+  auto s1 = S1s.contiguous(), u2 = U2s.contiguous(), u1 = U1s.contiguous(), s2 = S2s.contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  at::Tensor saved;
+  if (want_saved) saved = at::empty({d.N, saved_core_cols(dt, Lk) + kSavedPad}, x.options());
+  at::Tensor y = at::empty({d.N, d.d_out}, x.options());
+  if (d.N == 0) return {y, saved};
+  // Split d_in into slices of at least 512 so that about 4 blocks per SM are busy.
+  const int64_t row_blocks = (d.N + kSmallRows - 1) / kSmallRows;
+  const int64_t col_blocks = (C + kSmallCols - 1) / kSmallCols;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int64_t splits = std::max<int64_t>(1, std::min<int64_t>((d.d_in + 511) / 512,
+                                                          (4 * sms) / (row_blocks * col_blocks)));
+  const int64_t slice = std::max<int64_t>(1, (d.d_in + splits - 1) / splits);
+  splits = std::max<int64_t>(1, (d.d_in + slice - 1) / slice);
+  at::Tensor P = at::empty({splits, d.N, C}, x.options().dtype(at::kFloat));
+  if (d.d_in == 0) P.zero_();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const dim3 grid1(static_cast<unsigned>(row_blocks), static_cast<unsigned>(col_blocks),
+                   static_cast<unsigned>(splits));
+  constexpr int kOutThreads = 128;
+  const unsigned grid2 = static_cast<unsigned>((d.d_out + kOutThreads - 1) / kOutThreads);
+  const size_t smem2 = kTileRows * C * sizeof(float);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "panther_small_forward", [&] {
+    if (d.d_in > 0) {
+      small_xa_kernel<scalar_t><<<grid1, kSmallThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), s1.data_ptr<scalar_t>(), u2.data_ptr<scalar_t>(),
+          P.data_ptr<float>(), d.N, d.d_in, d.L, d.k, slice);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    small_tb_kernel<scalar_t><<<grid2, kOutThreads, smem2, stream>>>(
+        P.data_ptr<float>(), splits, u1.data_ptr<scalar_t>(), s2.data_ptr<scalar_t>(),
+        has_bias ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
+        want_saved ? saved.data_ptr<scalar_t>() : nullptr, d.N, d.d_out, Lk,
+        static_cast<float>(scale), lowp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {y, saved};
+}
+
 struct Fwd {
   at::Tensor y, saved;
 };
 
 Fwd forward_cuda(const at::Tensor& input, const at::Tensor& S1s, const at::Tensor& S2s,
                  const at::Tensor& U1s, const at::Tensor& U2s,
-                 const std::optional<at::Tensor>& bias) {
+                 const std::optional<at::Tensor>& bias, bool want_saved) {
   const SketchDims d = check_sketched_linear(kOp, input, S1s, S2s, U1s, U2s, bias);
   const c10::cuda::CUDAGuard guard(input.device());
   const double scale = 1.0 / (2.0 * static_cast<double>(d.L));
@@ -151,6 +323,11 @@ Fwd forward_cuda(const at::Tensor& input, const at::Tensor& S1s, const at::Tenso
   const int64_t Lk = d.L * d.k;
   at::Tensor x2 = input.reshape({d.N, d.d_in});
   const bool lowp = is_low_precision(dt);
+  // The direct path's tile of T (8 x 2Lk fp32) must fit in shared memory: 2Lk <= 1024.
+  if (d.N <= kSmallTokens && d.d_out > 0 && dt != at::kDouble && 2 * Lk <= 1024) {
+    auto [y, saved] = forward_small(x2, S1s, S2s, U1s, U2s, bias, d, scale, want_saved);
+    return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
+  }
   auto [A, B] = pack_operands(S1s, U2s, U1s, S2s, 1, lowp ? 2 : 1);
   if (!lowp) {
     auto [y, saved] = forward_exact(x2, A, B, bias, scale);
@@ -166,14 +343,14 @@ Fwd forward_cuda(const at::Tensor& input, const at::Tensor& S1s, const at::Tenso
 at::Tensor sketched_linear_cuda(const at::Tensor& input, const at::Tensor& S1s, const at::Tensor& S2s,
                                 const at::Tensor& U1s, const at::Tensor& U2s,
                                 const std::optional<at::Tensor>& bias) {
-  return forward_cuda(input, S1s, S2s, U1s, U2s, bias).y;
+  return forward_cuda(input, S1s, S2s, U1s, U2s, bias, /*want_saved=*/false).y;
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& input, const at::Tensor& S1s,
                                             const at::Tensor& S2s, const at::Tensor& U1s,
                                             const at::Tensor& U2s,
                                             const std::optional<at::Tensor>& bias) {
-  auto f = forward_cuda(input, S1s, S2s, U1s, U2s, bias);
+  auto f = forward_cuda(input, S1s, S2s, U1s, U2s, bias, /*want_saved=*/true);
   return {f.y, f.saved};
 }
 
