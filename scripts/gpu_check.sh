@@ -63,7 +63,7 @@ nvcc --version 2>&1 | tail -2 || echo "nvcc not found"
 cmake --version 2>&1 | head -1 || echo "cmake not found"
 echo "ninja $(ninja --version 2>&1 || echo 'not found')"
 
-COMMIT=$(git rev-parse HEAD 2>/dev/null || true)
+COMMIT=$(git rev-parse --verify -q HEAD 2>/dev/null) || COMMIT=""
 if [ -n "$COMMIT" ]; then
   git diff --quiet HEAD 2>/dev/null || COMMIT="$COMMIT-dirty"
 elif [ -f COMMIT ]; then

@@ -143,7 +143,9 @@ _RUN_AOTI = """
     import sys
     import torch
     MODE, d = sys.argv[1], sys.argv[2]
-    if MODE == "load_library":
+    if MODE == "import":
+        import panther
+    elif MODE == "load_library":
         torch.ops.load_library(sys.argv[3])
         assert "panther" not in sys.modules
     io = torch.jit.load(d + "/io.pt")
@@ -156,8 +158,10 @@ _RUN_AOTI = """
 
 @pytest.mark.slow
 def test_aoti_package_round_trip(tmp_path, model_and_io):
-    """aoti_compile_and_package, then load the package in this process and in a fresh process
-    that only loads the op library (torch.ops.load_library(panther.library_path()))."""
+    """aoti_compile_and_package, then load the package in fresh processes: one that imports
+    panther and one that only loads the op library (torch.ops.load_library(panther.library_path())).
+    Loading happens in child processes so that a crash inside the AOTInductor runtime is reported
+    as this test's failure (with the child's output) instead of ending the whole test run."""
     from export_aoti import export_and_compile
 
     model, x, y = model_and_io
@@ -166,13 +170,11 @@ def test_aoti_package_round_trip(tmp_path, model_and_io):
         export_and_compile(model, x, package)
     save_tensors(str(tmp_path / "io.pt"), input=x, output=y)
 
-    compiled = torch._inductor.aoti_load_package(package)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), y, rtol=1e-4, atol=1e-4)
-
-    r = run_fresh(_RUN_AOTI, "load_library", str(tmp_path), pr.library_path())
-    assert r.returncode == 0, r.stderr[-3000:]
-    torch.testing.assert_close(torch.load(tmp_path / "out_load_library.pt"), y, rtol=1e-4, atol=1e-4)
+    for mode in ("import", "load_library"):
+        r = run_fresh(_RUN_AOTI, mode, str(tmp_path), pr.library_path())
+        assert r.returncode == 0, f"{mode}: exit {r.returncode}\n{r.stderr[-3000:]}"
+        out = torch.load(tmp_path / f"out_{mode}.pt")
+        torch.testing.assert_close(out, y, rtol=1e-4, atol=1e-4)
 
     # Without the op library the package cannot run: the library really is a run-time dependency.
     r = run_fresh(_RUN_AOTI, "none", str(tmp_path))
