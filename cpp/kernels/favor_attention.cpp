@@ -18,20 +18,14 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
+
+#include "kernels/format.h"
 #include <cmath>
 #include <limits>
 #include <sstream>
 
 namespace panther::detail {
 namespace {
-
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << "(";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << (s.size() == 1 ? ",)" : ")");
-  return o.str();
-}
 
 at::ScalarType compute_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;

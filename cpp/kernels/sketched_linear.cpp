@@ -3,18 +3,12 @@
 #include "kernels/sketched_linear.h"
 
 #include <c10/util/Exception.h>
+
+#include "kernels/format.h"
 #include <sstream>
 
 namespace panther::detail {
 namespace {
-
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << "(";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << (s.size() == 1 ? ",)" : ")");
-  return o.str();
-}
 
 void check_shape(const char* op, const char* name, const at::Tensor& t,
                  std::initializer_list<int64_t> want, const char* want_str) {
