@@ -29,19 +29,19 @@ build: setup
 demo: build
 	$(PY) examples/demo.py
 
-# Python tests, then the C++ tests (ctest) and a very short pass of the C++ benchmarks, both in
-# the CMake tree build/cpp-tests.
+# Python tests, a very short pass of the C++ benchmarks, then the C++ tests (ctest), the last two
+# in the CMake tree build/cpp-tests. ctest's summary is the last thing printed.
 test: build
 	$(PY) -m pytest -q -ra
-	@bash scripts/run_cpp_tests.sh $(PY)
 	@PANTHER_CPP_BUILD_DIR=build/cpp-tests bash scripts/bench_cpp_quick.sh $(PY)
+	@bash scripts/run_cpp_tests.sh $(PY)
 
 test-py: build
 	$(PY) -m pytest -q -ra
 
 test-cpp: build
-	@bash scripts/run_cpp_tests.sh $(PY)
 	@PANTHER_CPP_BUILD_DIR=build/cpp-tests bash scripts/bench_cpp_quick.sh $(PY)
+	@bash scripts/run_cpp_tests.sh $(PY)
 
 bench: build
 	$(PY) bench/python/bench_linear.py
