@@ -891,3 +891,15 @@ class TestCUDA:
             torch.testing.assert_close(g1[n], g0[n])
         ep = torch.export.export(model.eval(), (x,))
         torch.testing.assert_close(ep.module()(x), model(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dense_weight_is_the_float64_weight_rounded_once(dtype):
+    """dense_weight() sums in float64 and rounds once: a low-precision layer's dense weight is the
+    float64 reference weight rounded to its dtype, entry for entry."""
+    g = torch.Generator().manual_seed(5)
+    layer = quiet_layer(48, 40, 3, 8, dtype=dtype, generator=g)
+    want = sketched_linear_dense_weight_reference(layer.S1s, layer.S2s, layer.U1s, layer.U2s).to(dtype)
+    got = layer.dense_weight()
+    assert got.dtype == dtype and got.shape == (40, 48)
+    assert torch.equal(got, want)

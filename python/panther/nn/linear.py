@@ -208,10 +208,16 @@ class SKLinear(nn.Module):
         return layer
 
     def dense_weight(self) -> Tensor:
-        """The equivalent dense weight ``(out_features, in_features)`` (for inspection and tests)."""
+        """The equivalent dense weight ``(out_features, in_features)`` (for inspection and tests).
+
+        Summed in float64 and rounded once to the parameters' dtype, so a fp16/bf16 layer's weight
+        is as close to the sketch's exact value as that dtype allows.
+        """
         L = self.num_terms
-        W_t = torch.einsum("lik,lko->io", self.S1s, self.U1s) + torch.einsum("lik,lko->io", self.U2s, self.S2s)
-        return (W_t / (2 * L)).t()
+        work = torch.float64
+        S1, U1, U2, S2 = (t.to(work) for t in (self.S1s, self.U1s, self.U2s, self.S2s))
+        W_t = torch.einsum("lik,lko->io", S1, U1) + torch.einsum("lik,lko->io", U2, S2)
+        return (W_t / (2 * L)).t().to(self.S1s.dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() == 0:
