@@ -380,3 +380,72 @@ def test_running_max_rescaling(dtype, jump_at):
     kp = k * 8 ** -0.25
     a = (kp @ W.T - 0.5 * kp.square().sum(-1, keepdim=True)).amax(-1)
     assert a[..., :jump_at].max() < a[..., jump_at:].max() - 100
+
+
+# The fused bf16 kernels (cpp/cuda/favor_fused.cuh) take bf16 calls whose head_dim and feature
+# count are multiples of 16. They round the projection to bf16 for the tensor cores, so they are
+# compared with the CPU op (fp32 compute) given the same bf16-rounded projection.
+FUSED_SIZES = [
+    (2, 3, 300, 300, 64, 64, 64),  # ragged last chunk (300 = 4 * 64 + 44)
+    (1, 2, 64, 64, 32, 16, 32),    # exactly one chunk
+    (1, 2, 1, 1, 16, 8, 16),       # one token
+    (2, 2, 150, 150, 16, 24, 48),  # value dim != head dim
+]
+
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("size", FUSED_SIZES)
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("noncontig", [False, True])
+def test_cuda_fused_bf16_matches_cpu(size, kernel, causal, noncontig):
+    q, k, v, W, mask = make_inputs(*size, dtype=torch.bfloat16, masked=True, noncontig=noncontig)
+    Wr = W.to(torch.bfloat16).float()
+    a = [t.clone().requires_grad_() for t in (q, k, v)] + [Wr.clone().requires_grad_()]
+    b = [t.cuda().requires_grad_() for t in (q, k, v)] + [Wr.cuda().requires_grad_()]
+    if noncontig:  # keep the strided layout on the GPU too
+        b[:3] = [t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in b[:3]]
+        assert not b[0].is_contiguous()
+    oa = op(*a, kernel, causal, mask)
+    ob = op(*b, kernel, causal, mask.cuda())
+    assert ob.dtype == torch.bfloat16 and ob.shape == oa.shape
+    torch.testing.assert_close(ob.cpu().double(), oa.double(), rtol=2e-2, atol=2e-2)
+    g = torch.randn_like(oa)
+    oa.backward(g)
+    ob.backward(g.cuda())
+    for x, y in zip(a, b):
+        scale = x.grad.abs().max().item() + 1e-6
+        err = (y.grad.cpu().double() - x.grad.double()).abs().max().item() / scale
+        assert err < 3e-2, (err, x.shape)
+
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_fused_noncausal_lengths_and_fp16(causal):
+    # Lq != Lk (non-causal) through the fused path; fp16 keeps the fp32 ATen path on CUDA.
+    Lq, Lk = (200, 200) if causal else (70, 333)
+    q, k, v, W, mask = make_inputs(2, 2, Lq, Lk, 32, 32, 64, dtype=torch.float32, masked=True)
+    ref = op(q, k, v, W.float(), "softmax", causal, mask).double()
+    for dt, tol in ((torch.bfloat16, 3e-2), (torch.float16, 5e-3)):
+        out = op(q.to(dt).cuda(), k.to(dt).cuda(), v.to(dt).cuda(), W.float().cuda(), "softmax",
+                 causal, mask.cuda())
+        assert out.dtype == dt
+        torch.testing.assert_close(out.cpu().double(), ref, rtol=tol, atol=tol)
+
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("jump_at", [40, 64, 130])
+def test_cuda_fused_running_max_jump(jump_at):
+    # The running-max rescaling of the fused kernels: keys whose exponents are hundreds below the
+    # later ones come first (see test_running_max_rescaling).
+    q, k, v, W, _ = make_inputs(1, 2, 200, 200, 16, 16, 32)
+    k[:, :, :jump_at] = 40 * torch.nn.functional.normalize(k[:, :, :jump_at], dim=-1)
+    Wr = W.to(torch.bfloat16).double()
+    bf = [t.to(torch.bfloat16) for t in (q, k, v)]
+    out = op(*[t.cuda() for t in bf], Wr.float().cuda(), "softmax", True)
+    ref = favor_attention_reference(*[t.double() for t in bf], Wr, "softmax", True)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=3e-2, atol=3e-2)

@@ -1,13 +1,18 @@
-// CUDA kernels of panther::favor_attention and _favor_attention_backward: the shared ATen
+// CUDA kernels of panther::favor_attention and _favor_attention_backward. bf16 calls whose
+// sizes fit (favor_fused.cuh: head_dim and features multiples of 16, value dim < 256) run the
+// fused tensor-core kernels; everything else (fp16, fp32, fp64, other sizes) runs the shared ATen
 // implementation (cuBLAS batched GEMMs, kernels/favor_attention.cpp) under a device guard, plus
 // one custom kernel, the exclusive scan over per-chunk states (one launch instead of one ATen
-// step per chunk). fp16/bf16 compute in fp32 and round once at the end.
+// step per chunk). Set PANTHER_FAVOR_FUSED=0 to force the ATen path (for comparisons).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda/favor_fused.cuh"
 #include "kernels/favor_attention.h"
+
+#include <cstdlib>
 
 namespace panther::cuda {
 namespace {
@@ -56,6 +61,18 @@ at::Tensor chunk_scan_cuda(const at::Tensor& x_in, const at::Tensor& a_in, bool 
   return out;
 }
 
+// Whether this call takes the fused kernels.
+bool use_fused(const FavorDims& d, const at::Tensor& query) {
+  static const bool enabled = [] {
+    const char* e = std::getenv("PANTHER_FAVOR_FUSED");
+    return !(e && std::string(e) == "0");
+  }();
+  if (!enabled) return false;
+  int dev = query.get_device(), max_smem = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return fused::supported(d, query.scalar_type(), max_smem);
+}
+
 at::Tensor favor_attention_cuda(const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& projection,
                                 c10::string_view kernel, bool causal,
@@ -63,6 +80,9 @@ at::Tensor favor_attention_cuda(const at::Tensor& query, const at::Tensor& key,
   const FavorDims d = check_favor_attention("panther::favor_attention", query, key, value,
                                             projection, kernel, causal, key_padding_mask);
   const c10::cuda::CUDAGuard guard(query.device());
+  if (use_fused(d, query))
+    return fused::forward<__nv_bfloat16>(d, query, key, value, projection, causal,
+                                         key_padding_mask);
   return favor_forward(d, query, key, value, projection, causal, key_padding_mask, kCudaChunk,
                        &chunk_scan_cuda);
 }
@@ -76,6 +96,9 @@ FavorGrads favor_attention_backward_cuda(const at::Tensor& grad_output, const at
   const FavorDims d = check_favor_attention("panther::_favor_attention_backward", query, key,
                                             value, projection, kernel, causal, key_padding_mask);
   const c10::cuda::CUDAGuard guard(query.device());
+  if (use_fused(d, query) && grad_output.scalar_type() == query.scalar_type())
+    return fused::backward<__nv_bfloat16>(d, grad_output, query, key, value, projection, causal,
+                                          key_padding_mask, output_mask);
   return favor_backward(d, grad_output, query, key, value, projection, causal, key_padding_mask,
                         kCudaChunk, &chunk_scan_cuda, output_mask);
 }

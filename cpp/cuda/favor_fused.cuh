@@ -1,0 +1,1196 @@
+// Fused FAVOR+ kernels for CUDA, bf16, causal and non-causal (tensor cores via WMMA, fp32
+// accumulation). Same math and the same stabilisers as the ATen implementation in
+// kernels/favor_attention.cpp (read its header comment first); this file only reorganises the
+// work so that every (batch*head, chunk of kC positions) is one thread block that keeps its
+// features, its C x C block and its state in shared memory instead of ~40 passes over HBM.
+//
+// Pipeline (per call; BH = batch*heads, n = chunks of kC positions):
+//   states_kernel   (n, BH): key features relative to the chunk's own max m_c, the chunk state
+//                   T'_c = khat'^T [v, 1] (M x E1p) and the chunk's sum of [v, 1]; a_j (the row
+//                   max of each key's pre-activation) for the stabiliser.
+//   stab_kernel     (BH):    r_j = running max of a_j (causal) or the max over all keys, and per
+//                   chunk P_c, R_c, alpha_c = exp(P_c - R_c), kscale_c = exp(m_c - R_c).
+//   scan_kernel:             causal: H_c = sum_{c' < c} (decayed) kscale T'; non-causal: every
+//                   chunk gets the total. Stored in the input dtype for the tensor cores.
+//   forward_kernel  (n, BH): phi, khat, A' = (phi khat^T) o E (+ eps), y = s phi H + A' [v, 1].
+// Backward: states/stab/scan again, then
+//   back1_kernel    (n, BH): recomputes y, forms Yb = d loss / d [num, den], dq (and its dW part),
+//                   the chunk's gradient state dH_c = phi^T (s Yb); a reverse scan gives dT_c;
+//   back2_kernel    (n, BH): dk, dv (and the key part of dW).
+// Stabilisers are constants (as in the ATen path). Non-causal runs the same kernels with no
+// intra-chunk block (every key is in the "state") and query/key chunk counts of their own.
+//
+// The file compiles as CUDA and, with PANTHER_CUDA_EMU defined, as host C++ against
+// tests/emu/cuda_emu.h (a thread-per-CUDA-thread emulator used to test the kernels without a GPU).
+#pragma once
+#include <cstdint>
+#include <type_traits>
+
+#ifdef PANTHER_CUDA_EMU
+#include "cuda_emu.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#ifndef PANTHER_DYNAMIC_SMEM
+#define PANTHER_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+#endif
+
+namespace panther::fused {
+namespace wmma = nvcuda::wmma;
+
+constexpr int kC = 64;                 // positions per chunk (one thread block)
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRT = kC / 16;           // row tiles of a kC-row operand
+// Tiles of a (kC x X) output are enumerated t = warp, warp + 8, ...; tile t is (t % kRT, t / kRT),
+// so with 4 row tiles and 8 warps every warp keeps one row tile (warp % 4) and half the column
+// tiles (warp / 4): row reductions need one exchange between two warps only.
+static_assert(kRT == 4 && kWarps == 8, "tile enumeration assumes 4 row tiles and 8 warps");
+constexpr int kPad = 8;               // shared leading dimensions: cols + kPad (see smem_layout)
+constexpr int kLC = kC + kPad;
+constexpr int kMaxE1p = 256;           // value dim + 1, padded to 16, at most this
+constexpr int kVecFloats = 16 * kC + kMaxE1p;
+
+using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+using RowM = wmma::row_major;
+using ColM = wmma::col_major;
+
+template <class T> struct Cvt;
+template <> struct Cvt<__nv_bfloat16> {
+  static __device__ __forceinline__ float f(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 t(float x) { return __float2bfloat16(x); }
+};
+template <> struct Cvt<__half> {
+  static __device__ __forceinline__ float f(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half t(float x) { return __float2half(x); }
+};
+
+template <class T>
+struct Params {
+  int BH, H;              // batch*heads, heads (b = bh / H)
+  int Lq, Lk, nq, nk;     // lengths and chunk counts (causal: equal)
+  int D, Dv, M, E1p;      // head dim, value dim, features, Dv + 1 padded to 16
+  bool softmax, causal;
+  float xscale, sM, ek;   // x' = xscale x; sM = M^-1/2; eps of the features (phi = f + ek)
+  // Inputs (b, h, l, c) at ptr + b*sb + h*sh + l*sl + c.
+  const T *q, *k, *v, *g;
+  int64_t q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, g_sb, g_sh, g_sl;
+  const T* W;             // (M, D) contiguous
+  const bool* pad;        // (B, Lk) true = padded key, or null
+  float* a;               // (BH, nk*kC) key row max (-inf: padded or past the end)
+  float* r;               // (BH, nk*kC) key stabiliser per position
+  float* cs;              // (BH, nk, 4): P_c, R_c, alpha_c, kscale_c
+  float* st;              // (BH, nk|nq, (M+1)*E1p) per-chunk states, fp32
+  T* hs;                  // (BH, nk|1, M*E1p) scanned states (forward H, backward dT)
+  float* hx;              // (BH, nk|1, E1p) scanned extra row (forward sum v, backward G)
+  T* out;                 // (BH, Lq, Dv)
+  T *dq, *dk, *dv;        // (BH, Lq|Lk|Lk, D|D|Dv)
+  T* yb;                  // (BH, nq*kC, E1p) backward: Yb
+  float* dW;              // (M, D) fp32 accumulator, or null
+};
+
+enum Kind { kStates = 0, kForward = 1, kBack1 = 2, kBack2 = 3 };
+
+struct Smem {
+  int w, x, kh, v, stage, vec, phi, s, h, y, gm, yb, ys, total;
+};
+
+__host__ __device__ inline int align128(int x) { return (x + 127) & ~127; }
+
+// Byte offsets of every shared buffer of a kernel kind (same function on host and device).
+__host__ __device__ inline Smem smem_layout(int kind, int D, int M, int E1p, int tsize) {
+  Smem s{};
+  int off = 0;
+#define PANTHER_TAKE(field, bytes) \
+  s.field = off;                   \
+  off = align128(off + (bytes))
+  // Leading dimensions are padded by kPad elements: rows 2^k x 128 bytes apart would put every
+  // row of a WMMA tile in the same shared-memory banks.
+  const int lx = D + kPad, lm = M + kPad, le = E1p + kPad;
+  PANTHER_TAKE(w, M * lx * tsize);
+  PANTHER_TAKE(x, kC * lx * tsize);
+  PANTHER_TAKE(kh, kC * lm * tsize);
+  PANTHER_TAKE(v, kC * le * tsize);
+  PANTHER_TAKE(stage, kWarps * 256 * 4);
+  PANTHER_TAKE(vec, kVecFloats * 4);
+  if (kind != kStates) {
+    PANTHER_TAKE(phi, kC * lm * tsize);
+    PANTHER_TAKE(s, kC * kLC * tsize);
+    PANTHER_TAKE(h, M * le * tsize);
+  }
+  if (kind == kForward) {
+    PANTHER_TAKE(y, kC * E1p * 4);
+  }
+  if (kind == kBack1 || kind == kBack2) {
+    PANTHER_TAKE(gm, kC * kLC * tsize);
+    PANTHER_TAKE(yb, kC * le * tsize);
+  }
+  if (kind == kBack1) {
+    PANTHER_TAKE(ys, kC * le * tsize);
+  }
+#undef PANTHER_TAKE
+  s.total = off;
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warp-level helpers
+
+// acc += A (16 x K) B (K x 16). A, B point at the tile's origin; layouts as in WMMA:
+// A row-major: (r, k) at A[r*lda + k]; col-major: A[r + k*lda]. B row-major: (k, c) at
+// B[k*ldb + c]; col-major: B[k + c*ldb].
+template <class T, class LA, class LB>
+__device__ __forceinline__ void mma_acc(Acc& acc, const T* A, int lda, const T* B, int ldb, int K) {
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> fb;
+  for (int k = 0; k < K; k += 16) {
+    const T* ap = std::is_same<LA, RowM>::value ? A + k : A + static_cast<int64_t>(k) * lda;
+    const T* bp = std::is_same<LB, RowM>::value ? B + static_cast<int64_t>(k) * ldb : B + k;
+    wmma::load_matrix_sync(fa, ap, lda);
+    wmma::load_matrix_sync(fb, bp, ldb);
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+}
+
+// Tile origins (rt, ct in tiles of 16).
+template <class L, class T>
+__device__ __forceinline__ const T* tileA(const T* A, int lda, int rt) {
+  return std::is_same<L, RowM>::value ? A + static_cast<int64_t>(rt) * 16 * lda : A + rt * 16;
+}
+template <class L, class T>
+__device__ __forceinline__ const T* tileB(const T* B, int ldb, int ct) {
+  return std::is_same<L, RowM>::value ? B + ct * 16 : B + static_cast<int64_t>(ct) * 16 * ldb;
+}
+
+// Stores acc in the warp's staging tile and copies this lane's 8 values (row lane/2, columns
+// (lane%2)*8 ..+8 of the tile) into v.
+__device__ __forceinline__ void stage8(float* stage, const Acc& acc, int lane, float v[8]) {
+  __syncwarp();
+  wmma::store_matrix_sync(stage, acc, 16, wmma::mem_row_major);
+  __syncwarp();
+  const float* p = stage + (lane >> 1) * 16 + (lane & 1) * 8;
+#pragma unroll
+  for (int q = 0; q < 8; ++q) v[q] = p[q];
+}
+
+__device__ __forceinline__ float pair_max(float x) {
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+}
+__device__ __forceinline__ float pair_sum(float x) {
+  return x + __shfl_xor_sync(0xffffffffu, x, 1);
+}
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block-level pieces (all threads call them; they end with __syncthreads()).
+
+template <class T>
+struct Blk {
+  T *w, *x, *kh, *v, *phi, *s, *h, *gm, *yb, *ys;
+  float *stage, *y;
+  // per-row vectors (kC each) and one E1p vector
+  float *hn, *r, *si, *valid, *phisum, *rowc, *red, *rs, *kfac, *den, *gn, *yc, *extra;
+  float* scal;  // chunk scalars: P, R, alpha, kscale
+  int warp, lane, bh, b, hd, chunk, row0, rows;
+  int lx, lm, le;  // padded leading dims of x/w, phi/kh, and v/h/yb/ys
+};
+
+template <class T>
+__device__ Blk<T> make_blk(const Params<T>& p, unsigned char* base, const Smem& L, int chunk,
+                           int bh, int len) {
+  const int H = p.H;
+  Blk<T> k;
+  k.lx = p.D + kPad;
+  k.lm = p.M + kPad;
+  k.le = p.E1p + kPad;
+  k.w = reinterpret_cast<T*>(base + L.w);
+  k.x = reinterpret_cast<T*>(base + L.x);
+  k.kh = reinterpret_cast<T*>(base + L.kh);
+  k.v = reinterpret_cast<T*>(base + L.v);
+  k.phi = reinterpret_cast<T*>(base + L.phi);
+  k.s = reinterpret_cast<T*>(base + L.s);
+  k.h = reinterpret_cast<T*>(base + L.h);
+  k.gm = reinterpret_cast<T*>(base + L.gm);
+  k.yb = reinterpret_cast<T*>(base + L.yb);
+  k.ys = reinterpret_cast<T*>(base + L.ys);
+  k.y = reinterpret_cast<float*>(base + L.y);
+  k.stage = reinterpret_cast<float*>(base + L.stage) + (threadIdx.x >> 5) * 256;
+  float* vec = reinterpret_cast<float*>(base + L.vec);
+  k.hn = vec;
+  k.r = vec + kC;
+  k.si = vec + 2 * kC;
+  k.valid = vec + 3 * kC;
+  k.phisum = vec + 4 * kC;
+  k.rowc = vec + 5 * kC;
+  k.red = vec + 6 * kC;  // 2 * kC
+  k.rs = vec + 8 * kC;
+  k.kfac = vec + 9 * kC;
+  k.den = vec + 10 * kC;
+  k.gn = vec + 11 * kC;
+  k.yc = vec + 12 * kC;
+  k.scal = vec + 13 * kC;  // 4 used
+  k.extra = vec + 16 * kC;
+  k.warp = threadIdx.x >> 5;
+  k.lane = threadIdx.x & 31;
+  k.bh = bh;
+  k.b = bh / H;
+  k.hd = bh - k.b * H;
+  k.chunk = chunk;
+  k.row0 = chunk * kC;
+  k.rows = len - k.row0 < kC ? len - k.row0 : kC;
+  return k;
+}
+
+// dst (kC x cols, leading dim ld) <- `rows` rows of src (row stride sl), zero rows after them.
+template <class T>
+__device__ void load_rows(T* dst, int ld, const T* src, int64_t sl, int rows, int cols) {
+  for (int idx = threadIdx.x; idx < kC * cols; idx += kThreads) {
+    const int rr = idx / cols, c = idx - rr * cols;
+    dst[rr * ld + c] = rr < rows ? src[static_cast<int64_t>(rr) * sl + c] : Cvt<T>::t(0.f);
+  }
+}
+
+// dst (rows x cols, leading dim ld) <- a dense rows x cols matrix.
+template <class T>
+__device__ void load_matrix(T* dst, int ld, const T* src, int rows, int cols) {
+  for (int idx = threadIdx.x; idx < rows * cols; idx += kThreads) {
+    const int rr = idx / cols, c = idx - rr * cols;
+    dst[rr * ld + c] = src[idx];
+  }
+}
+
+// Input rows of this chunk: x <- query or key rows, hn = |x'|^2 / 2 per row.
+template <class T>
+__device__ void load_x(const Params<T>& p, Blk<T>& k, bool keys) {
+  const T* base = keys ? p.k + k.b * p.k_sb + k.hd * p.k_sh + static_cast<int64_t>(k.row0) * p.k_sl
+                       : p.q + k.b * p.q_sb + k.hd * p.q_sh + static_cast<int64_t>(k.row0) * p.q_sl;
+  load_rows(k.x, k.lx, base, keys ? p.k_sl : p.q_sl, k.rows, p.D);
+  __syncthreads();
+  for (int i = threadIdx.x; i < kC; i += kThreads) {
+    float acc = 0.f;
+    for (int d = 0; d < p.D; ++d) {
+      const float xv = Cvt<T>::f(k.x[i * k.lx + d]);
+      acc += xv * xv;
+    }
+    k.hn[i] = 0.5f * p.xscale * p.xscale * acc;
+  }
+  __syncthreads();
+}
+
+// v <- [v, 1, 0...] * valid (kC x E1p); valid[] per key row.
+template <class T>
+__device__ void load_values(const Params<T>& p, Blk<T>& k) {
+  for (int i = threadIdx.x; i < kC; i += kThreads) {
+    bool ok = i < k.rows;
+    if (ok && p.pad) ok = !p.pad[static_cast<int64_t>(k.b) * p.Lk + k.row0 + i];
+    k.valid[i] = ok ? 1.f : 0.f;
+  }
+  __syncthreads();
+  const T* base = p.v + k.b * p.v_sb + k.hd * p.v_sh + static_cast<int64_t>(k.row0) * p.v_sl;
+  for (int idx = threadIdx.x; idx < kC * p.E1p; idx += kThreads) {
+    const int i = idx / p.E1p, e = idx - i * p.E1p;
+    float val = 0.f;
+    if (k.valid[i] != 0.f) {
+      if (e < p.Dv) val = Cvt<T>::f(base[static_cast<int64_t>(i) * p.v_sl + e]);
+      else if (e == p.Dv) val = 1.f;
+    }
+    k.v[i * k.le + e] = Cvt<T>::t(val);
+  }
+  __syncthreads();
+}
+
+// Pre-activation tile (before xscale): x (kC x D) rows of tile rt times W rows of tile ct.
+template <class T>
+__device__ __forceinline__ void pre_tile(Acc& acc, const Blk<T>& k, int D, int rt, int ct) {
+  wmma::fill_fragment(acc, 0.f);
+  mma_acc<T, RowM, ColM>(acc, tileA<RowM>(k.x, k.lx, rt), k.lx, tileB<ColM>(k.w, k.lx, ct), k.lx,
+                         D);
+}
+
+// Combines the per-warp-half row partials in red[] with op (max or sum) into out[].
+__device__ __forceinline__ void combine_rows(const float* red, float* out, bool is_max) {
+  __syncthreads();
+  for (int i = threadIdx.x; i < kC; i += kThreads)
+    out[i] = is_max ? fmaxf(red[i], red[kC + i]) : red[i] + red[kC + i];
+  __syncthreads();
+}
+
+// Query features phi = f(pre) + ek into k.phi (kC x M), row sums into k.phisum.
+template <class T>
+__device__ void query_features(const Params<T>& p, Blk<T>& k) {
+  const int CT = p.M / 16, rr = k.lane >> 1, c0 = (k.lane & 1) * 8, half = k.warp >> 2;
+  const int rt = k.warp % kRT, i = rt * 16 + rr;
+  Acc acc;
+  float v[8];
+  if (p.softmax) {  // pass 1: row max of x W^T (the query stabiliser, per row)
+    float mx = -INFINITY;
+    for (int t = k.warp; t < kRT * CT; t += kWarps) {
+      pre_tile(acc, k, p.D, rt, t / kRT);
+      stage8(k.stage, acc, k.lane, v);
+#pragma unroll
+      for (int q = 0; q < 8; ++q) mx = fmaxf(mx, v[q]);
+    }
+    mx = pair_max(mx);
+    if ((k.lane & 1) == 0) k.red[half * kC + i] = mx;
+    combine_rows(k.red, k.rowc, true);
+  }
+  float sum = 0.f;
+  for (int t = k.warp; t < kRT * CT; t += kWarps) {
+    const int ct = t / kRT;
+    pre_tile(acc, k, p.D, rt, ct);
+    stage8(k.stage, acc, k.lane, v);
+    T* dst = k.phi + i * k.lm + ct * 16 + c0;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const float f = p.softmax ? p.sM * __expf((v[q] - k.rowc[i]) * p.xscale)
+                                : p.sM * fmaxf(v[q], 0.f);
+      const float phi = f + p.ek;
+      dst[q] = Cvt<T>::t(phi);
+      sum += phi;
+    }
+  }
+  sum = pair_sum(sum);
+  if ((k.lane & 1) == 0) k.red[half * kC + i] = sum;
+  combine_rows(k.red, k.phisum, false);
+}
+
+// Key features with a known per-row stabiliser k.r[]: khat = sM exp(x'W^T - |x'|^2/2 - r) * valid
+// (relu: sM relu(x W^T) * valid) into k.kh.
+template <class T>
+__device__ void key_features(const Params<T>& p, Blk<T>& k) {
+  const int CT = p.M / 16, rr = k.lane >> 1, c0 = (k.lane & 1) * 8;
+  const int rt = k.warp % kRT, i = rt * 16 + rr;
+  Acc acc;
+  float v[8];
+  for (int t = k.warp; t < kRT * CT; t += kWarps) {
+    const int ct = t / kRT;
+    pre_tile(acc, k, p.D, rt, ct);
+    stage8(k.stage, acc, k.lane, v);
+    T* dst = k.kh + i * k.lm + ct * 16 + c0;
+    const bool ok = k.valid[i] != 0.f;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const float f = !ok ? 0.f
+                      : p.softmax ? p.sM * __expf(v[q] * p.xscale - k.hn[i] - k.r[i])
+                                  : p.sM * fmaxf(v[q], 0.f);
+      dst[q] = Cvt<T>::t(f);
+    }
+  }
+  __syncthreads();
+}
+
+// A' (kC x kC) = (phi khat^T) o E + ek phisum_i on j <= i, 0 above the diagonal, into k.s.
+template <class T>
+__device__ void attn_block(const Params<T>& p, Blk<T>& k) {
+  const int rr = k.lane >> 1, c0 = (k.lane & 1) * 8;
+  Acc acc;
+  float v[8];
+  for (int t = k.warp; t < kRT * kRT; t += kWarps) {
+    const int rt = t % kRT, ct = t / kRT, i = rt * 16 + rr;
+    T* dst = k.s + i * kLC + ct * 16 + c0;
+    if (ct > rt) {
+#pragma unroll
+      for (int q = 0; q < 8; ++q) dst[q] = Cvt<T>::t(0.f);
+      continue;
+    }
+    wmma::fill_fragment(acc, 0.f);
+    mma_acc<T, RowM, ColM>(acc, tileA<RowM>(k.phi, k.lm, rt), k.lm, tileB<ColM>(k.kh, k.lm, ct),
+                           k.lm, p.M);
+    stage8(k.stage, acc, k.lane, v);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int j = ct * 16 + c0 + q;
+      float val = 0.f;
+      if (j <= i) {
+        const float e = p.softmax ? __expf(fminf(k.r[j] - k.r[i], 0.f)) : 1.f;
+        val = v[q] * e + p.ek * k.phisum[i];
+      }
+      dst[q] = Cvt<T>::t(val);
+    }
+  }
+  __syncthreads();
+}
+
+// Per-chunk scalars and per-row stabiliser data: r, s_i = exp(P - r_i), kfac_j = exp(r_j - R).
+template <class T>
+__device__ void load_stab(const Params<T>& p, Blk<T>& k, bool query_side_only) {
+  const int64_t cb = static_cast<int64_t>(k.bh) * p.nk;
+  if (p.causal) {
+    for (int i = threadIdx.x; i < 4; i += kThreads) k.scal[i] = p.cs[(cb + k.chunk) * 4 + i];
+  } else if (threadIdx.x == 0) {
+    // non-causal: one stabiliser R for every key; queries see the whole state (s = 1).
+    const float R = p.cs[cb * 4 + 1];
+    k.scal[0] = R;
+    k.scal[1] = R;
+    k.scal[2] = 1.f;
+    k.scal[3] = 1.f;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kC; i += kThreads) {
+    float r = 0.f;
+    if (p.softmax) {
+      if (p.causal) r = p.r[static_cast<int64_t>(k.bh) * p.nk * kC + k.row0 + i];
+      else r = k.scal[1];
+    }
+    k.r[i] = r;
+    k.si[i] = p.softmax && p.causal ? __expf(k.scal[0] - r) : 1.f;
+    k.kfac[i] = p.softmax && !query_side_only ? __expf(fminf(r - k.scal[1], 0.f)) : 1.f;
+  }
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels
+
+// Chunk states (see the top of the file). grid (nk, BH).
+template <class T>
+__global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
+  PANTHER_DYNAMIC_SMEM(smem);
+  const Smem L = smem_layout(kStates, p.D, p.M, p.E1p, sizeof(T));
+  Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lk);
+  load_matrix(k.w, k.lx, p.W, p.M, p.D);
+  load_x(p, k, /*keys=*/true);
+  load_values(p, k);
+  const int CT = p.M / 16, rr = k.lane >> 1, c0 = (k.lane & 1) * 8, half = k.warp >> 2;
+  const int rt = k.warp % kRT, i = rt * 16 + rr;
+  Acc acc;
+  float v[8];
+  float mc = 0.f;  // chunk max (softmax)
+  if (p.softmax) {
+    float mx = -INFINITY;
+    for (int t = k.warp; t < kRT * CT; t += kWarps) {
+      pre_tile(acc, k, p.D, rt, t / kRT);
+      stage8(k.stage, acc, k.lane, v);
+#pragma unroll
+      for (int q = 0; q < 8; ++q) mx = fmaxf(mx, v[q]);
+    }
+    mx = pair_max(mx);
+    if ((k.lane & 1) == 0) k.red[half * kC + i] = mx;
+    combine_rows(k.red, k.rowc, true);
+    for (int j = threadIdx.x; j < kC; j += kThreads) {
+      const float aj = k.valid[j] != 0.f ? k.rowc[j] * p.xscale - k.hn[j] : -INFINITY;
+      k.rowc[j] = aj;
+      p.a[static_cast<int64_t>(k.bh) * p.nk * kC + k.row0 + j] = aj;
+    }
+    __syncthreads();
+    mc = -INFINITY;
+    for (int j = 0; j < kC; ++j) mc = fmaxf(mc, k.rowc[j]);
+  }
+  for (int t = k.warp; t < kRT * CT; t += kWarps) {
+    const int ct = t / kRT;
+    pre_tile(acc, k, p.D, rt, ct);
+    stage8(k.stage, acc, k.lane, v);
+    T* dst = k.kh + i * k.lm + ct * 16 + c0;
+    const bool ok = k.valid[i] != 0.f;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const float f = !ok ? 0.f
+                      : p.softmax ? p.sM * __expf(v[q] * p.xscale - k.hn[i] - mc)
+                                  : p.sM * fmaxf(v[q], 0.f);
+      dst[q] = Cvt<T>::t(f);
+    }
+  }
+  __syncthreads();
+  // T'_c = khat'^T [v, 1]  (M x E1p) straight to global, then the chunk's sum of [v, 1].
+  float* out = p.st + (static_cast<int64_t>(k.bh) * p.nk + k.chunk) * (p.M + 1) * p.E1p;
+  const int ET = p.E1p / 16;
+  for (int t = k.warp; t < CT * ET; t += kWarps) {
+    const int mt = t % CT, et = t / CT;
+    wmma::fill_fragment(acc, 0.f);
+    mma_acc<T, ColM, RowM>(acc, tileA<ColM>(k.kh, k.lm, mt), k.lm, tileB<RowM>(k.v, k.le, et),
+                           k.le, kC);
+    wmma::store_matrix_sync(out + static_cast<int64_t>(mt) * 16 * p.E1p + et * 16, acc, p.E1p,
+                            wmma::mem_row_major);
+  }
+  for (int e = threadIdx.x; e < p.E1p; e += kThreads) {
+    float s = 0.f;
+    for (int j = 0; j < kC; ++j) s += Cvt<T>::f(k.v[j * k.le + e]);
+    out[static_cast<int64_t>(p.M) * p.E1p + e] = s;
+  }
+}
+
+// Key stabiliser per position and chunk scalars. grid (BH), block 1024.
+//   causal: r_j = max over valid keys j' <= j of a_j' (positions before the first valid key get
+//   the first finite value, 0 if none); P_c = r at the chunk's first position (c = 0) or at the
+//   previous chunk's last; R_c = r at the chunk's last position.
+//   non-causal: R = max over all valid keys (0 if none), stored in cs[bh, 0, 1].
+template <class T>
+__global__ void __launch_bounds__(1024) stab_kernel(Params<T> p) {
+  PANTHER_DYNAMIC_SMEM(smem);
+  float* part = reinterpret_cast<float*>(smem);  // 2 * 1024
+  const int tid = threadIdx.x, nt = blockDim.x, bh = blockIdx.x;
+  const int Lp = p.nk * kC, seg = (Lp + nt - 1) / nt, j0 = tid * seg;
+  const int j1 = j0 + seg < Lp ? j0 + seg : Lp;
+  const float* a = p.a + static_cast<int64_t>(bh) * Lp;
+  float* r = p.r + static_cast<int64_t>(bh) * Lp;
+  float* cs = p.cs + static_cast<int64_t>(bh) * p.nk * 4;
+  if (!p.softmax) {
+    for (int j = tid; j < Lp; j += nt) r[j] = 0.f;
+    for (int c = tid; c < p.nk; c += nt) {
+      cs[c * 4 + 0] = 0.f;
+      cs[c * 4 + 1] = 0.f;
+      cs[c * 4 + 2] = 1.f;
+      cs[c * 4 + 3] = 1.f;
+    }
+    return;
+  }
+  float m = -INFINITY;
+  for (int j = j0; j < j1; ++j) m = fmaxf(m, a[j]);
+  part[tid] = m;
+  __syncthreads();
+  // Inclusive max-scan of the segment maxima (Hillis-Steele, ping-pong buffers).
+  float* src = part;
+  float* dst = part + nt;
+  for (int o = 1; o < nt; o <<= 1) {
+    dst[tid] = tid >= o ? fmaxf(src[tid], src[tid - o]) : src[tid];
+    __syncthreads();
+    float* tmp = src;
+    src = dst;
+    dst = tmp;
+  }
+  const float total = src[nt - 1];
+  float run = tid > 0 ? src[tid - 1] : -INFINITY;
+  __syncthreads();
+  if (p.causal) {
+    // First finite r = the first valid key's a (r is non-decreasing).
+    float first = INFINITY;
+    for (int j = j0; j < j1; ++j) {
+      run = fmaxf(run, a[j]);
+      r[j] = run;
+      if (run > -INFINITY) first = fminf(first, run);
+    }
+    dst[tid] = first;  // reuse the other buffer for a min-reduction
+    __syncthreads();
+    for (int o = nt / 2; o > 0; o >>= 1) {
+      if (tid < o) dst[tid] = fminf(dst[tid], dst[tid + o]);
+      __syncthreads();
+    }
+    const float f = dst[0] < INFINITY ? dst[0] : 0.f;
+    for (int j = j0; j < j1; ++j)
+      if (!(r[j] > -INFINITY)) r[j] = f;
+    __syncthreads();
+    for (int c = tid; c < p.nk; c += nt) {
+      const float R = r[(c + 1) * kC - 1];
+      const float P = c == 0 ? r[0] : r[c * kC - 1];
+      float mc = -INFINITY;
+      for (int j = c * kC; j < (c + 1) * kC; ++j) mc = fmaxf(mc, a[j]);
+      cs[c * 4 + 0] = P;
+      cs[c * 4 + 1] = R;
+      cs[c * 4 + 2] = __expf(P - R);
+      cs[c * 4 + 3] = mc > -INFINITY ? __expf(mc - R) : 0.f;
+    }
+  } else {
+    const float R = total > -INFINITY ? total : 0.f;
+    for (int c = tid; c < p.nk; c += nt) {
+      float mc = -INFINITY;
+      for (int j = c * kC; j < (c + 1) * kC; ++j) mc = fmaxf(mc, a[j]);
+      cs[c * 4 + 0] = R;
+      cs[c * 4 + 1] = R;
+      cs[c * 4 + 2] = 1.f;
+      cs[c * 4 + 3] = mc > -INFINITY ? __expf(mc - R) : 0.f;
+    }
+  }
+}
+
+// States over chunks; one thread per (bh, state entry), entries [0, ME) are the M x E1p state
+// (scaled by kscale_c when use_kscale, decayed by alpha_c), [ME, ME + E1p) the extra row (plain
+// sum). causal: exclusive scan (forward, or reverse); non-causal: the total, once per bh.
+template <class T>
+__global__ void scan_kernel(const float* __restrict__ st, const float* __restrict__ cs,
+                            T* __restrict__ hs, float* __restrict__ hx, int BH, int n, int ncs,
+                            int ME, int E1p, bool causal, bool reverse, bool use_kscale) {
+  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t W = ME + E1p;
+  if (idx >= BH * W) return;
+  const int64_t bh = idx / W;
+  const int e = static_cast<int>(idx - bh * W);
+  const bool state = e < ME;
+  const float* x = st + bh * n * W + e;
+  const float* c4 = cs + bh * ncs * 4;
+  float acc = 0.f;
+  for (int step = 0; step < n; ++step) {
+    const int c = reverse ? n - 1 - step : step;
+    if (causal) {
+      if (state) hs[(bh * n + c) * ME + e] = Cvt<T>::t(acc);
+      else hx[(bh * n + c) * E1p + (e - ME)] = acc;
+    }
+    const float a = state && causal ? c4[c * 4 + 2] : 1.f;
+    const float sc = state && use_kscale ? c4[c * 4 + 3] : 1.f;
+    acc = a * acc + sc * x[static_cast<int64_t>(c) * W];
+  }
+  if (!causal) {
+    if (state) hs[bh * ME + e] = Cvt<T>::t(acc);
+    else hx[bh * E1p + (e - ME)] = acc;
+  }
+}
+
+// Loads this chunk's scanned state (M x E1p, input dtype) and extra row.
+template <class T>
+__device__ void load_state(const Params<T>& p, Blk<T>& k) {
+  const int64_t sidx = p.causal ? static_cast<int64_t>(k.bh) * p.nk + k.chunk : k.bh;
+  load_matrix(k.h, k.le, p.hs + sidx * p.M * p.E1p, p.M, p.E1p);
+  for (int e = threadIdx.x; e < p.E1p; e += kThreads) k.extra[e] = p.hx[sidx * p.E1p + e];
+}
+
+// y (kC x E1p) = s_i phi H + A' [v, 1] + ek phisum_i extra; calls f(i, e, y) for each element.
+template <class T, class F>
+__device__ void y_tiles(const Params<T>& p, Blk<T>& k, F&& f) {
+  const int ET = p.E1p / 16, rr = k.lane >> 1, c0 = (k.lane & 1) * 8;
+  Acc a1, a2;
+  float v1[8], v2[8];
+  for (int t = k.warp; t < kRT * ET; t += kWarps) {
+    const int rt = t % kRT, et = t / kRT, i = rt * 16 + rr;
+    wmma::fill_fragment(a1, 0.f);
+    mma_acc<T, RowM, RowM>(a1, tileA<RowM>(k.phi, k.lm, rt), k.lm, tileB<RowM>(k.h, k.le, et),
+                           k.le, p.M);
+    wmma::fill_fragment(a2, 0.f);
+    if (p.causal)
+      mma_acc<T, RowM, RowM>(a2, tileA<RowM>(k.s, kLC, rt), kLC, tileB<RowM>(k.v, k.le, et),
+                             k.le, kC);
+    stage8(k.stage, a1, k.lane, v1);
+    stage8(k.stage, a2, k.lane, v2);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int e = et * 16 + c0 + q;
+      f(i, e, k.si[i] * v1[q] + v2[q] + p.ek * k.phisum[i] * k.extra[e]);
+    }
+  }
+}
+
+// Forward output. grid (nq, BH).
+template <class T>
+__global__ void __launch_bounds__(kThreads) forward_kernel(Params<T> p) {
+  PANTHER_DYNAMIC_SMEM(smem);
+  const Smem L = smem_layout(kForward, p.D, p.M, p.E1p, sizeof(T));
+  Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lq);
+  load_matrix(k.w, k.lx, p.W, p.M, p.D);
+  load_state(p, k);
+  load_stab(p, k, /*query_side_only=*/true);
+  load_x(p, k, /*keys=*/false);
+  query_features(p, k);
+  if (p.causal) {
+    load_values(p, k);
+    load_x(p, k, /*keys=*/true);
+    key_features(p, k);
+    attn_block(p, k);
+  }
+  float* Y = k.y;
+  const int E1p = p.E1p;
+  y_tiles(p, k, [&](int i, int e, float y) { Y[i * E1p + e] = y; });
+  __syncthreads();
+  T* out = p.out + (static_cast<int64_t>(k.bh) * p.Lq + k.row0) * p.Dv;
+  for (int idx = threadIdx.x; idx < k.rows * p.Dv; idx += kThreads) {
+    const int i = idx / p.Dv, e = idx - i * p.Dv;
+    const float den = Y[i * E1p + p.Dv];
+    out[idx] = Cvt<T>::t(den == 0.f ? 0.f : Y[i * E1p + e] / den);
+  }
+}
+
+// Writes dx = (dpre W - rowsum(dpre) x') xscale (softmax) or dpre W (relu) for the rows of this
+// chunk; dpre (kC x M) in `dpre`, rowsums in k.rs; x re-read from global.
+template <class T>
+__device__ void input_grad(const Params<T>& p, Blk<T>& k, const T* dpre, const T* x, int64_t sl,
+                           T* dx) {
+  const int DT = p.D / 16, rr = k.lane >> 1, c0 = (k.lane & 1) * 8;
+  Acc acc;
+  float v[8];
+  for (int t = k.warp; t < kRT * DT; t += kWarps) {
+    const int rt = t % kRT, dt = t / kRT, i = rt * 16 + rr;
+    wmma::fill_fragment(acc, 0.f);
+    mma_acc<T, RowM, RowM>(acc, tileA<RowM>(dpre, k.lm, rt), k.lm, tileB<RowM>(k.w, k.lx, dt),
+                           k.lx, p.M);
+    stage8(k.stage, acc, k.lane, v);
+    if (i < k.rows) {
+      const T* xr = x + static_cast<int64_t>(i) * sl + dt * 16 + c0;
+      T* dr = dx + static_cast<int64_t>(i) * p.D + dt * 16 + c0;
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        const float g = p.softmax
+                            ? (v[q] - k.rs[i] * p.xscale * Cvt<T>::f(xr[q])) * p.xscale
+                            : v[q];
+        dr[q] = Cvt<T>::t(g);
+      }
+    }
+  }
+}
+
+// dW += dpre^T x' over this chunk's rows (atomics into fp32). k.x must hold x.
+template <class T>
+__device__ void proj_grad(const Params<T>& p, Blk<T>& k, const T* dpre) {
+  const int CT = p.M / 16, DT = p.D / 16, rr = k.lane >> 1, c0 = (k.lane & 1) * 8;
+  Acc acc;
+  float v[8];
+  for (int t = k.warp; t < CT * DT; t += kWarps) {
+    const int mt = t % CT, dt = t / CT;
+    wmma::fill_fragment(acc, 0.f);
+    mma_acc<T, ColM, RowM>(acc, tileA<ColM>(dpre, k.lm, mt), k.lm, tileB<RowM>(k.x, k.lx, dt),
+                           k.lx, kC);
+    stage8(k.stage, acc, k.lane, v);
+    float* dst = p.dW + static_cast<int64_t>(mt * 16 + rr) * p.D + dt * 16 + c0;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) atomicAdd(dst + q, v[q] * p.xscale);
+  }
+}
+
+// Backward pass 1: Yb, dq, gradient states. grid (nq, BH).
+template <class T>
+__global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
+  PANTHER_DYNAMIC_SMEM(smem);
+  const Smem L = smem_layout(kBack1, p.D, p.M, p.E1p, sizeof(T));
+  Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lq);
+  const int E1p = p.E1p, Dv = p.Dv, half = k.warp >> 2, rr = k.lane >> 1;
+  load_matrix(k.w, k.lx, p.W, p.M, p.D);
+  load_state(p, k);
+  load_stab(p, k, /*query_side_only=*/true);
+  load_x(p, k, /*keys=*/false);
+  query_features(p, k);
+  if (p.causal) {
+    load_values(p, k);
+    load_x(p, k, /*keys=*/true);
+    key_features(p, k);
+    attn_block(p, k);
+  }
+  // y per row: den and g . num (row partials across the two warp halves).
+  const T* g = p.g + k.b * p.g_sb + k.hd * p.g_sh + static_cast<int64_t>(k.row0) * p.g_sl;
+  {
+    float gn = 0.f;
+    const int rt = k.warp % kRT, i = rt * 16 + rr;
+    y_tiles(p, k, [&](int ii, int e, float y) {
+      if (e < Dv && ii < k.rows) gn += Cvt<T>::f(g[static_cast<int64_t>(ii) * p.g_sl + e]) * y;
+      if (e == Dv) k.den[ii] = y;
+    });
+    (void)i;
+    gn = pair_sum(gn);
+    if ((k.lane & 1) == 0) k.red[half * kC + i] = gn;
+    combine_rows(k.red, k.gn, false);
+  }
+  // Yb = [g / den, -(g . num) / den^2] (0 where the row is past the end or sees no key).
+  T* ybg = p.yb + (static_cast<int64_t>(k.bh) * p.nq * kC + k.row0) * E1p;
+  for (int idx = threadIdx.x; idx < kC * E1p; idx += kThreads) {
+    const int i = idx / E1p, e = idx - i * E1p;
+    const float den = k.den[i];
+    float val = 0.f;
+    if (i < k.rows && den != 0.f) {
+      if (e < Dv) val = Cvt<T>::f(g[static_cast<int64_t>(i) * p.g_sl + e]) / den;
+      else if (e == Dv) val = -(k.gn[i] / den) / den;
+    }
+    const T vt = Cvt<T>::t(val);
+    k.yb[i * k.le + e] = vt;
+    ybg[idx] = vt;
+    k.ys[i * k.le + e] = Cvt<T>::t(k.si[i] * Cvt<T>::f(vt));
+  }
+  __syncthreads();
+  // Gradient state of this chunk: dH = phi^T (s Yb) (M x E1p), extra row sum_i phisum_i Yb_i.
+  float* dst = p.st + (static_cast<int64_t>(k.bh) * p.nq + k.chunk) * (p.M + 1) * E1p;
+  const int CT = p.M / 16, ET = E1p / 16;
+  Acc acc;
+  for (int t = k.warp; t < CT * ET; t += kWarps) {
+    const int mt = t % CT, et = t / CT;
+    wmma::fill_fragment(acc, 0.f);
+    mma_acc<T, ColM, RowM>(acc, tileA<ColM>(k.phi, k.lm, mt), k.lm, tileB<RowM>(k.ys, k.le, et),
+                           k.le, kC);
+    wmma::store_matrix_sync(dst + static_cast<int64_t>(mt) * 16 * E1p + et * 16, acc, E1p,
+                            wmma::mem_row_major);
+  }
+  for (int e = threadIdx.x; e < E1p; e += kThreads) {
+    float s = 0.f;
+    for (int i = 0; i < kC; ++i) s += k.phisum[i] * Cvt<T>::f(k.yb[i * k.le + e]);
+    dst[static_cast<int64_t>(p.M) * E1p + e] = s;
+  }
+  // yc_i = ek Yb_i . (sum of [v, 1] over keys j <= i) (the eps part of dphi).
+  float v[8];
+  const int c0 = (k.lane & 1) * 8;
+  if (p.causal) {
+    // Wm = (Yb V^T) o E on j <= i into k.gm; row sums of Yb V^T on j <= i.
+    const int rt = k.warp % kRT, i = rt * 16 + rr;
+    float cy = 0.f;
+    for (int t = k.warp; t < kRT * kRT; t += kWarps) {
+      const int ct = t / kRT;
+      T* gd = k.gm + i * kLC + ct * 16 + c0;
+      if (ct > rt) {
+#pragma unroll
+        for (int q = 0; q < 8; ++q) gd[q] = Cvt<T>::t(0.f);
+        continue;
+      }
+      wmma::fill_fragment(acc, 0.f);
+      mma_acc<T, RowM, ColM>(acc, tileA<RowM>(k.yb, k.le, rt), k.le, tileB<ColM>(k.v, k.le, ct),
+                             k.le, E1p);
+      stage8(k.stage, acc, k.lane, v);
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        const int j = ct * 16 + c0 + q;
+        float w = 0.f;
+        if (j <= i) {
+          cy += v[q];
+          w = v[q] * (p.softmax ? __expf(fminf(k.r[j] - k.r[i], 0.f)) : 1.f);
+        }
+        gd[q] = Cvt<T>::t(w);
+      }
+    }
+    cy = pair_sum(cy);
+    if ((k.lane & 1) == 0) k.red[half * kC + i] = cy;
+    combine_rows(k.red, k.yc, false);
+  } else {
+    for (int i = threadIdx.x; i < kC; i += kThreads) k.yc[i] = 0.f;
+    __syncthreads();
+  }
+  for (int i = threadIdx.x; i < kC; i += kThreads) {
+    float s = 0.f;
+    for (int e = 0; e < E1p; ++e) s += Cvt<T>::f(k.yb[i * k.le + e]) * k.extra[e];
+    k.yc[i] = p.ek * (k.yc[i] + s);
+  }
+  __syncthreads();
+  const float ek_t = Cvt<T>::f(Cvt<T>::t(p.ek));
+  // dphi = (s Yb) H^T + Wm khat + yc; dpre = dphi (phi - ek) (softmax) or dphi sM [u > 0] (relu),
+  // written over phi (no GEMM below reads phi), row sums into k.rs.
+  {
+    const int rt = k.warp % kRT, i = rt * 16 + rr;
+    float rsum = 0.f;
+    for (int t = k.warp; t < kRT * CT; t += kWarps) {
+      const int ct = t / kRT;
+      wmma::fill_fragment(acc, 0.f);
+      mma_acc<T, RowM, ColM>(acc, tileA<RowM>(k.ys, k.le, rt), k.le, tileB<ColM>(k.h, k.le, ct),
+                             k.le, E1p);
+      if (p.causal)
+        mma_acc<T, RowM, RowM>(acc, tileA<RowM>(k.gm, kLC, rt), kLC, tileB<RowM>(k.kh, k.lm, ct),
+                               k.lm, kC);
+      stage8(k.stage, acc, k.lane, v);
+      T* ph = k.phi + i * k.lm + ct * 16 + c0;
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        const float phi = Cvt<T>::f(ph[q]);
+        const float dphi = v[q] + k.yc[i];
+        // relu: u > 0 exactly when the stored feature exceeds the stored eps
+        float dpre = p.softmax ? dphi * (phi - p.ek) : (phi > ek_t ? dphi * p.sM : 0.f);
+        if (i >= k.rows) dpre = 0.f;
+        const T dt = Cvt<T>::t(dpre);
+        ph[q] = dt;
+        rsum += Cvt<T>::f(dt);
+      }
+    }
+    rsum = pair_sum(rsum);
+    if ((k.lane & 1) == 0) k.red[half * kC + i] = rsum;
+    combine_rows(k.red, k.rs, false);
+  }
+  const T* q = p.q + k.b * p.q_sb + k.hd * p.q_sh + static_cast<int64_t>(k.row0) * p.q_sl;
+  input_grad(p, k, k.phi, q, p.q_sl, p.dq + (static_cast<int64_t>(k.bh) * p.Lq + k.row0) * p.D);
+  if (p.dW) {
+    __syncthreads();
+    load_x(p, k, /*keys=*/false);
+    proj_grad(p, k, k.phi);
+  }
+}
+
+// Backward pass 2: dk, dv. grid (nk, BH).
+template <class T>
+__global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
+  PANTHER_DYNAMIC_SMEM(smem);
+  const Smem L = smem_layout(kBack2, p.D, p.M, p.E1p, sizeof(T));
+  Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lk);
+  const int E1p = p.E1p, Dv = p.Dv, half = k.warp >> 2, rr = k.lane >> 1, c0 = (k.lane & 1) * 8;
+  const int CT = p.M / 16, ET = E1p / 16;
+  load_matrix(k.w, k.lx, p.W, p.M, p.D);
+  load_state(p, k);  // dT_c and G_c
+  load_stab(p, k, /*query_side_only=*/false);
+  load_values(p, k);
+  load_x(p, k, /*keys=*/true);
+  key_features(p, k);
+  if (p.causal) {
+    load_matrix(k.yb, k.le, p.yb + (static_cast<int64_t>(k.bh) * p.nq * kC + k.row0) * E1p, kC,
+                E1p);
+    load_x(p, k, /*keys=*/false);
+    query_features(p, k);
+    attn_block(p, k);
+    // Wm = (Yb V^T) o E on j <= i.
+    Acc acc;
+    float v[8];
+    for (int t = k.warp; t < kRT * kRT; t += kWarps) {
+      const int rt = t % kRT, ct = t / kRT, i = rt * 16 + rr;
+      T* gd = k.gm + i * kLC + ct * 16 + c0;
+      if (ct > rt) {
+#pragma unroll
+        for (int q = 0; q < 8; ++q) gd[q] = Cvt<T>::t(0.f);
+        continue;
+      }
+      wmma::fill_fragment(acc, 0.f);
+      mma_acc<T, RowM, ColM>(acc, tileA<RowM>(k.yb, k.le, rt), k.le, tileB<ColM>(k.v, k.le, ct),
+                             k.le, E1p);
+      stage8(k.stage, acc, k.lane, v);
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        const int j = ct * 16 + c0 + q;
+        gd[q] = Cvt<T>::t(j <= i ? v[q] * (p.softmax ? __expf(fminf(k.r[j] - k.r[i], 0.f)) : 1.f)
+                                 : 0.f);
+      }
+    }
+  }
+  __syncthreads();
+  // dv = kfac_j (khat dT) + A'^T Yb + ek G  (masked by valid).
+  {
+    Acc a1, a2;
+    float v1[8], v2[8];
+    T* dv = p.dv + (static_cast<int64_t>(k.bh) * p.Lk + k.row0) * Dv;
+    for (int t = k.warp; t < kRT * ET; t += kWarps) {
+      const int rt = t % kRT, et = t / kRT, j = rt * 16 + rr;
+      wmma::fill_fragment(a1, 0.f);
+      mma_acc<T, RowM, RowM>(a1, tileA<RowM>(k.kh, k.lm, rt), k.lm, tileB<RowM>(k.h, k.le, et),
+                             k.le, p.M);
+      wmma::fill_fragment(a2, 0.f);
+      if (p.causal)
+        mma_acc<T, ColM, RowM>(a2, tileA<ColM>(k.s, kLC, rt), kLC, tileB<RowM>(k.yb, k.le, et),
+                               k.le, kC);
+      stage8(k.stage, a1, k.lane, v1);
+      stage8(k.stage, a2, k.lane, v2);
+      if (j < k.rows) {
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          const int e = et * 16 + c0 + q;
+          if (e < Dv)
+            dv[j * Dv + e] =
+                Cvt<T>::t((k.kfac[j] * v1[q] + v2[q] + p.ek * k.extra[e]) * k.valid[j]);
+        }
+      }
+    }
+  }
+  __syncthreads();
+  // dkhat = kfac_j (V dT^T) + Wm^T phi; dpre_k = dkhat khat (softmax) or dkhat sM [khat > 0],
+  // written over khat; row sums into k.rs.
+  {
+    Acc a1, a2;
+    float v1[8], v2[8];
+    const int rt = k.warp % kRT, j = rt * 16 + rr;
+    float rsum = 0.f;
+    for (int t = k.warp; t < kRT * CT; t += kWarps) {
+      const int ct = t / kRT;
+      wmma::fill_fragment(a1, 0.f);
+      mma_acc<T, RowM, ColM>(a1, tileA<RowM>(k.v, k.le, rt), k.le, tileB<ColM>(k.h, k.le, ct),
+                             k.le, E1p);
+      wmma::fill_fragment(a2, 0.f);
+      if (p.causal)
+        mma_acc<T, ColM, RowM>(a2, tileA<ColM>(k.gm, kLC, rt), kLC, tileB<RowM>(k.phi, k.lm, ct),
+                               k.lm, kC);
+      stage8(k.stage, a1, k.lane, v1);
+      stage8(k.stage, a2, k.lane, v2);
+      T* kh = k.kh + j * k.lm + ct * 16 + c0;
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        const float khat = Cvt<T>::f(kh[q]);
+        const float dk = k.kfac[j] * v1[q] + v2[q];
+        const T dt = Cvt<T>::t(p.softmax ? dk * khat : (khat > 0.f ? dk * p.sM : 0.f));
+        kh[q] = dt;
+        rsum += Cvt<T>::f(dt);
+      }
+    }
+    rsum = pair_sum(rsum);
+    if ((k.lane & 1) == 0) k.red[half * kC + j] = rsum;
+    combine_rows(k.red, k.rs, false);
+  }
+  const T* kx = p.k + k.b * p.k_sb + k.hd * p.k_sh + static_cast<int64_t>(k.row0) * p.k_sl;
+  input_grad(p, k, k.kh, kx, p.k_sl, p.dk + (static_cast<int64_t>(k.bh) * p.Lk + k.row0) * p.D);
+  if (p.dW) {
+    __syncthreads();
+    load_x(p, k, /*keys=*/true);
+    proj_grad(p, k, k.kh);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side: which calls the fused path takes, and the launch sequence. Written against ATen so
+// the same code drives real CUDA launches and the CPU emulator (tests/emu).
+}  // namespace panther::fused
+
+#include <ATen/ATen.h>
+#include <algorithm>
+#include <array>
+#include <optional>
+
+#include "kernels/favor_attention.h"
+
+#ifdef PANTHER_CUDA_EMU
+#define PANTHER_FUSED_LAUNCH(kernel, grid, block, smem, ...) \
+  ::emu::launch(kernel, grid, block, smem, __VA_ARGS__)
+#else
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#define PANTHER_FUSED_LAUNCH(kernel, grid, block, smem, ...)                                  \
+  do {                                                                                        \
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,  \
+                                        static_cast<int>(smem)));                             \
+    kernel<<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__);             \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                           \
+  } while (0)
+#endif
+
+namespace panther::fused {
+
+inline int e1p_of(int64_t Dv) { return static_cast<int>((Dv + 1 + 15) / 16 * 16); }
+
+// Shared memory the largest kernel needs (bytes).
+inline int64_t smem_needed(const detail::FavorDims& d, int tsize) {
+  const int E1p = e1p_of(d.Dv);
+  int64_t m = 0;
+  for (int kind : {kStates, kForward, kBack1, kBack2})
+    m = std::max<int64_t>(m, smem_layout(kind, static_cast<int>(d.D), static_cast<int>(d.M), E1p,
+                                         tsize).total);
+  return m;
+}
+
+// The fused path covers bf16 with head_dim and num_random_features multiples of 16 whose
+// buffers fit in max_smem bytes of shared memory; everything else takes the ATen path. fp16 is
+// left to the ATen path (fp32 compute): its range is too narrow for features relative to a
+// stabiliser (exp(-20) already underflows) and for the backward's 1/den factors.
+inline bool supported(const detail::FavorDims& d, at::ScalarType dt, int64_t max_smem) {
+  if (dt != at::kBFloat16) return false;
+  if (d.D % 16 != 0 || d.M % 16 != 0 || e1p_of(d.Dv) > kMaxE1p) return false;
+  if (d.B * d.H > 65535 || d.B * d.H * d.Dv == 0 || d.Lq < 1 || d.Lk < 1) return false;
+  if ((d.Lq + kC - 1) / kC > (1 << 30) || (d.Lk + kC - 1) / kC > (1 << 30)) return false;
+  return smem_needed(d, 2) <= max_smem;
+}
+
+namespace host {
+
+inline at::Tensor last_dim_dense(const at::Tensor& t) {
+  return t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+template <class T>
+Params<T> make_params(const detail::FavorDims& d, bool causal, const at::Tensor& q,
+                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& W,
+                      const at::Tensor& pad) {
+  Params<T> p{};
+  p.BH = static_cast<int>(d.B * d.H);
+  p.H = static_cast<int>(d.H);
+  p.Lq = static_cast<int>(d.Lq);
+  p.Lk = static_cast<int>(d.Lk);
+  p.nq = static_cast<int>((d.Lq + kC - 1) / kC);
+  p.nk = static_cast<int>((d.Lk + kC - 1) / kC);
+  p.D = static_cast<int>(d.D);
+  p.Dv = static_cast<int>(d.Dv);
+  p.M = static_cast<int>(d.M);
+  p.E1p = e1p_of(d.Dv);
+  p.softmax = d.kernel == detail::FavorKernel::Softmax;
+  p.causal = causal;
+  p.sM = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d.M)));
+  p.xscale = p.softmax ? static_cast<float>(std::pow(static_cast<double>(d.D), -0.25)) : 1.f;
+  p.ek = p.softmax ? static_cast<float>(detail::kFavorSoftmaxEps) * p.sM
+                   : static_cast<float>(detail::kFavorReluEps);
+  p.q = reinterpret_cast<const T*>(q.data_ptr());
+  p.k = reinterpret_cast<const T*>(k.data_ptr());
+  p.v = reinterpret_cast<const T*>(v.data_ptr());
+  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sl = q.stride(2);
+  p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_sl = k.stride(2);
+  p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sl = v.stride(2);
+  p.W = reinterpret_cast<const T*>(W.data_ptr());
+  p.pad = pad.defined() ? pad.data_ptr<bool>() : nullptr;
+  return p;
+}
+
+// Buffers and launches shared by forward and backward: key states, stabilisers, scanned states.
+template <class T>
+struct Run {
+  Params<T> p;
+  at::Tensor q, k, v, W, pad, a, r, cs, st, hs, hx;
+  Smem layout[4];
+
+  Run(const detail::FavorDims& d, bool causal, const at::Tensor& query, const at::Tensor& key,
+      const at::Tensor& value, const at::Tensor& projection,
+      const std::optional<at::Tensor>& mask) {
+    q = last_dim_dense(query);
+    k = last_dim_dense(key);
+    v = last_dim_dense(value);
+    W = projection.to(query.scalar_type()).contiguous();
+    if (mask.has_value() && mask->defined()) pad = mask->contiguous();
+    p = make_params<T>(d, causal, q, k, v, W, pad);
+    for (int kind = 0; kind < 4; ++kind) layout[kind] = smem_layout(kind, p.D, p.M, p.E1p, 2);
+    const auto f32 = query.options().dtype(at::kFloat);
+    const int64_t nst = causal ? p.nk : 1;
+    a = at::empty({p.BH, static_cast<int64_t>(p.nk) * kC}, f32);
+    r = at::empty_like(a);
+    cs = at::empty({p.BH, p.nk, 4}, f32);
+    st = at::empty({p.BH, std::max(p.nk, p.nq), static_cast<int64_t>(p.M + 1) * p.E1p}, f32);
+    hs = at::empty({p.BH, nst, static_cast<int64_t>(p.M) * p.E1p}, query.options());
+    hx = at::empty({p.BH, nst, p.E1p}, f32);
+    p.a = a.data_ptr<float>();
+    p.r = r.data_ptr<float>();
+    p.cs = cs.data_ptr<float>();
+    p.st = st.data_ptr<float>();
+    p.hs = reinterpret_cast<T*>(hs.data_ptr());
+    p.hx = hx.data_ptr<float>();
+  }
+
+  void scan(int n, bool reverse, bool use_kscale) {
+    const int64_t ME = static_cast<int64_t>(p.M) * p.E1p;
+    const int64_t total = p.BH * (ME + p.E1p);
+    const int threads = 256;
+    const dim3 grid(static_cast<unsigned>((total + threads - 1) / threads));
+    PANTHER_FUSED_LAUNCH(scan_kernel<T>, grid, dim3(threads), 0, p.st, p.cs, p.hs, p.hx, p.BH, n,
+                         p.nk, static_cast<int>(ME), p.E1p, p.causal, reverse, use_kscale);
+  }
+
+  // Key states, stabilisers and the scanned (forward) states H.
+  void states() {
+    const dim3 block(kThreads);
+    PANTHER_FUSED_LAUNCH(states_kernel<T>, dim3(p.nk, p.BH), block, layout[kStates].total, p);
+    PANTHER_FUSED_LAUNCH(stab_kernel<T>, dim3(p.BH), dim3(1024), 2 * 1024 * sizeof(float), p);
+    scan(p.nk, /*reverse=*/false, /*use_kscale=*/true);
+  }
+};
+
+}  // namespace host
+
+template <class T>
+at::Tensor forward(const detail::FavorDims& d, const at::Tensor& query, const at::Tensor& key,
+                   const at::Tensor& value, const at::Tensor& projection, bool causal,
+                   const std::optional<at::Tensor>& mask) {
+  host::Run<T> run(d, causal, query, key, value, projection, mask);
+  at::Tensor out = at::empty({d.B, d.H, d.Lq, d.Dv}, query.options());
+  run.p.out = reinterpret_cast<T*>(out.data_ptr());
+  run.states();
+  PANTHER_FUSED_LAUNCH(forward_kernel<T>, dim3(run.p.nq, run.p.BH), dim3(kThreads),
+                       run.layout[kForward].total, run.p);
+  return out;
+}
+
+template <class T>
+detail::FavorGrads backward(const detail::FavorDims& d, const at::Tensor& grad_output,
+                            const at::Tensor& query, const at::Tensor& key,
+                            const at::Tensor& value, const at::Tensor& projection, bool causal,
+                            const std::optional<at::Tensor>& mask, std::array<bool, 4> want) {
+  host::Run<T> run(d, causal, query, key, value, projection, mask);
+  Params<T>& p = run.p;
+  const auto opts = query.options();
+  at::Tensor g = host::last_dim_dense(grad_output);
+  p.g = reinterpret_cast<const T*>(g.data_ptr());
+  p.g_sb = g.stride(0), p.g_sh = g.stride(1), p.g_sl = g.stride(2);
+  at::Tensor dq = at::empty({d.B, d.H, d.Lq, d.D}, opts);
+  at::Tensor dk = at::empty({d.B, d.H, d.Lk, d.D}, opts);
+  at::Tensor dv = at::empty({d.B, d.H, d.Lk, d.Dv}, opts);
+  at::Tensor yb = at::empty({p.BH, static_cast<int64_t>(p.nq) * kC, p.E1p}, opts);
+  at::Tensor dW;
+  if (want[3]) dW = at::zeros({d.M, d.D}, opts.dtype(at::kFloat));
+  p.dq = reinterpret_cast<T*>(dq.data_ptr());
+  p.dk = reinterpret_cast<T*>(dk.data_ptr());
+  p.dv = reinterpret_cast<T*>(dv.data_ptr());
+  p.yb = reinterpret_cast<T*>(yb.data_ptr());
+  p.dW = want[3] ? dW.data_ptr<float>() : nullptr;
+  run.states();
+  PANTHER_FUSED_LAUNCH(back1_kernel<T>, dim3(p.nq, p.BH), dim3(kThreads),
+                       run.layout[kBack1].total, p);
+  // Gradient states: the reverse scan (causal) or the total (non-causal) of dH, written over H.
+  run.scan(p.nq, /*reverse=*/true, /*use_kscale=*/false);
+  PANTHER_FUSED_LAUNCH(back2_kernel<T>, dim3(p.nk, p.BH), dim3(kThreads),
+                       run.layout[kBack2].total, p);
+  detail::FavorGrads out;
+  if (want[0]) std::get<0>(out) = dq;
+  if (want[1]) std::get<1>(out) = dk;
+  if (want[2]) std::get<2>(out) = dv;
+  if (want[3]) std::get<3>(out) = dW.to(projection.scalar_type());
+  return out;
+}
+
+}  // namespace panther::fused
