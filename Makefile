@@ -33,6 +33,7 @@ demo: build
 # in the CMake tree build/cpp-tests. ctest's summary is the last thing printed.
 test: build
 	$(PY) -m pytest -q -ra
+	@PY=$(PY) bash scripts/emu_test.sh
 	@PANTHER_CPP_BUILD_DIR=build/cpp-tests bash scripts/bench_cpp_quick.sh $(PY)
 	@bash scripts/run_cpp_tests.sh $(PY)
 
@@ -40,6 +41,7 @@ test-py: build
 	$(PY) -m pytest -q -ra
 
 test-cpp: build
+	@PY=$(PY) bash scripts/emu_test.sh
 	@PANTHER_CPP_BUILD_DIR=build/cpp-tests bash scripts/bench_cpp_quick.sh $(PY)
 	@bash scripts/run_cpp_tests.sh $(PY)
 

@@ -68,9 +68,7 @@ bool use_fused(const FavorDims& d, const at::Tensor& query) {
     return !(e && std::string(e) == "0");
   }();
   if (!enabled) return false;
-  int dev = query.get_device(), max_smem = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  return fused::supported(d, query.scalar_type(), max_smem);
+  return fused::supported(d, query.scalar_type(), fused::max_smem_optin(query.get_device()));
 }
 
 at::Tensor favor_attention_cuda(const at::Tensor& query, const at::Tensor& key,

@@ -141,6 +141,36 @@ __host__ __device__ inline Smem smem_layout(int kind, int D, int M, int E1p, int
 // acc += A (16 x K) B (K x 16). A, B point at the tile's origin; layouts as in WMMA:
 // A row-major: (r, k) at A[r*lda + k]; col-major: A[r + k*lda]. B row-major: (k, c) at
 // B[k*ldb + c]; col-major: B[k + c*ldb].
+// Operand loads from shared memory. NVVM does not infer the shared state space for the bf16
+// WMMA load intrinsics (every load came out generic, ~10x slower per MMA step on an H100), so the
+// CUDA build issues wmma.load ... .shared itself; the emulator uses the WMMA API.
+template <class Use, class T, class L>
+__device__ __forceinline__ void load_shared(wmma::fragment<Use, 16, 16, 16, T, L>& f, const T* p,
+                                            int ld) {
+#if defined(PANTHER_CUDA_EMU)
+  wmma::load_matrix_sync(f, p, ld);
+#else
+  static_assert(std::is_same<T, __nv_bfloat16>::value, "shared WMMA loads are written for bf16");
+  static_assert(sizeof(f.x) == 16, "a bf16 m16n16k16 a/b fragment is 4 registers");
+  unsigned* r = reinterpret_cast<unsigned*>(&f.x[0]);
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  constexpr bool is_a = std::is_same<Use, wmma::matrix_a>::value;
+  constexpr bool row = std::is_same<L, RowM>::value;
+  if (is_a && row)
+    asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0,%1,%2,%3}, [%4], %5;"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a), "r"(ld));
+  else if (is_a)
+    asm volatile("wmma.load.a.sync.aligned.col.m16n16k16.shared.bf16 {%0,%1,%2,%3}, [%4], %5;"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a), "r"(ld));
+  else if (row)
+    asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16 {%0,%1,%2,%3}, [%4], %5;"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a), "r"(ld));
+  else
+    asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 {%0,%1,%2,%3}, [%4], %5;"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a), "r"(ld));
+#endif
+}
+
 template <class T, class LA, class LB>
 __device__ __forceinline__ void mma_acc(Acc& acc, const T* A, int lda, const T* B, int ldb, int K) {
   wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> fa;
@@ -148,8 +178,8 @@ __device__ __forceinline__ void mma_acc(Acc& acc, const T* A, int lda, const T* 
   for (int k = 0; k < K; k += 16) {
     const T* ap = std::is_same<LA, RowM>::value ? A + k : A + static_cast<int64_t>(k) * lda;
     const T* bp = std::is_same<LB, RowM>::value ? B + static_cast<int64_t>(k) * ldb : B + k;
-    wmma::load_matrix_sync(fa, ap, lda);
-    wmma::load_matrix_sync(fb, bp, ldb);
+    load_shared(fa, ap, lda);
+    load_shared(fb, bp, ldb);
     wmma::mma_sync(acc, fa, fb, acc);
   }
 }
@@ -246,22 +276,50 @@ __device__ Blk<T> make_blk(const Params<T>& p, unsigned char* base, const Smem& 
   return k;
 }
 
-// dst (kC x cols, leading dim ld) <- `rows` rows of src (row stride sl), zero rows after them.
+// dst (rows_total x cols, leading dim ld, shared) <- rows [0, rows) of src (row stride sl), zero
+// rows in [rows, rows_total). 16-byte vectors, kU of them in flight per thread, when every row
+// start is 16-byte aligned (else element by element): one block per SM cannot hide the latency
+// of one load at a time.
 template <class T>
-__device__ void load_rows(T* dst, int ld, const T* src, int64_t sl, int rows, int cols) {
-  for (int idx = threadIdx.x; idx < kC * cols; idx += kThreads) {
-    const int rr = idx / cols, c = idx - rr * cols;
-    dst[rr * ld + c] = rr < rows ? src[static_cast<int64_t>(rr) * sl + c] : Cvt<T>::t(0.f);
+__device__ void copy_rows(T* dst, int ld, const T* src, int64_t sl, int rows, int rows_total,
+                          int cols) {
+  constexpr int kE = 16 / sizeof(T);
+  const bool vec = cols % kE == 0 && sl % kE == 0 && ld % kE == 0 &&
+                   reinterpret_cast<uintptr_t>(src) % 16 == 0;
+  if (vec) {
+    constexpr int kU = 8;
+    const int vpr = cols / kE, total = rows_total * vpr;
+    for (int base = threadIdx.x; base < total; base += kThreads * kU) {
+      uint4 tmp[kU];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int idx = base + u * kThreads;
+        const int r = idx / vpr, c = idx - r * vpr;
+        if (idx < total && r < rows) {
+          tmp[u] = *reinterpret_cast<const uint4*>(src + static_cast<int64_t>(r) * sl + c * kE);
+        } else {
+          tmp[u].x = tmp[u].y = tmp[u].z = tmp[u].w = 0u;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int idx = base + u * kThreads;
+        const int r = idx / vpr, c = idx - r * vpr;
+        if (idx < total) *reinterpret_cast<uint4*>(dst + r * ld + c * kE) = tmp[u];
+      }
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < rows_total * cols; idx += kThreads) {
+      const int r = idx / cols, c = idx - r * cols;
+      dst[r * ld + c] = r < rows ? src[static_cast<int64_t>(r) * sl + c] : Cvt<T>::t(0.f);
+    }
   }
 }
 
 // dst (rows x cols, leading dim ld) <- a dense rows x cols matrix.
 template <class T>
 __device__ void load_matrix(T* dst, int ld, const T* src, int rows, int cols) {
-  for (int idx = threadIdx.x; idx < rows * cols; idx += kThreads) {
-    const int rr = idx / cols, c = idx - rr * cols;
-    dst[rr * ld + c] = src[idx];
-  }
+  copy_rows(dst, ld, src, cols, rows, rows, cols);
 }
 
 // Input rows of this chunk: x <- query or key rows, hn = |x'|^2 / 2 per row.
@@ -269,7 +327,7 @@ template <class T>
 __device__ void load_x(const Params<T>& p, Blk<T>& k, bool keys) {
   const T* base = keys ? p.k + k.b * p.k_sb + k.hd * p.k_sh + static_cast<int64_t>(k.row0) * p.k_sl
                        : p.q + k.b * p.q_sb + k.hd * p.q_sh + static_cast<int64_t>(k.row0) * p.q_sl;
-  load_rows(k.x, k.lx, base, keys ? p.k_sl : p.q_sl, k.rows, p.D);
+  copy_rows(k.x, k.lx, base, keys ? p.k_sl : p.q_sl, k.rows, kC, p.D);
   __syncthreads();
   for (int i = threadIdx.x; i < kC; i += kThreads) {
     float acc = 0.f;
@@ -292,14 +350,12 @@ __device__ void load_values(const Params<T>& p, Blk<T>& k) {
   }
   __syncthreads();
   const T* base = p.v + k.b * p.v_sb + k.hd * p.v_sh + static_cast<int64_t>(k.row0) * p.v_sl;
+  copy_rows(k.v, k.le, base, p.v_sl, k.rows, kC, p.Dv);
+  __syncthreads();
   for (int idx = threadIdx.x; idx < kC * p.E1p; idx += kThreads) {
     const int i = idx / p.E1p, e = idx - i * p.E1p;
-    float val = 0.f;
-    if (k.valid[i] != 0.f) {
-      if (e < p.Dv) val = Cvt<T>::f(base[static_cast<int64_t>(i) * p.v_sl + e]);
-      else if (e == p.Dv) val = 1.f;
-    }
-    k.v[i * k.le + e] = Cvt<T>::t(val);
+    if (k.valid[i] == 0.f) k.v[i * k.le + e] = Cvt<T>::t(0.f);
+    else if (e >= p.Dv) k.v[i * k.le + e] = Cvt<T>::t(e == p.Dv ? 1.f : 0.f);
   }
   __syncthreads();
 }
@@ -746,6 +802,8 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
   const int E1p = p.E1p, Dv = p.Dv, half = k.warp >> 2, rr = k.lane >> 1;
   load_matrix(k.w, k.lx, p.W, p.M, p.D);
   load_state(p, k);
+  copy_rows(k.ys, k.le, p.g + k.b * p.g_sb + k.hd * p.g_sh + static_cast<int64_t>(k.row0) * p.g_sl,
+            p.g_sl, k.rows, kC, Dv);  // g (zero rows past the end)
   load_stab(p, k, /*query_side_only=*/true);
   load_x(p, k, /*keys=*/false);
   query_features(p, k);
@@ -755,16 +813,15 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
     key_features(p, k);
     attn_block(p, k);
   }
-  // y per row: den and g . num (row partials across the two warp halves).
-  const T* g = p.g + k.b * p.g_sb + k.hd * p.g_sh + static_cast<int64_t>(k.row0) * p.g_sl;
+  // y per row: den and g . num (row partials across the two warp halves). g sits in k.ys
+  // (loaded at the start) until Yb replaces it.
   {
     float gn = 0.f;
     const int rt = k.warp % kRT, i = rt * 16 + rr;
     y_tiles(p, k, [&](int ii, int e, float y) {
-      if (e < Dv && ii < k.rows) gn += Cvt<T>::f(g[static_cast<int64_t>(ii) * p.g_sl + e]) * y;
+      if (e < Dv) gn += Cvt<T>::f(k.ys[ii * k.le + e]) * y;
       if (e == Dv) k.den[ii] = y;
     });
-    (void)i;
     gn = pair_sum(gn);
     if ((k.lane & 1) == 0) k.red[half * kC + i] = gn;
     combine_rows(k.red, k.gn, false);
@@ -776,7 +833,7 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
     const float den = k.den[i];
     float val = 0.f;
     if (i < k.rows && den != 0.f) {
-      if (e < Dv) val = Cvt<T>::f(g[static_cast<int64_t>(i) * p.g_sl + e]) / den;
+      if (e < Dv) val = Cvt<T>::f(k.ys[i * k.le + e]) / den;
       else if (e == Dv) val = -(k.gn[i] / den) / den;
     }
     const T vt = Cvt<T>::t(val);
@@ -1017,16 +1074,42 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
 #else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <atomic>
+// Lets `kernel` use all the shared memory the device allows, once per (kernel, device): the
+// attribute call costs microseconds of host time, which short sequences feel.
 #define PANTHER_FUSED_LAUNCH(kernel, grid, block, smem, ...)                                  \
   do {                                                                                        \
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,  \
-                                        static_cast<int>(smem)));                             \
+    static std::atomic<uint64_t> panther_smem_set{0};                                         \
+    const int panther_dev = c10::cuda::current_device();                                      \
+    const uint64_t panther_bit = uint64_t{1} << (panther_dev & 63);                           \
+    if (!(panther_smem_set.load(std::memory_order_acquire) & panther_bit)) {                  \
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, \
+                                          static_cast<int>(max_smem_optin(panther_dev))));    \
+      panther_smem_set.fetch_or(panther_bit, std::memory_order_acq_rel);                      \
+    }                                                                                         \
     kernel<<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__);             \
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                           \
   } while (0)
 #endif
 
 namespace panther::fused {
+
+// Largest dynamic shared memory per block the device allows (cached per device).
+inline int64_t max_smem_optin(int dev) {
+#ifdef PANTHER_CUDA_EMU
+  (void)dev;
+  return 227 * 1024;
+#else
+  static std::atomic<int> cache[64] = {};
+  int v = dev >= 0 && dev < 64 ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (v == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    if (dev >= 0 && dev < 64) cache[dev].store(v, std::memory_order_relaxed);
+  }
+  return v;
+#endif
+}
 
 inline int e1p_of(int64_t Dv) { return static_cast<int>((Dv + 1 + 15) / 16 * 16); }
 

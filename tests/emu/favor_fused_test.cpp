@@ -88,6 +88,7 @@ int main(int argc, char** argv) {
   const auto bf = at::kBFloat16;
   std::vector<Case> cases = {
       {1, 2, 150, 150, 32, 16, 32, true, true, false, false, 1.0, bf},
+      {1, 2, 100, 100, 16, 5, 16, true, true, true, true, 1.0, bf},  // element-wise v loads
       {2, 1, 130, 130, 16, 24, 48, true, true, true, true, 1.0, bf},
       {1, 2, 100, 100, 32, 16, 32, false, true, true, false, 1.0, bf},
       {1, 1, 90, 140, 32, 16, 32, true, false, true, false, 1.0, bf},
@@ -96,6 +97,16 @@ int main(int argc, char** argv) {
       {1, 1, 130, 130, 32, 16, 32, true, true, true, false, 30.0, bf},
       {1, 1, 140, 140, 16, 16, 32, true, false, true, false, 30.0, bf},
   };
+  if (std::getenv("EMU_CASE")) {  // B,H,Lq,Lk,D,Dv,M,softmax,causal,masked,strided,scale
+    Case c{};
+    int sm, ca, ma, st;
+    std::sscanf(std::getenv("EMU_CASE"), "%lld,%lld,%lld,%lld,%lld,%lld,%lld,%d,%d,%d,%d,%lf",
+                (long long*)&c.B, (long long*)&c.H, (long long*)&c.Lq, (long long*)&c.Lk,
+                (long long*)&c.D, (long long*)&c.Dv, (long long*)&c.M, &sm, &ca, &ma, &st,
+                &c.scale);
+    c.softmax = sm, c.causal = ca, c.masked = ma, c.transposed = st, c.dt = bf;
+    cases = {c};
+  }
   if (quick) cases.resize(1);
   int fails = 0;
   for (const Case& c : cases) fails += !run(c);

@@ -265,7 +265,8 @@ class RandMultiHeadAttention(nn.Module):
         v = F.linear(value, self.Wv, self.bv).view(B, Lk, H, hd).transpose(1, 2)
         ctx = torch.ops.panther.favor_attention(q, k, v, self.projection_matrix, self.kernel_fn, causal, kpm)
         ctx = ctx.transpose(1, 2).reshape(B, Lq, E)
-        ctx = F.dropout(ctx, p=self.dropout, training=self.training)
+        if self.training and self.dropout > 0:  # (p = 0 would still cost a launch)
+            ctx = F.dropout(ctx, p=self.dropout, training=True)
         return F.linear(ctx, self.W0, self.b0), None
 
     def extra_repr(self) -> str:
