@@ -41,17 +41,20 @@ namespace panther::fused {
 namespace wmma = nvcuda::wmma;
 
 constexpr int kC = 64;                 // positions per chunk (one thread block)
-constexpr int kWarps = 8;
+constexpr int kWarps = 16;             // one block per SM (shared memory): 4 warps per scheduler
 constexpr int kThreads = kWarps * 32;
 constexpr int kRT = kC / 16;           // row tiles of a kC-row operand
-// Tiles of a (kC x X) output are enumerated t = warp, warp + 8, ...; tile t is (t % kRT, t / kRT),
-// so with 4 row tiles and 8 warps every warp keeps one row tile (warp % 4) and half the column
-// tiles (warp / 4): row reductions need one exchange between two warps only.
-static_assert(kRT == 4 && kWarps == 8, "tile enumeration assumes 4 row tiles and 8 warps");
+// Tiles of a (kC x X) output are enumerated t = warp, warp + kWarps, ...; tile t is
+// (t % kRT, t / kRT),
+// so with 4 row tiles and 16 warps every warp keeps one row tile (warp % 4) and a quarter of the
+// tiles (warp / 4): a row reduction combines kGroups partials.
+static_assert(kWarps % kRT == 0, "every warp must keep one row tile");
+constexpr int kGroups = kWarps / kRT;  // warps sharing a row tile (row partials to combine)
 constexpr int kPad = 8;               // shared leading dimensions: cols + kPad (see smem_layout)
 constexpr int kLC = kC + kPad;
 constexpr int kMaxE1p = 256;           // value dim + 1, padded to 16, at most this
 constexpr int kVecFloats = 16 * kC + kMaxE1p;
+static_assert(6 + kGroups <= 10, "Blk's per-row vectors: red[] holds kGroups rows of kC");
 
 using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 using RowM = wmma::row_major;
@@ -82,7 +85,9 @@ struct Params {
   float* a;               // (BH, nk*kC) key row max (-inf: padded or past the end)
   float* r;               // (BH, nk*kC) key stabiliser per position
   float* cs;              // (BH, nk, 4): P_c, R_c, alpha_c, kscale_c
-  float* st;              // (BH, nk|nq, (M+1)*E1p) per-chunk states, fp32
+  T* st;                  // (BH, nk, (M+1)*E1p) per-chunk key states (summed in fp32 by the scan)
+  float* gst;             // (BH, nq, (M+1)*E1p) per-chunk gradient states dH (fp32: the
+                          // backward's d phi is a small difference of large terms)
   T* hs;                  // (BH, nk|1, M*E1p) scanned states (forward H, backward dT)
   float* hx;              // (BH, nk|1, E1p) scanned extra row (forward sum v, backward G)
   T* out;                 // (BH, Lq, Dv)
@@ -205,6 +210,16 @@ __device__ __forceinline__ void stage8(float* stage, const Acc& acc, int lane, f
   for (int q = 0; q < 8; ++q) v[q] = p[q];
 }
 
+// Rounds 8 floats to T and writes them with one 16-byte store (dst 16-byte aligned).
+template <class T>
+__device__ __forceinline__ void store8(T* dst, const float v[8]) {
+  static_assert(sizeof(T) == 2, "8 x 16-bit values per 16-byte store");
+  alignas(16) T tmp[8];
+#pragma unroll
+  for (int q = 0; q < 8; ++q) tmp[q] = Cvt<T>::t(v[q]);
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(tmp);
+}
+
 __device__ __forceinline__ float pair_max(float x) {
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
 }
@@ -257,13 +272,13 @@ __device__ Blk<T> make_blk(const Params<T>& p, unsigned char* base, const Smem& 
   k.valid = vec + 3 * kC;
   k.phisum = vec + 4 * kC;
   k.rowc = vec + 5 * kC;
-  k.red = vec + 6 * kC;  // 2 * kC
-  k.rs = vec + 8 * kC;
-  k.kfac = vec + 9 * kC;
-  k.den = vec + 10 * kC;
-  k.gn = vec + 11 * kC;
-  k.yc = vec + 12 * kC;
-  k.scal = vec + 13 * kC;  // 4 used
+  k.red = vec + 6 * kC;  // kGroups * kC
+  k.rs = vec + 10 * kC;
+  k.kfac = vec + 11 * kC;
+  k.den = vec + 12 * kC;
+  k.gn = vec + 13 * kC;
+  k.yc = vec + 14 * kC;
+  k.scal = vec + 15 * kC;  // 4 used
   k.extra = vec + 16 * kC;
   k.warp = threadIdx.x >> 5;
   k.lane = threadIdx.x & 31;
@@ -368,18 +383,22 @@ __device__ __forceinline__ void pre_tile(Acc& acc, const Blk<T>& k, int D, int r
                          D);
 }
 
-// Combines the per-warp-half row partials in red[] with op (max or sum) into out[].
+// Combines the per-warp-group row partials in red[] with op (max or sum) into out[].
 __device__ __forceinline__ void combine_rows(const float* red, float* out, bool is_max) {
   __syncthreads();
   for (int i = threadIdx.x; i < kC; i += kThreads)
-    out[i] = is_max ? fmaxf(red[i], red[kC + i]) : red[i] + red[kC + i];
+  {
+    float acc = red[i];
+    for (int g = 1; g < kGroups; ++g) acc = is_max ? fmaxf(acc, red[g * kC + i]) : acc + red[g * kC + i];
+    out[i] = acc;
+  }
   __syncthreads();
 }
 
 // Query features phi = f(pre) + ek into k.phi (kC x M), row sums into k.phisum.
 template <class T>
 __device__ void query_features(const Params<T>& p, Blk<T>& k) {
-  const int CT = p.M / 16, rr = k.lane >> 1, c0 = (k.lane & 1) * 8, half = k.warp >> 2;
+  const int CT = p.M / 16, rr = k.lane >> 1, c0 = (k.lane & 1) * 8, half = k.warp / kRT;
   const int rt = k.warp % kRT, i = rt * 16 + rr;
   Acc acc;
   float v[8];
@@ -512,7 +531,7 @@ __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
   load_matrix(k.w, k.lx, p.W, p.M, p.D);
   load_x(p, k, /*keys=*/true);
   load_values(p, k);
-  const int CT = p.M / 16, rr = k.lane >> 1, c0 = (k.lane & 1) * 8, half = k.warp >> 2;
+  const int CT = p.M / 16, rr = k.lane >> 1, c0 = (k.lane & 1) * 8, half = k.warp / kRT;
   const int rt = k.warp % kRT, i = rt * 16 + rr;
   Acc acc;
   float v[8];
@@ -552,21 +571,21 @@ __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
     }
   }
   __syncthreads();
-  // T'_c = khat'^T [v, 1]  (M x E1p) straight to global, then the chunk's sum of [v, 1].
-  float* out = p.st + (static_cast<int64_t>(k.bh) * p.nk + k.chunk) * (p.M + 1) * p.E1p;
+  // T'_c = khat'^T [v, 1]  (M x E1p) to global, then the chunk's sum of [v, 1].
+  T* out = p.st + (static_cast<int64_t>(k.bh) * p.nk + k.chunk) * (p.M + 1) * p.E1p;
   const int ET = p.E1p / 16;
   for (int t = k.warp; t < CT * ET; t += kWarps) {
     const int mt = t % CT, et = t / CT;
     wmma::fill_fragment(acc, 0.f);
     mma_acc<T, ColM, RowM>(acc, tileA<ColM>(k.kh, k.lm, mt), k.lm, tileB<RowM>(k.v, k.le, et),
                            k.le, kC);
-    wmma::store_matrix_sync(out + static_cast<int64_t>(mt) * 16 * p.E1p + et * 16, acc, p.E1p,
-                            wmma::mem_row_major);
+    stage8(k.stage, acc, k.lane, v);
+    store8(out + static_cast<int64_t>(mt * 16 + rr) * p.E1p + et * 16 + c0, v);
   }
   for (int e = threadIdx.x; e < p.E1p; e += kThreads) {
     float s = 0.f;
     for (int j = 0; j < kC; ++j) s += Cvt<T>::f(k.v[j * k.le + e]);
-    out[static_cast<int64_t>(p.M) * p.E1p + e] = s;
+    out[static_cast<int64_t>(p.M) * p.E1p + e] = Cvt<T>::t(s);
   }
 }
 
@@ -656,8 +675,8 @@ __global__ void __launch_bounds__(1024) stab_kernel(Params<T> p) {
 // States over chunks; one thread per (bh, state entry), entries [0, ME) are the M x E1p state
 // (scaled by kscale_c when use_kscale, decayed by alpha_c), [ME, ME + E1p) the extra row (plain
 // sum). causal: exclusive scan (forward, or reverse); non-causal: the total, once per bh.
-template <class T>
-__global__ void scan_kernel(const float* __restrict__ st, const float* __restrict__ cs,
+template <class T, class S>
+__global__ void scan_kernel(const S* __restrict__ st, const float* __restrict__ cs,
                             T* __restrict__ hs, float* __restrict__ hx, int BH, int n, int ncs,
                             int ME, int E1p, bool causal, bool reverse, bool use_kscale) {
   const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -666,9 +685,10 @@ __global__ void scan_kernel(const float* __restrict__ st, const float* __restric
   const int64_t bh = idx / W;
   const int e = static_cast<int>(idx - bh * W);
   const bool state = e < ME;
-  const float* x = st + bh * n * W + e;
+  const S* x = st + bh * n * W + e;
   const float* c4 = cs + bh * ncs * 4;
   float acc = 0.f;
+#pragma unroll 8
   for (int step = 0; step < n; ++step) {
     const int c = reverse ? n - 1 - step : step;
     if (causal) {
@@ -677,7 +697,7 @@ __global__ void scan_kernel(const float* __restrict__ st, const float* __restric
     }
     const float a = state && causal ? c4[c * 4 + 2] : 1.f;
     const float sc = state && use_kscale ? c4[c * 4 + 3] : 1.f;
-    acc = a * acc + sc * x[static_cast<int64_t>(c) * W];
+    acc = a * acc + sc * static_cast<float>(x[static_cast<int64_t>(c) * W]);
   }
   if (!causal) {
     if (state) hs[bh * ME + e] = Cvt<T>::t(acc);
@@ -799,7 +819,7 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
   PANTHER_DYNAMIC_SMEM(smem);
   const Smem L = smem_layout(kBack1, p.D, p.M, p.E1p, sizeof(T));
   Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lq);
-  const int E1p = p.E1p, Dv = p.Dv, half = k.warp >> 2, rr = k.lane >> 1;
+  const int E1p = p.E1p, Dv = p.Dv, half = k.warp / kRT, rr = k.lane >> 1;
   load_matrix(k.w, k.lx, p.W, p.M, p.D);
   load_state(p, k);
   copy_rows(k.ys, k.le, p.g + k.b * p.g_sb + k.hd * p.g_sh + static_cast<int64_t>(k.row0) * p.g_sl,
@@ -843,9 +863,10 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
   }
   __syncthreads();
   // Gradient state of this chunk: dH = phi^T (s Yb) (M x E1p), extra row sum_i phisum_i Yb_i.
-  float* dst = p.st + (static_cast<int64_t>(k.bh) * p.nq + k.chunk) * (p.M + 1) * E1p;
-  const int CT = p.M / 16, ET = E1p / 16;
+  float* dst = p.gst + (static_cast<int64_t>(k.bh) * p.nq + k.chunk) * (p.M + 1) * E1p;
+  const int CT = p.M / 16, ET = E1p / 16, c0 = (k.lane & 1) * 8;
   Acc acc;
+  float v[8];
   for (int t = k.warp; t < CT * ET; t += kWarps) {
     const int mt = t % CT, et = t / CT;
     wmma::fill_fragment(acc, 0.f);
@@ -860,8 +881,6 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
     dst[static_cast<int64_t>(p.M) * E1p + e] = s;
   }
   // yc_i = ek Yb_i . (sum of [v, 1] over keys j <= i) (the eps part of dphi).
-  float v[8];
-  const int c0 = (k.lane & 1) * 8;
   if (p.causal) {
     // Wm = (Yb V^T) o E on j <= i into k.gm; row sums of Yb V^T on j <= i.
     const int rt = k.warp % kRT, i = rt * 16 + rr;
@@ -949,7 +968,7 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
   PANTHER_DYNAMIC_SMEM(smem);
   const Smem L = smem_layout(kBack2, p.D, p.M, p.E1p, sizeof(T));
   Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lk);
-  const int E1p = p.E1p, Dv = p.Dv, half = k.warp >> 2, rr = k.lane >> 1, c0 = (k.lane & 1) * 8;
+  const int E1p = p.E1p, Dv = p.Dv, half = k.warp / kRT, rr = k.lane >> 1, c0 = (k.lane & 1) * 8;
   const int CT = p.M / 16, ET = E1p / 16;
   load_matrix(k.w, k.lx, p.W, p.M, p.D);
   load_state(p, k);  // dT_c and G_c
@@ -1195,24 +1214,34 @@ struct Run {
     a = at::empty({p.BH, static_cast<int64_t>(p.nk) * kC}, f32);
     r = at::empty_like(a);
     cs = at::empty({p.BH, p.nk, 4}, f32);
-    st = at::empty({p.BH, std::max(p.nk, p.nq), static_cast<int64_t>(p.M + 1) * p.E1p}, f32);
+    st = at::empty({p.BH, p.nk, static_cast<int64_t>(p.M + 1) * p.E1p}, query.options());
     hs = at::empty({p.BH, nst, static_cast<int64_t>(p.M) * p.E1p}, query.options());
     hx = at::empty({p.BH, nst, p.E1p}, f32);
     p.a = a.data_ptr<float>();
     p.r = r.data_ptr<float>();
     p.cs = cs.data_ptr<float>();
-    p.st = st.data_ptr<float>();
+    p.st = reinterpret_cast<T*>(st.data_ptr());
     p.hs = reinterpret_cast<T*>(hs.data_ptr());
     p.hx = hx.data_ptr<float>();
   }
 
-  void scan(int n, bool reverse, bool use_kscale) {
+  // Forward: the key states p.st (n = nk); backward (grad): the gradient states p.gst (n = nq).
+  void scan(bool grad) {
     const int64_t ME = static_cast<int64_t>(p.M) * p.E1p;
     const int64_t total = p.BH * (ME + p.E1p);
     const int threads = 256;
     const dim3 grid(static_cast<unsigned>((total + threads - 1) / threads));
-    PANTHER_FUSED_LAUNCH(scan_kernel<T>, grid, dim3(threads), 0, p.st, p.cs, p.hs, p.hx, p.BH, n,
-                         p.nk, static_cast<int>(ME), p.E1p, p.causal, reverse, use_kscale);
+    if (grad) {
+      auto* kernel = &scan_kernel<T, float>;
+      PANTHER_FUSED_LAUNCH(kernel, grid, dim3(threads), 0, p.gst, p.cs, p.hs,
+                           p.hx, p.BH, p.nq, p.nk, static_cast<int>(ME), p.E1p, p.causal,
+                           /*reverse=*/true, /*use_kscale=*/false);
+    } else {
+      auto* kernel = &scan_kernel<T, T>;
+      PANTHER_FUSED_LAUNCH(kernel, grid, dim3(threads), 0, p.st, p.cs, p.hs, p.hx,
+                           p.BH, p.nk, p.nk, static_cast<int>(ME), p.E1p, p.causal,
+                           /*reverse=*/false, /*use_kscale=*/true);
+    }
   }
 
   // Key states, stabilisers and the scanned (forward) states H.
@@ -1220,7 +1249,7 @@ struct Run {
     const dim3 block(kThreads);
     PANTHER_FUSED_LAUNCH(states_kernel<T>, dim3(p.nk, p.BH), block, layout[kStates].total, p);
     PANTHER_FUSED_LAUNCH(stab_kernel<T>, dim3(p.BH), dim3(1024), 2 * 1024 * sizeof(float), p);
-    scan(p.nk, /*reverse=*/false, /*use_kscale=*/true);
+    scan(/*grad=*/false);
   }
 };
 
@@ -1254,6 +1283,9 @@ detail::FavorGrads backward(const detail::FavorDims& d, const at::Tensor& grad_o
   at::Tensor dk = at::empty({d.B, d.H, d.Lk, d.D}, opts);
   at::Tensor dv = at::empty({d.B, d.H, d.Lk, d.Dv}, opts);
   at::Tensor yb = at::empty({p.BH, static_cast<int64_t>(p.nq) * kC, p.E1p}, opts);
+  at::Tensor gst = at::empty({p.BH, p.nq, static_cast<int64_t>(p.M + 1) * p.E1p},
+                             opts.dtype(at::kFloat));
+  p.gst = gst.data_ptr<float>();
   at::Tensor dW;
   if (want[3]) dW = at::zeros({d.M, d.D}, opts.dtype(at::kFloat));
   p.dq = reinterpret_cast<T*>(dq.data_ptr());
@@ -1265,7 +1297,7 @@ detail::FavorGrads backward(const detail::FavorDims& d, const at::Tensor& grad_o
   PANTHER_FUSED_LAUNCH(back1_kernel<T>, dim3(p.nq, p.BH), dim3(kThreads),
                        run.layout[kBack1].total, p);
   // Gradient states: the reverse scan (causal) or the total (non-causal) of dH, written over H.
-  run.scan(p.nq, /*reverse=*/true, /*use_kscale=*/false);
+  run.scan(/*grad=*/true);
   PANTHER_FUSED_LAUNCH(back2_kernel<T>, dim3(p.nk, p.BH), dim3(kThreads),
                        run.layout[kBack2].total, p);
   detail::FavorGrads out;
