@@ -451,3 +451,22 @@ def test_cuda_fused_running_max_jump(jump_at):
     ref = favor_attention_reference(*[t.double() for t in bf], Wr, "softmax", True)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.cpu().double(), ref, rtol=3e-2, atol=3e-2)
+
+
+@cuda
+@needs_gpu
+def test_cuda_fused_projection_grad_is_flagged_nondeterministic():
+    # The fused backward sums the projection gradient with atomics: under deterministic
+    # algorithms it raises PyTorch's standard error; q/k/v gradients alone are fine.
+    q, k, v, W, _ = make_inputs(1, 2, 100, 100, 16, 16, 32, dtype=torch.bfloat16, device="cuda")
+    q.requires_grad_()
+    Wg = W.float().cuda().requires_grad_()
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = op(q, k, v, W.float().cuda(), "softmax", True)
+        out.sum().backward()  # no projection gradient: allowed
+        with pytest.raises(RuntimeError, match="deterministic"):
+            op(q, k, v, Wg, "softmax", True).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(prev)

@@ -94,9 +94,15 @@ FavorGrads favor_attention_backward_cuda(const at::Tensor& grad_output, const at
   const FavorDims d = check_favor_attention("panther::_favor_attention_backward", query, key,
                                             value, projection, kernel, causal, key_padding_mask);
   const c10::cuda::CUDAGuard guard(query.device());
-  if (use_fused(d, query) && grad_output.scalar_type() == query.scalar_type())
+  if (use_fused(d, query) && grad_output.scalar_type() == query.scalar_type()) {
+    // The projection gradient is summed with float atomics across chunks: raise (or warn) like
+    // PyTorch's own non-deterministic kernels when deterministic algorithms are requested.
+    if (output_mask[3])
+      at::globalContext().alertNotDeterministic(
+          "panther::_favor_attention_backward (CUDA bf16, gradient of projection)");
     return fused::backward<__nv_bfloat16>(d, grad_output, query, key, value, projection, causal,
                                           key_padding_mask, output_mask);
+  }
   return favor_backward(d, grad_output, query, key, value, projection, causal, key_padding_mask,
                         kCudaChunk, &chunk_scan_cuda, output_mask);
 }

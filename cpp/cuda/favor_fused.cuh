@@ -180,12 +180,15 @@ template <class T, class LA, class LB>
 __device__ __forceinline__ void mma_acc(Acc& acc, const T* A, int lda, const T* B, int ldb, int K) {
   wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> fa;
   wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> fb;
+  const int da = std::is_same<LA, RowM>::value ? 16 : 16 * lda;
+  const int db = std::is_same<LB, RowM>::value ? 16 * ldb : 16;
+#pragma unroll 4
   for (int k = 0; k < K; k += 16) {
-    const T* ap = std::is_same<LA, RowM>::value ? A + k : A + static_cast<int64_t>(k) * lda;
-    const T* bp = std::is_same<LB, RowM>::value ? B + static_cast<int64_t>(k) * ldb : B + k;
-    load_shared(fa, ap, lda);
-    load_shared(fb, bp, ldb);
+    load_shared(fa, A, lda);
+    load_shared(fb, B, ldb);
     wmma::mma_sync(acc, fa, fb, acc);
+    A += da;
+    B += db;
   }
 }
 
@@ -205,9 +208,9 @@ __device__ __forceinline__ void stage8(float* stage, const Acc& acc, int lane, f
   __syncwarp();
   wmma::store_matrix_sync(stage, acc, 16, wmma::mem_row_major);
   __syncwarp();
-  const float* p = stage + (lane >> 1) * 16 + (lane & 1) * 8;
-#pragma unroll
-  for (int q = 0; q < 8; ++q) v[q] = p[q];
+  const float4* p = reinterpret_cast<const float4*>(stage + (lane >> 1) * 16 + (lane & 1) * 8);
+  const float4 a = p[0], b = p[1];
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
 
 // Rounds 8 floats to T and writes them with one 16-byte store (dst 16-byte aligned).
@@ -218,6 +221,15 @@ __device__ __forceinline__ void store8(T* dst, const float v[8]) {
 #pragma unroll
   for (int q = 0; q < 8; ++q) tmp[q] = Cvt<T>::t(v[q]);
   *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(tmp);
+}
+
+// Reads 8 consecutive 16-bit values (16-byte aligned) as floats.
+template <class T>
+__device__ __forceinline__ void load8(const T* src, float v[8]) {
+  alignas(16) T tmp[8];
+  *reinterpret_cast<uint4*>(tmp) = *reinterpret_cast<const uint4*>(src);
+#pragma unroll
+  for (int q = 0; q < 8; ++q) v[q] = Cvt<T>::f(tmp[q]);
 }
 
 __device__ __forceinline__ float pair_max(float x) {
@@ -367,10 +379,10 @@ __device__ void load_values(const Params<T>& p, Blk<T>& k) {
   const T* base = p.v + k.b * p.v_sb + k.hd * p.v_sh + static_cast<int64_t>(k.row0) * p.v_sl;
   copy_rows(k.v, k.le, base, p.v_sl, k.rows, kC, p.Dv);
   __syncthreads();
-  for (int idx = threadIdx.x; idx < kC * p.E1p; idx += kThreads) {
-    const int i = idx / p.E1p, e = idx - i * p.E1p;
-    if (k.valid[i] == 0.f) k.v[i * k.le + e] = Cvt<T>::t(0.f);
-    else if (e >= p.Dv) k.v[i * k.le + e] = Cvt<T>::t(e == p.Dv ? 1.f : 0.f);
+  for (int i = k.warp; i < kC; i += kWarps) {
+    const bool ok = k.valid[i] != 0.f;
+    for (int e = ok ? p.Dv + k.lane : k.lane; e < p.E1p; e += 32)
+      k.v[i * k.le + e] = Cvt<T>::t(ok && e == p.Dv ? 1.f : 0.f);
   }
   __syncthreads();
 }
@@ -419,15 +431,14 @@ __device__ void query_features(const Params<T>& p, Blk<T>& k) {
     const int ct = t / kRT;
     pre_tile(acc, k, p.D, rt, ct);
     stage8(k.stage, acc, k.lane, v);
-    T* dst = k.phi + i * k.lm + ct * 16 + c0;
+    const float ci = k.rowc[i];
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
-      const float f = p.softmax ? p.sM * __expf((v[q] - k.rowc[i]) * p.xscale)
-                                : p.sM * fmaxf(v[q], 0.f);
-      const float phi = f + p.ek;
-      dst[q] = Cvt<T>::t(phi);
-      sum += phi;
+      const float f = p.softmax ? p.sM * __expf((v[q] - ci) * p.xscale) : p.sM * fmaxf(v[q], 0.f);
+      v[q] = f + p.ek;
+      sum += v[q];
     }
+    store8(k.phi + i * k.lm + ct * 16 + c0, v);
   }
   sum = pair_sum(sum);
   if ((k.lane & 1) == 0) k.red[half * kC + i] = sum;
@@ -446,15 +457,12 @@ __device__ void key_features(const Params<T>& p, Blk<T>& k) {
     const int ct = t / kRT;
     pre_tile(acc, k, p.D, rt, ct);
     stage8(k.stage, acc, k.lane, v);
-    T* dst = k.kh + i * k.lm + ct * 16 + c0;
     const bool ok = k.valid[i] != 0.f;
+    const float off = k.hn[i] + k.r[i];
 #pragma unroll
-    for (int q = 0; q < 8; ++q) {
-      const float f = !ok ? 0.f
-                      : p.softmax ? p.sM * __expf(v[q] * p.xscale - k.hn[i] - k.r[i])
-                                  : p.sM * fmaxf(v[q], 0.f);
-      dst[q] = Cvt<T>::t(f);
-    }
+    for (int q = 0; q < 8; ++q)
+      v[q] = !ok ? 0.f : p.softmax ? p.sM * __expf(v[q] * p.xscale - off) : p.sM * fmaxf(v[q], 0.f);
+    store8(k.kh + i * k.lm + ct * 16 + c0, v);
   }
   __syncthreads();
 }
@@ -477,16 +485,13 @@ __device__ void attn_block(const Params<T>& p, Blk<T>& k) {
     mma_acc<T, RowM, ColM>(acc, tileA<RowM>(k.phi, k.lm, rt), k.lm, tileB<ColM>(k.kh, k.lm, ct),
                            k.lm, p.M);
     stage8(k.stage, acc, k.lane, v);
+    const float ri = k.r[i], epsi = p.ek * k.phisum[i];
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
       const int j = ct * 16 + c0 + q;
-      float val = 0.f;
-      if (j <= i) {
-        const float e = p.softmax ? __expf(fminf(k.r[j] - k.r[i], 0.f)) : 1.f;
-        val = v[q] * e + p.ek * k.phisum[i];
-      }
-      dst[q] = Cvt<T>::t(val);
+      v[q] = j <= i ? v[q] * (p.softmax ? __expf(fminf(k.r[j] - ri, 0.f)) : 1.f) + epsi : 0.f;
     }
+    store8(dst, v);
   }
   __syncthreads();
 }
@@ -560,15 +565,12 @@ __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
     const int ct = t / kRT;
     pre_tile(acc, k, p.D, rt, ct);
     stage8(k.stage, acc, k.lane, v);
-    T* dst = k.kh + i * k.lm + ct * 16 + c0;
     const bool ok = k.valid[i] != 0.f;
+    const float off = k.hn[i] + mc;
 #pragma unroll
-    for (int q = 0; q < 8; ++q) {
-      const float f = !ok ? 0.f
-                      : p.softmax ? p.sM * __expf(v[q] * p.xscale - k.hn[i] - mc)
-                                  : p.sM * fmaxf(v[q], 0.f);
-      dst[q] = Cvt<T>::t(f);
-    }
+    for (int q = 0; q < 8; ++q)
+      v[q] = !ok ? 0.f : p.softmax ? p.sM * __expf(v[q] * p.xscale - off) : p.sM * fmaxf(v[q], 0.f);
+    store8(k.kh + i * k.lm + ct * 16 + c0, v);
   }
   __syncthreads();
   // T'_c = khat'^T [v, 1]  (M x E1p) to global, then the chunk's sum of [v, 1].
@@ -760,10 +762,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params<T> p) {
   y_tiles(p, k, [&](int i, int e, float y) { Y[i * E1p + e] = y; });
   __syncthreads();
   T* out = p.out + (static_cast<int64_t>(k.bh) * p.Lq + k.row0) * p.Dv;
-  for (int idx = threadIdx.x; idx < k.rows * p.Dv; idx += kThreads) {
-    const int i = idx / p.Dv, e = idx - i * p.Dv;
+  for (int i = k.warp; i < k.rows; i += kWarps) {
     const float den = Y[i * E1p + p.Dv];
-    out[idx] = Cvt<T>::t(den == 0.f ? 0.f : Y[i * E1p + e] / den);
+    const float inv = den == 0.f ? 0.f : 1.f / den;
+    for (int e = k.lane; e < p.Dv; e += 32) out[i * p.Dv + e] = Cvt<T>::t(Y[i * E1p + e] * inv);
   }
 }
 
@@ -848,8 +850,9 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
   }
   // Yb = [g / den, -(g . num) / den^2] (0 where the row is past the end or sees no key).
   T* ybg = p.yb + (static_cast<int64_t>(k.bh) * p.nq * kC + k.row0) * E1p;
-  for (int idx = threadIdx.x; idx < kC * E1p; idx += kThreads) {
-    const int i = idx / E1p, e = idx - i * E1p;
+  for (int i = k.warp; i < kC; i += kWarps)
+  for (int e = k.lane; e < E1p; e += 32) {
+    const int idx = i * E1p + e;
     const float den = k.den[i];
     float val = 0.f;
     if (i < k.rows && den != 0.f) {
@@ -905,8 +908,9 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
           cy += v[q];
           w = v[q] * (p.softmax ? __expf(fminf(k.r[j] - k.r[i], 0.f)) : 1.f);
         }
-        gd[q] = Cvt<T>::t(w);
+        v[q] = w;
       }
+      store8(gd, v);
     }
     cy = pair_sum(cy);
     if ((k.lane & 1) == 0) k.red[half * kC + i] = cy;
@@ -937,17 +941,19 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
                                k.lm, kC);
       stage8(k.stage, acc, k.lane, v);
       T* ph = k.phi + i * k.lm + ct * 16 + c0;
+      float phv[8];
+      load8(ph, phv);
+      const float yci = k.yc[i];
 #pragma unroll
       for (int q = 0; q < 8; ++q) {
-        const float phi = Cvt<T>::f(ph[q]);
-        const float dphi = v[q] + k.yc[i];
+        const float phi = phv[q], dphi = v[q] + yci;
         // relu: u > 0 exactly when the stored feature exceeds the stored eps
-        float dpre = p.softmax ? dphi * (phi - p.ek) : (phi > ek_t ? dphi * p.sM : 0.f);
-        if (i >= k.rows) dpre = 0.f;
-        const T dt = Cvt<T>::t(dpre);
-        ph[q] = dt;
-        rsum += Cvt<T>::f(dt);
+        const float dpre = i >= k.rows ? 0.f
+                           : p.softmax ? dphi * (phi - p.ek) : (phi > ek_t ? dphi * p.sM : 0.f);
+        v[q] = Cvt<T>::f(Cvt<T>::t(dpre));  // the row sum of what is stored
+        rsum += v[q];
       }
+      store8(ph, v);
     }
     rsum = pair_sum(rsum);
     if ((k.lane & 1) == 0) k.red[half * kC + i] = rsum;
@@ -1000,9 +1006,9 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
 #pragma unroll
       for (int q = 0; q < 8; ++q) {
         const int j = ct * 16 + c0 + q;
-        gd[q] = Cvt<T>::t(j <= i ? v[q] * (p.softmax ? __expf(fminf(k.r[j] - k.r[i], 0.f)) : 1.f)
-                                 : 0.f);
+        v[q] = j <= i ? v[q] * (p.softmax ? __expf(fminf(k.r[j] - k.r[i], 0.f)) : 1.f) : 0.f;
       }
+      store8(gd, v);
     }
   }
   __syncthreads();
@@ -1053,14 +1059,16 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
       stage8(k.stage, a1, k.lane, v1);
       stage8(k.stage, a2, k.lane, v2);
       T* kh = k.kh + j * k.lm + ct * 16 + c0;
+      float khv[8];
+      load8(kh, khv);
+      const float kf = k.kfac[j];
 #pragma unroll
       for (int q = 0; q < 8; ++q) {
-        const float khat = Cvt<T>::f(kh[q]);
-        const float dk = k.kfac[j] * v1[q] + v2[q];
-        const T dt = Cvt<T>::t(p.softmax ? dk * khat : (khat > 0.f ? dk * p.sM : 0.f));
-        kh[q] = dt;
-        rsum += Cvt<T>::f(dt);
+        const float khat = khv[q], dk = kf * v1[q] + v2[q];
+        v1[q] = Cvt<T>::f(Cvt<T>::t(p.softmax ? dk * khat : (khat > 0.f ? dk * p.sM : 0.f)));
+        rsum += v1[q];
       }
+      store8(kh, v1);
     }
     rsum = pair_sum(rsum);
     if ((k.lane & 1) == 0) k.red[half * kC + j] = rsum;
