@@ -63,11 +63,11 @@ nvcc --version 2>&1 | tail -2 || echo "nvcc not found"
 cmake --version 2>&1 | head -1 || echo "cmake not found"
 echo "ninja $(ninja --version 2>&1 || echo 'not found')"
 
-COMMIT=$(git rev-parse --verify -q HEAD 2>/dev/null) || COMMIT=""
-if [ -n "$COMMIT" ]; then
-  git diff --quiet HEAD 2>/dev/null || COMMIT="$COMMIT-dirty"
-elif [ -f COMMIT ]; then
+# A carried COMMIT file wins: the device's copy of .git can be older than the tree it received.
+if [ -f COMMIT ]; then
   COMMIT=$(head -1 COMMIT)
+elif COMMIT=$(git rev-parse --verify -q HEAD 2>/dev/null) && [ -n "$COMMIT" ]; then
+  git diff --quiet HEAD 2>/dev/null || COMMIT="$COMMIT-dirty"
 else
   COMMIT=unknown
 fi
