@@ -815,6 +815,62 @@ __device__ void proj_grad(const Params<T>& p, Blk<T>& k, const T* dpre) {
   }
 }
 
+// The end of both backward kernels: rowsum(dpre) from each lane's partial `rsum` for row i, then
+// dq (or dk) and this chunk's part of the projection gradient. dpre (kC x M) is in shared memory.
+template <class T>
+__device__ void finish_input_grads(const Params<T>& p, Blk<T>& k, const T* dpre, bool keys,
+                                   float rsum, int i) {
+  rsum = pair_sum(rsum);
+  if ((k.lane & 1) == 0) k.red[(k.warp / kRT) * kC + i] = rsum;
+  combine_rows(k.red, k.rs, false);
+  const T* x = keys ? p.k + k.b * p.k_sb + k.hd * p.k_sh + static_cast<int64_t>(k.row0) * p.k_sl
+                    : p.q + k.b * p.q_sb + k.hd * p.q_sh + static_cast<int64_t>(k.row0) * p.q_sl;
+  T* dx = (keys ? p.dk + static_cast<int64_t>(k.bh) * p.Lk * p.D
+                : p.dq + static_cast<int64_t>(k.bh) * p.Lq * p.D) +
+          static_cast<int64_t>(k.row0) * p.D;
+  input_grad(p, k, dpre, x, keys ? p.k_sl : p.q_sl, dx);
+  if (p.dW) {
+    __syncthreads();
+    load_x(p, k, keys);
+    proj_grad(p, k, dpre);
+  }
+}
+
+// Wm = (Yb V^T) o E on j <= i (0 above) into k.gm; returns this lane's partial row sum of
+// Yb V^T over j <= i (row rt*16 + lane/2), which back1 needs for the eps part of d phi.
+template <class T>
+__device__ float wm_block(const Params<T>& p, Blk<T>& k) {
+  const int rr = k.lane >> 1, c0 = (k.lane & 1) * 8, rt = k.warp % kRT, i = rt * 16 + rr;
+  Acc acc;
+  float v[8], cy = 0.f;
+  for (int t = k.warp; t < kRT * kRT; t += kWarps) {
+    const int ct = t / kRT;
+    T* gd = k.gm + i * kLC + ct * 16 + c0;
+    if (ct > rt) {
+#pragma unroll
+      for (int q = 0; q < 8; ++q) v[q] = 0.f;
+      store8(gd, v);
+      continue;
+    }
+    wmma::fill_fragment(acc, 0.f);
+    mma_acc<T, RowM, ColM>(acc, tileA<RowM>(k.yb, k.le, rt), k.le, tileB<ColM>(k.v, k.le, ct),
+                           k.le, p.E1p);
+    stage8(k.stage, acc, k.lane, v);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int j = ct * 16 + c0 + q;
+      float w = 0.f;
+      if (j <= i) {
+        cy += v[q];
+        w = v[q] * (p.softmax ? __expf(fminf(k.r[j] - k.r[i], 0.f)) : 1.f);
+      }
+      v[q] = w;
+    }
+    store8(gd, v);
+  }
+  return cy;
+}
+
 // Backward pass 1: Yb, dq, gradient states. grid (nq, BH).
 template <class T>
 __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
@@ -885,33 +941,9 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
   }
   // yc_i = ek Yb_i . (sum of [v, 1] over keys j <= i) (the eps part of dphi).
   if (p.causal) {
-    // Wm = (Yb V^T) o E on j <= i into k.gm; row sums of Yb V^T on j <= i.
-    const int rt = k.warp % kRT, i = rt * 16 + rr;
-    float cy = 0.f;
-    for (int t = k.warp; t < kRT * kRT; t += kWarps) {
-      const int ct = t / kRT;
-      T* gd = k.gm + i * kLC + ct * 16 + c0;
-      if (ct > rt) {
-#pragma unroll
-        for (int q = 0; q < 8; ++q) gd[q] = Cvt<T>::t(0.f);
-        continue;
-      }
-      wmma::fill_fragment(acc, 0.f);
-      mma_acc<T, RowM, ColM>(acc, tileA<RowM>(k.yb, k.le, rt), k.le, tileB<ColM>(k.v, k.le, ct),
-                             k.le, E1p);
-      stage8(k.stage, acc, k.lane, v);
-#pragma unroll
-      for (int q = 0; q < 8; ++q) {
-        const int j = ct * 16 + c0 + q;
-        float w = 0.f;
-        if (j <= i) {
-          cy += v[q];
-          w = v[q] * (p.softmax ? __expf(fminf(k.r[j] - k.r[i], 0.f)) : 1.f);
-        }
-        v[q] = w;
-      }
-      store8(gd, v);
-    }
+    // Wm into k.gm; row sums of Yb V^T on j <= i.
+    const int i = (k.warp % kRT) * 16 + rr;
+    float cy = wm_block(p, k);
     cy = pair_sum(cy);
     if ((k.lane & 1) == 0) k.red[half * kC + i] = cy;
     combine_rows(k.red, k.yc, false);
@@ -955,16 +987,7 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
       }
       store8(ph, v);
     }
-    rsum = pair_sum(rsum);
-    if ((k.lane & 1) == 0) k.red[half * kC + i] = rsum;
-    combine_rows(k.red, k.rs, false);
-  }
-  const T* q = p.q + k.b * p.q_sb + k.hd * p.q_sh + static_cast<int64_t>(k.row0) * p.q_sl;
-  input_grad(p, k, k.phi, q, p.q_sl, p.dq + (static_cast<int64_t>(k.bh) * p.Lq + k.row0) * p.D);
-  if (p.dW) {
-    __syncthreads();
-    load_x(p, k, /*keys=*/false);
-    proj_grad(p, k, k.phi);
+    finish_input_grads(p, k, k.phi, /*keys=*/false, rsum, i);
   }
 }
 
@@ -988,28 +1011,7 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
     load_x(p, k, /*keys=*/false);
     query_features(p, k);
     attn_block(p, k);
-    // Wm = (Yb V^T) o E on j <= i.
-    Acc acc;
-    float v[8];
-    for (int t = k.warp; t < kRT * kRT; t += kWarps) {
-      const int rt = t % kRT, ct = t / kRT, i = rt * 16 + rr;
-      T* gd = k.gm + i * kLC + ct * 16 + c0;
-      if (ct > rt) {
-#pragma unroll
-        for (int q = 0; q < 8; ++q) gd[q] = Cvt<T>::t(0.f);
-        continue;
-      }
-      wmma::fill_fragment(acc, 0.f);
-      mma_acc<T, RowM, ColM>(acc, tileA<RowM>(k.yb, k.le, rt), k.le, tileB<ColM>(k.v, k.le, ct),
-                             k.le, E1p);
-      stage8(k.stage, acc, k.lane, v);
-#pragma unroll
-      for (int q = 0; q < 8; ++q) {
-        const int j = ct * 16 + c0 + q;
-        v[q] = j <= i ? v[q] * (p.softmax ? __expf(fminf(k.r[j] - k.r[i], 0.f)) : 1.f) : 0.f;
-      }
-      store8(gd, v);
-    }
+    wm_block(p, k);
   }
   __syncthreads();
   // dv = kfac_j (khat dT) + A'^T Yb + ek G  (masked by valid).
@@ -1070,16 +1072,7 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
       }
       store8(kh, v1);
     }
-    rsum = pair_sum(rsum);
-    if ((k.lane & 1) == 0) k.red[half * kC + j] = rsum;
-    combine_rows(k.red, k.rs, false);
-  }
-  const T* kx = p.k + k.b * p.k_sb + k.hd * p.k_sh + static_cast<int64_t>(k.row0) * p.k_sl;
-  input_grad(p, k, k.kh, kx, p.k_sl, p.dk + (static_cast<int64_t>(k.bh) * p.Lk + k.row0) * p.D);
-  if (p.dW) {
-    __syncthreads();
-    load_x(p, k, /*keys=*/true);
-    proj_grad(p, k, k.kh);
+    finish_input_grads(p, k, k.kh, /*keys=*/true, rsum, j);
   }
 }
 
