@@ -30,7 +30,6 @@
 #include "cuda_emu.h"
 #else
 #include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <mma.h>
 #ifndef PANTHER_DYNAMIC_SMEM
 #define PANTHER_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
@@ -64,10 +63,6 @@ template <class T> struct Cvt;
 template <> struct Cvt<__nv_bfloat16> {
   static __device__ __forceinline__ float f(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ __nv_bfloat16 t(float x) { return __float2bfloat16(x); }
-};
-template <> struct Cvt<__half> {
-  static __device__ __forceinline__ float f(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half t(float x) { return __float2half(x); }
 };
 
 template <class T>
@@ -410,7 +405,7 @@ __device__ __forceinline__ void combine_rows(const float* red, float* out, bool 
 // Query features phi = f(pre) + ek into k.phi (kC x M), row sums into k.phisum.
 template <class T>
 __device__ void query_features(const Params<T>& p, Blk<T>& k) {
-  const int CT = p.M / 16, rr = k.lane >> 1, c0 = (k.lane & 1) * 8, half = k.warp / kRT;
+  const int CT = p.M / 16, rr = k.lane >> 1, c0 = (k.lane & 1) * 8, grp = k.warp / kRT;
   const int rt = k.warp % kRT, i = rt * 16 + rr;
   Acc acc;
   float v[8];
@@ -423,7 +418,7 @@ __device__ void query_features(const Params<T>& p, Blk<T>& k) {
       for (int q = 0; q < 8; ++q) mx = fmaxf(mx, v[q]);
     }
     mx = pair_max(mx);
-    if ((k.lane & 1) == 0) k.red[half * kC + i] = mx;
+    if ((k.lane & 1) == 0) k.red[grp * kC + i] = mx;
     combine_rows(k.red, k.rowc, true);
   }
   float sum = 0.f;
@@ -441,7 +436,7 @@ __device__ void query_features(const Params<T>& p, Blk<T>& k) {
     store8(k.phi + i * k.lm + ct * 16 + c0, v);
   }
   sum = pair_sum(sum);
-  if ((k.lane & 1) == 0) k.red[half * kC + i] = sum;
+  if ((k.lane & 1) == 0) k.red[grp * kC + i] = sum;
   combine_rows(k.red, k.phisum, false);
 }
 
@@ -536,7 +531,7 @@ __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
   load_matrix(k.w, k.lx, p.W, p.M, p.D);
   load_x(p, k, /*keys=*/true);
   load_values(p, k);
-  const int CT = p.M / 16, rr = k.lane >> 1, c0 = (k.lane & 1) * 8, half = k.warp / kRT;
+  const int CT = p.M / 16, rr = k.lane >> 1, c0 = (k.lane & 1) * 8, grp = k.warp / kRT;
   const int rt = k.warp % kRT, i = rt * 16 + rr;
   Acc acc;
   float v[8];
@@ -550,7 +545,7 @@ __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
       for (int q = 0; q < 8; ++q) mx = fmaxf(mx, v[q]);
     }
     mx = pair_max(mx);
-    if ((k.lane & 1) == 0) k.red[half * kC + i] = mx;
+    if ((k.lane & 1) == 0) k.red[grp * kC + i] = mx;
     combine_rows(k.red, k.rowc, true);
     for (int j = threadIdx.x; j < kC; j += kThreads) {
       const float aj = k.valid[j] != 0.f ? k.rowc[j] * p.xscale - k.hn[j] : -INFINITY;
@@ -877,7 +872,7 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
   PANTHER_DYNAMIC_SMEM(smem);
   const Smem L = smem_layout(kBack1, p.D, p.M, p.E1p, sizeof(T));
   Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lq);
-  const int E1p = p.E1p, Dv = p.Dv, half = k.warp / kRT, rr = k.lane >> 1;
+  const int E1p = p.E1p, Dv = p.Dv, grp = k.warp / kRT, rr = k.lane >> 1;
   load_matrix(k.w, k.lx, p.W, p.M, p.D);
   load_state(p, k);
   copy_rows(k.ys, k.le, p.g + k.b * p.g_sb + k.hd * p.g_sh + static_cast<int64_t>(k.row0) * p.g_sl,
@@ -901,7 +896,7 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
       if (e == Dv) k.den[ii] = y;
     });
     gn = pair_sum(gn);
-    if ((k.lane & 1) == 0) k.red[half * kC + i] = gn;
+    if ((k.lane & 1) == 0) k.red[grp * kC + i] = gn;
     combine_rows(k.red, k.gn, false);
   }
   // Yb = [g / den, -(g . num) / den^2] (0 where the row is past the end or sees no key).
@@ -945,7 +940,7 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
     const int i = (k.warp % kRT) * 16 + rr;
     float cy = wm_block(p, k);
     cy = pair_sum(cy);
-    if ((k.lane & 1) == 0) k.red[half * kC + i] = cy;
+    if ((k.lane & 1) == 0) k.red[grp * kC + i] = cy;
     combine_rows(k.red, k.yc, false);
   } else {
     for (int i = threadIdx.x; i < kC; i += kThreads) k.yc[i] = 0.f;
@@ -997,7 +992,7 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
   PANTHER_DYNAMIC_SMEM(smem);
   const Smem L = smem_layout(kBack2, p.D, p.M, p.E1p, sizeof(T));
   Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lk);
-  const int E1p = p.E1p, Dv = p.Dv, half = k.warp / kRT, rr = k.lane >> 1, c0 = (k.lane & 1) * 8;
+  const int E1p = p.E1p, Dv = p.Dv, grp = k.warp / kRT, rr = k.lane >> 1, c0 = (k.lane & 1) * 8;
   const int CT = p.M / 16, ET = E1p / 16;
   load_matrix(k.w, k.lx, p.W, p.M, p.D);
   load_state(p, k);  // dT_c and G_c
