@@ -51,6 +51,30 @@ def test_cross_attention_lengths_differ():
     torch.testing.assert_close(out, manual_forward(layer, q, kv, kv), rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_shared_inputs_take_fused_projection_with_same_values_and_grads(bias):
+    """query is key is value (one GEMM for q, k, v) and key is value (one for k, v) must give the
+    values and gradients of the three separate projections."""
+    torch.manual_seed(3)
+    layer = small_layer(bias=bias, dtype=torch.float64)
+    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    y = torch.randn(2, 7, 32, dtype=torch.float64)
+
+    def run(q_in, k_in, v_in):
+        out = layer(q_in, k_in, v_in)[0]
+        grads = torch.autograd.grad(out.square().sum(), list(layer.parameters()))
+        return out, grads
+
+    for args, split_args in (((x, x, x), (x, x.clone(), x.clone())),
+                             ((y, x, x), (y, x, x.clone()))):
+        out, grads = run(*args)
+        ref, ref_grads = run(*split_args)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out, manual_forward(layer, *args), rtol=1e-9, atol=1e-10)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
 def test_mask_conventions_agree():
     torch.manual_seed(1)
     layer = small_layer(dtype=torch.float64)

@@ -260,9 +260,27 @@ class RandMultiHeadAttention(nn.Module):
             )
         kpm = self._padding_mask(B, Lk, attention_mask, key_padding_mask)
         H, hd = self.num_heads, self.head_dim
-        q = F.linear(query, self.Wq, self.bq).view(B, Lq, H, hd).transpose(1, 2)
-        k = F.linear(key, self.Wk, self.bk).view(B, Lk, H, hd).transpose(1, 2)
-        v = F.linear(value, self.Wv, self.bv).view(B, Lk, H, hd).transpose(1, 2)
+        # Self-attention (query is key is value) projects q, k and v with one GEMM on the
+        # concatenated weight, and key is value projects k and v with one: fewer launches, which
+        # is what bounds short sequences. The heads stay strided views; the op reads them in place.
+        bq, bk, bv = self.bq, self.bk, self.bv
+        if query is key and key is value:
+            b3: Optional[Tensor] = None
+            if bq is not None and bk is not None and bv is not None:
+                b3 = torch.cat([bq, bk, bv])
+            qkv = F.linear(query, torch.cat([self.Wq, self.Wk, self.Wv]), b3)
+            q, k, v = qkv.view(B, Lq, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q = F.linear(query, self.Wq, bq).view(B, Lq, H, hd).transpose(1, 2)
+            if key is value:
+                b2: Optional[Tensor] = None
+                if bk is not None and bv is not None:
+                    b2 = torch.cat([bk, bv])
+                kv = F.linear(key, torch.cat([self.Wk, self.Wv]), b2)
+                k, v = kv.view(B, Lk, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+            else:
+                k = F.linear(key, self.Wk, bk).view(B, Lk, H, hd).transpose(1, 2)
+                v = F.linear(value, self.Wv, bv).view(B, Lk, H, hd).transpose(1, 2)
         ctx = torch.ops.panther.favor_attention(q, k, v, self.projection_matrix, self.kernel_fn, causal, kpm)
         ctx = ctx.transpose(1, 2).reshape(B, Lq, E)
         if self.training and self.dropout > 0:  # (p = 0 would still cost a launch)
