@@ -104,6 +104,24 @@ def test_no_valid_key_gives_zero(causal):
                                rtol=1e-9, atol=1e-10)
 
 
+def _devices():
+    return ["cpu", "meta"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_output_is_laid_out_heads_last(device, dtype, causal):
+    """Every backend returns (B, H, Lq, Dv) with (B, Lq, H, Dv) memory, so that merging the heads
+    is a view; Meta must agree with the real kernels (torch.compile relies on its strides)."""
+    q, k, v, W, _ = make_inputs(2, 3, 70, 70, 16, 16, 32, dtype=dtype)
+    q, k, v, W = (t.to(device) for t in (q, k, v, W))
+    out = op(q, k, v, W.to(dtype), "softmax", causal, None)
+    assert out.shape == (2, 3, 70, 16)
+    assert out.stride() == (70 * 3 * 16, 16, 3 * 16, 1)
+    assert out.transpose(1, 2).is_contiguous()
+
+
 def test_zero_length_keys():
     q, _, _, W, _ = make_inputs(2, 2, 5, 5, 4, 3, 8)
     k = torch.randn(2, 2, 0, 4, dtype=torch.float64)

@@ -85,7 +85,8 @@ struct Params {
                           // backward's d phi is a small difference of large terms)
   T* hs;                  // (BH, nk|1, M*E1p) scanned states (forward H, backward dT)
   float* hx;              // (BH, nk|1, E1p) scanned extra row (forward sum v, backward G)
-  T* out;                 // (BH, Lq, Dv)
+  T* out;                 // (B, H, Lq, Dv), strides o_sb, o_sh, o_sl (last dim dense)
+  int64_t o_sb, o_sh, o_sl;
   T *dq, *dk, *dv;        // (BH, Lq|Lk|Lk, D|D|Dv)
   T* yb;                  // (BH, nq*kC, E1p) backward: Yb
   float* dW;              // (M, D) fp32 accumulator, or null
@@ -756,11 +757,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params<T> p) {
   const int E1p = p.E1p;
   y_tiles(p, k, [&](int i, int e, float y) { Y[i * E1p + e] = y; });
   __syncthreads();
-  T* out = p.out + (static_cast<int64_t>(k.bh) * p.Lq + k.row0) * p.Dv;
+  T* out = p.out + k.b * p.o_sb + k.hd * p.o_sh + static_cast<int64_t>(k.row0) * p.o_sl;
   for (int i = k.warp; i < k.rows; i += kWarps) {
     const float den = Y[i * E1p + p.Dv];
     const float inv = den == 0.f ? 0.f : 1.f / den;
-    for (int e = k.lane; e < p.Dv; e += 32) out[i * p.Dv + e] = Cvt<T>::t(Y[i * E1p + e] * inv);
+    for (int e = k.lane; e < p.Dv; e += 32) out[i * p.o_sl + e] = Cvt<T>::t(Y[i * E1p + e] * inv);
   }
 }
 
@@ -1256,8 +1257,9 @@ at::Tensor forward(const detail::FavorDims& d, const at::Tensor& query, const at
                    const at::Tensor& value, const at::Tensor& projection, bool causal,
                    const std::optional<at::Tensor>& mask) {
   host::Run<T> run(d, causal, query, key, value, projection, mask);
-  at::Tensor out = at::empty({d.B, d.H, d.Lq, d.Dv}, query.options());
+  at::Tensor out = detail::favor_output(d, query.options());
   run.p.out = reinterpret_cast<T*>(out.data_ptr());
+  run.p.o_sb = out.stride(0), run.p.o_sh = out.stride(1), run.p.o_sl = out.stride(2);
   run.states();
   PANTHER_FUSED_LAUNCH(forward_kernel<T>, dim3(run.p.nq, run.p.BH), dim3(kThreads),
                        run.layout[kForward].total, run.p);

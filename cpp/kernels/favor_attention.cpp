@@ -321,7 +321,7 @@ at::Tensor favor_forward(const FavorDims& d, const at::Tensor& query, const at::
   const auto dt = query.scalar_type();
   if (d.B * d.H * d.Lq * d.Dv == 0 || d.Lk == 0) {
     // No output, or no key at all: every query sees nothing and its output is 0.
-    return at::zeros({d.B, d.H, d.Lq, d.Dv}, query.options());
+    return favor_output(d, query.options()).zero_();
   }
   Prepared p = prepare(d, query, key, value, projection, causal, key_padding_mask);
   at::Tensor Y;
@@ -335,8 +335,9 @@ at::Tensor favor_forward(const FavorDims& d, const at::Tensor& query, const at::
   at::Tensor num = Y.narrow(-1, 0, d.Dv), den = Y.narrow(-1, d.Dv, 1);
   // den > 0 whenever a query sees a valid key (every feature is >= eps > 0); a query that sees
   // none (all keys padded) outputs 0.
-  at::Tensor out = num / at::where(den == 0, 1.0, den);
-  return out.to(dt).reshape({d.B, d.H, d.Lq, d.Dv});
+  at::Tensor res = favor_output(d, query.options());
+  res.copy_((num / at::where(den == 0, 1.0, den)).reshape({d.B, d.H, d.Lq, d.Dv}));
+  return res;
 }
 
 FavorGrads favor_backward(const FavorDims& d, const at::Tensor& grad_output,

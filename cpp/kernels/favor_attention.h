@@ -47,7 +47,14 @@ at::Tensor chunk_scan_generic(const at::Tensor& x, const at::Tensor& a, bool rev
 // CPU: one pass of plain loops, parallel over (batch*head, state entries).
 at::Tensor chunk_scan_cpu(const at::Tensor& x, const at::Tensor& a, bool reverse);
 
-// Output (B, H, Lq, Dv) in the query's dtype (fp16/bf16 computed in fp32).
+// The op's output: shape (B, H, Lq, Dv) laid out as (B, Lq, H, Dv) in memory, so that
+// out.transpose(1, 2).reshape(B, Lq, H * Dv) (merging the heads) is a view, as with
+// scaled_dot_product_attention's fused kernels. Every backend, Meta included, returns this layout.
+inline at::Tensor favor_output(const FavorDims& d, const at::TensorOptions& options) {
+  return at::empty({d.B, d.Lq, d.H, d.Dv}, options).transpose(1, 2);
+}
+
+// Output (B, H, Lq, Dv) in the query's dtype (fp16/bf16 computed in fp32), as favor_output.
 at::Tensor favor_forward(const FavorDims& d, const at::Tensor& query, const at::Tensor& key,
                          const at::Tensor& value, const at::Tensor& projection, bool causal,
                          const std::optional<at::Tensor>& key_padding_mask, int64_t chunk,

@@ -15,7 +15,7 @@ at::Tensor favor_attention_meta(const at::Tensor& query, const at::Tensor& key,
                                 const std::optional<at::Tensor>& key_padding_mask) {
   const FavorDims d = check_favor_attention("panther::favor_attention", query, key, value,
                                             projection, kernel, causal, key_padding_mask);
-  return at::empty({d.B, d.H, d.Lq, d.Dv}, query.options());
+  return favor_output(d, query.options());
 }
 
 FavorGrads favor_attention_backward_meta(const at::Tensor& grad_output, const at::Tensor& query,

@@ -36,7 +36,9 @@ def favor_attention(
 
     Shapes: query ``(B, H, Lq, D)``, key ``(B, H, Lk, D)``, value ``(B, H, Lk, Dv)``,
     projection ``(M, D)`` (random features shared by the heads), key_padding_mask ``(B, Lk)``
-    bool with True = padded key (ignored) -> ``(B, H, Lq, Dv)`` in the query's dtype.
+    bool with True = padded key (ignored) -> ``(B, H, Lq, Dv)`` in the query's dtype, laid out
+    as ``(B, Lq, H, Dv)`` in memory (like scaled_dot_product_attention's fused kernels), so
+    merging the heads with ``out.transpose(1, 2).reshape(B, Lq, H * Dv)`` is a view.
 
     ``kernel``: ``"softmax"`` (positive random features,
     ``phi(x) = M^-1/2 (exp(x' w - |x'|^2/2 - c) + 1e-6)``, ``x' = x D^-1/4``, an unbiased

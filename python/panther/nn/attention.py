@@ -282,6 +282,7 @@ class RandMultiHeadAttention(nn.Module):
                 k = F.linear(key, self.Wk, bk).view(B, Lk, H, hd).transpose(1, 2)
                 v = F.linear(value, self.Wv, bv).view(B, Lk, H, hd).transpose(1, 2)
         ctx = torch.ops.panther.favor_attention(q, k, v, self.projection_matrix, self.kernel_fn, causal, kpm)
+        # A view, not a copy: the op lays its (B, H, Lq, hd) output out as (B, Lq, H, hd).
         ctx = ctx.transpose(1, 2).reshape(B, Lq, E)
         if self.training and self.dropout > 0:  # (p = 0 would still cost a launch)
             ctx = F.dropout(ctx, p=self.dropout, training=True)
