@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda/sketch_small.cuh"
 #include "kernels/sketched_linear.h"
 
 namespace panther::cuda {
@@ -140,72 +141,20 @@ __global__ void unpack_grads_kernel(const float* __restrict__ rawA, const float*
 // ---- Few-token forward (decode-sized batches) ---------------------------------------------
 // With a handful of tokens the GEMMs are tiny and the cost is the host's: packing, two cuBLAS
 // calls and the split each cost a launch and tens of microseconds of CPU. Two direct kernels read
-// the sketches in their own layout instead, accumulate in fp32 and round the output once.
-constexpr int64_t kSmallTokens = 128;    // tokens at or below which the direct path is used
-constexpr int64_t kSmallCols = 32;       // columns of T per block in small_xa_kernel
-constexpr int kSmallRows = 2;            // tokens per block in small_xa_kernel
-constexpr int kSmallThreads = 256;
+// the sketches in their own layout instead, accumulate in fp32 and round the output once: the
+// split-K partials of x A (sketch::reduce_block, shared with the few-token backward in
+// sketch_small.cuh) and small_tb_kernel.
+using sketch::kSmallTokens;
 constexpr int kTileRows = 8;             // tokens per pass in small_tb_kernel
 
-// Partial products over a slice of d_in (split-K, so a few tokens still fill the GPU):
-//   P[z, n, c] = sum_{i in slice z} x[n, i] A(i, c),
-// A(i, c) = S1s[l, i, j] for c = l k + j < Lk, U2s[l, i, j] for c = Lk + l k + j.
+// P[z, n, c] = sum_{i in slice z} x[n, i] A(i, c). grid (row blocks, column blocks, splits).
 template <typename T>
-__global__ void small_xa_kernel(const T* __restrict__ x, const T* __restrict__ S1,
-                                const T* __restrict__ U2, float* __restrict__ P, int64_t N,
-                                int64_t d_in, int64_t L, int64_t k, int64_t slice) {
-  const int64_t Lk = L * k, C = 2 * Lk;
-  const int64_t n0 = blockIdx.x * kSmallRows, c0 = blockIdx.y * kSmallCols;
-  const int64_t i0 = blockIdx.z * slice, i1 = (i0 + slice < d_in) ? i0 + slice : d_in;
-  const int64_t cleft = C - c0;
-  const int ncols = static_cast<int>(cleft < kSmallCols ? cleft : kSmallCols);
-  // Column c of this block reads src[c][i * k] (its term's block of S1s or U2s).
-  __shared__ const T* src[kSmallCols];
-  if (threadIdx.x < kSmallCols) {
-    const int64_t tc = static_cast<int64_t>(threadIdx.x) < ncols ? threadIdx.x : ncols - 1;
-    const int64_t cc = c0 + tc;
-    const bool second = cc >= Lk;
-    const int64_t t = second ? cc - Lk : cc, l = t / k, j = t - l * k;
-    src[threadIdx.x] = (second ? U2 : S1) + l * d_in * k + j;
-  }
-  __syncthreads();
-  float acc[kSmallRows][kSmallCols];
-#pragma unroll
-  for (int r = 0; r < kSmallRows; ++r)
-#pragma unroll
-    for (int c = 0; c < kSmallCols; ++c) acc[r][c] = 0.f;
-  for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
-    float xv[kSmallRows];
-#pragma unroll
-    for (int r = 0; r < kSmallRows; ++r)
-      xv[r] = (n0 + r < N) ? static_cast<float>(x[(n0 + r) * d_in + i]) : 0.f;
-    const int64_t ik = i * k;
-#pragma unroll
-    for (int c = 0; c < kSmallCols; ++c) {
-      const float a = c < ncols ? static_cast<float>(src[c][ik]) : 0.f;
-#pragma unroll
-      for (int r = 0; r < kSmallRows; ++r) acc[r][c] += xv[r] * a;
-    }
-  }
-  // Block reduction of every acc entry: warp shuffles, then one value per warp through smem.
-  __shared__ float part[kSmallThreads / 32][kSmallRows * kSmallCols];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int r = 0; r < kSmallRows; ++r)
-#pragma unroll
-    for (int c = 0; c < kSmallCols; ++c) {
-      float v = acc[r][c];
-      for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-      if (lane == 0) part[warp][r * kSmallCols + c] = v;
-    }
-  __syncthreads();
-  for (int e = threadIdx.x; e < kSmallRows * kSmallCols; e += blockDim.x) {
-    const int r = e / kSmallCols, c = e - r * kSmallCols;
-    if (n0 + r >= N || c >= ncols) continue;
-    float v = 0.f;
-    for (int w = 0; w < kSmallThreads / 32; ++w) v += part[w][e];
-    P[(blockIdx.z * N + n0 + r) * C + c0 + c] = v;
-  }
+__global__ void __launch_bounds__(sketch::kThreads) small_xa_kernel(
+    const T* __restrict__ x, sketch::Cols<const T> A, float* __restrict__ P, int64_t N,
+    int64_t d_in, int64_t C, int64_t slice) {
+  PANTHER_DYNAMIC_SMEM(smem);
+  sketch::reduce_block(x, N, d_in, A, C, P, blockIdx.x * sketch::kRedRows,
+                       blockIdx.y * sketch::kRedCols, blockIdx.z, slice, smem);
 }
 
 // y[n, o] = sum_c T[n, c] B(c, o) + bias[o] with T = s * sum_z P[z] and B(c, o) = U1s row c
@@ -277,8 +226,8 @@ std::tuple<at::Tensor, at::Tensor> forward_small(const at::Tensor& x2, const at:
   at::Tensor y = at::empty({d.N, d.d_out}, x.options());
   if (d.N == 0) return {y, saved};
   // Split d_in into slices of at least 512 so that about 4 blocks per SM are busy.
-  const int64_t row_blocks = (d.N + kSmallRows - 1) / kSmallRows;
-  const int64_t col_blocks = (C + kSmallCols - 1) / kSmallCols;
+  const int64_t row_blocks = (d.N + sketch::kRedRows - 1) / sketch::kRedRows;
+  const int64_t col_blocks = (C + sketch::kRedCols - 1) / sketch::kRedCols;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   int64_t splits = std::max<int64_t>(1, std::min<int64_t>((d.d_in + 511) / 512,
                                                           (4 * sms) / (row_blocks * col_blocks)));
@@ -294,9 +243,10 @@ std::tuple<at::Tensor, at::Tensor> forward_small(const at::Tensor& x2, const at:
   const size_t smem2 = kTileRows * C * sizeof(float);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "panther_small_forward", [&] {
     if (d.d_in > 0) {
-      small_xa_kernel<scalar_t><<<grid1, kSmallThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), s1.data_ptr<scalar_t>(), u2.data_ptr<scalar_t>(),
-          P.data_ptr<float>(), d.N, d.d_in, d.L, d.k, slice);
+      const sketch::Cols<const scalar_t> A{s1.data_ptr<scalar_t>(), u2.data_ptr<scalar_t>(), Lk,
+                                           d.k, d.d_in * d.k, 1, d.k};
+      small_xa_kernel<scalar_t><<<grid1, sketch::kThreads, sketch::kReduceSmem, stream>>>(
+          x.data_ptr<scalar_t>(), A, P.data_ptr<float>(), d.N, d.d_in, C, slice);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     small_tb_kernel<scalar_t><<<grid2, kOutThreads, smem2, stream>>>(
@@ -360,6 +310,14 @@ Grads6 backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const 
   const SketchDims d = check_sketched_linear("panther::_sketched_linear_backward", input, S1s, S2s,
                                              U1s, U2s, std::nullopt);
   const c10::cuda::CUDAGuard guard(input.device());
+  if (sketch::small_backward_applies(d, input.scalar_type())) {
+    Grads6 out;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                    "panther_small_backward", [&] {
+      out = sketch::small_backward<scalar_t>(grad_out, input, saved, S1s, S2s, U1s, U2s, d, mask);
+    });
+    return out;
+  }
   const double scale = 1.0 / (2.0 * static_cast<double>(d.L));
   const auto dt = input.scalar_type();
   const int64_t Lk = d.L * d.k;

@@ -1,0 +1,76 @@
+"""Developer probe (not part of the suite): GPU time per kernel, and host submit vs total time, of
+the calls whose targets are missed: SKLinear bf16 forward at 8192 tokens, SKLinear bf16
+forward+backward at 64 tokens, causal favor_attention forward+backward at 16k (bf16, 12 x 64
+heads, M=256) and the RandMultiHeadAttention forward at 1k."""
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import panther as pr
+
+dev, dt = "cuda", torch.bfloat16
+
+
+def timing(name, fn, n=30):
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    print(f"{name}: host submit {1e6 * (t1 - t0) / n:8.1f} us/call, total {1e6 * (t2 - t0) / n:8.1f} us/call")
+
+
+def kernels(name, fn, reps=5):
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / reps, e.count // reps) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    print(f"-- {name}: GPU kernel time per call {total:.1f} us")
+    for k, t, c in rows[:12]:
+        print(f"   {t:9.1f} us  x{c:<3d} {k[:90]}")
+
+
+torch.manual_seed(0)
+sk = pr.nn.SKLinear(8192, 8192, 1, 16, device=dev, dtype=dt)
+lin = torch.nn.Linear(8192, 8192, device=dev, dtype=dt)
+x = torch.randn(8192, 8192, device=dev, dtype=dt)
+with torch.no_grad():
+    kernels("SKLinear fwd N=8192", lambda: sk(x))
+    kernels("nn.Linear fwd N=8192", lambda: lin(x))
+x64 = torch.randn(64, 8192, device=dev, dtype=dt, requires_grad=True)
+g64 = torch.randn(64, 8192, device=dev, dtype=dt)
+sk_params = [x64] + list(sk.parameters())
+lin_params = [x64] + list(lin.parameters())
+fb_sk = lambda: torch.autograd.grad(sk(x64), sk_params, g64)  # noqa: E731
+fb_lin = lambda: torch.autograd.grad(lin(x64), lin_params, g64)  # noqa: E731
+timing("SKLinear fwd+bwd N=64", fb_sk)
+timing("nn.Linear fwd+bwd N=64", fb_lin)
+kernels("SKLinear fwd+bwd N=64", fb_sk)
+
+L = 16384
+q, k, v = (torch.randn(1, 12, L, 64, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
+W = torch.randn(256, 64, device=dev, dtype=dt)
+go = torch.randn(1, 12, L, 64, device=dev, dtype=dt)
+op = torch.ops.panther.favor_attention
+kernels("favor causal fwd+bwd 16k", lambda: torch.autograd.grad(op(q, k, v, W, "softmax", True, None), [q, k, v], go))
+
+m = pr.nn.RandMultiHeadAttention(768, 12, 256, iscausal=True, device=dev, dtype=dt)
+x1 = torch.randn(1, 1024, 768, device=dev, dtype=dt)
+with torch.no_grad():
+    timing("module causal fwd 1k", lambda: m(x1, x1, x1))
+    q1 = torch.randn(1, 12, 1024, 64, device=dev, dtype=dt)
+    timing("op causal fwd 1k", lambda: op(q1, q1, q1, m.projection_matrix, "softmax", True, None))
+    timing("1 linear 1k", lambda: F.linear(x1, m.Wq, m.bq))
+    kernels("module causal fwd 1k", lambda: m(x1, x1, x1))
