@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds and runs hand-written CUDA kernels on the CPU emulator (tests/emu), comparing them with
-# the ATen implementations: the fused FAVOR+ kernels (favor_fused_test) and the few-token
-# sketched-linear backward (sketch_small_test). No GPU or CUDA toolkit needed.
+# the ATen implementations: the fused FAVOR+ kernels (favor_fused_test) and sketched_linear's
+# few-token backward and many-token first GEMM (sketch_test). No GPU or CUDA toolkit needed.
 # Usage: scripts/emu_test.sh [quick]   (quick: one FAVOR+ case)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ build() {  # name, sources...
     "$@" -L"$T/lib" -ltorch -ltorch_cpu -lc10 -Wl,-rpath,"$T/lib" -o "$out/$name"
 }
 build favor_fused_test tests/emu/favor_fused_test.cpp cpp/kernels/favor_attention.cpp &
-build sketch_small_test tests/emu/sketch_small_test.cpp &
+build sketch_test tests/emu/sketch_test.cpp &
 wait %1 && wait %2
-"$out/sketch_small_test"
+"$out/sketch_test"
 "$out/favor_fused_test" "$@"

@@ -26,6 +26,23 @@ def timing(name, fn, n=30):
     print(f"{name}: host submit {1e6 * (t1 - t0) / n:8.1f} us/call, total {1e6 * (t2 - t0) / n:8.1f} us/call")
 
 
+def latency(name, fn, n=30):
+    """One call between two events on an idle GPU, as bench/python times it (median)."""
+    for _ in range(5):
+        fn()
+    ts = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e) * 1e3)
+    ts.sort()
+    print(f"{name}: single-call latency median {ts[len(ts) // 2]:8.1f} us, min {ts[0]:8.1f} us")
+
+
 def kernels(name, fn, reps=5):
     fn()
     torch.cuda.synchronize()
@@ -57,6 +74,12 @@ fb_sk = lambda: torch.autograd.grad(sk(x64), sk_params, g64)  # noqa: E731
 fb_lin = lambda: torch.autograd.grad(lin(x64), lin_params, g64)  # noqa: E731
 timing("SKLinear fwd+bwd N=64", fb_sk)
 timing("nn.Linear fwd+bwd N=64", fb_lin)
+latency("SKLinear fwd+bwd N=64", fb_sk)
+latency("nn.Linear fwd+bwd N=64", fb_lin)
+with torch.no_grad():
+    latency("SKLinear fwd N=64", lambda: sk(x64))
+    latency("nn.Linear fwd N=64", lambda: lin(x64))
+    kernels("SKLinear fwd N=64", lambda: sk(x64))
 kernels("SKLinear fwd+bwd N=64", fb_sk)
 
 L = 16384
@@ -73,4 +96,12 @@ with torch.no_grad():
     q1 = torch.randn(1, 12, 1024, 64, device=dev, dtype=dt)
     timing("op causal fwd 1k", lambda: op(q1, q1, q1, m.projection_matrix, "softmax", True, None))
     timing("1 linear 1k", lambda: F.linear(x1, m.Wq, m.bq))
+    latency("module causal fwd 1k", lambda: m(x1, x1, x1))
+    latency("op causal fwd 1k", lambda: op(q1, q1, q1, m.projection_matrix, "softmax", True, None))
+    latency("SDPA causal fwd 1k", lambda: F.scaled_dot_product_attention(q1, q1, q1, is_causal=True))
+    latency("empty (events only)", lambda: None)
     kernels("module causal fwd 1k", lambda: m(x1, x1, x1))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            m(x1, x1, x1)
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=16, max_name_column_width=50))

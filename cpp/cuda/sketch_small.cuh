@@ -146,6 +146,7 @@ __device__ void outer_block(const T* X, int64_t N, int64_t R, const float* Ts, i
   float acc[kColTile];
 #pragma unroll
   for (int c = 0; c < kColTile; ++c) acc[c] = 0.f;
+#pragma unroll 4
   for (int64_t n = 0; n < N; ++n) {
     const float xv = to_f(X[n * R + r]);
 #pragma unroll
@@ -194,8 +195,8 @@ __global__ void __launch_bounds__(kThreads) small_bwd1_kernel(SmallBwd<T> p) {
   outer_block(p.g, p.N, p.d_out, Ts, rt * kThreads, c0, ncols, p.dB, p.dbias, p.C);
 }
 
-// Launch 2: blocks [0, dx_blocks) form dx = s dT A^T (rows of d_in, all tokens); the rest form
-// dA = s x^T dT. Each block sums the split-K partials of dT it needs.
+// Launch 2: blocks [0, dx_blocks) form dx = s dT A^T (a d_in tile x a token tile each); the
+// rest form dA = s x^T dT. Each block sums the split-K partials of dT it needs.
 template <class T>
 __global__ void __launch_bounds__(kThreads) small_bwd2_kernel(SmallBwd<T> p) {
   PANTHER_DYNAMIC_SMEM(smem);
@@ -206,27 +207,28 @@ __global__ void __launch_bounds__(kThreads) small_bwd2_kernel(SmallBwd<T> p) {
     return v * p.scale;
   };
   if (b < p.dx_blocks) {
+    // One (d_in tile, token tile) per block: the latency-bound column loop runs once per block.
+    const int64_t itiles = (p.d_in + kThreads - 1) / kThreads;
+    const int64_t n0 = (b / itiles) * kTileRows;
     const T** acol = reinterpret_cast<const T**>(smem);                 // C column pointers
     float* tile = reinterpret_cast<float*>(smem + C * sizeof(T*));     // kTileRows x C
     for (int64_t c = threadIdx.x; c < C; c += kThreads) acol[c] = p.A.col(c);
-    const int64_t i = b * kThreads + threadIdx.x;
+    const int rows = static_cast<int>(N - n0 < kTileRows ? N - n0 : kTileRows);
+    for (int64_t e = threadIdx.x; e < rows * C; e += kThreads) tile[e] = dT(n0 + e / C, e % C);
+    __syncthreads();
+    const int64_t i = (b % itiles) * kThreads + threadIdx.x;
+    if (i >= p.d_in) return;
     const int64_t es = p.A.estride;
-    for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
-      const int rows = static_cast<int>(N - n0 < kTileRows ? N - n0 : kTileRows);
-      __syncthreads();
-      for (int64_t e = threadIdx.x; e < rows * C; e += kThreads) tile[e] = dT(n0 + e / C, e % C);
-      __syncthreads();
-      if (i >= p.d_in) continue;
-      float acc[kTileRows];
+    float acc[kTileRows];
 #pragma unroll
-      for (int r = 0; r < kTileRows; ++r) acc[r] = 0.f;
-      for (int64_t c = 0; c < C; ++c) {
-        const float a = to_f(acol[c][i * es]);
+    for (int r = 0; r < kTileRows; ++r) acc[r] = 0.f;
+#pragma unroll 8
+    for (int64_t c = 0; c < C; ++c) {
+      const float a = to_f(acol[c][i * es]);
 #pragma unroll
-        for (int r = 0; r < kTileRows; ++r) acc[r] += tile[r * C + c] * a;
-      }
-      for (int r = 0; r < rows; ++r) p.dx[(n0 + r) * p.d_in + i] = static_cast<T>(acc[r]);
+      for (int r = 0; r < kTileRows; ++r) acc[r] += tile[r * C + c] * a;
     }
+    for (int r = 0; r < rows; ++r) p.dx[(n0 + r) * p.d_in + i] = static_cast<T>(acc[r]);
     return;
   }
   // dA role: tile (rows of d_in) x (kColTile columns of C).
@@ -342,7 +344,7 @@ detail::Grads6 small_backward(const at::Tensor& grad_out, const at::Tensor& inpu
     PANTHER_SKETCH_LAUNCH(small_bwd1_kernel<T>, static_cast<unsigned>(p.red_blocks + p.db_blocks),
                           std::max(kReduceSmem, smem_outer), p);
   const int64_t d_in_tiles = (d.d_in + kThreads - 1) / kThreads;
-  p.dx_blocks = mask[0] ? static_cast<int>(d_in_tiles) : 0;
+  p.dx_blocks = mask[0] ? static_cast<int>(d_in_tiles * ((d.N + kTileRows - 1) / kTileRows)) : 0;
   const int64_t da_blocks = (mask[1] || mask[4]) ? d_in_tiles * ((C + kColTile - 1) / kColTile) : 0;
   const size_t smem_dx = C * sizeof(T*) + kTileRows * C * sizeof(float);
   if (p.dx_blocks + da_blocks > 0)

@@ -4,12 +4,16 @@
 // the second GEMM as an exact split T = hi + lo ([hi | lo] against [B; B]), so the only rounding
 // to low precision is that of the output, as in a dense fp16/bf16 nn.Linear. The split costs a
 // K of 4Lk instead of 2Lk in a GEMM whose time is set by writing the (N, d_out) output.
+// Where it applies, the first GEMM and the split are one kernel reading the sketches in place
+// (sketch_xa.cuh); up to kSmallTokens tokens, forward and backward use direct kernels instead
+// of cuBLAS (sketch_small.cuh and small_tb_kernel below).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "cuda/sketch_small.cuh"
+#include "cuda/sketch_xa.cuh"
 #include "kernels/sketched_linear.h"
 
 namespace panther::cuda {
@@ -158,8 +162,10 @@ __global__ void __launch_bounds__(sketch::kThreads) small_xa_kernel(
 }
 
 // y[n, o] = sum_c T[n, c] B(c, o) + bias[o] with T = s * sum_z P[z] and B(c, o) = U1s row c
-// (c < Lk) or S2s row c - Lk. Block 0 also writes the saved intermediate in the big path's
-// layout ([T | 1 0..] for fp32, [hi | lo | 1 0..] in the input dtype for fp16/bf16).
+// (c < Lk) or S2s row c - Lk. grid (column blocks, token tiles of kTileRows): one tile per block,
+// so the (latency-bound) column loop runs once per block. Blocks of column block 0 also write
+// their tokens' saved intermediate in the big path's layout ([T | 1 0..] for fp32,
+// [hi | lo | 1 0..] in the input dtype for fp16/bf16).
 template <typename T>
 __global__ void small_tb_kernel(const float* __restrict__ P, int64_t splits,
                                 const T* __restrict__ U1, const T* __restrict__ S2,
@@ -169,42 +175,43 @@ __global__ void small_tb_kernel(const float* __restrict__ P, int64_t splits,
   extern __shared__ float tile[];  // kTileRows x 2Lk
   const int64_t C = 2 * Lk;
   const int64_t o = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const float b = (bias != nullptr && o < d_out) ? static_cast<float>(bias[o]) : 0.f;
-  for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
-    const int64_t left = N - n0;
-    const int rows = static_cast<int>(left < kTileRows ? left : kTileRows);
-    __syncthreads();
-    for (int64_t e = threadIdx.x; e < rows * C; e += blockDim.x) {
-      float v = 0.f;
-      for (int64_t z = 0; z < splits; ++z) v += P[(z * N + n0) * C + e];
-      v *= scale;
-      tile[e] = v;
-      if (saved != nullptr && blockIdx.x == 0) {
-        const int64_t n = n0 + e / C, c = e % C, ld = (split ? 2 * C : C) + kSavedPad;
-        const T hi = static_cast<T>(v);
-        saved[n * ld + c] = hi;
-        if (split) saved[n * ld + C + c] = static_cast<T>(v - static_cast<float>(hi));
-      }
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTileRows;
+  const int64_t left = N - n0;
+  const int rows = static_cast<int>(left < kTileRows ? left : kTileRows);
+  const bool write_saved = saved != nullptr && blockIdx.x == 0;
+  const int64_t ld = (split ? 2 * C : C) + kSavedPad;
+  for (int64_t e = threadIdx.x; e < rows * C; e += blockDim.x) {
+    float v = 0.f;
+    for (int64_t z = 0; z < splits; ++z) v += P[(z * N + n0) * C + e];
+    v *= scale;
+    tile[e] = v;
+    if (write_saved) {
+      const int64_t n = n0 + e / C, c = e % C;
+      const T hi = static_cast<T>(v);
+      saved[n * ld + c] = hi;
+      if (split) saved[n * ld + C + c] = static_cast<T>(v - static_cast<float>(hi));
     }
-    if (saved != nullptr && blockIdx.x == 0) {  // the pad columns [1, 0, ..., 0]
-      const int64_t ld = (split ? 2 * C : C) + kSavedPad;
-      for (int64_t e = threadIdx.x; e < rows * kSavedPad; e += blockDim.x) {
-        const int64_t n = n0 + e / kSavedPad, q = e % kSavedPad;
-        saved[n * ld + (split ? 2 * C : C) + q] = static_cast<T>(q == 0 ? 1.f : 0.f);
-      }
-    }
-    __syncthreads();
-    if (o >= d_out) continue;
-    float acc[kTileRows];
-#pragma unroll
-    for (int r = 0; r < kTileRows; ++r) acc[r] = b;
-    for (int64_t c = 0; c < C; ++c) {
-      const float bv = static_cast<float>(c < Lk ? U1[c * d_out + o] : S2[(c - Lk) * d_out + o]);
-#pragma unroll
-      for (int r = 0; r < kTileRows; ++r) acc[r] += tile[r * C + c] * bv;
-    }
-    for (int r = 0; r < rows; ++r) y[(n0 + r) * d_out + o] = static_cast<T>(acc[r]);
   }
+  if (write_saved) {  // the pad columns [1, 0, ..., 0]
+    for (int64_t e = threadIdx.x; e < rows * kSavedPad; e += blockDim.x) {
+      const int64_t n = n0 + e / kSavedPad, q = e % kSavedPad;
+      saved[n * ld + (split ? 2 * C : C) + q] = static_cast<T>(q == 0 ? 1.f : 0.f);
+    }
+  }
+  __syncthreads();
+  if (o >= d_out) return;
+  const float b = bias != nullptr ? static_cast<float>(bias[o]) : 0.f;
+  float acc[kTileRows];
+#pragma unroll
+  for (int r = 0; r < kTileRows; ++r) acc[r] = b;
+  // Unrolled so that several rows of B are loaded before their products are needed.
+#pragma unroll 8
+  for (int64_t c = 0; c < C; ++c) {
+    const float bv = static_cast<float>(c < Lk ? U1[c * d_out + o] : S2[(c - Lk) * d_out + o]);
+#pragma unroll
+    for (int r = 0; r < kTileRows; ++r) acc[r] += tile[r * C + c] * bv;
+  }
+  for (int r = 0; r < rows; ++r) y[(n0 + r) * d_out + o] = static_cast<T>(acc[r]);
 }
 
 // The direct few-token forward; `want_saved` also builds the intermediate autograd keeps.
@@ -239,7 +246,8 @@ std::tuple<at::Tensor, at::Tensor> forward_small(const at::Tensor& x2, const at:
   const dim3 grid1(static_cast<unsigned>(row_blocks), static_cast<unsigned>(col_blocks),
                    static_cast<unsigned>(splits));
   constexpr int kOutThreads = 128;
-  const unsigned grid2 = static_cast<unsigned>((d.d_out + kOutThreads - 1) / kOutThreads);
+  const dim3 grid2(static_cast<unsigned>((d.d_out + kOutThreads - 1) / kOutThreads),
+                   static_cast<unsigned>((d.N + kTileRows - 1) / kTileRows));
   const size_t smem2 = kTileRows * C * sizeof(float);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "panther_small_forward", [&] {
     if (d.d_in > 0) {
@@ -278,6 +286,19 @@ Fwd forward_cuda(const at::Tensor& input, const at::Tensor& S1s, const at::Tenso
     auto [y, saved] = forward_small(x2, S1s, S2s, U1s, U2s, bias, d, scale, want_saved);
     return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
   }
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (sketch::xa::applies(d, x2, S1s, U2s)) {
+    // saved = [hi | lo | 1 0..] straight from x and the sketches (sketch_xa.cuh), then
+    // y = [hi | lo] [B; B] + bias on cuBLAS.
+    at::Tensor saved = dt == at::kBFloat16
+        ? sketch::xa::saved_intermediate<__nv_bfloat16>(x2, S1s, U2s, d, scale)
+        : sketch::xa::saved_intermediate<__half>(x2, S1s, U2s, d, scale);
+    at::Tensor u1 = U1s.reshape({Lk, d.d_out}), s2 = S2s.reshape({Lk, d.d_out});
+    at::Tensor B2 = at::cat({u1, s2, u1, s2}, 0);
+    at::Tensor hilo = saved.narrow(1, 0, 4 * Lk);
+    at::Tensor y = has_bias ? at::addmm(*bias, hilo, B2) : at::mm(hilo, B2);
+    return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
+  }
   auto [A, B] = pack_operands(S1s, U2s, U1s, S2s, 1, lowp ? 2 : 1);
   if (!lowp) {
     auto [y, saved] = forward_exact(x2, A, B, bias, scale);
@@ -286,7 +307,7 @@ Fwd forward_cuda(const at::Tensor& input, const at::Tensor& S1s, const at::Tenso
   at::Tensor T32 = at::mm(x2, A, at::kFloat);                       // (N, 2Lk) fp32
   at::Tensor saved = split_hi_lo(T32, dt, scale, kSavedPad);       // (N, 4Lk + pad)
   at::Tensor hilo = saved.narrow(1, 0, 4 * Lk);
-  at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, hilo, B) : at::mm(hilo, B);
+  at::Tensor y = has_bias ? at::addmm(*bias, hilo, B) : at::mm(hilo, B);
   return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
 }
 
