@@ -52,27 +52,39 @@ def test_cross_attention_lengths_differ():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_shared_inputs_take_fused_projection_with_same_values_and_grads(bias):
-    """query is key is value (one GEMM for q, k, v) and key is value (one for k, v) must give the
-    values and gradients of the three separate projections."""
+def test_inference_packs_shared_projections(bias):
+    """Inference on shared inputs (query is key is value; key is value) projects with one GEMM
+    over Wq, Wk, Wv, which live back to back: same values as three projections, kept packed by
+    .to(), reading live parameter memory (in-place edits, even through .data, are seen), and a
+    replaced parameter falls back to separate projections."""
     torch.manual_seed(3)
     layer = small_layer(bias=bias, dtype=torch.float64)
     x = torch.randn(2, 11, 32, dtype=torch.float64)
     y = torch.randn(2, 7, 32, dtype=torch.float64)
 
-    def run(q_in, k_in, v_in):
-        out = layer(q_in, k_in, v_in)[0]
-        grads = torch.autograd.grad(out.square().sum(), list(layer.parameters()))
-        return out, grads
+    def check():
+        with torch.no_grad():
+            for args in ((x, x, x), (y, x, x)):
+                out = layer(*args)[0]
+                torch.testing.assert_close(out, manual_forward(layer, *args), rtol=1e-9, atol=1e-10)
+                torch.testing.assert_close(out, layer(args[0], args[1], args[2].clone())[0],
+                                           rtol=1e-12, atol=1e-12)
 
-    for args, split_args in (((x, x, x), (x, x.clone(), x.clone())),
-                             ((y, x, x), (y, x, x.clone()))):
-        out, grads = run(*args)
-        ref, ref_grads = run(*split_args)
-        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(out, manual_forward(layer, *args), rtol=1e-9, atol=1e-10)
-        for g, r in zip(grads, ref_grads):
-            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+    ws = lambda: [layer.Wq, layer.Wk, layer.Wv]  # noqa: E731
+    assert layer._adjacent(ws())
+    check()
+    layer.to(torch.float32).to(torch.float64)  # new storage for every parameter, packed again
+    assert layer._adjacent(ws()) and (not bias or layer._adjacent([layer.bq, layer.bk, layer.bv]))
+    check()
+    layer.Wk.data.mul_(2.0)  # bypasses the version counter: nothing may be cached
+    check()
+    layer.Wk = nn.Parameter(layer.Wk.detach().clone())
+    assert not layer._adjacent(ws())
+    check()
+    # Training takes three projections; gradients reach each parameter.
+    out = layer(x, x, x)[0]
+    grads = torch.autograd.grad(out.square().sum(), [layer.Wq, layer.Wk, layer.Wv])
+    assert all(g.abs().sum() > 0 for g in grads)
 
 
 def test_mask_conventions_agree():

@@ -28,13 +28,29 @@ namespace panther::sketch {
 namespace xa {
 namespace wmma = nvcuda::wmma;
 
-constexpr int kRows = 64;     // rows of x per block
-constexpr int kK = 128;       // d_in per pipeline stage
-constexpr int kStages = 4;    // stages in flight (3 loading while one is multiplied)
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kPad = 8;       // shared leading dimensions + kPad elements (bank spread)
 constexpr int kMaxCols = 128;
+
+__host__ __device__ constexpr int align128(int x) { return (x + 127) & ~127; }
+
+// Tiling: kRows rows of x per block, d_in in tiles of kK, kStages tiles in flight; CP = C padded.
+template <int CP_, int Rows, int K, int Stages>
+struct Cfg {
+  static constexpr int CP = CP_, kRows = Rows, kK = K, kStages = Stages;
+  static constexpr int x_bytes = align128(kRows * (kK + kPad) * 2);
+  static constexpr int a_bytes = align128(kK * (CP + kPad) * 2);
+  static constexpr int stage_bytes = x_bytes + a_bytes;
+  // The epilogue's fp32 partials (kGroups x kRows x (CP + 4)) reuse the pipeline's buffers.
+  static constexpr int smem_bytes = stage_bytes * kStages;
+  static constexpr int kTiles = (kRows / 16) * (CP / 16);
+  static constexpr int kGroups = kTiles >= kWarps ? 1 : kWarps / kTiles;   // warps per tile
+  static constexpr int kPerWarp = kTiles >= kWarps ? kTiles / kWarps : 1;  // tiles per warp
+  static constexpr int kSteps = kK / 16;
+  static_assert(kSteps % kGroups == 0, "k-steps split evenly over a tile's warps");
+  static_assert(kGroups * kRows * (CP + 4) * 4 <= smem_bytes, "epilogue fits the pipeline");
+};
 
 template <class T>
 struct Params {
@@ -49,21 +65,13 @@ struct Params {
 
 using wmma_util::Cvt;
 
-__host__ __device__ constexpr int align128(int x) { return (x + 127) & ~127; }
-__host__ __device__ constexpr int x_bytes() { return align128(kRows * (kK + kPad) * 2); }
-__host__ __device__ constexpr int a_bytes(int CP) { return align128(kK * (CP + kPad) * 2); }
-__host__ __device__ constexpr int stage_bytes(int CP) { return x_bytes() + a_bytes(CP); }
-__host__ __device__ constexpr int smem_bytes(int CP) {
-  // The epilogue's fp32 partials (kGroups x kRows x (CP + 4)) reuse the pipeline's buffers.
-  return stage_bytes(CP) * kStages;
-}
-
 // Copies k-tile kt of x and A into one pipeline slot (zeros outside the matrices).
-template <int CP, class T>
+template <class G, class T>
 __device__ __forceinline__ void load_stage(const Params<T>& p, unsigned char* slot, int64_t row0,
                                            int64_t kt) {
+  constexpr int kRows = G::kRows, kK = G::kK, CP = G::CP;
   T* xs = reinterpret_cast<T*>(slot);
-  T* as = reinterpret_cast<T*>(slot + x_bytes());
+  T* as = reinterpret_cast<T*>(slot + G::x_bytes);
   constexpr int xc = kK / 8;  // 16-byte chunks per row of the x tile
   const int64_t i0 = kt * kK;
   for (int q = threadIdx.x; q < kRows * xc; q += kThreads) {
@@ -88,14 +96,12 @@ __device__ __forceinline__ void load_stage(const Params<T>& p, unsigned char* sl
   }
 }
 
-template <int CP, class T>
+template <class G, class T>
 __global__ void __launch_bounds__(kThreads) xa_saved_kernel(Params<T> p) {
   PANTHER_DYNAMIC_SMEM(smem);
-  constexpr int kTiles = (kRows / 16) * (CP / 16);
-  constexpr int kGroups = kTiles >= kWarps ? 1 : kWarps / kTiles;     // warps per tile
-  constexpr int kPerWarp = kTiles >= kWarps ? kTiles / kWarps : 1;    // tiles per warp
-  constexpr int kSteps = kK / 16;
-  static_assert(kSteps % kGroups == 0, "k-steps split evenly over a tile's warps");
+  constexpr int CP = G::CP, kRows = G::kRows, kK = G::kK, kStages = G::kStages;
+  constexpr int kTiles = G::kTiles, kGroups = G::kGroups, kPerWarp = G::kPerWarp;
+  constexpr int kSteps = G::kSteps, stage_bytes = G::stage_bytes;
   const int warp = threadIdx.x >> 5;
   const int group = warp / (kWarps / kGroups);
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
@@ -107,18 +113,18 @@ __global__ void __launch_bounds__(kThreads) xa_saved_kernel(Params<T> p) {
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < nk) load_stage<CP>(p, smem + s * stage_bytes(CP), row0, s);
+    if (s < nk) load_stage<G>(p, smem + s * stage_bytes, row0, s);
     wmma_util::cp_async_commit();
   }
   for (int64_t kt = 0; kt < nk; ++kt) {
     wmma_util::cp_async_wait<kStages - 2>();
     __syncthreads();  // tile kt is in; every warp is done with the slot refilled below
     const int64_t next = kt + kStages - 1;
-    if (next < nk) load_stage<CP>(p, smem + (next % kStages) * stage_bytes(CP), row0, next);
+    if (next < nk) load_stage<G>(p, smem + (next % kStages) * stage_bytes, row0, next);
     wmma_util::cp_async_commit();
-    const unsigned char* slot = smem + (kt % kStages) * stage_bytes(CP);
+    const unsigned char* slot = smem + (kt % kStages) * stage_bytes;
     const T* xs = reinterpret_cast<const T*>(slot);
-    const T* as = reinterpret_cast<const T*>(slot + x_bytes());
+    const T* as = reinterpret_cast<const T*>(slot + G::x_bytes);
 #pragma unroll
     for (int t = 0; t < kPerWarp; ++t) {
       const int tile = kGroups > 1 ? warp % kTiles : warp + t * kWarps;
@@ -173,6 +179,7 @@ __global__ void __launch_bounds__(kThreads) xa_saved_kernel(Params<T> p) {
 // ---------------------------------------------------------------------------------------------
 // Host side (ATen), shared by the CUDA build and the emulator test.
 #include <ATen/ATen.h>
+#include <cstdlib>
 
 #include "kernels/sketched_linear.h"
 
@@ -222,6 +229,13 @@ inline bool applies(const detail::SketchDims& d, const at::Tensor& x2, const at:
          U2s.is_contiguous() && aligned16(x2) && aligned16(S1s) && aligned16(U2s);
 }
 
+template <class G, class T>
+void launch(const Params<T>& p) {
+  const unsigned grid = static_cast<unsigned>((p.N + G::kRows - 1) / G::kRows);
+  auto* kernel = &xa_saved_kernel<G, T>;
+  PANTHER_XA_LAUNCH(kernel, grid, G::smem_bytes, p);
+}
+
 // saved (N, 2C + kSavedPad) = [hi | lo | 1 0..] of scale * x A. T: the device element type
 // (__nv_bfloat16 / __half; the c10 types under the emulator).
 template <class T>
@@ -237,16 +251,22 @@ at::Tensor saved_intermediate(const at::Tensor& x2, const at::Tensor& S1s, const
   p.N = d.N, p.d_in = d.d_in, p.k = d.k, p.Lk = d.L * d.k, p.ld = saved.size(1);
   p.C = static_cast<int>(C);
   p.scale = static_cast<float>(scale);
-  const unsigned grid = static_cast<unsigned>((d.N + kRows - 1) / kRows);
-  auto* k16 = &xa_saved_kernel<16, T>;
-  auto* k32 = &xa_saved_kernel<32, T>;
-  auto* k64 = &xa_saved_kernel<64, T>;
-  auto* k128 = &xa_saved_kernel<128, T>;
   switch (padded_cols(C)) {
-    case 16: PANTHER_XA_LAUNCH(k16, grid, smem_bytes(16), p); break;
-    case 32: PANTHER_XA_LAUNCH(k32, grid, smem_bytes(32), p); break;
-    case 64: PANTHER_XA_LAUNCH(k64, grid, smem_bytes(64), p); break;
-    default: PANTHER_XA_LAUNCH(k128, grid, smem_bytes(128), p); break;
+    case 16: launch<Cfg<16, 64, 128, 6>>(p); break;
+    case 32: {
+      // DEV EXPERIMENT (removed after measuring): PANTHER_XA_CFG picks a tiling.
+      const char* e = std::getenv("PANTHER_XA_CFG");
+      const int v = e ? std::atoi(e) : 1;
+      if (v == 0) launch<Cfg<32, 64, 128, 4>>(p);
+      else if (v == 2) launch<Cfg<32, 32, 128, 5>>(p);
+      else if (v == 3) launch<Cfg<32, 64, 64, 8>>(p);
+      else if (v == 4) launch<Cfg<32, 128, 64, 6>>(p);
+      else if (v == 5) launch<Cfg<32, 32, 64, 8>>(p);
+      else launch<Cfg<32, 64, 128, 6>>(p);
+      break;
+    }
+    case 64: launch<Cfg<64, 64, 128, 5>>(p); break;
+    default: launch<Cfg<128, 64, 128, 4>>(p); break;
   }
   return saved;
 }

@@ -1,6 +1,6 @@
 """RandMultiHeadAttention: FAVOR+ random-feature multi-head attention, linear in sequence length."""
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -127,14 +127,18 @@ class RandMultiHeadAttention(nn.Module):
         self.causal = iscausal
         self.bias = bias
         fk = {"device": device, "dtype": dtype}
-        self.Wq = nn.Parameter(torch.empty(embed_dim, embed_dim, **fk))
-        self.Wk = nn.Parameter(torch.empty(embed_dim, embed_dim, **fk))
-        self.Wv = nn.Parameter(torch.empty(embed_dim, embed_dim, **fk))
+        # Wq, Wk, Wv (and bq, bk, bv) are separate parameters that live back to back in one
+        # buffer, so that inference can project q, k and v with one GEMM (see _packed_in_proj).
+        w_in = torch.empty(3 * embed_dim, embed_dim, **fk)
+        self.Wq = nn.Parameter(w_in[:embed_dim])
+        self.Wk = nn.Parameter(w_in[embed_dim:2 * embed_dim])
+        self.Wv = nn.Parameter(w_in[2 * embed_dim:])
         self.W0 = nn.Parameter(torch.empty(embed_dim, embed_dim, **fk))
         if bias:
-            self.bq = nn.Parameter(torch.zeros(embed_dim, **fk))
-            self.bk = nn.Parameter(torch.zeros(embed_dim, **fk))
-            self.bv = nn.Parameter(torch.zeros(embed_dim, **fk))
+            b_in = torch.zeros(3 * embed_dim, **fk)
+            self.bq = nn.Parameter(b_in[:embed_dim])
+            self.bk = nn.Parameter(b_in[embed_dim:2 * embed_dim])
+            self.bv = nn.Parameter(b_in[2 * embed_dim:])
             self.b0 = nn.Parameter(torch.zeros(embed_dim, **fk))
         else:
             self.register_parameter("bq", None)
@@ -148,6 +152,73 @@ class RandMultiHeadAttention(nn.Module):
             "projection_matrix",
             orthogonal_gaussian_projection(num_random_features, self.head_dim, generator=generator, **fk),
         )
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.cuda()/.half() give every parameter new storage; put the input projections
+        # back to back again (values, dtypes and Parameter objects unchanged).
+        out = super()._apply(fn, *args, **kwargs)
+        with torch.no_grad():
+            for names in (("Wq", "Wk", "Wv"), ("bq", "bk", "bv")):
+                ps = [getattr(self, n) for n in names]
+                if any(p is None for p in ps) or self._adjacent(ps):
+                    continue
+                if len({(p.dtype, p.device, p.shape) for p in ps}) != 1:
+                    continue
+                buf = torch.cat([p.detach() for p in ps])
+                for i, p in enumerate(ps):
+                    p.data = buf[i * self.embed_dim:(i + 1) * self.embed_dim]
+        return out
+
+    @staticmethod
+    def _adjacent(ps) -> bool:
+        """Whether the tensors are contiguous, alike and back to back in memory."""
+        first = ps[0]
+        step = first.numel() * first.element_size()
+        for i, p in enumerate(ps):
+            if (not p.is_contiguous() or p.dtype != first.dtype or p.device != first.device
+                    or p.shape != first.shape or p.data_ptr() != first.data_ptr() + i * step):
+                return False
+        return True
+
+    @torch.jit.unused
+    def _packed_in_proj(self, x: Tensor, n: int) -> Optional[Tensor]:
+        """x projected by the last n of (Wq, Wk, Wv) in one GEMM, as (..., n * E), when those
+        parameters (and biases) lie back to back in memory (the constructor puts them there,
+        _apply keeps them there); else None. Inference only: the fused weight is a view across
+        parameters, which autograd would not split back into their gradients."""
+        ws = (self.Wq, self.Wk, self.Wv)[3 - n:]
+        if not self._adjacent(ws):
+            return None
+        E = self.embed_dim
+        w = ws[0].as_strided((n * E, E), (E, 1))
+        b: Optional[Tensor] = None
+        if self.bias:
+            bs = (self.bq, self.bk, self.bv)[3 - n:]
+            if not self._adjacent(bs):
+                return None
+            b = bs[0].as_strided((n * E,), (1,))
+        return F.linear(x, w, b)
+
+    @torch.jit.unused
+    def _inference_qkv(self, query: Tensor, key: Tensor, value: Tensor) -> Optional[List[Tensor]]:
+        """Per-head q, k, v with one GEMM for shared inputs (self-attention: q, k, v; key is value:
+        k, v), or None where that does not apply. Short sequences are bound by host submission,
+        and each projection is a launch."""
+        if torch.compiler.is_compiling() or key is not value:
+            return None
+        B, Lq, Lk = query.size(0), query.size(1), key.size(1)
+        H, hd = self.num_heads, self.head_dim
+        if query is key:
+            qkv = self._packed_in_proj(query, 3)
+            if qkv is None:
+                return None
+            return list(qkv.view(B, Lq, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0))
+        kv = self._packed_in_proj(key, 2)
+        if kv is None:
+            return None
+        q = F.linear(query, self.Wq, self.bq).view(B, Lq, H, hd).transpose(1, 2)
+        k, v = kv.view(B, Lk, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        return [q, k, v]
 
     @torch.jit.unused
     def redraw_projection(self, generator: Optional[torch.Generator] = None) -> None:
@@ -260,27 +331,15 @@ class RandMultiHeadAttention(nn.Module):
             )
         kpm = self._padding_mask(B, Lk, attention_mask, key_padding_mask)
         H, hd = self.num_heads, self.head_dim
-        # Self-attention (query is key is value) projects q, k and v with one GEMM on the
-        # concatenated weight, and key is value projects k and v with one: fewer launches, which
-        # is what bounds short sequences. The heads stay strided views; the op reads them in place.
-        bq, bk, bv = self.bq, self.bk, self.bv
-        if query is key and key is value:
-            b3: Optional[Tensor] = None
-            if bq is not None and bk is not None and bv is not None:
-                b3 = torch.cat([bq, bk, bv])
-            qkv = F.linear(query, torch.cat([self.Wq, self.Wk, self.Wv]), b3)
-            q, k, v = qkv.view(B, Lq, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv: Optional[List[Tensor]] = None
+        if not torch.jit.is_scripting() and not torch.is_grad_enabled():
+            qkv = self._inference_qkv(query, key, value)
+        if qkv is None:
+            q = F.linear(query, self.Wq, self.bq).view(B, Lq, H, hd).transpose(1, 2)
+            k = F.linear(key, self.Wk, self.bk).view(B, Lk, H, hd).transpose(1, 2)
+            v = F.linear(value, self.Wv, self.bv).view(B, Lk, H, hd).transpose(1, 2)
         else:
-            q = F.linear(query, self.Wq, bq).view(B, Lq, H, hd).transpose(1, 2)
-            if key is value:
-                b2: Optional[Tensor] = None
-                if bk is not None and bv is not None:
-                    b2 = torch.cat([bk, bv])
-                kv = F.linear(key, torch.cat([self.Wk, self.Wv]), b2)
-                k, v = kv.view(B, Lk, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
-            else:
-                k = F.linear(key, self.Wk, bk).view(B, Lk, H, hd).transpose(1, 2)
-                v = F.linear(value, self.Wv, bv).view(B, Lk, H, hd).transpose(1, 2)
+            q, k, v = qkv[0], qkv[1], qkv[2]
         ctx = torch.ops.panther.favor_attention(q, k, v, self.projection_matrix, self.kernel_fn, causal, kpm)
         # A view, not a copy: the op lays its (B, H, Lq, hd) output out as (B, Lq, H, hd).
         ctx = ctx.transpose(1, 2).reshape(B, Lq, E)
