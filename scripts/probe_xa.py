@@ -36,9 +36,22 @@ def events(fn, reps=20):
     return s.elapsed_time(e) / reps * 1e3
 
 
-print("cuBLAS x @ A:", {k: round(v, 1) for k, v in gpu_times(lambda: torch.mm(x, A)).items()})
+At = A.t().contiguous()
+f32 = torch.float32
+variants = {
+    "x @ A -> bf16": lambda: torch.mm(x, A),
+    "x @ A -> fp32": lambda: torch.mm(x, A, out_dtype=f32),
+    "A^T @ x^T -> fp32": lambda: torch.mm(A.t(), x.t(), out_dtype=f32),
+    "x @ At^T -> fp32": lambda: torch.mm(x, At.t(), out_dtype=f32),
+    "At @ x^T -> fp32": lambda: torch.mm(At, x.t(), out_dtype=f32),
+}
+for name, fn in variants.items():
+    try:
+        print(f"cuBLAS {name}:", {k: round(v, 1) for k, v in gpu_times(fn).items()})
+    except Exception as e:  # noqa: BLE001
+        print(f"cuBLAS {name}: {type(e).__name__}: {e}")
 with torch.no_grad():
-    for cfg in ["0", "1", "2", "3", "4", "5"]:
+    for cfg in ["0", "1", "6", "7"]:
         os.environ["PANTHER_XA_CFG"] = cfg
         t = gpu_times(lambda: sk(x))
         xa = sum(v for k, v in t.items() if "xa_saved" in k)

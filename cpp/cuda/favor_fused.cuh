@@ -1159,7 +1159,7 @@ Params<T> make_params(const detail::FavorDims& d, bool causal, const at::Tensor&
 template <class T>
 struct Run {
   Params<T> p;
-  at::Tensor q, k, v, W, pad, a, r, cs, st, hs, hx;
+  at::Tensor q, k, v, W, pad, ws;  // ws: one workspace for a, r, cs, st, hs, hx (see below)
   Smem layout[4];
 
   Run(const detail::FavorDims& d, bool causal, const at::Tensor& query, const at::Tensor& key,
@@ -1172,20 +1172,28 @@ struct Run {
     if (mask.has_value() && mask->defined()) pad = mask->contiguous();
     p = make_params<T>(d, causal, q, k, v, W, pad);
     for (int kind = 0; kind < 4; ++kind) layout[kind] = smem_layout(kind, p.D, p.M, p.E1p, 2);
-    const auto f32 = query.options().dtype(at::kFloat);
-    const int64_t nst = causal ? p.nk : 1;
-    a = at::empty({p.BH, static_cast<int64_t>(p.nk) * kC}, f32);
-    r = at::empty_like(a);
-    cs = at::empty({p.BH, p.nk, 4}, f32);
-    st = at::empty({p.BH, p.nk, static_cast<int64_t>(p.M + 1) * p.E1p}, query.options());
-    hs = at::empty({p.BH, nst, static_cast<int64_t>(p.M) * p.E1p}, query.options());
-    hx = at::empty({p.BH, nst, p.E1p}, f32);
-    p.a = a.data_ptr<float>();
-    p.r = r.data_ptr<float>();
-    p.cs = cs.data_ptr<float>();
-    p.st = reinterpret_cast<T*>(st.data_ptr());
-    p.hs = reinterpret_cast<T*>(hs.data_ptr());
-    p.hx = hx.data_ptr<float>();
+    // One allocation instead of six: each costs host time that short sequences feel.
+    //   a, r (BH, nk kC) fp32: key row maxima and their running max; cs (BH, nk, 4) fp32: chunk
+    //   stabilisers; st (BH, nk, (M+1) E1p): chunk states; hs (BH, nst, M E1p): scanned states;
+    //   hx (BH, nst, E1p) fp32: their extra rows.
+    const int64_t nst = causal ? p.nk : 1, BH = p.BH, ts = sizeof(T);
+    const int64_t sizes[6] = {BH * p.nk * kC * 4, BH * p.nk * kC * 4, BH * p.nk * 4 * 4,
+                              BH * p.nk * static_cast<int64_t>(p.M + 1) * p.E1p * ts,
+                              BH * nst * static_cast<int64_t>(p.M) * p.E1p * ts,
+                              BH * nst * p.E1p * 4};
+    int64_t offs[6], total = 0;
+    for (int i = 0; i < 6; ++i) {
+      offs[i] = total;
+      total += (sizes[i] + 255) / 256 * 256;
+    }
+    ws = at::empty({total}, query.options().dtype(at::kByte));
+    unsigned char* base = ws.data_ptr<unsigned char>();
+    p.a = reinterpret_cast<float*>(base + offs[0]);
+    p.r = reinterpret_cast<float*>(base + offs[1]);
+    p.cs = reinterpret_cast<float*>(base + offs[2]);
+    p.st = reinterpret_cast<T*>(base + offs[3]);
+    p.hs = reinterpret_cast<T*>(base + offs[4]);
+    p.hx = reinterpret_cast<float*>(base + offs[5]);
   }
 
   // Forward: the key states p.st (n = nk); backward (grad): the gradient states p.gst (n = nq).

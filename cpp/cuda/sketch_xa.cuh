@@ -61,6 +61,7 @@ struct Params {
   int64_t N, d_in, k, Lk, ld;
   int C;            // 2Lk, a multiple of 8
   float scale;
+  int dbg;          // DEV EXPERIMENT: 1 = no MMA, 2 = A loaded in the first stages only
 };
 
 using wmma_util::Cvt;
@@ -82,6 +83,7 @@ __device__ __forceinline__ void load_stage(const Params<T>& p, unsigned char* sl
     else wmma_util::zero16(dst);
   }
   constexpr int ac = CP / 8;  // chunks per row of the A tile: 8 columns of one term each
+  if (p.dbg == 2 && kt >= G::kStages) return;
   for (int q = threadIdx.x; q < kK * ac; q += kThreads) {
     const int ii = q / ac, c = (q - ii * ac) * 8;
     const int64_t i = i0 + ii;
@@ -125,6 +127,7 @@ __global__ void __launch_bounds__(kThreads) xa_saved_kernel(Params<T> p) {
     const unsigned char* slot = smem + (kt % kStages) * stage_bytes;
     const T* xs = reinterpret_cast<const T*>(slot);
     const T* as = reinterpret_cast<const T*>(slot + G::x_bytes);
+    if (p.dbg == 1) continue;
 #pragma unroll
     for (int t = 0; t < kPerWarp; ++t) {
       const int tile = kGroups > 1 ? warp % kTiles : warp + t * kWarps;
@@ -257,11 +260,13 @@ at::Tensor saved_intermediate(const at::Tensor& x2, const at::Tensor& S1s, const
       // DEV EXPERIMENT (removed after measuring): PANTHER_XA_CFG picks a tiling.
       const char* e = std::getenv("PANTHER_XA_CFG");
       const int v = e ? std::atoi(e) : 1;
+      p.dbg = v >= 6 ? v - 5 : 0;
       if (v == 0) launch<Cfg<32, 64, 128, 4>>(p);
       else if (v == 2) launch<Cfg<32, 32, 128, 5>>(p);
       else if (v == 3) launch<Cfg<32, 64, 64, 8>>(p);
       else if (v == 4) launch<Cfg<32, 128, 64, 6>>(p);
       else if (v == 5) launch<Cfg<32, 32, 64, 8>>(p);
+      else if (v >= 6) launch<Cfg<32, 64, 128, 4>>(p);
       else launch<Cfg<32, 64, 128, 6>>(p);
       break;
     }

@@ -208,17 +208,23 @@ class RandMultiHeadAttention(nn.Module):
             return None
         B, Lq, Lk = query.size(0), query.size(1), key.size(1)
         H, hd = self.num_heads, self.head_dim
+        E = self.embed_dim
+
+        def heads(t: Tensor, L: int, j: int) -> Tensor:
+            # Projection j of t (B, L, n*E) as (B, H, L, hd) heads, a view (one call).
+            n = t.size(-1) // E
+            return t.as_strided((B, H, L, hd), (L * n * E, hd, n * E, 1), t.storage_offset() + j * E)
+
         if query is key:
             qkv = self._packed_in_proj(query, 3)
-            if qkv is None:
+            if qkv is None or not qkv.is_contiguous():
                 return None
-            return list(qkv.view(B, Lq, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0))
+            return [heads(qkv, Lq, 0), heads(qkv, Lq, 1), heads(qkv, Lq, 2)]
         kv = self._packed_in_proj(key, 2)
-        if kv is None:
+        if kv is None or not kv.is_contiguous():
             return None
         q = F.linear(query, self.Wq, self.bq).view(B, Lq, H, hd).transpose(1, 2)
-        k, v = kv.view(B, Lk, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
-        return [q, k, v]
+        return [q, heads(kv, Lk, 0), heads(kv, Lk, 1)]
 
     @torch.jit.unused
     def redraw_projection(self, generator: Optional[torch.Generator] = None) -> None:
