@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds and runs hand-written CUDA kernels on the CPU emulator (tests/emu), comparing them with
 # the ATen implementations: the fused FAVOR+ kernels (favor_fused_test) and sketched_linear's
-# few-token backward and many-token first GEMM (sketch_test). No GPU or CUDA toolkit needed.
+# few-token backward (sketch_test). No GPU or CUDA toolkit needed.
 # Usage: scripts/emu_test.sh [quick]   (quick: one FAVOR+ case)
 set -euo pipefail
 cd "$(dirname "$0")/.."

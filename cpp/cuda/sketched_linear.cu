@@ -4,16 +4,14 @@
 // the second GEMM as an exact split T = hi + lo ([hi | lo] against [B; B]), so the only rounding
 // to low precision is that of the output, as in a dense fp16/bf16 nn.Linear. The split costs a
 // K of 4Lk instead of 2Lk in a GEMM whose time is set by writing the (N, d_out) output.
-// Where it applies, the first GEMM and the split are one kernel reading the sketches in place
-// (sketch_xa.cuh); up to kSmallTokens tokens, forward and backward use direct kernels instead
-// of cuBLAS (sketch_small.cuh and small_tb_kernel below).
+// Up to kSmallTokens tokens, forward and backward use direct kernels instead of cuBLAS
+// (sketch_small.cuh and small_tb_kernel below).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "cuda/sketch_small.cuh"
-#include "cuda/sketch_xa.cuh"
 #include "kernels/sketched_linear.h"
 
 namespace panther::cuda {
@@ -287,27 +285,21 @@ Fwd forward_cuda(const at::Tensor& input, const at::Tensor& S1s, const at::Tenso
     return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
   }
   const bool has_bias = bias.has_value() && bias->defined();
-  if (sketch::xa::applies(d, x2, S1s, U2s)) {
-    // saved = [hi | lo | 1 0..] straight from x and the sketches (sketch_xa.cuh), then
-    // y = [hi | lo] [B; B] + bias on cuBLAS.
-    at::Tensor saved = dt == at::kBFloat16
-        ? sketch::xa::saved_intermediate<__nv_bfloat16>(x2, S1s, U2s, d, scale)
-        : sketch::xa::saved_intermediate<__half>(x2, S1s, U2s, d, scale);
+  if (lowp) {
+    // The operands as two concatenations (views for L = 1): A = [S1 | U2] and [B; B] for the
+    // [hi | lo] split. The copies are small; as launches they cost less than the pack kernel.
+    auto terms = [&](const at::Tensor& t) { return t.permute({1, 0, 2}).reshape({d.d_in, Lk}); };
+    at::Tensor A = at::cat({terms(S1s), terms(U2s)}, 1);
     at::Tensor u1 = U1s.reshape({Lk, d.d_out}), s2 = S2s.reshape({Lk, d.d_out});
     at::Tensor B2 = at::cat({u1, s2, u1, s2}, 0);
+    at::Tensor T32 = at::mm(x2, A, at::kFloat);                     // (N, 2Lk) fp32
+    at::Tensor saved = split_hi_lo(T32, dt, scale, kSavedPad);     // (N, 4Lk + pad)
     at::Tensor hilo = saved.narrow(1, 0, 4 * Lk);
     at::Tensor y = has_bias ? at::addmm(*bias, hilo, B2) : at::mm(hilo, B2);
     return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
   }
-  auto [A, B] = pack_operands(S1s, U2s, U1s, S2s, 1, lowp ? 2 : 1);
-  if (!lowp) {
-    auto [y, saved] = forward_exact(x2, A, B, bias, scale);
-    return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
-  }
-  at::Tensor T32 = at::mm(x2, A, at::kFloat);                       // (N, 2Lk) fp32
-  at::Tensor saved = split_hi_lo(T32, dt, scale, kSavedPad);       // (N, 4Lk + pad)
-  at::Tensor hilo = saved.narrow(1, 0, 4 * Lk);
-  at::Tensor y = has_bias ? at::addmm(*bias, hilo, B) : at::mm(hilo, B);
+  auto [A, B] = pack_operands(S1s, U2s, U1s, S2s, 1, 1);
+  auto [y, saved] = forward_exact(x2, A, B, bias, scale);
   return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
 }
 

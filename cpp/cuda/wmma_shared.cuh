@@ -1,9 +1,8 @@
-// Shared-memory helpers for hand-written tensor-core kernels (bf16 and fp16, m16n16k16 WMMA) and
-// asynchronous global -> shared copies. The CUDA build issues PTX; with PANTHER_CUDA_EMU defined
-// the same calls run on the CPU emulator (tests/emu/cuda_emu.h).
+// Helpers for hand-written tensor-core kernels (bf16 and fp16, m16n16k16 WMMA): 16-bit <-> float
+// conversions and operand loads from shared memory. The CUDA build issues PTX; with
+// PANTHER_CUDA_EMU defined the same calls run on the CPU emulator (tests/emu/cuda_emu.h).
 #pragma once
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 #ifdef PANTHER_CUDA_EMU
@@ -73,31 +72,6 @@ __device__ __forceinline__ void load_shared(wmma::fragment<Use, 16, 16, 16, T, L
     else PANTHER_WMMA_LOAD8("wmma.load.b.sync.aligned.col.m16n16k16.shared.f16");
   }
 #endif
-}
-
-// 16-byte asynchronous copy global -> shared (both 16-byte aligned), bypassing L1; commit closes
-// a group of copies, wait<N> waits until at most N groups are still in flight.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-#if defined(PANTHER_CUDA_EMU)
-  std::memcpy(smem, gmem, 16);
-#else
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem));
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if !defined(PANTHER_CUDA_EMU)
-  asm volatile("cp.async.commit_group;");
-#endif
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#if !defined(PANTHER_CUDA_EMU)
-  asm volatile("cp.async.wait_group %0;" ::"n"(N));
-#endif
-}
-__device__ __forceinline__ void zero16(void* smem) {
-  *reinterpret_cast<uint4*>(smem) = uint4{0u, 0u, 0u, 0u};
 }
 
 }  // namespace panther::wmma_util

@@ -1,14 +1,9 @@
-// Runs sketched_linear's hand-written CUDA kernels on the CPU emulator against the float64 formula
-// on the same (rounded) inputs:
-//  * the direct few-token backward (cpp/cuda/sketch_small.cuh): every gradient, dT = g B^T,
-//    dx = s dT A^T, dA = s x^T dT, dB = T^T g, dbias = sum_n g; fp32 and bf16, partial column
-//    tiles, several terms, gradients requested selectively;
-//  * the many-token first GEMM with its [hi | lo | 1 0..] epilogue (cpp/cuda/sketch_xa.cuh):
-//    bf16 and fp16, ragged rows and d_in, every padded column count.
-// Built by scripts/emu_test.sh.
+// Runs the direct few-token backward of sketched_linear (cpp/cuda/sketch_small.cuh) on the CPU
+// emulator and compares every gradient with the float64 formula on the same (rounded) inputs:
+// dT = g B^T, dx = s dT A^T, dA = s x^T dT, dB = T^T g, dbias = sum_n g. fp32 and bf16, partial
+// column tiles, several terms, gradients requested selectively. Built by scripts/emu_test.sh.
 #include "cuda_emu.h"
 #include "cuda/sketch_small.cuh"
-#include "cuda/sketch_xa.cuh"
 
 #include <ATen/ATen.h>
 #include <cstdio>
@@ -92,35 +87,6 @@ bool run(const Case& c) {
   std::printf(" -> %s\n", ok ? "PASS" : "FAIL");
   return ok;
 }
-// saved = [hi | lo | 1 0..] with hi + lo = s x A in fp32 (checked against float64).
-bool run_xa(int64_t N, int64_t d_in, int64_t L, int64_t k, at::ScalarType dt) {
-  const int64_t Lk = L * k, C = 2 * Lk;
-  auto r = [&](at::IntArrayRef s) { return at::randn(s).to(dt); };
-  at::Tensor x = r({N, d_in}), S1 = r({L, d_in, k}), U2 = r({L, d_in, k});
-  const double s = 1.0 / (2.0 * L);
-  auto D = [](const at::Tensor& t) { return t.to(at::kDouble); };
-  at::Tensor A = at::cat({D(S1).permute({1, 0, 2}).reshape({d_in, Lk}),
-                          D(U2).permute({1, 0, 2}).reshape({d_in, Lk})}, 1);
-  at::Tensor T = at::mm(D(x), A) * s;
-  SketchDims d{L, k, d_in, 1, N};
-  const bool ok_applies = panther::sketch::xa::applies(d, x, S1, U2);
-  at::Tensor saved = dt == at::kBFloat16
-      ? panther::sketch::xa::saved_intermediate<__nv_bfloat16>(x, S1, U2, d, s)
-      : panther::sketch::xa::saved_intermediate<__half>(x, S1, U2, d, s);
-  at::Tensor hi = saved.narrow(1, 0, C).to(at::kDouble), lo = saved.narrow(1, C, C).to(at::kDouble);
-  const double e = rel_err(hi + lo, T);
-  // hi is T rounded once to the dtype; lo is what that rounding dropped.
-  const double e_hi = rel_err(saved.narrow(1, 0, C), T);
-  at::Tensor pad = saved.narrow(1, 2 * C, panther::detail::kSavedPad).to(at::kFloat);
-  at::Tensor want = at::zeros_like(pad);
-  want.select(1, 0).fill_(1.0);
-  const bool ok = ok_applies && e < 2e-5 && e_hi < 1e-2 && at::equal(pad, want);
-  std::printf("xa N=%lld d_in=%lld L=%lld k=%lld %s: hi+lo %.1e, hi %.1e, pad %s -> %s\n",
-              (long long)N, (long long)d_in, (long long)L, (long long)k,
-              dt == at::kBFloat16 ? "bf16" : "fp16", e, e_hi, at::equal(pad, want) ? "ok" : "WRONG",
-              ok ? "PASS" : "FAIL");
-  return ok;
-}
 }  // namespace
 
 int main() {
@@ -135,11 +101,6 @@ int main() {
   };
   int fails = 0;
   for (const Case& c : cases) fails += !run(c);
-  fails += !run_xa(70, 264, 1, 16, at::kBFloat16);   // ragged rows and d_in, C = 32
-  fails += !run_xa(64, 128, 2, 8, at::kHalf);        // C = 32 from two terms
-  fails += !run_xa(5, 40, 1, 8, at::kBFloat16);      // C = 16: warps split the k-steps
-  fails += !run_xa(33, 200, 3, 8, at::kHalf);        // C = 48, padded to 64
-  fails += !run_xa(130, 256, 1, 64, at::kBFloat16);  // C = 128
-  std::printf("%d of %zu cases failed\n", fails, sizeof(cases) / sizeof(cases[0]) + 5);
+  std::printf("%d of %zu cases failed\n", fails, sizeof(cases) / sizeof(cases[0]));
   return fails ? 1 : 0;
 }
