@@ -171,12 +171,17 @@ class RandMultiHeadAttention(nn.Module):
 
     @staticmethod
     def _adjacent(ps) -> bool:
-        """Whether the tensors are contiguous, alike and back to back in memory."""
+        """Whether the tensors are contiguous, alike and back to back in memory (on one device:
+        CPU and CUDA memory share one address space, so adjacent addresses imply one device).
+        Called on every inference call, hence the few tensor queries."""
         first = ps[0]
-        step = first.numel() * first.element_size()
-        for i, p in enumerate(ps):
-            if (not p.is_contiguous() or p.dtype != first.dtype or p.device != first.device
-                    or p.shape != first.shape or p.data_ptr() != first.data_ptr() + i * step):
+        if not first.is_contiguous():
+            return False
+        addr, step = first.data_ptr(), first.numel() * first.element_size()
+        shape, dtype = first.shape, first.dtype
+        for p in ps[1:]:
+            addr += step
+            if p.data_ptr() != addr or p.shape != shape or p.dtype != dtype or not p.is_contiguous():
                 return False
         return True
 
@@ -204,7 +209,7 @@ class RandMultiHeadAttention(nn.Module):
         """Per-head q, k, v with one GEMM for shared inputs (self-attention: q, k, v; key is value:
         k, v), or None where that does not apply. Short sequences are bound by host submission,
         and each projection is a launch."""
-        if torch.compiler.is_compiling() or key is not value:
+        if key is not value or torch.compiler.is_compiling():
             return None
         B, Lq, Lk = query.size(0), query.size(1), key.size(1)
         H, hd = self.num_heads, self.head_dim
