@@ -6,7 +6,7 @@
 // sketch tensors in their own layouts, accumulate in fp32 and round each result once.
 //
 // Notation (kernels/sketched_linear.h): C = 2Lk columns, s = 1 / (2L),
-//   A (d_in, C)  = [S1_1 .. S1_L | U2_1 .. U2_L]      column c: S1s/U2s[l, :, j], c = l k + j (+ Lk)
+//   A (d_in, C)  = [S1_1 .. S1_L | U2_1 .. U2_L]   column c = l k + j (+ Lk): S1s/U2s[l, :, j]
 //   B (C, d_out) = [U1_1; ..; U1_L; S2_1; ..; S2_L]    row c:    U1s/S2s[l, j, :]
 //   forward:  T = s x A (N, C), y = T B + bias
 //   backward: dT = g B^T, dx = s dT A^T, dA = s x^T dT, dB = T^T g, dbias = sum_n g
@@ -95,7 +95,7 @@ __device__ void reduce_block(const T* X, int64_t N, int64_t K, const Cols<const 
   const int64_t cleft = C - c0;
   const int ncols = static_cast<int>(cleft < kRedCols ? cleft : kRedCols);
   if (threadIdx.x < kRedCols) {
-    const int tc = static_cast<int>(threadIdx.x) < ncols ? static_cast<int>(threadIdx.x) : ncols - 1;
+    const int t = static_cast<int>(threadIdx.x), tc = t < ncols ? t : ncols - 1;
     src[threadIdx.x] = cols.col(c0 + tc);
   }
   __syncthreads();
@@ -140,7 +140,8 @@ __device__ void reduce_block(const T* X, int64_t N, int64_t K, const Cols<const 
 // columns c0 + [0, ncols); Ts (N x kColTile, shared) already holds the columns' values.
 template <class T>
 __device__ void outer_block(const T* X, int64_t N, int64_t R, const float* Ts, int64_t r0,
-                            int64_t c0, int ncols, const Cols<T>& dst, T* extra, int64_t extra_col) {
+                            int64_t c0, int ncols, const Cols<T>& dst, T* extra,
+                            int64_t extra_col) {
   const int64_t r = r0 + threadIdx.x;
   if (r >= R) return;
   float acc[kColTile];
@@ -350,14 +351,8 @@ detail::Grads6 small_backward(const at::Tensor& grad_out, const at::Tensor& inpu
   if (p.dx_blocks + da_blocks > 0)
     PANTHER_SKETCH_LAUNCH(small_bwd2_kernel<T>, static_cast<unsigned>(p.dx_blocks + da_blocks),
                           std::max(smem_dx, smem_outer), p);
-  detail::Grads6 out;
-  if (mask[0]) std::get<0>(out) = dx.reshape(input.sizes());
-  if (mask[1]) std::get<1>(out) = gS1;
-  if (mask[2]) std::get<2>(out) = gS2;
-  if (mask[3]) std::get<3>(out) = gU1;
-  if (mask[4]) std::get<4>(out) = gU2;
-  if (mask[5]) std::get<5>(out) = gb;
-  return out;
+  if (mask[0]) dx = dx.reshape(input.sizes());
+  return detail::select_grads(mask, {dx, gS1, gS2, gU1, gU2, gb});
 }
 
 }  // namespace panther::sketch

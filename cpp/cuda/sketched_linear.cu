@@ -344,14 +344,13 @@ Grads6 backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const 
   // Low precision: every GEMM accumulates in fp32; fp32 operands enter as [hi | lo] splits
   // (A here is [A | A], so [ghi | glo] [A | A]^T = (ghi + glo) A^T).
   const bool need_x = mask[0], need_A = mask[1] || mask[4], need_B = mask[2] || mask[3];
-  Grads6 out;
-  at::Tensor rawA, rawB;
+  at::Tensor gx, rawA, rawB;
   if (need_x || need_A) {
     at::Tensor gT = split_hi_lo(at::mm(G2, B.t(), at::kFloat), dt, scale, 0);  // (N, 4Lk)
-    if (need_x) std::get<0>(out) = at::mm(gT, A.t()).reshape(input.sizes());
+    if (need_x) gx = at::mm(gT, A.t()).reshape(input.sizes());
     if (need_A) rawA = at::mm(x2.t(), gT, at::kFloat).contiguous();             // (d_in, 4Lk)
   }
-  if (need_B || mask[5]) rawB = at::mm(saved.t(), G2, at::kFloat).contiguous();  // (4Lk + pad, d_out)
+  if (need_B || mask[5]) rawB = at::mm(saved.t(), G2, at::kFloat).contiguous();  // (4Lk+8, d_out)
   auto opts = input.options();
   auto alloc = [&](bool want, at::IntArrayRef shape) {
     return want ? at::empty(shape, opts) : at::Tensor();
@@ -373,12 +372,7 @@ Grads6 backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const 
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  if (mask[1]) std::get<1>(out) = gS1;
-  if (mask[2]) std::get<2>(out) = gS2;
-  if (mask[3]) std::get<3>(out) = gU1;
-  if (mask[4]) std::get<4>(out) = gU2;
-  if (mask[5]) std::get<5>(out) = gb;
-  return out;
+  return select_grads(mask, {gx, gS1, gS2, gU1, gU2, gb});
 }
 
 }  // namespace

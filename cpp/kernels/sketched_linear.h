@@ -52,6 +52,18 @@ using Grads6 = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>,
                           std::optional<at::Tensor>, std::optional<at::Tensor>,
                           std::optional<at::Tensor>, std::optional<at::Tensor>>;
 
+// The gradients mask asks for, in the order (input, S1s, S2s, U1s, U2s, bias); nullopt elsewhere.
+inline Grads6 select_grads(const std::array<bool, 6>& mask, const std::array<at::Tensor, 6>& g) {
+  Grads6 out;
+  if (mask[0]) std::get<0>(out) = g[0];
+  if (mask[1]) std::get<1>(out) = g[1];
+  if (mask[2]) std::get<2>(out) = g[2];
+  if (mask[3]) std::get<3>(out) = g[3];
+  if (mask[4]) std::get<4>(out) = g[4];
+  if (mask[5]) std::get<5>(out) = g[5];
+  return out;
+}
+
 // Raw gradients of the two GEMM operands: gx (N, d_in), gA (d_in, 2Lk), gB (2Lk, d_out), gb (d_out).
 struct PackedGrads {
   at::Tensor gx, gA, gB, gb;
