@@ -157,7 +157,7 @@ _RUN_AOTI = """
 
 
 @pytest.mark.slow
-def test_aoti_package_round_trip(tmp_path, model_and_io):
+def test_aoti_package_round_trip(tmp_path, model_and_io, inductor_cache):
     """aoti_compile_and_package, then load the package in fresh processes: one that imports
     panther and one that only loads the op library (torch.ops.load_library(panther.library_path())).
     Loading happens in child processes so that a crash inside the AOTInductor runtime is reported
@@ -191,7 +191,7 @@ def _compile_model(seed: int, use_attention=None):
 
 
 @pytest.mark.slow
-def test_compile_fullgraph_forward_backward_match_eager():
+def test_compile_fullgraph_forward_backward_match_eager(inductor_cache):
     torch._dynamo.reset()
     model = _compile_model(3)
     x = example_input().requires_grad_()
@@ -212,7 +212,7 @@ def test_compile_fullgraph_forward_backward_match_eager():
     torch._dynamo.reset()
 
 
-def test_compile_sklinear_dynamic_batch():
+def test_compile_sklinear_dynamic_batch(inductor_cache):
     # fullgraph compile of a bare SKLinear with a dynamic leading dim (Meta kernel shapes).
     torch._dynamo.reset()
     torch.manual_seed(0)
