@@ -105,3 +105,22 @@ with torch.no_grad():
         for _ in range(5):
             m(x1, x1, x1)
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=16, max_name_column_width=50))
+
+# The module at 1k as bench_attention.py times it: round-robin with the other implementations
+# (no synchronisation between them), and alone.
+import sys  # noqa: E402
+sys.path.insert(0, "bench/python")
+import common as C  # noqa: E402
+
+mha = torch.nn.MultiheadAttention(768, 12, batch_first=True, device=dev, dtype=dt)
+mask = torch.ones(1024, 1024, dtype=torch.bool, device=dev).triu(1)
+fns = {
+    "mha": lambda: mha(x1, x1, x1, need_weights=False, attn_mask=mask, is_causal=True)[0],
+    "rmha": lambda: m(x1, x1, x1)[0],
+    "sdpa": lambda: F.scaled_dot_product_attention(q1, q1, q1, is_causal=True),
+    "favor": lambda: op(q1, q1, q1, m.projection_matrix, "softmax", True, None),
+}
+with torch.no_grad():
+    for names in (["mha", "rmha", "sdpa", "favor"], ["rmha", "mha", "sdpa", "favor"], ["rmha"], ["sdpa", "rmha"]):
+        t = C.time_fns({k: fns[k] for k in names}, torch.device(dev), warmup=3, reps=25, min_reps=3, budget_s=0.4)
+        print("round-robin", names, {k: round(v.median_ms * 1e3, 1) for k, v in t.items()}, "us")
