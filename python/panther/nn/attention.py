@@ -205,13 +205,13 @@ class RandMultiHeadAttention(nn.Module):
         return F.linear(x, w, b)
 
     @torch.jit.unused
-    def _inference_qkv(self, query: Tensor, key: Tensor, value: Tensor) -> Optional[List[Tensor]]:
+    def _inference_qkv(self, query: Tensor, key: Tensor, value: Tensor, B: int, Lq: int,
+                       Lk: int) -> Optional[List[Tensor]]:
         """Per-head q, k, v with one GEMM for shared inputs (self-attention: q, k, v; key is value:
         k, v), or None where that does not apply. Short sequences are bound by host submission,
         and each projection is a launch."""
         if key is not value or torch.compiler.is_compiling():
             return None
-        B, Lq, Lk = query.size(0), query.size(1), key.size(1)
         H, hd = self.num_heads, self.head_dim
         E = self.embed_dim
 
@@ -315,20 +315,21 @@ class RandMultiHeadAttention(nn.Module):
         checked by value, which torch.compile(fullgraph=True)/torch.export cannot trace: there,
         pass ``is_causal=True`` instead of a mask.
         """
-        if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
+        # (Shapes read once: short sequences are bound by host time, and each query costs.)
+        qs, ks, vs = query.shape, key.shape, value.shape
+        if len(qs) != 3 or len(ks) != 3 or len(vs) != 3:
             raise ValueError(
                 f"RandMultiHeadAttention: query, key and value must be 3-d (batch, seq, embed_dim), got "
-                f"{list(query.shape)}, {list(key.shape)}, {list(value.shape)}"
+                f"{list(qs)}, {list(ks)}, {list(vs)}"
             )
         E = self.embed_dim
-        if query.size(-1) != E or key.size(-1) != E or value.size(-1) != E:
+        if qs[2] != E or ks[2] != E or vs[2] != E:
             raise ValueError(
                 f"RandMultiHeadAttention: last dim of query, key and value must be embed_dim={E}, got "
-                f"{query.size(-1)}, {key.size(-1)}, {value.size(-1)}"
+                f"{qs[2]}, {ks[2]}, {vs[2]}"
             )
-        B, Lq = query.size(0), query.size(1)
-        Lk = key.size(1)
-        if key.size(0) != B or value.size(0) != B or value.size(1) != Lk:
+        B, Lq, Lk = qs[0], qs[1], ks[1]
+        if ks[0] != B or vs[0] != B or vs[1] != Lk:
             raise ValueError(
                 f"RandMultiHeadAttention: key and value must have shape (batch={B}, key_len, {E}) with the "
                 f"same key_len, got {list(key.shape)} and {list(value.shape)}"
@@ -340,11 +341,13 @@ class RandMultiHeadAttention(nn.Module):
             raise ValueError(
                 f"RandMultiHeadAttention: causal attention needs equal query and key lengths, got {Lq} and {Lk}"
             )
-        kpm = self._padding_mask(B, Lk, attention_mask, key_padding_mask)
+        kpm: Optional[Tensor] = None
+        if attention_mask is not None or key_padding_mask is not None:
+            kpm = self._padding_mask(B, Lk, attention_mask, key_padding_mask)
         H, hd = self.num_heads, self.head_dim
         qkv: Optional[List[Tensor]] = None
         if not torch.jit.is_scripting() and not torch.is_grad_enabled():
-            qkv = self._inference_qkv(query, key, value)
+            qkv = self._inference_qkv(query, key, value, B, Lq, Lk)
         if qkv is None:
             q = F.linear(query, self.Wq, self.bq).view(B, Lq, H, hd).transpose(1, 2)
             k = F.linear(key, self.Wk, self.bk).view(B, Lk, H, hd).transpose(1, 2)
