@@ -53,10 +53,10 @@ def test_cross_attention_lengths_differ():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_inference_packs_shared_projections(bias):
-    """Inference on shared inputs (query is key is value; key is value) projects with one GEMM
-    over Wq, Wk, Wv, which live back to back: same values as three projections, kept packed by
-    .to(), reading live parameter memory (in-place edits, even through .data, are seen), and a
-    replaced parameter falls back to separate projections."""
+    """Inference on shared inputs (query is key is value) runs one native call that projects with
+    one GEMM over Wq, Wk, Wv, which live back to back: same values as three projections, kept
+    packed by .to(), reading live parameter memory (in-place edits, even through .data, are
+    seen), and a replaced parameter falls back to separate projections."""
     torch.manual_seed(3)
     layer = small_layer(bias=bias, dtype=torch.float64)
     x = torch.randn(2, 11, 32, dtype=torch.float64)
@@ -85,6 +85,41 @@ def test_inference_packs_shared_projections(bias):
     out = layer(x, x, x)[0]
     grads = torch.autograd.grad(out.square().sum(), [layer.Wq, layer.Wk, layer.Wv])
     assert all(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+def test_self_attention_op_matches_module_math(bias, causal):
+    """panther::_rand_mha_self_attention (the module's eager inference path) equals the layer's
+    math with packed (back-to-back) and separate weights, with a padding mask, and, being a
+    composition of differentiable ops, gives the same gradients as the Python forward."""
+    torch.manual_seed(5)
+    layer = small_layer(bias=bias, iscausal=causal, dtype=torch.float64)
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    kpm = torch.zeros(2, 9, dtype=torch.bool)
+    kpm[1, :3] = True
+    op = torch.ops.panther._rand_mha_self_attention
+
+    def call(mask=None):
+        return op(x, layer.Wq, layer.Wk, layer.Wv, layer.bq, layer.bk, layer.bv, layer.W0, layer.b0,
+                  layer.projection_matrix, layer.num_heads, layer.kernel_fn, causal, mask)
+
+    with torch.no_grad():
+        for mask in (None, kpm):
+            torch.testing.assert_close(call(mask), manual_forward(layer, x, x, x, causal=causal, kpm=mask),
+                                       rtol=1e-9, atol=1e-10)
+    params = [layer.Wq, layer.Wk, layer.Wv, layer.W0]
+    ref = torch.autograd.grad(layer(x, x, x, key_padding_mask=kpm)[0].square().sum(), params)
+    got = torch.autograd.grad(call(kpm).square().sum(), params)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    layer.Wv = nn.Parameter(layer.Wv.detach().clone())  # no longer packed: three projections
+    with torch.no_grad():
+        torch.testing.assert_close(call(), manual_forward(layer, x, x, x, causal=causal),
+                                   rtol=1e-9, atol=1e-10)
+    args = (x, layer.Wq, layer.Wk, layer.Wv, layer.bq, layer.bk, layer.bv, layer.W0, layer.b0,
+            layer.projection_matrix, layer.num_heads, layer.kernel_fn, causal, kpm)
+    torch.library.opcheck(op.default, args)
 
 
 def test_mask_conventions_agree():

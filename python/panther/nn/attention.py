@@ -1,6 +1,6 @@
 """RandMultiHeadAttention: FAVOR+ random-feature multi-head attention, linear in sequence length."""
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -172,8 +172,7 @@ class RandMultiHeadAttention(nn.Module):
     @staticmethod
     def _adjacent(ps) -> bool:
         """Whether the tensors are contiguous, alike and back to back in memory (on one device:
-        CPU and CUDA memory share one address space, so adjacent addresses imply one device).
-        Called on every inference call, hence the few tensor queries."""
+        CPU and CUDA memory share one address space, so adjacent addresses imply one device)."""
         first = ps[0]
         if not first.is_contiguous():
             return False
@@ -186,50 +185,16 @@ class RandMultiHeadAttention(nn.Module):
         return True
 
     @torch.jit.unused
-    def _packed_in_proj(self, x: Tensor, n: int) -> Optional[Tensor]:
-        """x projected by the last n of (Wq, Wk, Wv) in one GEMM, as (..., n * E), when those
-        parameters (and biases) lie back to back in memory (the constructor puts them there,
-        _apply keeps them there); else None. Inference only: the fused weight is a view across
-        parameters, which autograd would not split back into their gradients."""
-        ws = (self.Wq, self.Wk, self.Wv)[3 - n:]
-        if not self._adjacent(ws):
+    def _eager_inference(self, x: Tensor, causal: bool, kpm: Optional[Tensor]) -> Optional[Tensor]:
+        """The whole forward as one native call (panther::_rand_mha_self_attention) for eager
+        self-attention inference, or None (tracing, compiling, dropout active). Short sequences
+        are bound by host submission; the op also projects q, k and v with one GEMM over the
+        back-to-back Wq, Wk, Wv (nothing copied or cached, so in-place edits are seen)."""
+        if torch.compiler.is_compiling() or (self.training and self.dropout > 0):
             return None
-        E = self.embed_dim
-        w = ws[0].as_strided((n * E, E), (E, 1))
-        b: Optional[Tensor] = None
-        if self.bias:
-            bs = (self.bq, self.bk, self.bv)[3 - n:]
-            if not self._adjacent(bs):
-                return None
-            b = bs[0].as_strided((n * E,), (1,))
-        return F.linear(x, w, b)
-
-    @torch.jit.unused
-    def _inference_qkv(self, query: Tensor, key: Tensor, value: Tensor, B: int, Lq: int,
-                       Lk: int) -> Optional[List[Tensor]]:
-        """Per-head q, k, v with one GEMM for shared inputs (self-attention: q, k, v; key is value:
-        k, v), or None where that does not apply. Short sequences are bound by host submission,
-        and each projection is a launch."""
-        if key is not value or torch.compiler.is_compiling():
-            return None
-        H, hd = self.num_heads, self.head_dim
-        E = self.embed_dim
-
-        def heads(t: Tensor, L: int, j: int) -> Tensor:
-            # Projection j of t (B, L, n*E) as (B, H, L, hd) heads, a view (one call).
-            n = t.size(-1) // E
-            return t.as_strided((B, H, L, hd), (L * n * E, hd, n * E, 1), t.storage_offset() + j * E)
-
-        if query is key:
-            qkv = self._packed_in_proj(query, 3)
-            if qkv is None or not qkv.is_contiguous():
-                return None
-            return [heads(qkv, Lq, 0), heads(qkv, Lq, 1), heads(qkv, Lq, 2)]
-        kv = self._packed_in_proj(key, 2)
-        if kv is None or not kv.is_contiguous():
-            return None
-        q = F.linear(query, self.Wq, self.bq).view(B, Lq, H, hd).transpose(1, 2)
-        return [q, heads(kv, Lk, 0), heads(kv, Lk, 1)]
+        return torch.ops.panther._rand_mha_self_attention(
+            x, self.Wq, self.Wk, self.Wv, self.bq, self.bk, self.bv, self.W0, self.b0,
+            self.projection_matrix, self.num_heads, self.kernel_fn, causal, kpm)
 
     @torch.jit.unused
     def redraw_projection(self, generator: Optional[torch.Generator] = None) -> None:
@@ -344,16 +309,15 @@ class RandMultiHeadAttention(nn.Module):
         kpm: Optional[Tensor] = None
         if attention_mask is not None or key_padding_mask is not None:
             kpm = self._padding_mask(B, Lk, attention_mask, key_padding_mask)
+        if not torch.jit.is_scripting() and not torch.is_grad_enabled() and query is key \
+                and key is value:
+            out = self._eager_inference(query, causal, kpm)
+            if out is not None:
+                return out, None
         H, hd = self.num_heads, self.head_dim
-        qkv: Optional[List[Tensor]] = None
-        if not torch.jit.is_scripting() and not torch.is_grad_enabled():
-            qkv = self._inference_qkv(query, key, value, B, Lq, Lk)
-        if qkv is None:
-            q = F.linear(query, self.Wq, self.bq).view(B, Lq, H, hd).transpose(1, 2)
-            k = F.linear(key, self.Wk, self.bk).view(B, Lk, H, hd).transpose(1, 2)
-            v = F.linear(value, self.Wv, self.bv).view(B, Lk, H, hd).transpose(1, 2)
-        else:
-            q, k, v = qkv[0], qkv[1], qkv[2]
+        q = F.linear(query, self.Wq, self.bq).view(B, Lq, H, hd).transpose(1, 2)
+        k = F.linear(key, self.Wk, self.bk).view(B, Lk, H, hd).transpose(1, 2)
+        v = F.linear(value, self.Wv, self.bv).view(B, Lk, H, hd).transpose(1, 2)
         ctx = torch.ops.panther.favor_attention(q, k, v, self.projection_matrix, self.kernel_fn, causal, kpm)
         # A view, not a copy: the op lays its (B, H, Lq, hd) output out as (B, Lq, H, hd).
         ctx = ctx.transpose(1, 2).reshape(B, Lq, E)
