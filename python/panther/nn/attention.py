@@ -128,7 +128,7 @@ class RandMultiHeadAttention(nn.Module):
         self.bias = bias
         fk = {"device": device, "dtype": dtype}
         # Wq, Wk, Wv (and bq, bk, bv) are separate parameters that live back to back in one
-        # buffer, so that inference can project q, k and v with one GEMM (see _packed_in_proj).
+        # buffer, so that inference can project q, k and v with one GEMM (see _eager_self_attention).
         w_in = torch.empty(3 * embed_dim, embed_dim, **fk)
         self.Wq = nn.Parameter(w_in[:embed_dim])
         self.Wk = nn.Parameter(w_in[embed_dim:2 * embed_dim])
@@ -185,11 +185,12 @@ class RandMultiHeadAttention(nn.Module):
         return True
 
     @torch.jit.unused
-    def _eager_inference(self, x: Tensor, causal: bool, kpm: Optional[Tensor]) -> Optional[Tensor]:
-        """The whole forward as one native call (panther::_rand_mha_self_attention) for eager
-        self-attention inference, or None (tracing, compiling, dropout active). Short sequences
-        are bound by host submission; the op also projects q, k and v with one GEMM over the
-        back-to-back Wq, Wk, Wv (nothing copied or cached, so in-place edits are seen)."""
+    def _eager_self_attention(self, x: Tensor, causal: bool, kpm: Optional[Tensor]) -> Optional[Tensor]:
+        """The whole forward as one native call (panther::_rand_mha_self_attention, a composition
+        of differentiable ops) for eager self-attention, or None (compiling, dropout active).
+        Short sequences are bound by host submission. Without autograd the op also projects q, k
+        and v with one GEMM over the back-to-back Wq, Wk, Wv (nothing copied or cached, so
+        in-place edits are seen)."""
         if torch.compiler.is_compiling() or (self.training and self.dropout > 0):
             return None
         return torch.ops.panther._rand_mha_self_attention(
@@ -309,9 +310,8 @@ class RandMultiHeadAttention(nn.Module):
         kpm: Optional[Tensor] = None
         if attention_mask is not None or key_padding_mask is not None:
             kpm = self._padding_mask(B, Lk, attention_mask, key_padding_mask)
-        if not torch.jit.is_scripting() and not torch.is_grad_enabled() and query is key \
-                and key is value:
-            out = self._eager_inference(query, causal, kpm)
+        if not torch.jit.is_scripting() and query is key and key is value:
+            out = self._eager_self_attention(query, causal, kpm)
             if out is not None:
                 return out, None
         H, hd = self.num_heads, self.head_dim
