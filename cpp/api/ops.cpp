@@ -3,6 +3,8 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "kernels/favor_attention.h"
+
 namespace panther {
 
 at::Tensor sketched_linear(const at::Tensor& input, const at::Tensor& S1s, const at::Tensor& S2s,
@@ -19,12 +21,8 @@ at::Tensor sketched_linear(const at::Tensor& input, const at::Tensor& S1s, const
 at::Tensor favor_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                            const at::Tensor& projection, const std::string& kernel, bool causal,
                            const std::optional<at::Tensor>& key_padding_mask) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("panther::favor_attention", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, c10::string_view, bool,
-                                         const std::optional<at::Tensor>&)>();
-  return op.call(query, key, value, projection, kernel, causal, key_padding_mask);
+  return detail::favor_attention_op().call(query, key, value, projection, kernel, causal,
+                                          key_padding_mask);
 }
 
 const char* built_with_torch() { return PANTHER_TORCH_VERSION; }

@@ -8,6 +8,8 @@
 
 #include <string>
 
+#include "kernels/favor_attention.h"
+
 namespace panther::autograd {
 namespace {
 
@@ -15,15 +17,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using Grads4 = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>,
                           std::optional<at::Tensor>, std::optional<at::Tensor>>;
-
-const auto& plain_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("panther::favor_attention", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, c10::string_view, bool,
-                                         const std::optional<at::Tensor>&)>();
-  return op;
-}
 
 const auto& bwd_op() {
   static auto op = c10::Dispatcher::singleton()
@@ -41,7 +34,8 @@ class FavorAttentionFunction : public torch::autograd::Function<FavorAttentionFu
                             const std::string& kernel, bool causal,
                             const std::optional<at::Tensor>& key_padding_mask) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor out = plain_op().call(query, key, value, projection, kernel, causal, key_padding_mask);
+    at::Tensor out = panther::detail::favor_attention_op().call(query, key, value, projection,
+                                                                kernel, causal, key_padding_mask);
     const bool has_mask = key_padding_mask.has_value() && key_padding_mask->defined();
     ctx->save_for_backward({query, key, value, projection,
                             has_mask ? *key_padding_mask : at::Tensor()});
@@ -81,7 +75,8 @@ at::Tensor favor_attention_autograd(const at::Tensor& query, const at::Tensor& k
                          projection.requires_grad());
   if (!any_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return plain_op().call(query, key, value, projection, kernel, causal, key_padding_mask);
+    return panther::detail::favor_attention_op().call(query, key, value, projection, kernel,
+                                                      causal, key_padding_mask);
   }
   return FavorAttentionFunction::apply(query, key, value, projection, std::string(kernel.data(), kernel.size()), causal,
                                        key_padding_mask);

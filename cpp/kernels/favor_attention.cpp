@@ -194,6 +194,13 @@ at::Tensor noncausal_forward(const Prepared& p, at::Tensor& Kf, at::Tensor& KV) 
 
 }  // namespace
 
+const c10::TypedOperatorHandle<FavorAttentionSig>& favor_attention_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("panther::favor_attention", "")
+                             .typed<FavorAttentionSig>();
+  return op;
+}
+
 FavorDims check_favor_attention(const char* op, const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& projection,
                                 c10::string_view kernel, bool causal,

@@ -13,6 +13,7 @@
 // eps, so treating it as a constant is exact up to O(eps).
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <array>
 #include <optional>
 #include <c10/util/string_view.h>
@@ -46,6 +47,13 @@ using ChunkScanFn = at::Tensor (*)(const at::Tensor& x, const at::Tensor& a, boo
 at::Tensor chunk_scan_generic(const at::Tensor& x, const at::Tensor& a, bool reverse);
 // CPU: one pass of plain loops, parallel over (batch*head, state entries).
 at::Tensor chunk_scan_cpu(const at::Tensor& x, const at::Tensor& a, bool reverse);
+
+// The dispatcher handle of panther::favor_attention, for C++ code that calls the op through the
+// dispatcher (its autograd kernel, the C++ API, composite ops).
+using FavorAttentionSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, c10::string_view, bool,
+                                     const std::optional<at::Tensor>&);
+const c10::TypedOperatorHandle<FavorAttentionSig>& favor_attention_op();
 
 // The op's output: shape (B, H, Lq, Dv) laid out as (B, Lq, H, Dv) in memory, so that
 // out.transpose(1, 2).reshape(B, Lq, H * Dv) (merging the heads) is a view, as with

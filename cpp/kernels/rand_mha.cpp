@@ -9,22 +9,14 @@
 // v come from one GEMM over a view of that memory; otherwise from three.
 #include <ATen/ATen.h>
 #include <ATen/FunctionalTensorWrapper.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <array>
 
+#include "kernels/favor_attention.h"
+
 namespace panther::kernels {
 namespace {
-
-const auto& favor_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("panther::favor_attention", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, c10::string_view, bool,
-                                         const std::optional<at::Tensor>&)>();
-  return op;
-}
 
 // A tensor with real memory: not meta, not a Python subclass (FakeTensor), not functionalized.
 bool has_real_memory(const at::Tensor& t) {
@@ -87,7 +79,7 @@ at::Tensor rand_mha_self_attention(const at::Tensor& x, const at::Tensor& Wq, co
     q = proj(Wq, bq), k = proj(Wk, bk), v = proj(Wv, bv);
   }
   // favor_attention lays its output out as (B, L, H, hd): merging the heads is a view.
-  const at::Tensor ctx = favor_op().call(q, k, v, projection, kernel_fn, causal, key_padding_mask);
+  const at::Tensor ctx = detail::favor_attention_op().call(q, k, v, projection, kernel_fn, causal, key_padding_mask);
   return at::linear(ctx.transpose(1, 2).reshape({B, L, E}), W0, b0);
 }
 
