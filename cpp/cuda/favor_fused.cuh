@@ -26,8 +26,11 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "cuda/wmma_shared.cuh"
-#ifndef PANTHER_CUDA_EMU
+#ifdef PANTHER_CUDA_EMU
+#include "cuda_emu.h"
+#else
+#include <cuda_bf16.h>
+#include <mma.h>
 #ifndef PANTHER_DYNAMIC_SMEM
 #define PANTHER_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 #endif
@@ -56,7 +59,11 @@ using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 using RowM = wmma::row_major;
 using ColM = wmma::col_major;
 
-using wmma_util::Cvt;
+template <class T> struct Cvt;
+template <> struct Cvt<__nv_bfloat16> {
+  static __device__ __forceinline__ float f(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 t(float x) { return __float2bfloat16(x); }
+};
 
 template <class T>
 struct Params {
@@ -135,8 +142,35 @@ __host__ __device__ inline Smem smem_layout(int kind, int D, int M, int E1p, int
 // acc += A (16 x K) B (K x 16). A, B point at the tile's origin; layouts as in WMMA:
 // A row-major: (r, k) at A[r*lda + k]; col-major: A[r + k*lda]. B row-major: (k, c) at
 // B[k*ldb + c]; col-major: B[k + c*ldb].
-// Operand loads from shared memory as wmma.load ... .shared (see wmma_shared.cuh).
-using wmma_util::load_shared;
+// Operand loads from shared memory. NVVM does not infer the shared state space for the bf16
+// WMMA load intrinsics (every load came out generic, ~10x slower per MMA step on an H100), so the
+// CUDA build issues wmma.load ... .shared itself; the emulator uses the WMMA API.
+template <class Use, class T, class L>
+__device__ __forceinline__ void load_shared(wmma::fragment<Use, 16, 16, 16, T, L>& f, const T* p,
+                                            int ld) {
+#if defined(PANTHER_CUDA_EMU)
+  wmma::load_matrix_sync(f, p, ld);
+#else
+  static_assert(std::is_same<T, __nv_bfloat16>::value, "shared WMMA loads are written for bf16");
+  static_assert(sizeof(f.x) == 16, "a bf16 m16n16k16 a/b fragment is 4 registers");
+  unsigned* r = reinterpret_cast<unsigned*>(&f.x[0]);
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  constexpr bool is_a = std::is_same<Use, wmma::matrix_a>::value;
+  constexpr bool row = std::is_same<L, RowM>::value;
+  if (is_a && row)
+    asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0,%1,%2,%3}, [%4], %5;"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a), "r"(ld));
+  else if (is_a)
+    asm volatile("wmma.load.a.sync.aligned.col.m16n16k16.shared.bf16 {%0,%1,%2,%3}, [%4], %5;"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a), "r"(ld));
+  else if (row)
+    asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16 {%0,%1,%2,%3}, [%4], %5;"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a), "r"(ld));
+  else
+    asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 {%0,%1,%2,%3}, [%4], %5;"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a), "r"(ld));
+#endif
+}
 
 template <class T, class LA, class LB>
 __device__ __forceinline__ void mma_acc(Acc& acc, const T* A, int lda, const T* B, int ldb, int K) {

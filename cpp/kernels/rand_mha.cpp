@@ -79,7 +79,8 @@ at::Tensor rand_mha_self_attention(const at::Tensor& x, const at::Tensor& Wq, co
     q = proj(Wq, bq), k = proj(Wk, bk), v = proj(Wv, bv);
   }
   // favor_attention lays its output out as (B, L, H, hd): merging the heads is a view.
-  const at::Tensor ctx = detail::favor_attention_op().call(q, k, v, projection, kernel_fn, causal, key_padding_mask);
+  const at::Tensor ctx = detail::favor_attention_op().call(q, k, v, projection, kernel_fn, causal,
+                                                          key_padding_mask);
   return at::linear(ctx.transpose(1, 2).reshape({B, L, E}), W0, b0);
 }
 
