@@ -260,10 +260,7 @@ __global__ void __launch_bounds__(kThreads) small_bwd2_kernel(SmallBwd<T> p) {
 #ifdef PANTHER_CUDA_EMU
 #define PANTHER_SKETCH_LAUNCH(kernel, grid, smem, ...) \
   ::emu::launch(kernel, dim3(grid), dim3(::panther::sketch::kThreads), smem, __VA_ARGS__)
-#define PANTHER_SKETCH_SMS() ::panther::sketch::emu_sms
-namespace panther::sketch {
-inline int64_t emu_sms = 132;  // the emulated GPU's SM count (tests lower it to change grids)
-}
+#define PANTHER_SKETCH_SMS() int64_t{132}
 #else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>

@@ -4,20 +4,14 @@
 // the second GEMM as an exact split T = hi + lo ([hi | lo] against [B; B]), so the only rounding
 // to low precision is that of the output, as in a dense fp16/bf16 nn.Linear. The split costs a
 // K of 4Lk instead of 2Lk in a GEMM whose time is set by writing the (N, d_out) output.
-// With more tokens and 2Lk <= 64 the second forward GEMM is a direct kernel that reads T and the
-// sketches and splits T itself (sketch_wide.cuh). Up to kSmallTokens tokens, forward and backward
-// use direct kernels instead of cuBLAS (sketch_small.cuh and small_tb_kernel below).
-// PANTHER_SKETCH_WIDE=0 sends the many-token forward back to cuBLAS (for comparisons).
+// Up to kSmallTokens tokens, forward and backward use direct kernels instead of cuBLAS
+// (sketch_small.cuh and small_tb_kernel below).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <string>
-
 #include "cuda/sketch_small.cuh"
-#include "cuda/sketch_wide.cuh"
 #include "kernels/sketched_linear.h"
 
 namespace panther::cuda {
@@ -296,24 +290,10 @@ Fwd forward_cuda(const at::Tensor& input, const at::Tensor& S1s, const at::Tenso
     // [hi | lo] split. The copies are small; as launches they cost less than the pack kernel.
     auto terms = [&](const at::Tensor& t) { return t.permute({1, 0, 2}).reshape({d.d_in, Lk}); };
     at::Tensor A = at::cat({terms(S1s), terms(U2s)}, 1);
-    at::Tensor T32 = at::mm(x2, A, at::kFloat);  // (N, 2Lk) fp32
-    static const bool wide_enabled = [] {
-      const char* e = std::getenv("PANTHER_SKETCH_WIDE");
-      return !(e && std::string(e) == "0");
-    }();
-    if (wide_enabled && 2 * Lk <= sketch::kWideMaxC) {
-      // Write-bound second GEMM: one kernel reads T32 and the sketches (sketch_wide.cuh).
-      at::Tensor y;
-      if (dt == at::kHalf)
-        y = sketch::wide_output<__half>(T32, U1s, S2s, bias, d, scale);
-      else
-        y = sketch::wide_output<__nv_bfloat16>(T32, U1s, S2s, bias, d, scale);
-      at::Tensor saved = want_saved ? split_hi_lo(T32, dt, scale, kSavedPad) : at::Tensor();
-      return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
-    }
     at::Tensor u1 = U1s.reshape({Lk, d.d_out}), s2 = S2s.reshape({Lk, d.d_out});
     at::Tensor B2 = at::cat({u1, s2, u1, s2}, 0);
-    at::Tensor saved = split_hi_lo(T32, dt, scale, kSavedPad);  // (N, 4Lk + pad)
+    at::Tensor T32 = at::mm(x2, A, at::kFloat);                     // (N, 2Lk) fp32
+    at::Tensor saved = split_hi_lo(T32, dt, scale, kSavedPad);     // (N, 4Lk + pad)
     at::Tensor hilo = saved.narrow(1, 0, 4 * Lk);
     at::Tensor y = has_bias ? at::addmm(*bias, hilo, B2) : at::mm(hilo, B2);
     return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
