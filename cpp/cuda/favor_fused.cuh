@@ -299,6 +299,12 @@ __device__ Blk<T> make_blk(const Params<T>& p, unsigned char* base, const Smem& 
   return k;
 }
 
+// n / d for 0 <= n < 2^22, d > 0, given rd = __frcp_rn(d): (n + 0.5) / d lies at least 0.5 / d
+// from an integer, and the two roundings (reciprocal, product) move it by less than that.
+__device__ __forceinline__ int div_rcp(int n, float rd) {
+  return static_cast<int>((static_cast<float>(n) + 0.5f) * rd);
+}
+
 // dst (rows_total x cols, leading dim ld, shared) <- rows [0, rows) of src (row stride sl), zero
 // rows in [rows, rows_total). 16-byte vectors, kU of them in flight per thread, when every row
 // start is 16-byte aligned (else element by element): one block per SM cannot hide the latency
@@ -311,13 +317,16 @@ __device__ void copy_rows(T* dst, int ld, const T* src, int64_t sl, int rows, in
                    reinterpret_cast<uintptr_t>(src) % 16 == 0;
   if (vec) {
     constexpr int kU = 8;
+    // r = idx / vpr via div_rcp (idx < total + kU kThreads, total <= shared bytes / 16): a
+    // runtime integer division per vector costs more than the copy itself.
     const int vpr = cols / kE, total = rows_total * vpr;
+    const float rvpr = __frcp_rn(static_cast<float>(vpr));
     for (int base = threadIdx.x; base < total; base += kThreads * kU) {
       uint4 tmp[kU];
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         const int idx = base + u * kThreads;
-        const int r = idx / vpr, c = idx - r * vpr;
+        const int r = div_rcp(idx, rvpr), c = idx - r * vpr;
         if (idx < total && r < rows) {
           tmp[u] = *reinterpret_cast<const uint4*>(src + static_cast<int64_t>(r) * sl + c * kE);
         } else {
@@ -327,7 +336,7 @@ __device__ void copy_rows(T* dst, int ld, const T* src, int64_t sl, int rows, in
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         const int idx = base + u * kThreads;
-        const int r = idx / vpr, c = idx - r * vpr;
+        const int r = div_rcp(idx, rvpr), c = idx - r * vpr;
         if (idx < total) *reinterpret_cast<uint4*>(dst + r * ld + c * kE) = tmp[u];
       }
     }
@@ -410,6 +419,45 @@ __device__ void query_features(const Params<T>& p, Blk<T>& k) {
   const int rt = k.warp % kRT, i = rt * 16 + rr;
   Acc acc;
   float v[8];
+  // Softmax with at most kKeep tiles per warp (M <= 256): pass 1 keeps this lane's 8 values of
+  // each tile in registers for pass 2 instead of recomputing them. (states_kernel recomputes:
+  // it must stay within 64 registers for two blocks per SM.)
+  constexpr int kKeep = 4;
+  if (p.softmax && kRT * CT <= kKeep * kWarps) {
+    float pre[kKeep][8];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int u = 0; u < kKeep; ++u) {
+      const int t = k.warp + u * kWarps;
+      if (t < kRT * CT) {
+        pre_tile(acc, k, p.D, rt, t / kRT);
+        stage8(k.stage, acc, k.lane, pre[u]);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) mx = fmaxf(mx, pre[u][q]);
+      }
+    }
+    mx = pair_max(mx);
+    if ((k.lane & 1) == 0) k.red[grp * kC + i] = mx;
+    combine_rows(k.red, k.rowc, true);
+    const float ci = k.rowc[i];
+    float sum = 0.f;
+#pragma unroll
+    for (int u = 0; u < kKeep; ++u) {
+      const int t = k.warp + u * kWarps;
+      if (t < kRT * CT) {
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          v[q] = p.sM * __expf((pre[u][q] - ci) * p.xscale) + p.ek;
+          sum += v[q];
+        }
+        store8(k.phi + i * k.lm + (t / kRT) * 16 + c0, v);
+      }
+    }
+    sum = pair_sum(sum);
+    if ((k.lane & 1) == 0) k.red[grp * kC + i] = sum;
+    combine_rows(k.red, k.phisum, false);
+    return;
+  }
   if (p.softmax) {  // pass 1: row max of x W^T (the query stabiliser, per row)
     float mx = -INFINITY;
     for (int t = k.warp; t < kRT * CT; t += kWarps) {
