@@ -20,7 +20,7 @@ for f in ${CUDA_FILES:-cpp/cuda/*.cu}; do
   echo "nvcc syntax check: $f"
   if ! nvcc -std=c++17 -arch=sm_90 -I"$stub" -I"$T" -I"$T/torch/csrc/api/include" -Icpp -Icpp/include \
       --expt-relaxed-constexpr -D_GLIBCXX_USE_CXX11_ABI=1 -DPANTHER_WITH_CUDA=1 -w \
-      -c "$f" -o /dev/null; then
+      ${NVCC_EXTRA:-} -c "$f" -o /dev/null; then
     rc=1
   fi
 done

@@ -1,7 +1,9 @@
 """Developer probe (not part of the suite): GPU time per kernel, and host submit vs total time, of
 the calls whose targets are missed: SKLinear bf16 forward at 8192 tokens, SKLinear bf16
 forward+backward at 64 tokens, causal favor_attention forward+backward at 16k (bf16, 12 x 64
-heads, M=256) and the RandMultiHeadAttention forward at 1k."""
+heads, M=256) and the RandMultiHeadAttention forward at 1k.
+Usage: python3 scripts/probe_kernels.py [linear] [attention] [module]   (default: all three)"""
+import sys
 import time
 
 import torch
@@ -59,68 +61,73 @@ def kernels(name, fn, reps=5):
         print(f"   {t:9.1f} us  x{c:<3d} {k[:90]}")
 
 
+SECTIONS = sys.argv[1:] or ["linear", "attention", "module"]
 torch.manual_seed(0)
-sk = pr.nn.SKLinear(8192, 8192, 1, 16, device=dev, dtype=dt)
-lin = torch.nn.Linear(8192, 8192, device=dev, dtype=dt)
-x = torch.randn(8192, 8192, device=dev, dtype=dt)
-with torch.no_grad():
-    kernels("SKLinear fwd N=8192", lambda: sk(x))
-    kernels("nn.Linear fwd N=8192", lambda: lin(x))
-x64 = torch.randn(64, 8192, device=dev, dtype=dt, requires_grad=True)
-g64 = torch.randn(64, 8192, device=dev, dtype=dt)
-sk_params = [x64] + list(sk.parameters())
-lin_params = [x64] + list(lin.parameters())
-fb_sk = lambda: torch.autograd.grad(sk(x64), sk_params, g64)  # noqa: E731
-fb_lin = lambda: torch.autograd.grad(lin(x64), lin_params, g64)  # noqa: E731
-timing("SKLinear fwd+bwd N=64", fb_sk)
-timing("nn.Linear fwd+bwd N=64", fb_lin)
-latency("SKLinear fwd+bwd N=64", fb_sk)
-latency("nn.Linear fwd+bwd N=64", fb_lin)
-with torch.no_grad():
-    latency("SKLinear fwd N=64", lambda: sk(x64))
-    latency("nn.Linear fwd N=64", lambda: lin(x64))
-    kernels("SKLinear fwd N=64", lambda: sk(x64))
-kernels("SKLinear fwd+bwd N=64", fb_sk)
 
-L = 16384
-q, k, v = (torch.randn(1, 12, L, 64, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
-W = torch.randn(256, 64, device=dev, dtype=dt)
-go = torch.randn(1, 12, L, 64, device=dev, dtype=dt)
-op = torch.ops.panther.favor_attention
-kernels("favor causal fwd+bwd 16k", lambda: torch.autograd.grad(op(q, k, v, W, "softmax", True, None), [q, k, v], go))
+if "linear" in SECTIONS:
+    sk = pr.nn.SKLinear(8192, 8192, 1, 16, device=dev, dtype=dt)
+    lin = torch.nn.Linear(8192, 8192, device=dev, dtype=dt)
+    x = torch.randn(8192, 8192, device=dev, dtype=dt)
+    with torch.no_grad():
+        kernels("SKLinear fwd N=8192", lambda: sk(x))
+        latency("SKLinear fwd N=8192", lambda: sk(x))
+        kernels("nn.Linear fwd N=8192", lambda: lin(x))
+    x64 = torch.randn(64, 8192, device=dev, dtype=dt, requires_grad=True)
+    g64 = torch.randn(64, 8192, device=dev, dtype=dt)
+    sk_params = [x64] + list(sk.parameters())
+    lin_params = [x64] + list(lin.parameters())
+    fb_sk = lambda: torch.autograd.grad(sk(x64), sk_params, g64)  # noqa: E731
+    fb_lin = lambda: torch.autograd.grad(lin(x64), lin_params, g64)  # noqa: E731
+    timing("SKLinear fwd+bwd N=64", fb_sk)
+    timing("nn.Linear fwd+bwd N=64", fb_lin)
+    latency("SKLinear fwd+bwd N=64", fb_sk)
+    latency("nn.Linear fwd+bwd N=64", fb_lin)
+    with torch.no_grad():
+        latency("SKLinear fwd N=64", lambda: sk(x64))
+        latency("nn.Linear fwd N=64", lambda: lin(x64))
+        kernels("SKLinear fwd N=64", lambda: sk(x64))
+    kernels("SKLinear fwd+bwd N=64", fb_sk)
 
-m = pr.nn.RandMultiHeadAttention(768, 12, 256, iscausal=True, device=dev, dtype=dt)
-x1 = torch.randn(1, 1024, 768, device=dev, dtype=dt)
-with torch.no_grad():
-    timing("module causal fwd 1k", lambda: m(x1, x1, x1))
-    q1 = torch.randn(1, 12, 1024, 64, device=dev, dtype=dt)
-    timing("op causal fwd 1k", lambda: op(q1, q1, q1, m.projection_matrix, "softmax", True, None))
-    timing("1 linear 1k", lambda: F.linear(x1, m.Wq, m.bq))
-    latency("module causal fwd 1k", lambda: m(x1, x1, x1))
-    latency("op causal fwd 1k", lambda: op(q1, q1, q1, m.projection_matrix, "softmax", True, None))
-    latency("SDPA causal fwd 1k", lambda: F.scaled_dot_product_attention(q1, q1, q1, is_causal=True))
-    latency("empty (events only)", lambda: None)
-    kernels("module causal fwd 1k", lambda: m(x1, x1, x1))
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(5):
-            m(x1, x1, x1)
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=16, max_name_column_width=50))
+if "attention" in SECTIONS:
+    L = 16384
+    q, k, v = (torch.randn(1, 12, L, 64, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
+    W = torch.randn(256, 64, device=dev, dtype=dt)
+    go = torch.randn(1, 12, L, 64, device=dev, dtype=dt)
+    op = torch.ops.panther.favor_attention
+    kernels("favor causal fwd+bwd 16k", lambda: torch.autograd.grad(op(q, k, v, W, "softmax", True, None), [q, k, v], go))
 
-# The module at 1k as bench_attention.py times it: round-robin with the other implementations
-# (no synchronisation between them), and alone.
-import sys  # noqa: E402
-sys.path.insert(0, "bench/python")
-import common as C  # noqa: E402
+if "module" in SECTIONS:
+    m = pr.nn.RandMultiHeadAttention(768, 12, 256, iscausal=True, device=dev, dtype=dt)
+    x1 = torch.randn(1, 1024, 768, device=dev, dtype=dt)
+    with torch.no_grad():
+        timing("module causal fwd 1k", lambda: m(x1, x1, x1))
+        q1 = torch.randn(1, 12, 1024, 64, device=dev, dtype=dt)
+        timing("op causal fwd 1k", lambda: op(q1, q1, q1, m.projection_matrix, "softmax", True, None))
+        timing("1 linear 1k", lambda: F.linear(x1, m.Wq, m.bq))
+        latency("module causal fwd 1k", lambda: m(x1, x1, x1))
+        latency("op causal fwd 1k", lambda: op(q1, q1, q1, m.projection_matrix, "softmax", True, None))
+        latency("SDPA causal fwd 1k", lambda: F.scaled_dot_product_attention(q1, q1, q1, is_causal=True))
+        latency("empty (events only)", lambda: None)
+        kernels("module causal fwd 1k", lambda: m(x1, x1, x1))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                m(x1, x1, x1)
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=16, max_name_column_width=50))
 
-mha = torch.nn.MultiheadAttention(768, 12, batch_first=True, device=dev, dtype=dt)
-mask = torch.ones(1024, 1024, dtype=torch.bool, device=dev).triu(1)
-fns = {
-    "mha": lambda: mha(x1, x1, x1, need_weights=False, attn_mask=mask, is_causal=True)[0],
-    "rmha": lambda: m(x1, x1, x1)[0],
-    "sdpa": lambda: F.scaled_dot_product_attention(q1, q1, q1, is_causal=True),
-    "favor": lambda: op(q1, q1, q1, m.projection_matrix, "softmax", True, None),
-}
-with torch.no_grad():
-    for names in (["mha", "rmha", "sdpa", "favor"], ["rmha", "mha", "sdpa", "favor"], ["rmha"], ["sdpa", "rmha"]):
-        t = C.time_fns({k: fns[k] for k in names}, torch.device(dev), warmup=3, reps=25, min_reps=3, budget_s=0.4)
-        print("round-robin", names, {k: round(v.median_ms * 1e3, 1) for k, v in t.items()}, "us")
+    # The module at 1k as bench_attention.py times it: round-robin with the other implementations
+    # (no synchronisation between them), and alone.
+    sys.path.insert(0, "bench/python")
+    import common as C  # noqa: E402
+
+    mha = torch.nn.MultiheadAttention(768, 12, batch_first=True, device=dev, dtype=dt)
+    mask = torch.ones(1024, 1024, dtype=torch.bool, device=dev).triu(1)
+    fns = {
+        "mha": lambda: mha(x1, x1, x1, need_weights=False, attn_mask=mask, is_causal=True)[0],
+        "rmha": lambda: m(x1, x1, x1)[0],
+        "sdpa": lambda: F.scaled_dot_product_attention(q1, q1, q1, is_causal=True),
+        "favor": lambda: op(q1, q1, q1, m.projection_matrix, "softmax", True, None),
+    }
+    with torch.no_grad():
+        for names in (["mha", "rmha", "sdpa", "favor"], ["rmha", "mha", "sdpa", "favor"], ["rmha"], ["sdpa", "rmha"]):
+            t = C.time_fns({k: fns[k] for k in names}, torch.device(dev), warmup=3, reps=25, min_reps=3, budget_s=0.4)
+            print("round-robin", names, {k: round(v.median_ms * 1e3, 1) for k, v in t.items()}, "us")
