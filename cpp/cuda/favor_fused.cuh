@@ -354,13 +354,71 @@ __device__ void load_matrix(T* dst, int ld, const T* src, int rows, int cols) {
   copy_rows(dst, ld, src, cols, rows, rows, cols);
 }
 
-// Input rows of this chunk: x <- query or key rows, hn = |x'|^2 / 2 per row.
+// copy_rows issued as cp.async (16 bytes, src-size 0 zero-fills the rows past `rows`) when every
+// row start is 16-byte aligned; else (and under the emulator) the synchronous copy_rows. Either
+// way dst may be touched only after async_commit() and the async_wait<N>() that covers it.
 template <class T>
-__device__ void load_x(const Params<T>& p, Blk<T>& k, bool keys) {
-  const T* base = keys ? p.k + k.b * p.k_sb + k.hd * p.k_sh + static_cast<int64_t>(k.row0) * p.k_sl
-                       : p.q + k.b * p.q_sb + k.hd * p.q_sh + static_cast<int64_t>(k.row0) * p.q_sl;
-  copy_rows(k.x, k.lx, base, keys ? p.k_sl : p.q_sl, k.rows, kC, p.D);
+__device__ void copy_rows_async(T* dst, int ld, const T* src, int64_t sl, int rows,
+                                int rows_total, int cols) {
+#if !defined(PANTHER_CUDA_EMU)
+  constexpr int kE = 16 / sizeof(T);
+  const bool vec = cols % kE == 0 && sl % kE == 0 && ld % kE == 0 &&
+                   reinterpret_cast<uintptr_t>(src) % 16 == 0;
+  if (vec) {
+    const int vpr = cols / kE, total = rows_total * vpr;
+    const float rvpr = __frcp_rn(static_cast<float>(vpr));
+    for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+      const int r = div_rcp(idx, rvpr), c = idx - r * vpr;
+      const bool in = r < rows;
+      const T* s = in ? src + static_cast<int64_t>(r) * sl + c * kE : src;
+      const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst + r * ld + c * kE));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(s),
+                   "r"(in ? 16 : 0)
+                   : "memory");
+    }
+    return;
+  }
+#endif
+  copy_rows(dst, ld, src, sl, rows, rows_total, cols);
+}
+
+// Closes this thread's group of cp.async copies (the emulator copies synchronously: no-op).
+__device__ __forceinline__ void async_commit() {
+#if !defined(PANTHER_CUDA_EMU)
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+// Waits until at most N of the committed groups are in flight, then for the whole block (the
+// synchronous fallback's plain stores are published by the same barrier).
+template <int N>
+__device__ __forceinline__ void async_wait() {
+#if !defined(PANTHER_CUDA_EMU)
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
   __syncthreads();
+}
+
+// This chunk's query or key rows (row stride in *sl).
+template <class T>
+__device__ __forceinline__ const T* x_rows(const Params<T>& p, const Blk<T>& k, bool keys,
+                                           int64_t* sl) {
+  *sl = keys ? p.k_sl : p.q_sl;
+  return keys ? p.k + k.b * p.k_sb + k.hd * p.k_sh + static_cast<int64_t>(k.row0) * p.k_sl
+              : p.q + k.b * p.q_sb + k.hd * p.q_sh + static_cast<int64_t>(k.row0) * p.q_sl;
+}
+
+// Issues x <- query or key rows (cp.async); finish with x_norms after the wait.
+template <class T>
+__device__ void issue_x(const Params<T>& p, Blk<T>& k, bool keys) {
+  int64_t sl;
+  const T* base = x_rows(p, k, keys, &sl);
+  copy_rows_async(k.x, k.lx, base, sl, k.rows, kC, p.D);
+}
+
+// hn = |x'|^2 / 2 per row of k.x.
+template <class T>
+__device__ void x_norms(const Params<T>& p, Blk<T>& k) {
   for (int i = threadIdx.x; i < kC; i += kThreads) {
     float acc = 0.f;
     for (int d = 0; d < p.D; ++d) {
@@ -372,18 +430,36 @@ __device__ void load_x(const Params<T>& p, Blk<T>& k, bool keys) {
   __syncthreads();
 }
 
-// v <- [v, 1, 0...] * valid (kC x E1p); valid[] per key row.
+// Input rows of this chunk: x <- query or key rows, hn = |x'|^2 / 2 per row.
 template <class T>
-__device__ void load_values(const Params<T>& p, Blk<T>& k) {
+__device__ void load_x(const Params<T>& p, Blk<T>& k, bool keys) {
+  int64_t sl;
+  const T* base = x_rows(p, k, keys, &sl);
+  copy_rows(k.x, k.lx, base, sl, k.rows, kC, p.D);
+  __syncthreads();
+  x_norms(p, k);
+}
+
+// valid[] per key row (no barrier).
+template <class T>
+__device__ void key_valid(const Params<T>& p, Blk<T>& k) {
   for (int i = threadIdx.x; i < kC; i += kThreads) {
     bool ok = i < k.rows;
     if (ok && p.pad) ok = !p.pad[static_cast<int64_t>(k.b) * p.Lk + k.row0 + i];
     k.valid[i] = ok ? 1.f : 0.f;
   }
-  __syncthreads();
+}
+
+// Issues the copy of this chunk's value rows into k.v (cp.async); finish with fix_values.
+template <class T>
+__device__ void issue_values(const Params<T>& p, Blk<T>& k) {
   const T* base = p.v + k.b * p.v_sb + k.hd * p.v_sh + static_cast<int64_t>(k.row0) * p.v_sl;
-  copy_rows(k.v, k.le, base, p.v_sl, k.rows, kC, p.Dv);
-  __syncthreads();
+  copy_rows_async(k.v, k.le, base, p.v_sl, k.rows, kC, p.Dv);
+}
+
+// v <- [v, 1, 0...] * valid once the copy and valid[] are complete (after a barrier).
+template <class T>
+__device__ void fix_values(const Params<T>& p, Blk<T>& k) {
   for (int i = k.warp; i < kC; i += kWarps) {
     const bool ok = k.valid[i] != 0.f;
     for (int e = ok ? p.Dv + k.lane : k.lane; e < p.E1p; e += 32)
@@ -577,9 +653,15 @@ __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
   PANTHER_DYNAMIC_SMEM(smem);
   const Smem L = smem_layout(kStates, p.D, p.M, p.E1p, sizeof(T));
   Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lk);
-  load_matrix(k.w, k.lx, p.W, p.M, p.D);
-  load_x(p, k, /*keys=*/true);
-  load_values(p, k);
+  // cp.async groups: {W, keys}, then v (filled while the features are computed).
+  copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);
+  issue_x(p, k, /*keys=*/true);
+  async_commit();
+  issue_values(p, k);
+  async_commit();
+  key_valid(p, k);
+  async_wait<1>();  // W, keys
+  x_norms(p, k);
   const int CT = p.M / 16, rr = k.lane >> 1, c0 = (k.lane & 1) * 8, grp = k.warp / kRT;
   const int rt = k.warp % kRT, i = rt * 16 + rr;
   Acc acc;
@@ -616,7 +698,8 @@ __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
       v[q] = !ok ? 0.f : p.softmax ? p.sM * __expf(v[q] * p.xscale - off) : p.sM * fmaxf(v[q], 0.f);
     store8(k.kh + i * k.lm + ct * 16 + c0, v);
   }
-  __syncthreads();
+  async_wait<0>();  // v
+  fix_values(p, k);
   // T'_c = khat'^T [v, 1]  (M x E1p) to global, then the chunk's sum of [v, 1].
   T* out = p.st + (static_cast<int64_t>(k.bh) * p.nk + k.chunk) * (p.M + 1) * p.E1p;
   const int ET = p.E1p / 16;
@@ -751,11 +834,14 @@ __global__ void scan_kernel(const S* __restrict__ st, const float* __restrict__ 
   }
 }
 
-// Loads this chunk's scanned state (M x E1p, input dtype) and extra row.
+// Loads this chunk's scanned state (M x E1p, input dtype) into k.h, with cp.async if `async`
+// (k.h usable after the covering async_wait), and the extra row (plain loads).
 template <class T>
-__device__ void load_state(const Params<T>& p, Blk<T>& k) {
+__device__ void load_state(const Params<T>& p, Blk<T>& k, bool async = false) {
   const int64_t sidx = p.causal ? static_cast<int64_t>(k.bh) * p.nk + k.chunk : k.bh;
-  load_matrix(k.h, k.le, p.hs + sidx * p.M * p.E1p, p.M, p.E1p);
+  const T* src = p.hs + sidx * p.M * p.E1p;
+  if (async) copy_rows_async(k.h, k.le, src, p.E1p, p.M, p.M, p.E1p);
+  else load_matrix(k.h, k.le, src, p.M, p.E1p);
   for (int e = threadIdx.x; e < p.E1p; e += kThreads) k.extra[e] = p.hx[sidx * p.E1p + e];
 }
 
@@ -790,16 +876,30 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params<T> p) {
   PANTHER_DYNAMIC_SMEM(smem);
   const Smem L = smem_layout(kForward, p.D, p.M, p.E1p, sizeof(T));
   Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lq);
-  load_matrix(k.w, k.lx, p.W, p.M, p.D);
-  load_state(p, k);
+  // cp.async groups: {W, q}, then {H, v} (filled while the query features are computed), then
+  // the keys once query_features is done with k.x. No buffer of a group is touched before its wait.
+  copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);
+  issue_x(p, k, /*keys=*/false);
+  async_commit();
+  load_state(p, k, /*async=*/true);
+  if (p.causal) issue_values(p, k);
+  async_commit();
   load_stab(p, k, /*query_side_only=*/true);
-  load_x(p, k, /*keys=*/false);
-  query_features(p, k);
+  async_wait<1>();  // W, q
+  x_norms(p, k);
+  query_features(p, k);  // ends with a barrier: k.x is free
   if (p.causal) {
-    load_values(p, k);
-    load_x(p, k, /*keys=*/true);
+    issue_x(p, k, /*keys=*/true);
+    async_commit();
+    key_valid(p, k);
+    async_wait<1>();  // H, v
+    fix_values(p, k);
+    async_wait<0>();  // keys
+    x_norms(p, k);
     key_features(p, k);
     attn_block(p, k);
+  } else {
+    async_wait<0>();  // H
   }
   float* Y = k.y;
   const int E1p = p.E1p;
@@ -922,18 +1022,32 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
   const Smem L = smem_layout(kBack1, p.D, p.M, p.E1p, sizeof(T));
   Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lq);
   const int E1p = p.E1p, Dv = p.Dv, grp = k.warp / kRT, rr = k.lane >> 1;
-  load_matrix(k.w, k.lx, p.W, p.M, p.D);
-  load_state(p, k);
-  copy_rows(k.ys, k.le, p.g + k.b * p.g_sb + k.hd * p.g_sh + static_cast<int64_t>(k.row0) * p.g_sl,
-            p.g_sl, k.rows, kC, Dv);  // g (zero rows past the end)
+  // cp.async groups as in forward_kernel, with g in the second.
+  copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);
+  issue_x(p, k, /*keys=*/false);
+  async_commit();
+  load_state(p, k, /*async=*/true);
+  copy_rows_async(k.ys, k.le,
+                  p.g + k.b * p.g_sb + k.hd * p.g_sh + static_cast<int64_t>(k.row0) * p.g_sl,
+                  p.g_sl, k.rows, kC, Dv);  // g (zero rows past the end)
+  if (p.causal) issue_values(p, k);
+  async_commit();
   load_stab(p, k, /*query_side_only=*/true);
-  load_x(p, k, /*keys=*/false);
-  query_features(p, k);
+  async_wait<1>();  // W, q
+  x_norms(p, k);
+  query_features(p, k);  // ends with a barrier: k.x is free
   if (p.causal) {
-    load_values(p, k);
-    load_x(p, k, /*keys=*/true);
+    issue_x(p, k, /*keys=*/true);
+    async_commit();
+    key_valid(p, k);
+    async_wait<1>();  // H, g, v
+    fix_values(p, k);
+    async_wait<0>();  // keys
+    x_norms(p, k);
     key_features(p, k);
     attn_block(p, k);
+  } else {
+    async_wait<0>();  // H, g
   }
   // y per row: den and g . num (row partials across the two warp halves). g sits in k.ys
   // (loaded at the start) until Yb replaces it.
@@ -1043,19 +1157,35 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
   Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lk);
   const int E1p = p.E1p, Dv = p.Dv, grp = k.warp / kRT, rr = k.lane >> 1, c0 = (k.lane & 1) * 8;
   const int CT = p.M / 16, ET = E1p / 16;
-  load_matrix(k.w, k.lx, p.W, p.M, p.D);
-  load_state(p, k);  // dT_c and G_c
+  // cp.async groups: {W, keys}, then {dT, v, Yb} (filled while the key features are computed),
+  // then the queries once key_features is done with k.x.
+  copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);
+  issue_x(p, k, /*keys=*/true);
+  async_commit();
+  load_state(p, k, /*async=*/true);  // dT_c and G_c
+  issue_values(p, k);
+  if (p.causal)
+    copy_rows_async(k.yb, k.le, p.yb + (static_cast<int64_t>(k.bh) * p.nq * kC + k.row0) * E1p,
+                    E1p, kC, kC, E1p);
+  async_commit();
   load_stab(p, k, /*query_side_only=*/false);
-  load_values(p, k);
-  load_x(p, k, /*keys=*/true);
-  key_features(p, k);
+  key_valid(p, k);
+  async_wait<1>();  // W, keys
+  x_norms(p, k);
+  key_features(p, k);  // ends with a barrier: k.x is free
   if (p.causal) {
-    load_matrix(k.yb, k.le, p.yb + (static_cast<int64_t>(k.bh) * p.nq * kC + k.row0) * E1p, kC,
-                E1p);
-    load_x(p, k, /*keys=*/false);
+    issue_x(p, k, /*keys=*/false);
+    async_commit();
+    async_wait<1>();  // dT, v, Yb
+    fix_values(p, k);
+    async_wait<0>();  // queries
+    x_norms(p, k);
     query_features(p, k);
     attn_block(p, k);
     wm_block(p, k);
+  } else {
+    async_wait<0>();  // dT, v
+    fix_values(p, k);
   }
   __syncthreads();
   // dv = kfac_j (khat dT) + A'^T Yb + ek G  (masked by valid).
