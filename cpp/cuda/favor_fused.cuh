@@ -24,6 +24,7 @@
 // tests/emu/cuda_emu.h (a thread-per-CUDA-thread emulator used to test the kernels without a GPU).
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #ifdef PANTHER_CUDA_EMU
@@ -801,37 +802,91 @@ __global__ void __launch_bounds__(1024) stab_kernel(Params<T> p) {
   }
 }
 
-// States over chunks; one thread per (bh, state entry), entries [0, ME) are the M x E1p state
-// (scaled by kscale_c when use_kscale, decayed by alpha_c), [ME, ME + E1p) the extra row (plain
-// sum). causal: exclusive scan (forward, or reverse); non-causal: the total, once per bh.
+// Two adjacent values as one aligned vector access (p aligned to 2 sizeof(S)). The emulator
+// copies with memcpy, which host compilers may not reorder around the other threads' accesses.
+template <class S>
+struct alignas(2 * sizeof(S)) Two {
+  S v[2];
+};
+template <class S>
+__device__ __forceinline__ Two<S> load_two(const S* p) {
+#if defined(PANTHER_CUDA_EMU)
+  Two<S> t;
+  memcpy(&t, p, sizeof(t));
+  return t;
+#else
+  return *reinterpret_cast<const Two<S>*>(p);
+#endif
+}
+template <class S>
+__device__ __forceinline__ void store_two(S* p, S a, S b) {
+  Two<S> t;
+  t.v[0] = a;
+  t.v[1] = b;
+#if defined(PANTHER_CUDA_EMU)
+  memcpy(p, &t, sizeof(t));
+#else
+  *reinterpret_cast<Two<S>*>(p) = t;
+#endif
+}
+template <class S>
+__device__ __forceinline__ float to_float(S x) {
+  if constexpr (std::is_same<S, float>::value) return x;
+  else return Cvt<S>::f(x);
+}
+
+// States over chunks; one thread per (bh, pair of state entries), entries [0, ME) are the
+// M x E1p state (scaled by kscale_c when use_kscale, decayed by alpha_c), [ME, ME + E1p) the
+// extra row (plain sum); ME and E1p are even, so a pair never straddles the two. causal:
+// exclusive scan (forward, or reverse); non-causal: the total, once per bh. The walk over chunks
+// is latency-bound: loads come in batches of kScanU chunks, all issued before the first is used,
+// and pairs double the bytes per load (one entry per thread left half the bandwidth unused).
+constexpr int kScanU = 8;
+constexpr int kScanThreads = 256;
 template <class T, class S>
-__global__ void scan_kernel(const S* __restrict__ st, const float* __restrict__ cs,
+__global__ void __launch_bounds__(kScanThreads, 4) scan_kernel(const S* __restrict__ st, const float* __restrict__ cs,
                             T* __restrict__ hs, float* __restrict__ hx, int BH, int n, int ncs,
                             int ME, int E1p, bool causal, bool reverse, bool use_kscale) {
   const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const int64_t W = ME + E1p;
-  if (idx >= BH * W) return;
-  const int64_t bh = idx / W;
-  const int e = static_cast<int>(idx - bh * W);
+  const int64_t W = ME + E1p, P = W / 2;
+  if (idx >= BH * P) return;
+  const int64_t bh = idx / P;
+  const int e = 2 * static_cast<int>(idx - bh * P);
   const bool state = e < ME;
   const S* x = st + bh * n * W + e;
   const float* c4 = cs + bh * ncs * 4;
-  float acc = 0.f;
-#pragma unroll 8
-  for (int step = 0; step < n; ++step) {
-    const int c = reverse ? n - 1 - step : step;
-    if (causal) {
-      if (state) hs[(bh * n + c) * ME + e] = Cvt<T>::t(acc);
-      else hx[(bh * n + c) * E1p + (e - ME)] = acc;
+  auto put = [&](int64_t row, float a0, float a1) {  // row: bh * n + c, or bh (non-causal)
+    if (state) store_two(hs + row * ME + e, Cvt<T>::t(a0), Cvt<T>::t(a1));
+    else store_two(hx + row * E1p + (e - ME), a0, a1);
+  };
+  float acc0 = 0.f, acc1 = 0.f;
+  auto chunk = [&](int step) { return reverse ? n - 1 - step : step; };
+  auto step_in = [&](int c, float x0, float x1, float al, float sc) {
+    if (causal) put(bh * n + c, acc0, acc1);
+    acc0 = al * acc0 + sc * x0;
+    acc1 = al * acc1 + sc * x1;
+  };
+  int s0 = 0;
+  for (; s0 + kScanU <= n; s0 += kScanU) {  // whole batches: no bounds checks between loads
+    float x0[kScanU], x1[kScanU], al[kScanU], sc[kScanU];
+#pragma unroll
+    for (int u = 0; u < kScanU; ++u) {
+      const int c = chunk(s0 + u);
+      const Two<S> t = load_two(x + static_cast<int64_t>(c) * W);
+      x0[u] = to_float(t.v[0]), x1[u] = to_float(t.v[1]);
+      al[u] = state && causal ? c4[c * 4 + 2] : 1.f;
+      sc[u] = state && use_kscale ? c4[c * 4 + 3] : 1.f;
     }
-    const float a = state && causal ? c4[c * 4 + 2] : 1.f;
-    const float sc = state && use_kscale ? c4[c * 4 + 3] : 1.f;
-    acc = a * acc + sc * static_cast<float>(x[static_cast<int64_t>(c) * W]);
+#pragma unroll
+    for (int u = 0; u < kScanU; ++u) step_in(chunk(s0 + u), x0[u], x1[u], al[u], sc[u]);
   }
-  if (!causal) {
-    if (state) hs[bh * ME + e] = Cvt<T>::t(acc);
-    else hx[bh * E1p + (e - ME)] = acc;
+  for (; s0 < n; ++s0) {
+    const int c = chunk(s0);
+    const Two<S> t = load_two(x + static_cast<int64_t>(c) * W);
+    step_in(c, to_float(t.v[0]), to_float(t.v[1]), state && causal ? c4[c * 4 + 2] : 1.f,
+            state && use_kscale ? c4[c * 4 + 3] : 1.f);
   }
+  if (!causal) put(bh, acc0, acc1);
 }
 
 // Loads this chunk's scanned state (M x E1p, input dtype) into k.h, with cp.async if `async`
@@ -1411,8 +1466,8 @@ struct Run {
   // Forward: the key states p.st (n = nk); backward (grad): the gradient states p.gst (n = nq).
   void scan(bool grad) {
     const int64_t ME = static_cast<int64_t>(p.M) * p.E1p;
-    const int64_t total = p.BH * (ME + p.E1p);
-    const int threads = 256;
+    const int64_t total = p.BH * (ME + p.E1p) / 2;  // one thread per pair of entries
+    const int threads = kScanThreads;
     const dim3 grid(static_cast<unsigned>((total + threads - 1) / threads));
     if (grad) {
       auto* kernel = &scan_kernel<T, float>;
