@@ -16,7 +16,9 @@
 // Backward: states/stab/scan again, then
 //   back1_kernel    (n, BH): recomputes y, forms Yb = d loss / d [num, den], dq (and its dW part),
 //                   the chunk's gradient state dH_c = phi^T (s Yb); a reverse scan gives dT_c;
-//   back2_kernel    (n, BH): dk, dv (and the key part of dW).
+//                   causal: also the intra-chunk parts of dkhat and dv (Wm^T phi, A'^T Yb), which
+//                   need only the chunk's own queries (nq == nk: the same chunk grid);
+//   back2_kernel    (n, BH): dk, dv (and the key part of dW) from dT_c plus those parts.
 // Stabilisers are constants (as in the ATen path). Non-causal runs the same kernels with no
 // intra-chunk block (every key is in the "state") and query/key chunk counts of their own.
 //
@@ -89,7 +91,9 @@ struct Params {
   T* out;                 // (B, H, Lq, Dv), strides o_sb, o_sh, o_sl (last dim dense)
   int64_t o_sb, o_sh, o_sl;
   T *dq, *dk, *dv;        // (BH, Lq|Lk|Lk, D|D|Dv)
-  T* yb;                  // (BH, nq*kC, E1p) backward: Yb
+  float *dkp, *dvp;       // causal backward, back1 -> back2, fp32 (GEMM accumulators, unrounded):
+                          // intra-chunk parts of dkhat, Wm^T phi (BH, nk*kC, M), and of dv,
+                          // A'^T Yb (BH, nk*kC, 16 ceil(Dv/16))
   float* dW;              // (M, D) fp32 accumulator, or null
 };
 
@@ -117,19 +121,19 @@ __host__ __device__ inline Smem smem_layout(int kind, int D, int M, int E1p, int
   PANTHER_TAKE(v, kC * le * tsize);
   PANTHER_TAKE(stage, kWarps * 256 * 4);
   PANTHER_TAKE(vec, kVecFloats * 4);
-  if (kind != kStates) {
+  if (kind != kStates && kind != kBack2) {
     PANTHER_TAKE(phi, kC * lm * tsize);
     PANTHER_TAKE(s, kC * kLC * tsize);
+  }
+  if (kind != kStates) {
     PANTHER_TAKE(h, M * le * tsize);
   }
   if (kind == kForward) {
     PANTHER_TAKE(y, kC * E1p * 4);
   }
-  if (kind == kBack1 || kind == kBack2) {
+  if (kind == kBack1) {
     PANTHER_TAKE(gm, kC * kLC * tsize);
     PANTHER_TAKE(yb, kC * le * tsize);
-  }
-  if (kind == kBack1) {
     PANTHER_TAKE(ys, kC * le * tsize);
   }
 #undef PANTHER_TAKE
@@ -227,6 +231,17 @@ __device__ __forceinline__ void load8(const T* src, float v[8]) {
   *reinterpret_cast<uint4*>(tmp) = *reinterpret_cast<const uint4*>(src);
 #pragma unroll
   for (int q = 0; q < 8; ++q) v[q] = Cvt<T>::f(tmp[q]);
+}
+
+// Reads 8 consecutive floats (32-byte aligned, global memory) with two 16-byte loads.
+__device__ __forceinline__ void load8f(const float* src, float v[8]) {
+  const float4* p = reinterpret_cast<const float4*>(src);
+  const float4 a = p[0], b = p[1];
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+__device__ __forceinline__ void zero8(float v[8]) {
+#pragma unroll
+  for (int q = 0; q < 8; ++q) v[q] = 0.f;
 }
 
 __device__ __forceinline__ float pair_max(float x) {
@@ -1070,7 +1085,7 @@ __device__ float wm_block(const Params<T>& p, Blk<T>& k) {
   return cy;
 }
 
-// Backward pass 1: Yb, dq, gradient states. grid (nq, BH).
+// Backward pass 1: Yb, dq, gradient states, back2's intra-chunk parts (causal). grid (nq, BH).
 template <class T>
 __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
   PANTHER_DYNAMIC_SMEM(smem);
@@ -1118,10 +1133,8 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
     combine_rows(k.red, k.gn, false);
   }
   // Yb = [g / den, -(g . num) / den^2] (0 where the row is past the end or sees no key).
-  T* ybg = p.yb + (static_cast<int64_t>(k.bh) * p.nq * kC + k.row0) * E1p;
   for (int i = k.warp; i < kC; i += kWarps)
   for (int e = k.lane; e < E1p; e += 32) {
-    const int idx = i * E1p + e;
     const float den = k.den[i];
     float val = 0.f;
     if (i < k.rows && den != 0.f) {
@@ -1130,7 +1143,6 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
     }
     const T vt = Cvt<T>::t(val);
     k.yb[i * k.le + e] = vt;
-    ybg[idx] = vt;
     k.ys[i * k.le + e] = Cvt<T>::t(k.si[i] * Cvt<T>::f(vt));
   }
   __syncthreads();
@@ -1160,6 +1172,26 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
     cy = pair_sum(cy);
     if ((k.lane & 1) == 0) k.red[grp * kC + i] = cy;
     combine_rows(k.red, k.yc, false);
+    // For back2, this chunk's keys: Wm^T phi (kC x M) and A'^T Yb (kC x 16 DvT). They read phi,
+    // which the dphi pass below overwrites after the barrier that ends the yc pass.
+    const int DvT = (Dv + 15) / 16;
+    const int64_t row = static_cast<int64_t>(k.bh) * p.nk * kC + k.row0;
+    for (int t = k.warp; t < kRT * (CT + DvT); t += kWarps) {
+      const int rt = t % kRT, ct = t / kRT;
+      wmma::fill_fragment(acc, 0.f);
+      if (ct < CT) {
+        mma_acc<T, ColM, RowM>(acc, tileA<ColM>(k.gm, kLC, rt), kLC,
+                               tileB<RowM>(k.phi, k.lm, ct), k.lm, kC);
+        wmma::store_matrix_sync(p.dkp + (row + rt * 16) * p.M + ct * 16, acc, p.M,
+                                wmma::mem_row_major);
+      } else {
+        const int et = ct - CT;
+        mma_acc<T, ColM, RowM>(acc, tileA<ColM>(k.s, kLC, rt), kLC, tileB<RowM>(k.yb, k.le, et),
+                               k.le, kC);
+        wmma::store_matrix_sync(p.dvp + (row + rt * 16) * (16 * DvT) + et * 16, acc, 16 * DvT,
+                                wmma::mem_row_major);
+      }
+    }
   } else {
     for (int i = threadIdx.x; i < kC; i += kThreads) k.yc[i] = 0.f;
     __syncthreads();
@@ -1210,42 +1242,27 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
   PANTHER_DYNAMIC_SMEM(smem);
   const Smem L = smem_layout(kBack2, p.D, p.M, p.E1p, sizeof(T));
   Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lk);
-  const int E1p = p.E1p, Dv = p.Dv, grp = k.warp / kRT, rr = k.lane >> 1, c0 = (k.lane & 1) * 8;
-  const int CT = p.M / 16, ET = E1p / 16;
-  // cp.async groups: {W, keys}, then {dT, v, Yb} (filled while the key features are computed),
-  // then the queries once key_features is done with k.x.
+  const int E1p = p.E1p, Dv = p.Dv, rr = k.lane >> 1, c0 = (k.lane & 1) * 8;
+  const int CT = p.M / 16, ET = E1p / 16, DvT = (Dv + 15) / 16;
+  const int64_t row = static_cast<int64_t>(k.bh) * p.nk * kC + k.row0;  // in dkp, dvp
+  // cp.async groups: {W, keys}, then {dT, v} (filled while the key features are computed).
   copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);
   issue_x(p, k, /*keys=*/true);
   async_commit();
   load_state(p, k, /*async=*/true);  // dT_c and G_c
   issue_values(p, k);
-  if (p.causal)
-    copy_rows_async(k.yb, k.le, p.yb + (static_cast<int64_t>(k.bh) * p.nq * kC + k.row0) * E1p,
-                    E1p, kC, kC, E1p);
   async_commit();
   load_stab(p, k, /*query_side_only=*/false);
   key_valid(p, k);
   async_wait<1>();  // W, keys
   x_norms(p, k);
-  key_features(p, k);  // ends with a barrier: k.x is free
-  if (p.causal) {
-    issue_x(p, k, /*keys=*/false);
-    async_commit();
-    async_wait<1>();  // dT, v, Yb
-    fix_values(p, k);
-    async_wait<0>();  // queries
-    x_norms(p, k);
-    query_features(p, k);
-    attn_block(p, k);
-    wm_block(p, k);
-  } else {
-    async_wait<0>();  // dT, v
-    fix_values(p, k);
-  }
+  key_features(p, k);
+  async_wait<0>();  // dT, v
+  fix_values(p, k);
   __syncthreads();
-  // dv = kfac_j (khat dT) + A'^T Yb + ek G  (masked by valid).
+  // dv = kfac_j (khat dT) + A'^T Yb (causal: from back1) + ek G  (masked by valid).
   {
-    Acc a1, a2;
+    Acc a1;
     float v1[8], v2[8];
     T* dv = p.dv + (static_cast<int64_t>(k.bh) * p.Lk + k.row0) * Dv;
     for (int t = k.warp; t < kRT * ET; t += kWarps) {
@@ -1253,12 +1270,9 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
       wmma::fill_fragment(a1, 0.f);
       mma_acc<T, RowM, RowM>(a1, tileA<RowM>(k.kh, k.lm, rt), k.lm, tileB<RowM>(k.h, k.le, et),
                              k.le, p.M);
-      wmma::fill_fragment(a2, 0.f);
-      if (p.causal)
-        mma_acc<T, ColM, RowM>(a2, tileA<ColM>(k.s, kLC, rt), kLC, tileB<RowM>(k.yb, k.le, et),
-                               k.le, kC);
       stage8(k.stage, a1, k.lane, v1);
-      stage8(k.stage, a2, k.lane, v2);
+      if (p.causal && et < DvT) load8f(p.dvp + (row + j) * (16 * DvT) + et * 16 + c0, v2);
+      else zero8(v2);
       if (j < k.rows) {
 #pragma unroll
         for (int q = 0; q < 8; ++q) {
@@ -1271,10 +1285,10 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
     }
   }
   __syncthreads();
-  // dkhat = kfac_j (V dT^T) + Wm^T phi; dpre_k = dkhat khat (softmax) or dkhat sM [khat > 0],
-  // written over khat; row sums into k.rs.
+  // dkhat = kfac_j (V dT^T) + Wm^T phi (causal: from back1); dpre_k = dkhat khat (softmax) or
+  // dkhat sM [khat > 0], written over khat; row sums into k.rs.
   {
-    Acc a1, a2;
+    Acc a1;
     float v1[8], v2[8];
     const int rt = k.warp % kRT, j = rt * 16 + rr;
     float rsum = 0.f;
@@ -1283,12 +1297,9 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
       wmma::fill_fragment(a1, 0.f);
       mma_acc<T, RowM, ColM>(a1, tileA<RowM>(k.v, k.le, rt), k.le, tileB<ColM>(k.h, k.le, ct),
                              k.le, E1p);
-      wmma::fill_fragment(a2, 0.f);
-      if (p.causal)
-        mma_acc<T, ColM, RowM>(a2, tileA<ColM>(k.gm, kLC, rt), kLC, tileB<RowM>(k.phi, k.lm, ct),
-                               k.lm, kC);
       stage8(k.stage, a1, k.lane, v1);
-      stage8(k.stage, a2, k.lane, v2);
+      if (p.causal) load8f(p.dkp + (row + j) * p.M + ct * 16 + c0, v2);
+      else zero8(v2);
       T* kh = k.kh + j * k.lm + ct * 16 + c0;
       float khv[8];
       load8(kh, khv);
@@ -1521,7 +1532,14 @@ detail::FavorGrads backward(const detail::FavorDims& d, const at::Tensor& grad_o
   at::Tensor dq = at::empty({d.B, d.H, d.Lq, d.D}, opts);
   at::Tensor dk = at::empty({d.B, d.H, d.Lk, d.D}, opts);
   at::Tensor dv = at::empty({d.B, d.H, d.Lk, d.Dv}, opts);
-  at::Tensor yb = at::empty({p.BH, static_cast<int64_t>(p.nq) * kC, p.E1p}, opts);
+  // Causal: back1's intra-chunk parts of dkhat and dv for back2 (fp32, see Params).
+  at::Tensor part;
+  if (causal) {
+    const int64_t rows = p.BH * static_cast<int64_t>(p.nk) * kC, dvw = (p.Dv + 15) / 16 * 16;
+    part = at::empty({rows * (p.M + dvw)}, opts.dtype(at::kFloat));
+    p.dkp = part.data_ptr<float>();
+    p.dvp = p.dkp + rows * p.M;
+  }
   at::Tensor gst = at::empty({p.BH, p.nq, static_cast<int64_t>(p.M + 1) * p.E1p},
                              opts.dtype(at::kFloat));
   p.gst = gst.data_ptr<float>();
@@ -1530,7 +1548,6 @@ detail::FavorGrads backward(const detail::FavorDims& d, const at::Tensor& grad_o
   p.dq = reinterpret_cast<T*>(dq.data_ptr());
   p.dk = reinterpret_cast<T*>(dk.data_ptr());
   p.dv = reinterpret_cast<T*>(dv.data_ptr());
-  p.yb = reinterpret_cast<T*>(yb.data_ptr());
   p.dW = want[3] ? dW.data_ptr<float>() : nullptr;
   run.states();
   PANTHER_FUSED_LAUNCH(back1_kernel<T>, dim3(p.nq, p.BH), dim3(kThreads),
