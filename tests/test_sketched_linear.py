@@ -839,6 +839,8 @@ CUDA_CASES = CASES + [
     Case("cuda_tokens", (4, 128), 512, 512, 1, 16),
     Case("cuda_wide_3d_nobias", (2, 33), 1000, 300, 3, 7, bias=False),
     Case("cuda_transposed_big", (200,), 384, 256, 2, 24, layout="transposed"),
+    # more than 128 tokens with d_out % 8 != 0: [B; B] by concatenation, not by the split kernel
+    Case("cuda_many_odd_out", (150,), 96, 100, 2, 5),
 ]
 
 

@@ -67,38 +67,69 @@ std::tuple<at::Tensor, at::Tensor> pack_operands(const at::Tensor& S1s, const at
   return {A, B};
 }
 
-// Row r of out (R, 2C + pad) = [hi | lo | 1 0 .. 0] with hi = lowp(s t[r]), lo = lowp(s t[r] - hi).
-template <typename T>
-__global__ void split_hi_lo_kernel(const float* __restrict__ in, T* __restrict__ out, int64_t rows,
-                                   int64_t cols, int64_t pad, float scale) {
-  const int64_t w = cols + pad, ld = 2 * cols + pad;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < rows * w;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / w, c = i - r * w;
-    if (c < cols) {
-      const float v = in[r * cols + c] * scale;
-      const T hi = static_cast<T>(v);
-      out[r * ld + c] = hi;
-      out[r * ld + cols + c] = static_cast<T>(v - static_cast<float>(hi));
+// One launch for the two small passes between the GEMMs of the low-precision forward:
+//   split: row r of out (R, 2C + pad) = [hi | lo | 1 0 .. 0], hi = lowp(s t[r]),
+//          lo = lowp(s t[r] - hi);
+//   pack (optional, nB > 0): B2 = [U1; S2; U1; S2] (4Lk x d_out, the [B; B] operand of the
+//          [hi | lo] split), as four copies of the two flat (Lk x d_out) arrays in 16-byte units
+//          (nB of them; per = units per array).
+// I is the index type: int32 when everything fits (a 64-bit division is a slow software routine
+// on the GPU and dominated this latency-bound launch).
+template <typename T, typename I>
+__global__ void split_pack_kernel(const float* __restrict__ in, T* __restrict__ out, I rows,
+                                  I cols, I pad, float scale, const uint4* __restrict__ U1,
+                                  const uint4* __restrict__ S2, uint4* __restrict__ B2, I per,
+                                  I nB) {
+  const I w = cols + pad, ld = 2 * cols + pad, nS = rows * w;
+  for (I i = blockIdx.x * static_cast<I>(blockDim.x) + threadIdx.x; i < nS + nB;
+       i += static_cast<I>(gridDim.x) * blockDim.x) {
+    if (i < nS) {
+      const I r = i / w, c = i - r * w;
+      if (c < cols) {
+        const float v = in[r * cols + c] * scale;
+        const T hi = static_cast<T>(v);
+        out[r * ld + c] = hi;
+        out[r * ld + cols + c] = static_cast<T>(v - static_cast<float>(hi));
+      } else {
+        out[r * ld + cols + c] = static_cast<T>(c == cols ? 1.0f : 0.0f);
+      }
     } else {
-      out[r * ld + cols + c] = static_cast<T>(c == cols ? 1.0f : 0.0f);
+      const I j = i - nS, blk = j / per;
+      B2[j] = ((blk & 1) ? S2 : U1)[j - blk * per];
     }
   }
 }
 
-// (R, C) fp32 -> (R, 2C + pad) in dtype: [hi | lo | pad] of scale * t.
-at::Tensor split_hi_lo(const at::Tensor& t32, at::ScalarType dtype, double scale, int64_t pad) {
+// (R, C) fp32 -> (R, 2C + pad) in dtype: [hi | lo | pad] of scale * t. With B2 (4Lk, d_out)
+// given, also packs it from U1s and S2s (contiguous, d_out % 8 == 0, 16-byte aligned).
+at::Tensor split_hi_lo(const at::Tensor& t32, at::ScalarType dtype, double scale, int64_t pad,
+                       const at::Tensor& U1s = {}, const at::Tensor& S2s = {},
+                       at::Tensor* B2 = nullptr) {
   TORCH_INTERNAL_ASSERT(t32.scalar_type() == at::kFloat && t32.dim() == 2);
   at::Tensor in = t32.contiguous();
   const int64_t R = in.size(0), C = in.size(1);
   at::Tensor out = at::empty({R, 2 * C + pad}, in.options().dtype(dtype));
-  if (out.numel() == 0) return out;
+  const int64_t per = B2 != nullptr ? U1s.numel() * 2 / 16 : 0, nB = 4 * per;
+  const int64_t total = R * (C + pad) + nB;
+  if (total == 0) return out;
   const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((R * (C + pad) + threads - 1) / threads, 65535);
+  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65535);
   auto stream = at::cuda::getCurrentCUDAStream();
+  auto vec = [](const at::Tensor& t) {
+    return t.defined() ? reinterpret_cast<const uint4*>(t.data_ptr()) : nullptr;
+  };
+  uint4* b2 = B2 != nullptr ? reinterpret_cast<uint4*>(B2->data_ptr()) : nullptr;
+  const bool small = R * (2 * C + pad) + nB + blocks * threads < (int64_t{1} << 31);
   AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "panther_split_hi_lo", [&] {
-    split_hi_lo_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        in.data_ptr<float>(), out.data_ptr<scalar_t>(), R, C, pad, static_cast<float>(scale));
+    if (small)
+      split_pack_kernel<scalar_t, int32_t><<<blocks, threads, 0, stream>>>(
+          in.data_ptr<float>(), out.data_ptr<scalar_t>(), static_cast<int32_t>(R),
+          static_cast<int32_t>(C), static_cast<int32_t>(pad), static_cast<float>(scale),
+          vec(U1s), vec(S2s), b2, static_cast<int32_t>(per), static_cast<int32_t>(nB));
+    else
+      split_pack_kernel<scalar_t, int64_t><<<blocks, threads, 0, stream>>>(
+          in.data_ptr<float>(), out.data_ptr<scalar_t>(), R, C, pad, static_cast<float>(scale),
+          vec(U1s), vec(S2s), b2, per, nB);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -286,14 +317,25 @@ Fwd forward_cuda(const at::Tensor& input, const at::Tensor& S1s, const at::Tenso
   }
   const bool has_bias = bias.has_value() && bias->defined();
   if (lowp) {
-    // The operands as two concatenations (views for L = 1): A = [S1 | U2] and [B; B] for the
-    // [hi | lo] split. The copies are small; as launches they cost less than the pack kernel.
+    // A = [S1 | U2] as a concatenation (reshapes are views for L = 1); [B; B] for the [hi | lo]
+    // split is packed by the split's launch. Small copies; as launches they cost less than the
+    // old pack kernel.
     auto terms = [&](const at::Tensor& t) { return t.permute({1, 0, 2}).reshape({d.d_in, Lk}); };
     at::Tensor A = at::cat({terms(S1s), terms(U2s)}, 1);
-    at::Tensor u1 = U1s.reshape({Lk, d.d_out}), s2 = S2s.reshape({Lk, d.d_out});
-    at::Tensor B2 = at::cat({u1, s2, u1, s2}, 0);
-    at::Tensor T32 = at::mm(x2, A, at::kFloat);                     // (N, 2Lk) fp32
-    at::Tensor saved = split_hi_lo(T32, dt, scale, kSavedPad);     // (N, 4Lk + pad)
+    at::Tensor T32 = at::mm(x2, A, at::kFloat);  // (N, 2Lk) fp32
+    // The split and [B; B] in one launch where [B; B] can be copied in 16-byte units.
+    at::Tensor u1 = U1s.contiguous(), s2 = S2s.contiguous(), B2, saved;
+    auto aligned = [](const at::Tensor& t) {
+      return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+    };
+    if (d.d_out % 8 == 0 && aligned(u1) && aligned(s2)) {
+      B2 = at::empty({4 * Lk, d.d_out}, u1.options());
+      saved = split_hi_lo(T32, dt, scale, kSavedPad, u1, s2, &B2);  // (N, 4Lk + pad)
+    } else {
+      u1 = u1.view({Lk, d.d_out}), s2 = s2.view({Lk, d.d_out});
+      B2 = at::cat({u1, s2, u1, s2}, 0);
+      saved = split_hi_lo(T32, dt, scale, kSavedPad);
+    }
     at::Tensor hilo = saved.narrow(1, 0, 4 * Lk);
     at::Tensor y = has_bias ? at::addmm(*bias, hilo, B2) : at::mm(hilo, B2);
     return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
