@@ -424,7 +424,7 @@ __device__ __forceinline__ const T* x_rows(const Params<T>& p, const Blk<T>& k, 
               : p.q + k.b * p.q_sb + k.hd * p.q_sh + static_cast<int64_t>(k.row0) * p.q_sl;
 }
 
-// Issues x <- query or key rows (cp.async); finish with x_norms after the wait.
+// Issues x <- query or key rows (cp.async); keys need x_norms after the wait.
 template <class T>
 __device__ void issue_x(const Params<T>& p, Blk<T>& k, bool keys) {
   int64_t sl;
@@ -448,16 +448,6 @@ __device__ void x_norms(const Params<T>& p, Blk<T>& k) {
   acc += __shfl_xor_sync(0xffffffffu, acc, 4);
   if (part == 0) k.hn[i] = 0.5f * p.xscale * p.xscale * acc;
   __syncthreads();
-}
-
-// Input rows of this chunk: x <- query or key rows, hn = |x'|^2 / 2 per row.
-template <class T>
-__device__ void load_x(const Params<T>& p, Blk<T>& k, bool keys) {
-  int64_t sl;
-  const T* base = x_rows(p, k, keys, &sl);
-  copy_rows(k.x, k.lx, base, sl, k.rows, kC, p.D);
-  __syncthreads();
-  x_norms(p, k);
 }
 
 // valid[] per key row (no barrier).
@@ -885,25 +875,24 @@ __global__ void __launch_bounds__(kScanThreads, 4) scan_kernel(const S* __restri
     acc0 = al * acc0 + sc * x0;
     acc1 = al * acc1 + sc * x1;
   };
+  auto fetch = [&](int c, float& x0, float& x1, float& al, float& sc) {
+    const Two<S> t = load_two(x + static_cast<int64_t>(c) * W);
+    x0 = to_float(t.v[0]), x1 = to_float(t.v[1]);
+    al = state && causal ? c4[c * 4 + 2] : 1.f;
+    sc = state && use_kscale ? c4[c * 4 + 3] : 1.f;
+  };
   int s0 = 0;
   for (; s0 + kScanU <= n; s0 += kScanU) {  // whole batches: no bounds checks between loads
     float x0[kScanU], x1[kScanU], al[kScanU], sc[kScanU];
 #pragma unroll
-    for (int u = 0; u < kScanU; ++u) {
-      const int c = chunk(s0 + u);
-      const Two<S> t = load_two(x + static_cast<int64_t>(c) * W);
-      x0[u] = to_float(t.v[0]), x1[u] = to_float(t.v[1]);
-      al[u] = state && causal ? c4[c * 4 + 2] : 1.f;
-      sc[u] = state && use_kscale ? c4[c * 4 + 3] : 1.f;
-    }
+    for (int u = 0; u < kScanU; ++u) fetch(chunk(s0 + u), x0[u], x1[u], al[u], sc[u]);
 #pragma unroll
     for (int u = 0; u < kScanU; ++u) step_in(chunk(s0 + u), x0[u], x1[u], al[u], sc[u]);
   }
   for (; s0 < n; ++s0) {
-    const int c = chunk(s0);
-    const Two<S> t = load_two(x + static_cast<int64_t>(c) * W);
-    step_in(c, to_float(t.v[0]), to_float(t.v[1]), state && causal ? c4[c * 4 + 2] : 1.f,
-            state && use_kscale ? c4[c * 4 + 3] : 1.f);
+    float x0, x1, al, sc;
+    fetch(chunk(s0), x0, x1, al, sc);
+    step_in(chunk(s0), x0, x1, al, sc);
   }
   if (!causal) put(bh, acc0, acc1);
 }
@@ -944,18 +933,21 @@ __device__ void y_tiles(const Params<T>& p, Blk<T>& k, F&& f) {
   }
 }
 
-// Forward output. grid (nq, BH).
+// The start of forward_kernel and back1_kernel: this chunk's query features, H, and (causal)
+// [v, 1], the key features and A'; with_g also loads g into k.ys (zero rows past the end).
+// cp.async groups: {W, q}, then {H, g, v} (filled while the query features are computed), then
+// the keys once query_features is done with k.x. No buffer of a group is touched before its wait;
+// every copy has landed on return.
 template <class T>
-__global__ void __launch_bounds__(kThreads) forward_kernel(Params<T> p) {
-  PANTHER_DYNAMIC_SMEM(smem);
-  const Smem L = smem_layout(kForward, p.D, p.M, p.E1p, sizeof(T));
-  Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lq);
-  // cp.async groups: {W, q}, then {H, v} (filled while the query features are computed), then
-  // the keys once query_features is done with k.x. No buffer of a group is touched before its wait.
+__device__ void query_chunk_start(const Params<T>& p, Blk<T>& k, bool with_g) {
   copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);
   issue_x(p, k, /*keys=*/false);
   async_commit();
   load_state(p, k, /*async=*/true);
+  if (with_g)
+    copy_rows_async(k.ys, k.le,
+                    p.g + k.b * p.g_sb + k.hd * p.g_sh + static_cast<int64_t>(k.row0) * p.g_sl,
+                    p.g_sl, k.rows, kC, p.Dv);
   if (p.causal) issue_values(p, k);
   async_commit();
   load_stab(p, k, /*query_side_only=*/true);
@@ -965,15 +957,24 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params<T> p) {
     issue_x(p, k, /*keys=*/true);
     async_commit();
     key_valid(p, k);
-    async_wait<1>();  // H, v
+    async_wait<1>();  // H, g, v
     fix_values(p, k);
     async_wait<0>();  // keys
     x_norms(p, k);
     key_features(p, k);
     attn_block(p, k);
   } else {
-    async_wait<0>();  // H
+    async_wait<0>();  // H, g
   }
+}
+
+// Forward output. grid (nq, BH).
+template <class T>
+__global__ void __launch_bounds__(kThreads) forward_kernel(Params<T> p) {
+  PANTHER_DYNAMIC_SMEM(smem);
+  const Smem L = smem_layout(kForward, p.D, p.M, p.E1p, sizeof(T));
+  Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lq);
+  query_chunk_start(p, k, /*with_g=*/false);
   float* Y = k.y;
   const int E1p = p.E1p;
   y_tiles(p, k, [&](int i, int e, float y) { Y[i * E1p + e] = y; });
@@ -1040,15 +1041,16 @@ __device__ void finish_input_grads(const Params<T>& p, Blk<T>& k, const T* dpre,
   rsum = pair_sum(rsum);
   if ((k.lane & 1) == 0) k.red[(k.warp / kRT) * kC + i] = rsum;
   combine_rows(k.red, k.rs, false);
-  const T* x = keys ? p.k + k.b * p.k_sb + k.hd * p.k_sh + static_cast<int64_t>(k.row0) * p.k_sl
-                    : p.q + k.b * p.q_sb + k.hd * p.q_sh + static_cast<int64_t>(k.row0) * p.q_sl;
+  int64_t sl;
+  const T* x = x_rows(p, k, keys, &sl);
   T* dx = (keys ? p.dk + static_cast<int64_t>(k.bh) * p.Lk * p.D
                 : p.dq + static_cast<int64_t>(k.bh) * p.Lq * p.D) +
           static_cast<int64_t>(k.row0) * p.D;
-  input_grad(p, k, dpre, x, keys ? p.k_sl : p.q_sl, dx);
-  if (p.dW) {
+  input_grad(p, k, dpre, x, sl, dx);
+  if (p.dW) {  // x back into k.x (the features' buffers reused it) for dW
     __syncthreads();
-    load_x(p, k, keys);
+    copy_rows(k.x, k.lx, x, sl, k.rows, kC, p.D);
+    __syncthreads();
     proj_grad(p, k, dpre);
   }
 }
@@ -1095,32 +1097,7 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
   const Smem L = smem_layout(kBack1, p.D, p.M, p.E1p, sizeof(T));
   Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lq);
   const int E1p = p.E1p, Dv = p.Dv, grp = k.warp / kRT, rr = k.lane >> 1;
-  // cp.async groups as in forward_kernel, with g in the second.
-  copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);
-  issue_x(p, k, /*keys=*/false);
-  async_commit();
-  load_state(p, k, /*async=*/true);
-  copy_rows_async(k.ys, k.le,
-                  p.g + k.b * p.g_sb + k.hd * p.g_sh + static_cast<int64_t>(k.row0) * p.g_sl,
-                  p.g_sl, k.rows, kC, Dv);  // g (zero rows past the end)
-  if (p.causal) issue_values(p, k);
-  async_commit();
-  load_stab(p, k, /*query_side_only=*/true);
-  async_wait<1>();  // W, q
-  query_features(p, k);  // ends with a barrier: k.x is free
-  if (p.causal) {
-    issue_x(p, k, /*keys=*/true);
-    async_commit();
-    key_valid(p, k);
-    async_wait<1>();  // H, g, v
-    fix_values(p, k);
-    async_wait<0>();  // keys
-    x_norms(p, k);
-    key_features(p, k);
-    attn_block(p, k);
-  } else {
-    async_wait<0>();  // H, g
-  }
+  query_chunk_start(p, k, /*with_g=*/true);  // g into k.ys
   // y per row: den and g . num (row partials across the two warp halves). g sits in k.ys
   // (loaded at the start) until Yb replaces it.
   {
