@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds and runs hand-written CUDA kernels on the CPU emulator (tests/emu), comparing them with
 # the ATen implementations: the fused FAVOR+ kernels (favor_fused_test) and sketched_linear's
-# few-token backward (sketch_test). No GPU or CUDA toolkit needed.
+# few-token backward (sketch_test); selftest checks the emulator itself and the emulated PTX
+# primitives of cpp/cuda/mma.cuh (mma.sync/ldmatrix lane mapping). No GPU or CUDA toolkit needed.
 # Usage: scripts/emu_test.sh [quick]   (quick: one FAVOR+ case)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,8 @@ build() {  # name, sources...
 }
 build favor_fused_test tests/emu/favor_fused_test.cpp cpp/kernels/favor_attention.cpp &
 build sketch_test tests/emu/sketch_test.cpp &
-wait %1 && wait %2
+build selftest tests/emu/selftest.cpp &
+wait %1 && wait %2 && wait %3
+"$out/selftest"
 "$out/sketch_test"
 "$out/favor_fused_test" "$@"

@@ -28,6 +28,9 @@
 //    portable (element-wise ops over all num_elements are fine). num_elements is
 //    256 here, not 8. Pointer (32 B) and ldm (multiple of 16 B) requirements are
 //    checked and throw std::invalid_argument.
+//  * PTX-level warp MMA (cpp/cuda/mma.cuh: mma.sync m16n8k16, ldmatrix, cp.async) is
+//    emulated there on top of emu::warp_allgather, WITH the hardware's lane <-> element
+//    mapping; its ldmatrix/mma calls are warp collectives like those above.
 //  * __CUDA_ARCH__ is not defined; intrinsics such as __expf are exact libm calls.
 //  * Blocks run sequentially: inter-block communication other than via atomics
 //    (e.g. spin-waiting on another block) deadlocks.
@@ -41,6 +44,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <barrier>
 #include <bit>
@@ -177,6 +181,34 @@ T shuffle_from(T v, int src_lane) {  // src_lane < 0: keep own value
   T out;
   std::memcpy(&out, &row[src_lane], sizeof(T));
   return out;
+}
+
+// Every lane publishes `v` (any trivially copyable type: a pointer, a uint4, a struct of
+// registers); returns all 32 lanes' values. One warp_exchange (= one warp barrier) per 8 bytes;
+// each slot row is copied out before the next exchange, so the double buffering stays valid.
+// Same rules as a shuffle: every live lane calls it, in the same order; lanes missing from a
+// partial last warp read as zero bytes, exited lanes as stale values.
+template <class T>
+  requires std::is_trivially_copyable_v<T> && std::is_default_constructible_v<T>
+std::array<T, 32> warp_allgather(const T& v) {
+  constexpr size_t kWords = (sizeof(T) + 7) / 8;
+  uint64_t mine[kWords] = {}, all[32][kWords];
+  std::memcpy(mine, &v, sizeof(T));
+  for (size_t w = 0; w < kWords; ++w) {
+    const uint64_t* row = warp_exchange(mine[w]);
+    for (int l = 0; l < 32; ++l) all[l][w] = row[l];
+  }
+  std::array<T, 32> out;
+  for (int l = 0; l < 32; ++l) std::memcpy(&out[l], all[l], sizeof(T));
+  return out;
+}
+
+// True if [p, p + n) lies inside the calling block's dynamic shared memory (checks for the
+// .shared-only instructions: ldmatrix, cp.async destinations).
+inline bool in_block_smem(const void* p, size_t n) {
+  const Block& b = *ctx().block;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p), s = reinterpret_cast<uintptr_t>(b.smem);
+  return a >= s && a - s <= b.smem_bytes && n <= b.smem_bytes - (a - s);
 }
 
 template <class... KArgs, class... Args>

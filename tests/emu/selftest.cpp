@@ -1,11 +1,13 @@
-// Self-test for cuda_emu.h. Build & run from the repository root:
-//   g++ -std=c++20 -O1 -Wall -Wextra -pthread -I/work/main/.venv/lib/python3.11/site-packages/torch/include tests/emu/selftest.cpp -o /tmp/emu_selftest && /tmp/emu_selftest
+// Self-test for cuda_emu.h and the emulated cpp/cuda/mma.cuh. Built and run by
+// scripts/emu_test.sh; by hand, from the repository root:
+//   g++ -std=c++20 -O2 -Wall -Wextra -pthread -Itests/emu -Icpp -I/work/main/.venv/lib/python3.11/site-packages/torch/include tests/emu/selftest.cpp -o /tmp/emu_selftest && /tmp/emu_selftest
 // (torch include dir: .venv/bin/python -c 'import torch,os;print(os.path.dirname(torch.__file__))'
 //  + /include; c10 BFloat16/Half are header-only, no libc10 needed.)
 //
 // The kernels below are written as they would be in a .cu file (only the
 // include line differs) and exercise every part of the emulator surface.
 #include "cuda_emu.h"
+#include "cuda/mma.cuh"
 
 #include <cstdio>
 #include <cstdlib>
@@ -188,6 +190,96 @@ __global__ void smem_overflow_kernel(int n) {
   if (threadIdx.x == 0) smem_raw[n] = 0;  // one past the end
 }
 
+// ===== (g) PTX-level warp MMA (cpp/cuda/mma.cuh): hardware lane <-> element mapping =====
+namespace pm = panther::mma;
+
+// ldmatrix: four 8x8 b16 matrices with element (j, i, c) = ld_code(j, i, c), rows stored in a
+// scrambled order (row i of matrix j in slot ld_slot(j, i)) with a padded stride, so a wrong
+// address or element shows. out[(variant * 32 + lane) * 4 + reg], variants x4, x2, x1 and
+// their .trans; lanes whose addresses x2/x1 must ignore pass a misaligned one (would throw).
+constexpr int kLdStride = 24;  // elements (48 B) between row slots
+constexpr uint16_t ld_code(int j, int i, int c) { return uint16_t(0x1000 + j * 64 + i * 8 + c); }
+constexpr int ld_slot(int j, int i) { return (j * 8 + i) * 13 % 32; }  // a permutation of 0..31
+__global__ void ldmatrix_kernel(unsigned* out) {
+  PANTHER_DYNAMIC_SMEM(smem_raw);
+  uint16_t* s = reinterpret_cast<uint16_t*>(smem_raw);
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 256; i += 32) s[ld_slot(i / 64, i / 8 % 8) * kLdStride + i % 8] = ld_code(i / 64, i / 8 % 8, i % 8);
+  __syncwarp();
+  const uint16_t* row = s + ld_slot(lane / 8, lane % 8) * kLdStride;
+  const void* p2 = lane < 16 ? (const void*)row : smem_raw + 2;
+  const void* p1 = lane < 8 ? (const void*)row : smem_raw + 2;
+  unsigned r4[4], r2[2], r1[1];
+  unsigned* o = out + lane * 4;
+  pm::ldmatrix_x4(r4, row);       std::memcpy(o + 0 * 128, r4, 16);
+  pm::ldmatrix_x2(r2, p2);        std::memcpy(o + 1 * 128, r2, 8);
+  pm::ldmatrix_x1(r1, p1);        std::memcpy(o + 2 * 128, r1, 4);
+  pm::ldmatrix_x4_trans(r4, row); std::memcpy(o + 3 * 128, r4, 16);
+  pm::ldmatrix_x2_trans(r2, p2);  std::memcpy(o + 4 * 128, r2, 8);
+  pm::ldmatrix_x1_trans(r1, p1);  std::memcpy(o + 5 * 128, r1, 4);
+}
+
+// D = A B + C for A 16x16, B 16x8 (row-major float inputs), twice: d = A B + c, then
+// d = A B + d in place, so D = 2 A B + C. mode 0: A by ldmatrix_x4, B stored k-major by
+// ldmatrix_x2_trans; mode 1: B stored n-major, ldmatrix_x2; mode 2: no ldmatrix, registers built
+// from global memory with pack2 and the documented fragment formula. D stored in the C layout.
+constexpr int kLdA = 24, kLdB = 16;  // smem leading dims (elements): 48 B, 32 B
+template <class T>
+__global__ void mma_kernel(const float* A, const float* B, const float* C, float* D, int mode) {
+  PANTHER_DYNAMIC_SMEM(smem_raw);
+  T* sA = reinterpret_cast<T*>(smem_raw);  // A[r][k] at sA[r * kLdA + k]
+  T* sB = sA + 16 * kLdA;                  // B[k][n] at sB[k * kLdB + n] (mode 0), sB[n * kLdA + k] (1)
+  const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+  for (int i = lane; i < 256; i += 32) sA[i / 16 * kLdA + i % 16] = T(A[i]);
+  for (int i = lane; i < 128; i += 32) sB[mode == 1 ? i % 8 * kLdA + i / 8 : i / 8 * kLdB + i % 8] = T(B[i]);
+  __syncwarp();
+  unsigned a[4], b[2];
+  if (mode == 2) {
+    auto At = [&](int r, int k) { return A[r * 16 + k]; };
+    auto Bt = [&](int k, int n) { return B[k * 8 + n]; };
+    a[0] = pm::pack2<T>(At(g, 2 * t), At(g, 2 * t + 1));
+    a[1] = pm::pack2<T>(At(g + 8, 2 * t), At(g + 8, 2 * t + 1));
+    a[2] = pm::pack2<T>(At(g, 2 * t + 8), At(g, 2 * t + 9));
+    a[3] = pm::pack2<T>(At(g + 8, 2 * t + 8), At(g + 8, 2 * t + 9));
+    b[0] = pm::pack2<T>(Bt(2 * t, g), Bt(2 * t + 1, g));
+    b[1] = pm::pack2<T>(Bt(2 * t + 8, g), Bt(2 * t + 9, g));
+  } else {
+    pm::ldmatrix_x4(a, sA + (lane % 16) * kLdA + (lane / 16) * 8);
+    if (mode == 0) pm::ldmatrix_x2_trans(b, sB + (lane % 16) * kLdB);
+    else pm::ldmatrix_x2(b, sB + (lane % 8) * kLdA + (lane / 8 % 2) * 8);
+  }
+  float c[4] = {C[g * 8 + 2 * t], C[g * 8 + 2 * t + 1], C[(g + 8) * 8 + 2 * t], C[(g + 8) * 8 + 2 * t + 1]}, d[4];
+  pm::mma_16816<T>(d, a, b, c);
+  pm::mma_16816<T>(d, a, b, d);
+  D[g * 8 + 2 * t] = d[0], D[g * 8 + 2 * t + 1] = d[1];
+  D[(g + 8) * 8 + 2 * t] = d[2], D[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
+
+// cp.async, one warp: group 0 = chunks 0..31 (odd lanes !valid: zero-fill), group 1 = chunks
+// 32..63 (16 B each). Snapshot after wait<1> (out[0..255]) and after wait<0> (out[256..511]).
+__global__ void cp_async_kernel(const float* src, float* out) {
+  PANTHER_DYNAMIC_SMEM(smem_raw);
+  float* s = reinterpret_cast<float*>(smem_raw);
+  const int lane = threadIdx.x;
+  pm::cp_async16(s + lane * 4, src + lane * 4, lane % 2 == 0);
+  pm::cp_async_commit();
+  pm::cp_async16(s + (32 + lane) * 4, src + (32 + lane) * 4, true);
+  pm::cp_async_commit();
+  pm::cp_async_wait<1>();
+  __syncwarp();
+  for (int i = lane; i < 256; i += 32) out[i] = s[i];
+  __syncwarp();  // every lane has taken its snapshot before any lane's group 1 lands
+  pm::cp_async_wait<0>();
+  __syncwarp();
+  for (int i = lane; i < 256; i += 32) out[256 + i] = s[i];
+}
+
+__global__ void ldmatrix_global_kernel(const __nv_bfloat16* p) {  // not shared memory: must throw
+  unsigned r[4];
+  pm::ldmatrix_x4(r, p + (threadIdx.x % 32) * 8);
+  __syncthreads();
+}
+
 // ---------------------------------------------------------------------------------
 static int failures = 0;
 static void report(const char* name, bool ok, const std::string& detail = "") {
@@ -346,6 +438,92 @@ int main() {
     try {
       emu::launch(smem_overflow_kernel, dim3(1), dim3(32), 100, 100);
     } catch (const std::runtime_error& e) {
+      d = e.what();
+      return true;
+    }
+    return false;
+  });
+
+  run_case("(g) ldmatrix x1/x2/x4 and .trans: lane mapping = documented formula", [](std::string& d) {
+    std::vector<unsigned> out(6 * 32 * 4, 0xDEADBEEFu);
+    emu::launch(ldmatrix_kernel, dim3(1), dim3(32), 32 * kLdStride * 2, out.data());
+    const int nmat[6] = {4, 2, 1, 4, 2, 1};
+    int bad = 0;
+    for (int v = 0; v < 6; ++v)
+      for (int l = 0; l < 32; ++l)
+        for (int j = 0; j < nmat[v]; ++j) {
+          const int g = l >> 2, t = l & 3;
+          const unsigned lo = v < 3 ? ld_code(j, g, 2 * t) : ld_code(j, 2 * t, g);
+          const unsigned hi = v < 3 ? ld_code(j, g, 2 * t + 1) : ld_code(j, 2 * t + 1, g);
+          bad += out[(v * 32 + l) * 4 + j] != (lo | hi << 16);
+        }
+    d = "bad registers = " + std::to_string(bad);
+    return bad == 0;
+  });
+
+  auto mma_case = [](auto tag, int mode) {
+    return [mode](std::string& d) {
+      using T = decltype(tag);
+      std::mt19937 rng(7 + mode);
+      std::uniform_int_distribution<int> U(-8, 8), UC(-64, 64);
+      std::vector<float> A(256), B(128), C(128), D(128, -12345.f);
+      for (auto& x : A) x = float(U(rng));
+      for (auto& x : B) x = float(U(rng));
+      for (auto& x : C) x = float(UC(rng));
+      emu::launch(mma_kernel<T>, dim3(1), dim3(32), (16 * kLdA + 16 * kLdB) * 2, A.data(), B.data(), C.data(),
+                  D.data(), mode);
+      int bad = 0;
+      for (int r = 0; r < 16; ++r)
+        for (int n = 0; n < 8; ++n) {
+          double s = 0;
+          for (int k = 0; k < 16; ++k) s += double(A[r * 16 + k]) * double(B[k * 8 + n]);
+          bad += D[r * 8 + n] != 2 * s + C[r * 8 + n];  // small integers: exact
+        }
+      d = "bad = " + std::to_string(bad);
+      return bad == 0;
+    };
+  };
+  const char* mma_names[2][3] = {
+      {"(g') mma_16816 bf16: ldmatrix_x4 A + ldmatrix_x2_trans B (k-major), accumulate twice",
+       "(g') mma_16816 bf16: ldmatrix_x4 A + ldmatrix_x2 B (n-major)",
+       "(g') mma_16816 bf16: fragments from the documented formula via pack2"},
+      {"(g') mma_16816 fp16: ldmatrix_x4 A + ldmatrix_x2_trans B (k-major), accumulate twice",
+       "(g') mma_16816 fp16: ldmatrix_x4 A + ldmatrix_x2 B (n-major)",
+       "(g') mma_16816 fp16: fragments from the documented formula via pack2"}};
+  for (int mode = 0; mode < 3; ++mode) run_case(mma_names[0][mode], mma_case(__nv_bfloat16{}, mode));
+  for (int mode = 0; mode < 3; ++mode) run_case(mma_names[1][mode], mma_case(__half{}, mode));
+
+  run_case("(g'') pack2 bf16/fp16: round to nearest even, lo in the low half", [](std::string& d) {
+    const unsigned b1 = pm::pack2<__nv_bfloat16>(1.0f + 3.0f / 512, -2.0f);   // 1+1.5 ulp/2 -> 1+1/128
+    const unsigned b2 = pm::pack2<__nv_bfloat16>(1.0f + 1.0f / 256, 1.0f + 3.0f / 256);  // ties -> even
+    const unsigned h1 = pm::pack2<__half>(1.0f + 1.0f / 2048, 1.0f + 3.0f / 2048);       // ties -> even
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "%08x %08x %08x", b1, b2, h1);
+    d = buf;
+    return b1 == 0xC0003F81u && b2 == 0x3F823F80u && h1 == 0x3C023C00u;
+  });
+
+  run_case("(g''') cp.async: zero-fill, groups land at cp_async_wait<N> (emulator defers copies)", [](std::string& d) {
+    AlignedVec<float> src(256);
+    std::vector<float> out(512);
+    for (int i = 0; i < 256; ++i) src[i] = float(i + 1);
+    emu::launch(cp_async_kernel, dim3(1), dim3(32), 1024, src.p, out.data());
+    int bad = 0;
+    for (int i = 0; i < 256; ++i) {
+      const int chunk = i / 4;
+      const float want1 = chunk < 32 ? (chunk % 2 ? 0.f : src[i]) : NAN;  // group 1 still pending
+      bad += chunk < 32 ? out[i] != want1 : !std::isnan(out[i]);
+      bad += out[256 + i] != (chunk < 32 ? want1 : src[i]);
+    }
+    d = "bad = " + std::to_string(bad);
+    return bad == 0;
+  });
+
+  run_case("(g'''') ldmatrix on a non-shared address throws from launch", [](std::string& d) {
+    AlignedVec<__nv_bfloat16> buf(512);
+    try {
+      emu::launch(ldmatrix_global_kernel, dim3(1), dim3(64), 64, buf.p);
+    } catch (const std::invalid_argument& e) {
       d = e.what();
       return true;
     }
