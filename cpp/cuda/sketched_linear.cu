@@ -12,7 +12,6 @@
 #include <torch/library.h>
 
 #include "cuda/sketch_small.cuh"
-#include "cuda/sketch_stream.cuh"
 #include "kernels/sketched_linear.h"
 
 namespace panther::cuda {
@@ -70,15 +69,15 @@ std::tuple<at::Tensor, at::Tensor> pack_operands(const at::Tensor& S1s, const at
 
 // One launch for the two small passes between the GEMMs of the low-precision forward:
 //   split: row r of out (R, 2C + pad) = [hi | lo | 1 0 .. 0], hi = lowp(s t[r]),
-//          lo = lowp(s t[r] - hi), where t[r] is the sum of the Z partials in[z][r] (R, C);
+//          lo = lowp(s t[r] - hi);
 //   pack (optional, nB > 0): B2 = [U1; S2; U1; S2] (4Lk x d_out, the [B; B] operand of the
 //          [hi | lo] split), as four copies of the two flat (Lk x d_out) arrays in 16-byte units
 //          (nB of them; per = units per array).
 // I is the index type: int32 when everything fits (a 64-bit division is a slow software routine
 // on the GPU and dominated this latency-bound launch).
 template <typename T, typename I>
-__global__ void split_pack_kernel(const float* __restrict__ in, I parts, T* __restrict__ out,
-                                  I rows, I cols, I pad, float scale, const uint4* __restrict__ U1,
+__global__ void split_pack_kernel(const float* __restrict__ in, T* __restrict__ out, I rows,
+                                  I cols, I pad, float scale, const uint4* __restrict__ U1,
                                   const uint4* __restrict__ S2, uint4* __restrict__ B2, I per,
                                   I nB) {
   const I w = cols + pad, ld = 2 * cols + pad, nS = rows * w;
@@ -87,9 +86,7 @@ __global__ void split_pack_kernel(const float* __restrict__ in, I parts, T* __re
     if (i < nS) {
       const I r = i / w, c = i - r * w;
       if (c < cols) {
-        float v = in[r * cols + c];
-        for (I z = 1; z < parts; ++z) v += in[(z * rows + r) * cols + c];
-        v *= scale;
+        const float v = in[r * cols + c] * scale;
         const T hi = static_cast<T>(v);
         out[r * ld + c] = hi;
         out[r * ld + cols + c] = static_cast<T>(v - static_cast<float>(hi));
@@ -103,15 +100,14 @@ __global__ void split_pack_kernel(const float* __restrict__ in, I parts, T* __re
   }
 }
 
-// (R, C) fp32, or (Z, R, C) partial sums -> (R, 2C + pad) in dtype: [hi | lo | pad] of scale * t.
-// With B2 (4Lk, d_out) given, also packs it from U1s and S2s (contiguous, d_out % 8 == 0,
-// 16-byte aligned).
+// (R, C) fp32 -> (R, 2C + pad) in dtype: [hi | lo | pad] of scale * t. With B2 (4Lk, d_out)
+// given, also packs it from U1s and S2s (contiguous, d_out % 8 == 0, 16-byte aligned).
 at::Tensor split_hi_lo(const at::Tensor& t32, at::ScalarType dtype, double scale, int64_t pad,
                        const at::Tensor& U1s = {}, const at::Tensor& S2s = {},
                        at::Tensor* B2 = nullptr) {
-  TORCH_INTERNAL_ASSERT(t32.scalar_type() == at::kFloat && (t32.dim() == 2 || t32.dim() == 3));
-  at::Tensor in = t32.dim() == 2 ? t32.contiguous().unsqueeze(0) : t32.contiguous();
-  const int64_t Z = in.size(0), R = in.size(1), C = in.size(2);
+  TORCH_INTERNAL_ASSERT(t32.scalar_type() == at::kFloat && t32.dim() == 2);
+  at::Tensor in = t32.contiguous();
+  const int64_t R = in.size(0), C = in.size(1);
   at::Tensor out = at::empty({R, 2 * C + pad}, in.options().dtype(dtype));
   const int64_t per = B2 != nullptr ? U1s.numel() * 2 / 16 : 0, nB = 4 * per;
   const int64_t total = R * (C + pad) + nB;
@@ -123,18 +119,16 @@ at::Tensor split_hi_lo(const at::Tensor& t32, at::ScalarType dtype, double scale
     return t.defined() ? reinterpret_cast<const uint4*>(t.data_ptr()) : nullptr;
   };
   uint4* b2 = B2 != nullptr ? reinterpret_cast<uint4*>(B2->data_ptr()) : nullptr;
-  const bool small = std::max(R * (2 * C + pad), Z * R * C) + nB + blocks * threads <
-                     (int64_t{1} << 31);
+  const bool small = R * (2 * C + pad) + nB + blocks * threads < (int64_t{1} << 31);
   AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "panther_split_hi_lo", [&] {
     if (small)
       split_pack_kernel<scalar_t, int32_t><<<blocks, threads, 0, stream>>>(
-          in.data_ptr<float>(), static_cast<int32_t>(Z), out.data_ptr<scalar_t>(),
-          static_cast<int32_t>(R),
+          in.data_ptr<float>(), out.data_ptr<scalar_t>(), static_cast<int32_t>(R),
           static_cast<int32_t>(C), static_cast<int32_t>(pad), static_cast<float>(scale),
           vec(U1s), vec(S2s), b2, static_cast<int32_t>(per), static_cast<int32_t>(nB));
     else
       split_pack_kernel<scalar_t, int64_t><<<blocks, threads, 0, stream>>>(
-          in.data_ptr<float>(), Z, out.data_ptr<scalar_t>(), R, C, pad, static_cast<float>(scale),
+          in.data_ptr<float>(), out.data_ptr<scalar_t>(), R, C, pad, static_cast<float>(scale),
           vec(U1s), vec(S2s), b2, per, nB);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -323,23 +317,18 @@ Fwd forward_cuda(const at::Tensor& input, const at::Tensor& S1s, const at::Tenso
   }
   const bool has_bias = bias.has_value() && bias->defined();
   if (lowp) {
-    // T = x [S1 | U2] in fp32: one streaming kernel when there are few sketch columns and
-    // enough tokens (sketch_stream.cuh), else cuBLAS on the concatenated A (reshapes are views
-    // for L = 1). Then the hi/lo split, which also packs [B; B] where it can be copied in
-    // 16-byte units.
-    at::Tensor T32;
-    if (stream::xa_applies(x2, S1s, U2s, d, /*min_rows=*/1024)) {
-      AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "panther_xa", [&] {
-        T32 = stream::xa_t32<scalar_t>(x2, S1s, U2s, d);
-      });
-    } else {
-      auto terms = [&](const at::Tensor& t) {
-        return t.permute({1, 0, 2}).reshape({d.d_in, Lk});
-      };
-      T32 = at::mm(x2, at::cat({terms(S1s), terms(U2s)}, 1), at::kFloat);  // (N, 2Lk)
-    }
+    // A = [S1 | U2] as a concatenation (reshapes are views for L = 1); [B; B] for the [hi | lo]
+    // split is packed by the split's launch. Small copies; as launches they cost less than the
+    // old pack kernel.
+    auto terms = [&](const at::Tensor& t) { return t.permute({1, 0, 2}).reshape({d.d_in, Lk}); };
+    at::Tensor A = at::cat({terms(S1s), terms(U2s)}, 1);
+    at::Tensor T32 = at::mm(x2, A, at::kFloat);  // (N, 2Lk) fp32
+    // The split and [B; B] in one launch where [B; B] can be copied in 16-byte units.
     at::Tensor u1 = U1s.contiguous(), s2 = S2s.contiguous(), B2, saved;
-    if (d.d_out % 8 == 0 && stream::aligned16(u1) && stream::aligned16(s2)) {
+    auto aligned = [](const at::Tensor& t) {
+      return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+    };
+    if (d.d_out % 8 == 0 && aligned(u1) && aligned(s2)) {
       B2 = at::empty({4 * Lk, d.d_out}, u1.options());
       saved = split_hi_lo(T32, dt, scale, kSavedPad, u1, s2, &B2);  // (N, 4Lk + pad)
     } else {
