@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda/sketch_out.cuh"
 #include "cuda/sketch_small.cuh"
 #include "kernels/sketched_linear.h"
 
@@ -337,7 +338,15 @@ Fwd forward_cuda(const at::Tensor& input, const at::Tensor& S1s, const at::Tenso
       saved = split_hi_lo(T32, dt, scale, kSavedPad);
     }
     at::Tensor hilo = saved.narrow(1, 0, 4 * Lk);
-    at::Tensor y = has_bias ? at::addmm(*bias, hilo, B2) : at::mm(hilo, B2);
+    at::Tensor y;
+    if (sketch_out::out_applies(hilo, B2, bias, /*min_rows=*/kSmallTokens + 1)) {
+      // The output GEMM from registers (sketch_out.cuh): its time is the write of y.
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "panther_out_gemm", [&] {
+        y = sketch_out::out_gemm<scalar_t>(hilo, B2, has_bias ? bias : std::nullopt);
+      });
+    } else {
+      y = has_bias ? at::addmm(*bias, hilo, B2) : at::mm(hilo, B2);
+    }
     return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
   }
   auto [A, B] = pack_operands(S1s, U2s, U1s, S2s, 1, 1);

@@ -3,6 +3,7 @@
 // dT = g B^T, dx = s dT A^T, dA = s x^T dT, dB = T^T g, dbias = sum_n g. fp32 and bf16, partial
 // column tiles, several terms, gradients requested selectively. Built by scripts/emu_test.sh.
 #include "cuda_emu.h"
+#include "cuda/sketch_out.cuh"
 #include "cuda/sketch_small.cuh"
 
 #include <ATen/ATen.h>
@@ -87,6 +88,39 @@ bool run(const Case& c) {
   std::printf(" -> %s\n", ok ? "PASS" : "FAIL");
   return ok;
 }
+// The many-token output GEMM (cpp/cuda/sketch_out.cuh): y = H B2 + bias with H a strided view
+// (as the saved [hi | lo | pad] is), against float64 on the same inputs: every output within
+// half an ulp of the dtype plus fp32 accumulation, and nearly all exactly the rounding of the
+// float64 value. Row tails inside a tile, several row groups, a partial column block.
+struct OutCase {
+  int64_t N, K, d_out;
+  bool bias;
+  at::ScalarType dt;
+};
+
+bool run_out(const OutCase& c) {
+  auto r = [&](at::IntArrayRef s) { return at::randn(s).to(c.dt); };
+  at::Tensor Hs = r({c.N, c.K + 8});
+  at::Tensor H = Hs.narrow(1, 0, c.K), B2 = r({c.K, c.d_out});
+  std::optional<at::Tensor> bias;
+  if (c.bias) bias = r({c.d_out});
+  auto D = [](const at::Tensor& t) { return t.to(at::kDouble); };
+  at::Tensor ref = D(H).mm(D(B2));
+  if (c.bias) ref = ref + D(*bias);
+  const bool applies = panther::sketch_out::out_applies(H, B2, bias, 1);
+  at::Tensor y = c.dt == at::kHalf ? panther::sketch_out::out_gemm<c10::Half>(H, B2, bias)
+                                   : panther::sketch_out::out_gemm<c10::BFloat16>(H, B2, bias);
+  const double ulp = c.dt == at::kHalf ? 1.0 / 1024 : 1.0 / 128;  // relative spacing, upper bound
+  const double mag = (D(H).abs().mm(D(B2).abs())).max().item<double>();
+  at::Tensor err = (D(y) - ref).abs();
+  const bool within = (err <= ref.abs() * ulp * 0.5 + mag * 1e-6).all().item<bool>();
+  const double exact = at::eq(y, ref.to(c.dt)).to(at::kDouble).mean().item<double>();
+  const bool ok = applies && within && exact > 0.99;
+  std::printf("out N=%lld K=%lld d_out=%lld bias=%d %s: exact %.4f within %d -> %s\n",
+              (long long)c.N, (long long)c.K, (long long)c.d_out, c.bias,
+              c.dt == at::kHalf ? "fp16" : "bf16", exact, within, ok ? "PASS" : "FAIL");
+  return ok;
+}
 }  // namespace
 
 int main() {
@@ -101,6 +135,13 @@ int main() {
   };
   int fails = 0;
   for (const Case& c : cases) fails += !run(c);
-  std::printf("%d of %zu cases failed\n", fails, sizeof(cases) / sizeof(cases[0]));
+  const OutCase out_cases[] = {
+      {150, 64, 520, true, at::kBFloat16},  // row tail, two row groups, 8-column last block
+      {300, 32, 64, false, at::kHalf},      // three tiles in one group, narrow output
+      {40, 128, 1032, true, at::kHalf},     // K = 128, three column blocks
+  };
+  for (const OutCase& c : out_cases) fails += !run_out(c);
+  const size_t n = sizeof(cases) / sizeof(cases[0]) + sizeof(out_cases) / sizeof(out_cases[0]);
+  std::printf("%d of %zu cases failed\n", fails, n);
   return fails ? 1 : 0;
 }
