@@ -841,6 +841,10 @@ CUDA_CASES = CASES + [
     Case("cuda_transposed_big", (200,), 384, 256, 2, 24, layout="transposed"),
     # more than 128 tokens with d_out % 8 != 0: [B; B] by concatenation, not by the split kernel
     Case("cuda_many_odd_out", (150,), 96, 100, 2, 5),
+    # fp16/bf16 output GEMM from registers (cpp/cuda/sketch_out.cuh): C = 2Lk = 64 with a row
+    # tail inside a 128-row tile and a last column block of 8 columns, and C = 16, 3-d, narrow
+    Case("cuda_out_c64_nobias", (300,), 64, 520, 2, 16, bias=False),
+    Case("cuda_out_c16_3d", (3, 70), 40, 24, 1, 8),
 ]
 
 
@@ -864,6 +868,18 @@ class TestCUDA:
     def test_forward_backward(self, case, dtype):
         test_backward_matches_reference(case, dtype, "cuda")
         test_forward_matches_reference(case, dtype, "cuda")
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_forward_same_with_and_without_autograd(self, dtype):
+        """The many-token forward writes autograd's [hi | lo] copy only when a backward needs it;
+        the output must not depend on that."""
+        layer = pr.nn.SKLinear(256, 512, 1, 16, device="cuda", dtype=dtype)
+        x = torch.randn(3, 100, 256, device="cuda", dtype=dtype)
+        with torch.no_grad():
+            y0 = layer(x)
+        y1 = layer(x.requires_grad_())
+        assert y1.requires_grad
+        torch.testing.assert_close(y1.detach(), y0, rtol=0, atol=0)
 
     @pytest.mark.parametrize("case,dtype", sample_params((torch.float32, torch.bfloat16), CASES[:4]))
     def test_opcheck(self, case, dtype):

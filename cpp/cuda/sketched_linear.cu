@@ -318,18 +318,24 @@ Fwd forward_cuda(const at::Tensor& input, const at::Tensor& S1s, const at::Tenso
   }
   const bool has_bias = bias.has_value() && bias->defined();
   if (lowp) {
-    // A = [S1 | U2] as a concatenation (reshapes are views for L = 1); [B; B] for the [hi | lo]
-    // split is packed by the split's launch. Small copies; as launches they cost less than the
-    // old pack kernel.
+    // A = [S1 | U2] as a concatenation (reshapes are views for L = 1).
     auto terms = [&](const at::Tensor& t) { return t.permute({1, 0, 2}).reshape({d.d_in, Lk}); };
     at::Tensor A = at::cat({terms(S1s), terms(U2s)}, 1);
     at::Tensor T32 = at::mm(x2, A, at::kFloat);  // (N, 2Lk) fp32
-    // The split and [B; B] in one launch where [B; B] can be copied in 16-byte units.
-    at::Tensor u1 = U1s.contiguous(), s2 = S2s.contiguous(), B2, saved;
-    auto aligned = [](const at::Tensor& t) {
-      return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-    };
-    if (d.d_out % 8 == 0 && aligned(u1) && aligned(s2)) {
+    at::Tensor u1 = U1s.contiguous(), s2 = S2s.contiguous(), B2, saved, y;
+    if (sketch_out::out_applies(T32, u1, s2, bias, /*min_rows=*/kSmallTokens + 1)) {
+      // The output GEMM from registers, splitting T itself (sketch_out.cuh); the [hi | lo] copy
+      // is written only for autograd.
+      if (want_saved) saved = split_hi_lo(T32, dt, scale, kSavedPad);  // (N, 4Lk + pad)
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "panther_out_gemm", [&] {
+        y = sketch_out::out_gemm<scalar_t>(T32, u1, s2, has_bias ? bias : std::nullopt, scale);
+      });
+      return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
+    }
+    // cuBLAS on [hi | lo] [B; B]; the split and [B; B] in one launch where [B; B] can be copied
+    // in 16-byte units.
+    if (d.d_out % 8 == 0 && sketch_out::aligned16(u1.data_ptr()) &&
+        sketch_out::aligned16(s2.data_ptr())) {
       B2 = at::empty({4 * Lk, d.d_out}, u1.options());
       saved = split_hi_lo(T32, dt, scale, kSavedPad, u1, s2, &B2);  // (N, 4Lk + pad)
     } else {
@@ -338,15 +344,7 @@ Fwd forward_cuda(const at::Tensor& input, const at::Tensor& S1s, const at::Tenso
       saved = split_hi_lo(T32, dt, scale, kSavedPad);
     }
     at::Tensor hilo = saved.narrow(1, 0, 4 * Lk);
-    at::Tensor y;
-    if (sketch_out::out_applies(hilo, B2, bias, /*min_rows=*/kSmallTokens + 1)) {
-      // The output GEMM from registers (sketch_out.cuh): its time is the write of y.
-      AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "panther_out_gemm", [&] {
-        y = sketch_out::out_gemm<scalar_t>(hilo, B2, has_bias ? bias : std::nullopt);
-      });
-    } else {
-      y = has_bias ? at::addmm(*bias, hilo, B2) : at::mm(hilo, B2);
-    }
+    y = has_bias ? at::addmm(*bias, hilo, B2) : at::mm(hilo, B2);
     return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
   }
   auto [A, B] = pack_operands(S1s, U2s, U1s, S2s, 1, 1);

@@ -88,36 +88,42 @@ bool run(const Case& c) {
   std::printf(" -> %s\n", ok ? "PASS" : "FAIL");
   return ok;
 }
-// The many-token output GEMM (cpp/cuda/sketch_out.cuh): y = H B2 + bias with H a strided view
-// (as the saved [hi | lo | pad] is), against float64 on the same inputs: every output within
-// half an ulp of the dtype plus fp32 accumulation, and nearly all exactly the rounding of the
-// float64 value. Row tails inside a tile, several row groups, a partial column block.
+// The many-token output GEMM (cpp/cuda/sketch_out.cuh): y = s T [U1; S2] + bias from the fp32 T,
+// split in the kernel. Reference: the same split done here (hi = lowp(s T), lo = lowp(s T - hi))
+// and (hi + lo) B + bias in float64: every output within half an ulp of the dtype plus fp32
+// accumulation, nearly all exactly the rounded float64 value. Row tails inside a tile, several
+// row groups, partial column blocks, C = 16..64.
 struct OutCase {
-  int64_t N, K, d_out;
+  int64_t N, L, k, d_out;
   bool bias;
   at::ScalarType dt;
 };
 
 bool run_out(const OutCase& c) {
+  const int64_t Lk = c.L * c.k;
   auto r = [&](at::IntArrayRef s) { return at::randn(s).to(c.dt); };
-  at::Tensor Hs = r({c.N, c.K + 8});
-  at::Tensor H = Hs.narrow(1, 0, c.K), B2 = r({c.K, c.d_out});
+  at::Tensor T32 = at::randn({c.N, 2 * Lk}) * 7;
+  at::Tensor U1 = r({c.L, c.k, c.d_out}), S2 = r({c.L, c.k, c.d_out});
   std::optional<at::Tensor> bias;
   if (c.bias) bias = r({c.d_out});
+  const double s = 1.0 / (2.0 * c.L);
+  at::Tensor v = T32 * static_cast<float>(s);  // fp32, as the kernel scales
+  at::Tensor hi = v.to(c.dt), lo = (v - hi.to(at::kFloat)).to(c.dt);
   auto D = [](const at::Tensor& t) { return t.to(at::kDouble); };
-  at::Tensor ref = D(H).mm(D(B2));
+  at::Tensor B = at::cat({D(U1).reshape({Lk, c.d_out}), D(S2).reshape({Lk, c.d_out})}, 0);
+  at::Tensor ref = (D(hi) + D(lo)).mm(B);
   if (c.bias) ref = ref + D(*bias);
-  const bool applies = panther::sketch_out::out_applies(H, B2, bias, 1);
-  at::Tensor y = c.dt == at::kHalf ? panther::sketch_out::out_gemm<c10::Half>(H, B2, bias)
-                                   : panther::sketch_out::out_gemm<c10::BFloat16>(H, B2, bias);
+  const bool applies = panther::sketch_out::out_applies(T32, U1, S2, bias, 1);
+  at::Tensor y = c.dt == at::kHalf ? panther::sketch_out::out_gemm<c10::Half>(T32, U1, S2, bias, s)
+                                   : panther::sketch_out::out_gemm<c10::BFloat16>(T32, U1, S2, bias, s);
   const double ulp = c.dt == at::kHalf ? 1.0 / 1024 : 1.0 / 128;  // relative spacing, upper bound
-  const double mag = (D(H).abs().mm(D(B2).abs())).max().item<double>();
+  const double mag = (D(v).abs().mm(B.abs())).max().item<double>();
   at::Tensor err = (D(y) - ref).abs();
   const bool within = (err <= ref.abs() * ulp * 0.5 + mag * 1e-6).all().item<bool>();
   const double exact = at::eq(y, ref.to(c.dt)).to(at::kDouble).mean().item<double>();
   const bool ok = applies && within && exact > 0.99;
-  std::printf("out N=%lld K=%lld d_out=%lld bias=%d %s: exact %.4f within %d -> %s\n",
-              (long long)c.N, (long long)c.K, (long long)c.d_out, c.bias,
+  std::printf("out N=%lld C=%lld d_out=%lld bias=%d %s: exact %.4f within %d -> %s\n",
+              (long long)c.N, (long long)(2 * Lk), (long long)c.d_out, c.bias,
               c.dt == at::kHalf ? "fp16" : "bf16", exact, within, ok ? "PASS" : "FAIL");
   return ok;
 }
@@ -136,9 +142,10 @@ int main() {
   int fails = 0;
   for (const Case& c : cases) fails += !run(c);
   const OutCase out_cases[] = {
-      {150, 64, 520, true, at::kBFloat16},  // row tail, two row groups, 8-column last block
-      {300, 32, 64, false, at::kHalf},      // three tiles in one group, narrow output
-      {40, 128, 1032, true, at::kHalf},     // K = 128, three column blocks
+      {150, 1, 16, 520, true, at::kBFloat16},  // C = 32, row tail, two row groups, 8-column block
+      {300, 1, 8, 64, false, at::kHalf},       // C = 16, three tiles in one group, narrow output
+      {40, 2, 16, 1032, true, at::kHalf},      // C = 64, two terms, three column blocks
+      {20, 3, 8, 24, false, at::kBFloat16},    // C = 48, three terms
   };
   for (const OutCase& c : out_cases) fails += !run_out(c);
   const size_t n = sizeof(cases) / sizeof(cases[0]) + sizeof(out_cases) / sizeof(out_cases[0]);
