@@ -62,7 +62,7 @@ namespace panther::sketch_out {
 
 constexpr int kWarps = 8, kThreads = 32 * kWarps;
 constexpr int kWarpCols = 64, kCols = kWarps * kWarpCols;  // output columns per warp / block
-constexpr int kTileRows = 128;                                // rows of H per pipeline stage
+constexpr int kTileRows = 128;                                // rows of T per pipeline stage
 constexpr int kMaxCols = 64;  // largest C
 
 template <class T>
@@ -77,7 +77,7 @@ struct Args {
   float scale;
 };
 
-// Shared memory in bytes: the B slice C x (kCols + 8) of T, two fp32 tiles of T
+// Shared memory in bytes: the B slice, C x (kCols + 8) elements, two fp32 tiles of T,
 // kTileRows x (C + 8), and per warp a 16 x (kWarpCols + 8) staging tile. The pads make the
 // ldmatrix row sets, the fragment reads of T and the staging stores conflict-free.
 template <class T, int C>

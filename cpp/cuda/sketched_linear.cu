@@ -5,7 +5,8 @@
 // to low precision is that of the output, as in a dense fp16/bf16 nn.Linear. The split costs a
 // K of 4Lk instead of 2Lk in a GEMM whose time is set by writing the (N, d_out) output.
 // Up to kSmallTokens tokens, forward and backward use direct kernels instead of cuBLAS
-// (sketch_small.cuh and small_tb_kernel below).
+// (sketch_small.cuh and small_tb_kernel below). Above that, with 2Lk <= 64 and d_out % 8 == 0,
+// the forward's second GEMM is out_kernel (sketch_out.cuh), which splits T in registers.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
