@@ -1,8 +1,9 @@
-// Fused FAVOR+ kernels for CUDA, bf16, causal and non-causal (tensor cores via WMMA, fp32
-// accumulation). Same math and the same stabilisers as the ATen implementation in
-// kernels/favor_attention.cpp (read its header comment first); this file only reorganises the
-// work so that every (batch*head, chunk of kC positions) is one thread block that keeps its
-// features, its C x C block and its state in shared memory instead of ~40 passes over HBM.
+// Fused FAVOR+ kernels for CUDA, bf16, causal and non-causal (tensor cores via WMMA, and in
+// states_kernel via mma.sync fragments of mma.cuh; fp32 accumulation). Same math and the same
+// stabilisers as the ATen implementation in kernels/favor_attention.cpp (read its header comment
+// first); this file only reorganises the work so that every (batch*head, chunk of kC positions)
+// is one thread block that keeps its features, its C x C block and its state in shared memory
+// instead of ~40 passes over HBM.
 //
 // Pipeline (per call; BH = batch*heads, n = chunks of kC positions):
 //   states_kernel   (n, BH): key features relative to the chunk's own max m_c, the chunk state
@@ -28,6 +29,8 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+
+#include "cuda/mma.cuh"
 
 #ifdef PANTHER_CUDA_EMU
 #include "cuda_emu.h"
@@ -119,7 +122,9 @@ __host__ __device__ inline Smem smem_layout(int kind, int D, int M, int E1p, int
   PANTHER_TAKE(x, kC * lx * tsize);
   PANTHER_TAKE(kh, kC * lm * tsize);
   PANTHER_TAKE(v, kC * le * tsize);
-  PANTHER_TAKE(stage, kWarps * 256 * 4);
+  if (kind != kStates) {  // states_kernel keeps its tiles in mma.sync fragments (no staging)
+    PANTHER_TAKE(stage, kWarps * 256 * 4);
+  }
   PANTHER_TAKE(vec, kVecFloats * 4);
   if (kind != kStates && kind != kBack2) {
     PANTHER_TAKE(phi, kC * lm * tsize);
@@ -498,6 +503,75 @@ __device__ __forceinline__ void combine_rows(const float* red, float* out, bool 
   __syncthreads();
 }
 
+// ---- Register-level fragments (mma.cuh; g = lane / 4, t = lane % 4), used by states_kernel.
+
+__device__ __forceinline__ float quad_max(float x) {  // over the 4 lanes of a quad (same g)
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+// 4-byte store of a pack2 pair (4-byte aligned; memcpy under the emulator: strict aliasing).
+__device__ __forceinline__ void put_pair(void* dst, unsigned u) {
+#if defined(PANTHER_CUDA_EMU)
+  std::memcpy(dst, &u, 4);
+#else
+  *reinterpret_cast<unsigned*>(dst) = u;
+#endif
+}
+
+// 16-byte store of u[0..3] (16-byte aligned; memcpy under the emulator).
+__device__ __forceinline__ void put16(void* dst, const unsigned (&u)[4]) {
+#if defined(PANTHER_CUDA_EMU)
+  std::memcpy(dst, u, 16);
+#else
+  *reinterpret_cast<uint4*>(dst) = make_uint4(u[0], u[1], u[2], u[3]);
+#endif
+}
+
+// 4 x 4 transpose within each quad: lane t's u[q] becomes lane q's old u[t]. Round i: lane t
+// sends its u[t ^ i] to lane t ^ i, which keeps it as u[t] (indices by selects: no local memory).
+__device__ __forceinline__ void quad_transpose(unsigned (&u)[4], int t) {
+  unsigned r[4];
+  r[0] = u[0], r[1] = u[1], r[2] = u[2], r[3] = u[3];
+#pragma unroll
+  for (int i = 1; i < 4; ++i) {
+    const int q = t ^ i;
+    const unsigned send = q == 0 ? u[0] : q == 1 ? u[1] : q == 2 ? u[2] : u[3];
+    const unsigned got = __shfl_xor_sync(0xffffffffu, send, i);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) r[c] = c == q ? got : r[c];
+  }
+  u[0] = r[0], u[1] = r[1], u[2] = r[2], u[3] = r[3];
+}
+
+// Pre-activations (before xscale) of x rows [16 rt, +16) times W rows [n0, n0 + 8 nt) into
+// m16n8 accumulators acc[0 .. nt) (nt even, <= 4; acc[nt ..] untouched): lane (g, t) gets rows
+// 16 rt + g (acc[j][0..1]) and + 8 (acc[j][2..3]), columns n0 + 8 j + 2t, + 1. A = x row-major,
+// B = W^T stored n-major (W's rows), both via ldmatrix_x4 (B: two n8 tiles per load).
+template <class T>
+__device__ __forceinline__ void pre_frag(float (&acc)[4][4], const Blk<T>& k, int D, int rt,
+                                         int n0, int nt) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  const T* a = k.x + (rt * 16 + (k.lane & 15)) * k.lx + (k.lane >> 4) * 8;
+  const T* b = k.w + (n0 + (k.lane & 7) + (k.lane >> 4) * 8) * k.lx + ((k.lane >> 3) & 1) * 8;
+#pragma unroll 2
+  for (int d = 0; d < D; d += 16) {
+    unsigned fa[4];
+    mma::ldmatrix_x4(fa, a + d);
+#pragma unroll
+    for (int j = 0; j < 4; j += 2) {
+      if (j < nt) {  // warp-uniform
+        unsigned fb[4];
+        mma::ldmatrix_x4(fb, b + j * 8 * k.lx + d);
+        const unsigned b0[2] = {fb[0], fb[1]}, b1[2] = {fb[2], fb[3]};
+        mma::mma_16816<T>(acc[j], fa, b0, acc[j]);
+        mma::mma_16816<T>(acc[j + 1], fa, b1, acc[j + 1]);
+      }
+    }
+  }
+}
+
 // Query features phi = f(pre) + ek into k.phi (kC x M), row sums into k.phisum.
 template <class T>
 __device__ void query_features(const Params<T>& p, Blk<T>& k) {
@@ -672,21 +746,31 @@ __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
   key_valid(p, k);
   async_wait<1>();  // W, keys
   x_norms(p, k);
-  const int CT = p.M / 16, rr = k.lane >> 1, c0 = (k.lane & 1) * 8, grp = k.warp / kRT;
-  const int rt = k.warp % kRT, i = rt * 16 + rr;
-  Acc acc;
-  float v[8];
+  // x W^T in mma.sync fragments: warp w keeps row tile rt = w % kRT (lane rows i0 = 16 rt + g,
+  // i1 = i0 + 8) and the 32-column slabs s = grp, grp + kGroups, ... (the last one 16 wide when
+  // M % 32 == 16); a row's values lie in the 4 lanes of a quad, across slabs and kGroups warps.
+  const int g = k.lane >> 2, t = k.lane & 3, grp = k.warp / kRT, rt = k.warp % kRT;
+  const int i0 = rt * 16 + g, i1 = i0 + 8, S = (p.M + 31) / 32;
+  float acc[4][4];
   float mc = 0.f;  // chunk max (softmax)
   if (p.softmax) {
-    float mx = -INFINITY;
-    for (int t = k.warp; t < kRT * CT; t += kWarps) {
-      pre_tile(acc, k, p.D, rt, t / kRT);
-      stage8(k.stage, acc, k.lane, v);
+    float m0 = -INFINITY, m1 = -INFINITY;
+    for (int s = grp; s < S; s += kGroups) {
+      const int nt = p.M - 32 * s >= 32 ? 4 : 2;
+      pre_frag(acc, k, p.D, rt, 32 * s, nt);
 #pragma unroll
-      for (int q = 0; q < 8; ++q) mx = fmaxf(mx, v[q]);
+      for (int j = 0; j < 4; ++j)
+        if (j < nt) {
+          m0 = fmaxf(m0, fmaxf(acc[j][0], acc[j][1]));
+          m1 = fmaxf(m1, fmaxf(acc[j][2], acc[j][3]));
+        }
     }
-    mx = pair_max(mx);
-    if ((k.lane & 1) == 0) k.red[grp * kC + i] = mx;
+    m0 = quad_max(m0);
+    m1 = quad_max(m1);
+    if (t == 0) {
+      k.red[grp * kC + i0] = m0;
+      k.red[grp * kC + i1] = m1;
+    }
     combine_rows(k.red, k.rowc, true);
     for (int j = threadIdx.x; j < kC; j += kThreads) {
       const float aj = k.valid[j] != 0.f ? k.rowc[j] * p.xscale - k.hn[j] : -INFINITY;
@@ -694,32 +778,67 @@ __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
       p.a[static_cast<int64_t>(k.bh) * p.nk * kC + k.row0 + j] = aj;
     }
     __syncthreads();
-    mc = -INFINITY;
-    for (int j = 0; j < kC; ++j) mc = fmaxf(mc, k.rowc[j]);
+    static_assert(kC == 64, "two rows per lane");
+    mc = fmaxf(k.rowc[k.lane], k.rowc[k.lane + 32]);
+    for (int o = 16; o > 0; o >>= 1) mc = fmaxf(mc, __shfl_xor_sync(0xffffffffu, mc, o));
   }
-  for (int t = k.warp; t < kRT * CT; t += kWarps) {
-    const int ct = t / kRT;
-    pre_tile(acc, k, p.D, rt, ct);
-    stage8(k.stage, acc, k.lane, v);
-    const bool ok = k.valid[i] != 0.f;
-    const float off = k.hn[i] + mc;
+  {  // pass 2 (recomputes x W^T): khat = sM exp(pre xscale - hn - mc) (relu: sM relu(pre)), 0 for
+     // invalid keys, rounded to T into k.kh
+    const bool ok0 = k.valid[i0] != 0.f, ok1 = k.valid[i1] != 0.f;
+    const float off0 = k.hn[i0] + mc, off1 = k.hn[i1] + mc;
+    auto feat = [&](float x, bool ok, float off) {
+      return !ok ? 0.f : p.softmax ? p.sM * __expf(x * p.xscale - off) : p.sM * fmaxf(x, 0.f);
+    };
+    for (int s = grp; s < S; s += kGroups) {
+      const int nt = p.M - 32 * s >= 32 ? 4 : 2;
+      pre_frag(acc, k, p.D, rt, 32 * s, nt);
 #pragma unroll
-    for (int q = 0; q < 8; ++q)
-      v[q] = !ok ? 0.f : p.softmax ? p.sM * __expf(v[q] * p.xscale - off) : p.sM * fmaxf(v[q], 0.f);
-    store8(k.kh + i * k.lm + ct * 16 + c0, v);
+      for (int j = 0; j < 4; ++j)
+        if (j < nt) {
+          T* dst = k.kh + 32 * s + 8 * j + 2 * t;
+          put_pair(dst + i0 * k.lm,
+                   mma::pack2<T>(feat(acc[j][0], ok0, off0), feat(acc[j][1], ok0, off0)));
+          put_pair(dst + i1 * k.lm,
+                   mma::pack2<T>(feat(acc[j][2], ok1, off1), feat(acc[j][3], ok1, off1)));
+        }
+    }
   }
   async_wait<0>();  // v
   fix_values(p, k);
-  // T'_c = khat'^T [v, 1]  (M x E1p) to global, then the chunk's sum of [v, 1].
+  // T'_c = khat'^T [v, 1]  (M x E1p) to global, then the chunk's sum of [v, 1]. Work item: an
+  // m tile mt (16 features) and every P-th 16-column tile of E1p from part; A = khat^T (kh is its
+  // k-major storage: ldmatrix_x4_trans), all kC/16 k steps kept in registers; B = [v, 1] k-major
+  // (ldmatrix_x4_trans, two n8 tiles per load). Accumulators go straight to global (16 bytes).
   T* out = p.st + (static_cast<int64_t>(k.bh) * p.nk + k.chunk) * (p.M + 1) * p.E1p;
-  const int ET = p.E1p / 16;
-  for (int t = k.warp; t < CT * ET; t += kWarps) {
-    const int mt = t % CT, et = t / CT;
-    wmma::fill_fragment(acc, 0.f);
-    mma_acc<T, ColM, RowM>(acc, tileA<ColM>(k.kh, k.lm, mt), k.lm, tileB<RowM>(k.v, k.le, et),
-                           k.le, kC);
-    stage8(k.stage, acc, k.lane, v);
-    store8(out + static_cast<int64_t>(mt * 16 + rr) * p.E1p + et * 16 + c0, v);
+  const int CT = p.M / 16, ET = p.E1p / 16;
+  const int P = kWarps / CT < 1 ? 1 : kWarps / CT < ET ? kWarps / CT : ET;
+  for (int w = k.warp; w < CT * P; w += kWarps) {
+    const int mt = w % CT, part = w / CT;
+    unsigned a[kC / 16][4];
+    const T* pa =
+        k.kh + ((k.lane & 7) + (k.lane >> 4) * 8) * k.lm + mt * 16 + ((k.lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int kk = 0; kk < kC / 16; ++kk) mma::ldmatrix_x4_trans(a[kk], pa + kk * 16 * k.lm);
+    for (int et = part; et < ET; et += P) {
+      const T* pb = k.v + (k.lane & 15) * k.le + et * 16 + (k.lane >> 4) * 8;
+      float c[2][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < kC / 16; ++kk) {
+        unsigned b[4];
+        mma::ldmatrix_x4_trans(b, pb + kk * 16 * k.le);
+        const unsigned b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+        mma::mma_16816<T>(c[0], a[kk], b0, c[0]);
+        mma::mma_16816<T>(c[1], a[kk], b1, c[1]);
+      }
+      // The lane's pairs are part t of the quad's 4 row segments (16 bytes each): q = 2h + j is
+      // row 16 mt + g + 8h, columns 16 et + 8j .. + 8. After quad_transpose lane t holds all of
+      // segment t: one 16-byte store (two lanes fill a 32-byte sector).
+      unsigned u[4] = {mma::pack2<T>(c[0][0], c[0][1]), mma::pack2<T>(c[1][0], c[1][1]),
+                       mma::pack2<T>(c[0][2], c[0][3]), mma::pack2<T>(c[1][2], c[1][3])};
+      quad_transpose(u, t);
+      put16(out + static_cast<int64_t>(mt * 16 + g + 8 * (t >> 1)) * p.E1p + et * 16 + 8 * (t & 1),
+            u);
+    }
   }
   for (int e = threadIdx.x; e < p.E1p; e += kThreads) {
     float s = 0.f;
