@@ -510,15 +510,6 @@ __device__ __forceinline__ float quad_max(float x) {  // over the 4 lanes of a q
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
 }
 
-// 4-byte store of a pack2 pair (4-byte aligned; memcpy under the emulator: strict aliasing).
-__device__ __forceinline__ void put_pair(void* dst, unsigned u) {
-#if defined(PANTHER_CUDA_EMU)
-  std::memcpy(dst, &u, 4);
-#else
-  *reinterpret_cast<unsigned*>(dst) = u;
-#endif
-}
-
 // 16-byte store of u[0..3] (16-byte aligned; memcpy under the emulator).
 __device__ __forceinline__ void put16(void* dst, const unsigned (&u)[4]) {
 #if defined(PANTHER_CUDA_EMU)
@@ -796,9 +787,9 @@ __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
       for (int j = 0; j < 4; ++j)
         if (j < nt) {
           T* dst = k.kh + 32 * s + 8 * j + 2 * t;
-          put_pair(dst + i0 * k.lm,
+          mma::store_pair(dst + i0 * k.lm,
                    mma::pack2<T>(feat(acc[j][0], ok0, off0), feat(acc[j][1], ok0, off0)));
-          put_pair(dst + i1 * k.lm,
+          mma::store_pair(dst + i1 * k.lm,
                    mma::pack2<T>(feat(acc[j][2], ok1, off1), feat(acc[j][3], ok1, off1)));
         }
     }
@@ -1426,48 +1417,11 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
 
 #include "kernels/favor_attention.h"
 
-#ifdef PANTHER_CUDA_EMU
-#define PANTHER_FUSED_LAUNCH(kernel, grid, block, smem, ...) \
-  ::emu::launch(kernel, grid, block, smem, __VA_ARGS__)
-#else
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
-#include <atomic>
-// Lets `kernel` use all the shared memory the device allows, once per (kernel, device): the
-// attribute call costs microseconds of host time, which short sequences feel.
-#define PANTHER_FUSED_LAUNCH(kernel, grid, block, smem, ...)                                  \
-  do {                                                                                        \
-    static std::atomic<uint64_t> panther_smem_set{0};                                         \
-    const int panther_dev = c10::cuda::current_device();                                      \
-    const uint64_t panther_bit = uint64_t{1} << (panther_dev & 63);                           \
-    if (!(panther_smem_set.load(std::memory_order_acquire) & panther_bit)) {                  \
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, \
-                                          static_cast<int>(max_smem_optin(panther_dev))));    \
-      panther_smem_set.fetch_or(panther_bit, std::memory_order_acq_rel);                      \
-    }                                                                                         \
-    kernel<<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__);             \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                           \
-  } while (0)
-#endif
+#include "cuda/launch.cuh"
 
 namespace panther::fused {
 
-// Largest dynamic shared memory per block the device allows (cached per device).
-inline int64_t max_smem_optin(int dev) {
-#ifdef PANTHER_CUDA_EMU
-  (void)dev;
-  return 227 * 1024;
-#else
-  static std::atomic<int> cache[64] = {};
-  int v = dev >= 0 && dev < 64 ? cache[dev].load(std::memory_order_relaxed) : 0;
-  if (v == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    if (dev >= 0 && dev < 64) cache[dev].store(v, std::memory_order_relaxed);
-  }
-  return v;
-#endif
-}
+using ::panther::max_smem_optin;
 
 inline int e1p_of(int64_t Dv) { return static_cast<int>((Dv + 1 + 15) / 16 * 16); }
 
@@ -1580,12 +1534,12 @@ struct Run {
     const dim3 grid(static_cast<unsigned>((total + threads - 1) / threads));
     if (grad) {
       auto* kernel = &scan_kernel<T, float>;
-      PANTHER_FUSED_LAUNCH(kernel, grid, dim3(threads), 0, p.gst, p.cs, p.hs,
+      PANTHER_LAUNCH(kernel, grid, dim3(threads), 0, p.gst, p.cs, p.hs,
                            p.hx, p.BH, p.nq, p.nk, static_cast<int>(ME), p.E1p, p.causal,
                            /*reverse=*/true, /*use_kscale=*/false);
     } else {
       auto* kernel = &scan_kernel<T, T>;
-      PANTHER_FUSED_LAUNCH(kernel, grid, dim3(threads), 0, p.st, p.cs, p.hs, p.hx,
+      PANTHER_LAUNCH(kernel, grid, dim3(threads), 0, p.st, p.cs, p.hs, p.hx,
                            p.BH, p.nk, p.nk, static_cast<int>(ME), p.E1p, p.causal,
                            /*reverse=*/false, /*use_kscale=*/true);
     }
@@ -1594,8 +1548,8 @@ struct Run {
   // Key states, stabilisers and the scanned (forward) states H.
   void states() {
     const dim3 block(kThreads);
-    PANTHER_FUSED_LAUNCH(states_kernel<T>, dim3(p.nk, p.BH), block, layout[kStates].total, p);
-    PANTHER_FUSED_LAUNCH(stab_kernel<T>, dim3(p.BH), dim3(1024), 2 * 1024 * sizeof(float), p);
+    PANTHER_LAUNCH(states_kernel<T>, dim3(p.nk, p.BH), block, layout[kStates].total, p);
+    PANTHER_LAUNCH(stab_kernel<T>, dim3(p.BH), dim3(1024), 2 * 1024 * sizeof(float), p);
     scan(/*grad=*/false);
   }
 };
@@ -1611,7 +1565,7 @@ at::Tensor forward(const detail::FavorDims& d, const at::Tensor& query, const at
   run.p.out = reinterpret_cast<T*>(out.data_ptr());
   run.p.o_sb = out.stride(0), run.p.o_sh = out.stride(1), run.p.o_sl = out.stride(2);
   run.states();
-  PANTHER_FUSED_LAUNCH(forward_kernel<T>, dim3(run.p.nq, run.p.BH), dim3(kThreads),
+  PANTHER_LAUNCH(forward_kernel<T>, dim3(run.p.nq, run.p.BH), dim3(kThreads),
                        run.layout[kForward].total, run.p);
   return out;
 }
@@ -1648,11 +1602,11 @@ detail::FavorGrads backward(const detail::FavorDims& d, const at::Tensor& grad_o
   p.dv = reinterpret_cast<T*>(dv.data_ptr());
   p.dW = want[3] ? dW.data_ptr<float>() : nullptr;
   run.states();
-  PANTHER_FUSED_LAUNCH(back1_kernel<T>, dim3(p.nq, p.BH), dim3(kThreads),
+  PANTHER_LAUNCH(back1_kernel<T>, dim3(p.nq, p.BH), dim3(kThreads),
                        run.layout[kBack1].total, p);
   // Gradient states: the reverse scan (causal) or the total (non-causal) of dH, written over H.
   run.scan(/*grad=*/true);
-  PANTHER_FUSED_LAUNCH(back2_kernel<T>, dim3(p.nk, p.BH), dim3(kThreads),
+  PANTHER_LAUNCH(back2_kernel<T>, dim3(p.nk, p.BH), dim3(kThreads),
                        run.layout[kBack2].total, p);
   detail::FavorGrads out;
   if (want[0]) std::get<0>(out) = dq;

@@ -87,6 +87,16 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
   return u;
 }
 
+// 4-byte store of a pack2 pair (dst 4-byte aligned; memcpy under the emulator, which builds
+// with strict aliasing).
+__device__ __forceinline__ void store_pair(void* dst, unsigned u) {
+#ifdef PANTHER_CUDA_EMU
+  std::memcpy(dst, &u, 4);
+#else
+  *reinterpret_cast<unsigned*>(dst) = u;
+#endif
+}
+
 // d = a * b + c for one m16n8k16 tile (layouts above); T = __nv_bfloat16 or __half. d may be c.
 template <class T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],

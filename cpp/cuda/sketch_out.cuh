@@ -39,21 +39,10 @@
 
 #include "kernels/sketched_linear.h"
 
+#include "cuda/launch.cuh"
 #ifdef PANTHER_CUDA_EMU
-#define PANTHER_OUT_LAUNCH(kernel, grid, smem, ...) \
-  ::emu::launch(kernel, grid, dim3(::panther::sketch_out::kThreads), smem, __VA_ARGS__)
 #define PANTHER_OUT_SMS() int64_t{132}
 #else
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#define PANTHER_OUT_LAUNCH(kernel, grid, smem, ...)                                         \
-  do {                                                                                      \
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, \
-                                        static_cast<int>(smem)));                           \
-    kernel<<<grid, ::panther::sketch_out::kThreads, smem,                                   \
-             at::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__);                              \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                         \
-  } while (0)
 #define PANTHER_OUT_SMS() \
   static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount)
 #endif
@@ -88,15 +77,8 @@ struct Smem {
                           total = s + sizeof(T) * kWarps * 16 * LS;
 };
 
-// 4- and 16-byte moves at addresses the caller knows to be aligned (memcpy under the emulator,
+// 16-byte move between addresses the caller knows to be aligned (memcpy under the emulator,
 // which builds with strict aliasing).
-__device__ __forceinline__ void put4(void* dst, unsigned v) {
-#if defined(PANTHER_CUDA_EMU)
-  std::memcpy(dst, &v, 4);
-#else
-  *reinterpret_cast<unsigned*>(dst) = v;
-#endif
-}
 __device__ __forceinline__ void move16(void* dst, const void* src) {
 #if defined(PANTHER_CUDA_EMU)
   std::memcpy(dst, src, 16);
@@ -236,8 +218,8 @@ __global__ void __launch_bounds__(kThreads, 1) out_kernel(Args<T> p) {
       // Rows g and g + 8, columns 8j + 2t, +1 -> staging -> 16-byte row segments.
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        put4(stage + g * S::LS + 8 * j + 2 * t, mma::pack2<T>(acc[j][0], acc[j][1]));
-        put4(stage + (g + 8) * S::LS + 8 * j + 2 * t, mma::pack2<T>(acc[j][2], acc[j][3]));
+        mma::store_pair(stage + g * S::LS + 8 * j + 2 * t, mma::pack2<T>(acc[j][0], acc[j][1]));
+        mma::store_pair(stage + (g + 8) * S::LS + 8 * j + 2 * t, mma::pack2<T>(acc[j][2], acc[j][3]));
       }
       __syncwarp();
 #pragma unroll
@@ -297,12 +279,13 @@ at::Tensor out_gemm(const at::Tensor& T32, const at::Tensor& U1s, const at::Tens
   p.rows_per_block = static_cast<int>(tiles_per_block * kTileRows);
   p.scale = static_cast<float>(scale);
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(groups));
-  auto launch = [&](auto kernel, auto smem) { PANTHER_OUT_LAUNCH(kernel, grid, smem.total, p); };
+  const dim3 block(kThreads);
+  // One launch site per kernel (PANTHER_LAUNCH sets its shared-memory limit once per device).
   switch (C / 16) {
-    case 1: launch(out_kernel<T, 1>, Smem<T, 16>{}); break;
-    case 2: launch(out_kernel<T, 2>, Smem<T, 32>{}); break;
-    case 3: launch(out_kernel<T, 3>, Smem<T, 48>{}); break;
-    case 4: launch(out_kernel<T, 4>, Smem<T, 64>{}); break;
+    case 1: { auto* k = &out_kernel<T, 1>; PANTHER_LAUNCH(k, grid, block, (Smem<T, 16>::total), p); break; }
+    case 2: { auto* k = &out_kernel<T, 2>; PANTHER_LAUNCH(k, grid, block, (Smem<T, 32>::total), p); break; }
+    case 3: { auto* k = &out_kernel<T, 3>; PANTHER_LAUNCH(k, grid, block, (Smem<T, 48>::total), p); break; }
+    case 4: { auto* k = &out_kernel<T, 4>; PANTHER_LAUNCH(k, grid, block, (Smem<T, 64>::total), p); break; }
     default: TORCH_INTERNAL_ASSERT(false, "out_gemm: C = ", C);
   }
   return y;

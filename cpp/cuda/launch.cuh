@@ -1,0 +1,54 @@
+// Launches of the hand-written kernels, the same code for real CUDA launches and for the CPU
+// emulator (tests/emu): PANTHER_LAUNCH(kernel, grid, block, smem, args...) on the current stream.
+// On CUDA it first lets `kernel` use all the dynamic shared memory the device allows, once per
+// (launch site, device): the attribute call costs microseconds of host time, which short calls
+// feel. A launch site must always launch the same kernel (a local `auto* kernel = &k<T>;` in a
+// template is one site per instantiation).
+#pragma once
+#include <cstdint>
+
+#ifdef PANTHER_CUDA_EMU
+#include "cuda_emu.h"
+#define PANTHER_LAUNCH(kernel, grid, block, smem, ...) \
+  ::emu::launch(kernel, grid, block, smem, __VA_ARGS__)
+#else
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+
+#include <atomic>
+#define PANTHER_LAUNCH(kernel, grid, block, smem, ...)                                        \
+  do {                                                                                        \
+    static std::atomic<uint64_t> panther_smem_set{0};                                         \
+    const int panther_dev = c10::cuda::current_device();                                      \
+    const uint64_t panther_bit = uint64_t{1} << (panther_dev & 63);                           \
+    if (!(panther_smem_set.load(std::memory_order_acquire) & panther_bit)) {                  \
+      C10_CUDA_CHECK(cudaFuncSetAttribute(                                                    \
+          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,                                \
+          static_cast<int>(::panther::max_smem_optin(panther_dev))));                         \
+      panther_smem_set.fetch_or(panther_bit, std::memory_order_acq_rel);                      \
+    }                                                                                         \
+    kernel<<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__);             \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                           \
+  } while (0)
+#endif
+
+namespace panther {
+
+// Largest dynamic shared memory per block the device allows (cached per device).
+inline int64_t max_smem_optin(int dev) {
+#ifdef PANTHER_CUDA_EMU
+  (void)dev;
+  return 227 * 1024;
+#else
+  static std::atomic<int> cache[64] = {};
+  int v = dev >= 0 && dev < 64 ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (v == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    if (dev >= 0 && dev < 64) cache[dev].store(v, std::memory_order_relaxed);
+  }
+  return v;
+#endif
+}
+
+}  // namespace panther
