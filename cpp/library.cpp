@@ -25,9 +25,17 @@ TORCH_LIBRARY(panther, m) {
   // FallbackKernel.create(kernel, *args, **kwargs), so an op argument called `kernel` breaks
   // torch.compile and AOTInductor ("got multiple values for argument 'kernel'").
   m.def("favor_attention(Tensor query, Tensor key, Tensor value, Tensor projection, str kernel_fn=\"softmax\", bool causal=False, Tensor? key_padding_mask=None) -> Tensor");
+  // favor_attention's output plus what the backward can reuse instead of recomputing (used by
+  // its autograd kernel for CUDA bf16 calls): one byte tensor laid out as favor_saved_layout
+  // (kernels/favor_attention.h) says, empty for shapes the fused kernels do not take. Filled by
+  // the fused CUDA kernels; where they cannot run (device limits, PANTHER_FAVOR_FUSED=0) it is
+  // allocated but unused. CUDA and Meta kernels only.
+  m.def("_favor_attention_forward(Tensor query, Tensor key, Tensor value, Tensor projection, str kernel_fn, bool causal, Tensor? key_padding_mask) -> (Tensor, Tensor)");
   // Gradients of favor_attention for (query, key, value, projection); None where the mask is
-  // false. Recomputes features and per-chunk states from the inputs.
-  m.def("_favor_attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor projection, str kernel_fn, bool causal, Tensor? key_padding_mask, bool[4] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?)");
+  // false. Recomputes features and per-chunk states from the inputs; the fused CUDA kernels take
+  // the scanned states and stabilisers from `saved` (_favor_attention_forward's second output
+  // for the same inputs) when it is given, and every other backend ignores it.
+  m.def("_favor_attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor projection, str kernel_fn, bool causal, Tensor? key_padding_mask, bool[4] output_mask, Tensor? saved=None) -> (Tensor?, Tensor?, Tensor?, Tensor?)");
   // RandMultiHeadAttention's forward for self-attention (x as query, key and value), used by
   // the module's eager inference path: q/k/v projections (one GEMM when Wq, Wk, Wv lie back to
   // back and no gradient is recorded), favor_attention, output projection. A composition of

@@ -385,6 +385,95 @@ def test_cuda_opcheck_and_large_inputs():
                                "softmax", True, mask))
 
 
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_fused_backward_reuses_forward_states(kernel, causal):
+    # For fused bf16 calls, autograd's forward is _favor_attention_forward, which also returns the
+    # per-chunk states and stabilisers; the backward reads them instead of recomputing. Same
+    # gradients as the backward that recomputes: dq, dk, dv bit for bit (dW is summed with float
+    # atomics, so only to rounding), also a second time (the saved states are not overwritten).
+    q, k, v, W, mask = make_inputs(2, 2, 300, 300, 32, 16, 64, dtype=torch.bfloat16, masked=True,
+                                   device="cuda")
+    W = W.to(torch.bfloat16).float()
+    fwd = torch.ops.panther._favor_attention_forward
+    bwd = torch.ops.panther._favor_attention_backward
+    out, saved = fwd(q, k, v, W, kernel, causal, mask)
+    assert saved.dtype == torch.uint8 and saved.numel() > 0
+    assert torch.equal(out, op(q, k, v, W, kernel, causal, mask))
+    g = torch.randn_like(out)
+    ref = bwd(g, q, k, v, W, kernel, causal, mask, [True] * 4)
+    before = saved.clone()
+    for _ in range(2):
+        got = bwd(g, q, k, v, W, kernel, causal, mask, [True] * 4, saved)
+        for a, b in zip(got[:3], ref[:3]):
+            assert torch.equal(a, b)
+        torch.testing.assert_close(got[3], ref[3], rtol=1e-4, atol=1e-4 * ref[3].abs().max().item())
+    assert torch.equal(saved, before)
+    # Through autograd (retain_graph: the second backward reads the same saved states).
+    x = [t.clone().requires_grad_() for t in (q, k, v)]
+    o = op(*x, W, kernel, causal, mask)
+    assert torch.equal(o, out)
+    for _ in range(2):
+        for t in x:
+            t.grad = None
+        o.backward(g, retain_graph=True)
+        for t, b in zip(x, ref[:3]):
+            assert torch.equal(t.grad, b)
+    # The Meta kernel's size of the saved tensor matches (compile/export trace with it).
+    torch.library.opcheck(fwd, (q, k, v, W, kernel, causal, mask))
+
+
+@cuda
+@needs_gpu
+def test_cuda_compile_keeps_forward_states(inductor_cache):
+    # torch.compile traces the autograd kernel with fake CUDA tensors: its forward graph calls
+    # _favor_attention_forward (whose Meta kernel gives the saved tensor's size) and the compiled
+    # gradients equal eager ones.
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm
+
+    q, k, v, W, mask = make_inputs(1, 2, 200, 200, 32, 16, 64, dtype=torch.bfloat16, masked=True,
+                                   device="cuda")
+    W = W.to(torch.bfloat16).float()
+    g = torch.randn(1, 2, 200, 16, device="cuda", dtype=torch.bfloat16)
+
+    def run(fn):
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*x)
+        out.backward(g)
+        return out, [t.grad for t in x]
+
+    def f(a, b, c):
+        return op(a, b, c, W, "softmax", True, mask)
+
+    eager = run(f)
+    compiled = run(torch.compile(f, fullgraph=True,
+                                 backend=aot_autograd(fw_compiler=capture, bw_compiler=capture)))
+    assert any("_favor_attention_forward" in gr for gr in graphs)
+    assert torch.equal(compiled[0], eager[0])
+    for a, b in zip(compiled[1], eager[1]):
+        assert torch.equal(a, b)
+
+
+@cuda
+@needs_gpu
+def test_cuda_saved_states_only_for_fused_shapes():
+    # Shapes the fused kernels do not take (head_dim 8) and fp32 keep nothing: the internal op
+    # returns an empty saved tensor and autograd's backward recomputes as before.
+    fwd = torch.ops.panther._favor_attention_forward
+    q, k, v, W, mask = make_inputs(1, 2, 100, 100, 8, 8, 16, dtype=torch.bfloat16, device="cuda")
+    assert fwd(q, k, v, W.float(), "softmax", True, mask)[1].numel() == 0
+    q, k, v, W, mask = make_inputs(1, 2, 100, 100, 16, 8, 16, dtype=torch.float32, device="cuda")
+    assert fwd(q, k, v, W, "softmax", True, mask)[1].numel() == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("jump_at", [40, 64, 130])
 def test_running_max_rescaling(dtype, jump_at):

@@ -1,7 +1,9 @@
 // Autograd kernel of panther::favor_attention: a C++ autograd::Function whose forward calls the op
-// below autograd (keeping only its inputs) and whose backward calls _favor_attention_backward
-// through the dispatcher, which recomputes the features and per-chunk states (nothing per token
-// is stored). Gradients flow to query, key, value and, when it requires grad, projection.
+// below autograd and whose backward calls _favor_attention_backward through the dispatcher,
+// which recomputes the features (nothing per token is stored). It keeps the inputs and, for CUDA
+// bf16 calls the fused kernels take, the per-chunk states and stabilisers of the forward
+// (_favor_attention_forward's second output, linear in length), so that the backward does not
+// compute them again. Gradients flow to query, key, value and, when it requires grad, projection.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -23,8 +25,32 @@ const auto& bwd_op() {
                        .findSchemaOrThrow("panther::_favor_attention_backward", "")
                        .typed<Grads4(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                      const at::Tensor&, const at::Tensor&, c10::string_view, bool,
-                                     const std::optional<at::Tensor>&, std::array<bool, 4>)>();
+                                     const std::optional<at::Tensor>&, std::array<bool, 4>,
+                                     const std::optional<at::Tensor>&)>();
   return op;
+}
+
+const auto& fwd_saved_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("panther::_favor_attention_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, c10::string_view, bool,
+                           const std::optional<at::Tensor>&)>();
+  return op;
+}
+
+// Whether the forward should keep its states for the backward: CUDA inputs of shapes the fused
+// kernels take (sizes only; malformed inputs go to the plain op, whose checks name the problem).
+bool keep_states(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                 const at::Tensor& projection, bool causal) {
+  if (!query.is_cuda() || query.dim() != 4 || key.dim() != 4 || value.dim() != 4 ||
+      projection.dim() != 2)
+    return false;
+  return panther::detail::favor_saved_layout(query.size(0) * query.size(1), query.size(2),
+                                             key.size(2), query.size(3), value.size(3),
+                                             projection.size(0), causal, query.scalar_type())
+             .total > 0;
 }
 
 class FavorAttentionFunction : public torch::autograd::Function<FavorAttentionFunction> {
@@ -34,11 +60,16 @@ class FavorAttentionFunction : public torch::autograd::Function<FavorAttentionFu
                             const std::string& kernel, bool causal,
                             const std::optional<at::Tensor>& key_padding_mask) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor out = panther::detail::favor_attention_op().call(query, key, value, projection,
-                                                                kernel, causal, key_padding_mask);
+    at::Tensor out, saved;
+    if (keep_states(query, key, value, projection, causal))
+      std::tie(out, saved) =
+          fwd_saved_op().call(query, key, value, projection, kernel, causal, key_padding_mask);
+    else
+      out = panther::detail::favor_attention_op().call(query, key, value, projection, kernel,
+                                                        causal, key_padding_mask);
     const bool has_mask = key_padding_mask.has_value() && key_padding_mask->defined();
     ctx->save_for_backward({query, key, value, projection,
-                            has_mask ? *key_padding_mask : at::Tensor()});
+                            has_mask ? *key_padding_mask : at::Tensor(), saved});
     ctx->saved_data["kernel"] = kernel;
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["has_mask"] = has_mask;
@@ -56,7 +87,9 @@ class FavorAttentionFunction : public torch::autograd::Function<FavorAttentionFu
     const bool causal = ctx->saved_data["causal"].toBool();
     std::optional<at::Tensor> kpm;
     if (ctx->saved_data["has_mask"].toBool()) kpm = s[4];
-    auto grads = bwd_op().call(g, s[0], s[1], s[2], s[3], kernel, causal, kpm, mask);
+    std::optional<at::Tensor> saved;
+    if (s[5].defined()) saved = s[5];
+    auto grads = bwd_op().call(g, s[0], s[1], s[2], s[3], kernel, causal, kpm, mask, saved);
     auto get = [](const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); };
     result[0] = get(std::get<0>(grads));
     result[1] = get(std::get<1>(grads));

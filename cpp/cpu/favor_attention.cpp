@@ -88,7 +88,8 @@ FavorGrads favor_attention_backward_cpu(const at::Tensor& grad_output, const at:
                                         const at::Tensor& projection, c10::string_view kernel,
                                         bool causal,
                                         const std::optional<at::Tensor>& key_padding_mask,
-                                        std::array<bool, 4> output_mask) {
+                                        std::array<bool, 4> output_mask,
+                                        const std::optional<at::Tensor>& /*saved: CUDA only*/) {
   const FavorDims d = check_favor_attention("panther::_favor_attention_backward", query, key,
                                             value, projection, kernel, causal, key_padding_mask);
   const Slices s = slices_of(d);

@@ -1,9 +1,10 @@
-// CUDA kernels of panther::favor_attention and _favor_attention_backward. bf16 calls whose
-// sizes fit (favor_fused.cuh: head_dim and features multiples of 16, value dim < 256) run the
-// fused tensor-core kernels; everything else (fp16, fp32, fp64, other sizes) runs the shared ATen
-// implementation (cuBLAS batched GEMMs, kernels/favor_attention.cpp) under a device guard, plus
-// one custom kernel, the exclusive scan over per-chunk states (one launch instead of one ATen
-// step per chunk). Set PANTHER_FAVOR_FUSED=0 to force the ATen path (for comparisons).
+// CUDA kernels of panther::favor_attention, _favor_attention_forward and
+// _favor_attention_backward. bf16 calls whose sizes fit (favor_fused.cuh: head_dim and features
+// multiples of 16, value dim < 256) run the fused tensor-core kernels; everything else (fp16,
+// fp32, fp64, other sizes) runs the shared ATen implementation (cuBLAS batched GEMMs,
+// kernels/favor_attention.cpp) under a device guard, plus one custom kernel, the exclusive scan
+// over per-chunk states (one launch instead of one ATen step per chunk). Set
+// PANTHER_FAVOR_FUSED=0 to force the ATen path (for comparisons).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -85,12 +86,35 @@ at::Tensor favor_attention_cuda(const at::Tensor& query, const at::Tensor& key,
                        &chunk_scan_cuda);
 }
 
+// favor_attention plus, for the fused path, the states and stabilisers the backward reuses.
+std::tuple<at::Tensor, at::Tensor> favor_attention_forward_cuda(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& projection, c10::string_view kernel, bool causal,
+    const std::optional<at::Tensor>& key_padding_mask) {
+  const FavorDims d = check_favor_attention("panther::_favor_attention_forward", query, key, value,
+                                            projection, kernel, causal, key_padding_mask);
+  const c10::cuda::CUDAGuard guard(query.device());
+  const int64_t bytes = favor_saved_layout(d, causal, query.scalar_type()).total;
+  if (use_fused(d, query)) {
+    at::Tensor saved;
+    at::Tensor out = fused::forward<__nv_bfloat16>(d, query, key, value, projection, causal,
+                                                   key_padding_mask, &saved);
+    return {out, saved};
+  }
+  // The saved tensor's size is fixed by the shapes (the Meta kernel must agree); the backward
+  // on this device does not take the fused path either, so it never reads this one.
+  return {favor_forward(d, query, key, value, projection, causal, key_padding_mask, kCudaChunk,
+                        &chunk_scan_cuda),
+          at::empty({bytes}, query.options().dtype(at::kByte))};
+}
+
 FavorGrads favor_attention_backward_cuda(const at::Tensor& grad_output, const at::Tensor& query,
                                          const at::Tensor& key, const at::Tensor& value,
                                          const at::Tensor& projection, c10::string_view kernel,
                                          bool causal,
                                          const std::optional<at::Tensor>& key_padding_mask,
-                                         std::array<bool, 4> output_mask) {
+                                         std::array<bool, 4> output_mask,
+                                         const std::optional<at::Tensor>& saved) {
   const FavorDims d = check_favor_attention("panther::_favor_attention_backward", query, key,
                                             value, projection, kernel, causal, key_padding_mask);
   const c10::cuda::CUDAGuard guard(query.device());
@@ -100,8 +124,12 @@ FavorGrads favor_attention_backward_cuda(const at::Tensor& grad_output, const at
     if (output_mask[3])
       at::globalContext().alertNotDeterministic(
           "panther::_favor_attention_backward (CUDA bf16, gradient of projection)");
+    const bool reuse = saved.has_value() && saved->defined() && saved->is_cuda() &&
+                       saved->scalar_type() == at::kByte && saved->is_contiguous() &&
+                       saved->numel() == favor_saved_layout(d, causal, query.scalar_type()).total;
     return fused::backward<__nv_bfloat16>(d, grad_output, query, key, value, projection, causal,
-                                          key_padding_mask, output_mask);
+                                          key_padding_mask, output_mask,
+                                          reuse ? &*saved : nullptr);
   }
   return favor_backward(d, grad_output, query, key, value, projection, causal, key_padding_mask,
                         kCudaChunk, &chunk_scan_cuda, output_mask);
@@ -112,5 +140,6 @@ FavorGrads favor_attention_backward_cuda(const at::Tensor& grad_output, const at
 
 TORCH_LIBRARY_IMPL(panther, CUDA, m) {
   m.impl("favor_attention", &panther::cuda::favor_attention_cuda);
+  m.impl("_favor_attention_forward", &panther::cuda::favor_attention_forward_cuda);
   m.impl("_favor_attention_backward", &panther::cuda::favor_attention_backward_cuda);
 }

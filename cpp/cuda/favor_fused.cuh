@@ -14,7 +14,7 @@
 //   scan_kernel:             causal: H_c = sum_{c' < c} (decayed) kscale T'; non-causal: every
 //                   chunk gets the total. Stored in the input dtype for the tensor cores.
 //   forward_kernel  (n, BH): phi, khat, A' = (phi khat^T) o E (+ eps), y = s phi H + A' [v, 1].
-// Backward: states/stab/scan again, then
+// Backward: states/stab/scan again (or, from autograd, the forward's, kept in `saved`), then
 //   back1_kernel    (n, BH): recomputes y, forms Yb = d loss / d [num, den], dq (and its dW part),
 //                   the chunk's gradient state dH_c = phi^T (s Yb); a reverse scan gives dT_c;
 //                   causal: also the intra-chunk parts of dkhat and dv (Wm^T phi, A'^T Yb), which
@@ -84,7 +84,7 @@ struct Params {
   const T* W;             // (M, D) contiguous
   const bool* pad;        // (B, Lk) true = padded key, or null
   float* a;               // (BH, nk*kC) key row max (-inf: padded or past the end)
-  float* r;               // (BH, nk*kC) key stabiliser per position
+  float* r;               // (BH, nk*kC) key stabiliser per position (causal calls only)
   float* cs;              // (BH, nk, 4): P_c, R_c, alpha_c, kscale_c
   T* st;                  // (BH, nk, (M+1)*E1p) per-chunk key states (summed in fp32 by the scan)
   float* gst;             // (BH, nq, (M+1)*E1p) per-chunk gradient states dH (fp32: the
@@ -853,8 +853,9 @@ __global__ void __launch_bounds__(1024) stab_kernel(Params<T> p) {
   const float* a = p.a + static_cast<int64_t>(bh) * Lp;
   float* r = p.r + static_cast<int64_t>(bh) * Lp;
   float* cs = p.cs + static_cast<int64_t>(bh) * p.nk * 4;
-  if (!p.softmax) {
-    for (int j = tid; j < Lp; j += nt) r[j] = 0.f;
+  if (!p.softmax) {  // (r is read by causal calls only: non-causal ones keep no room for it)
+    if (p.causal)
+      for (int j = tid; j < Lp; j += nt) r[j] = 0.f;
     for (int c = tid; c < p.nk; c += nt) {
       cs[c * 4 + 0] = 0.f;
       cs[c * 4 + 1] = 0.f;
@@ -1423,7 +1424,8 @@ namespace panther::fused {
 
 using ::panther::max_smem_optin;
 
-inline int e1p_of(int64_t Dv) { return static_cast<int>((Dv + 1 + 15) / 16 * 16); }
+static_assert(kC == detail::kFavorFusedChunk, "favor_saved_layout's chunk size");
+inline int e1p_of(int64_t Dv) { return static_cast<int>(detail::favor_fused_e1p(Dv)); }
 
 // Shared memory the largest kernel needs (bytes).
 inline int64_t smem_needed(const detail::FavorDims& d, int tsize) {
@@ -1439,11 +1441,9 @@ inline int64_t smem_needed(const detail::FavorDims& d, int tsize) {
 // buffers fit in max_smem bytes of shared memory; everything else takes the ATen path. fp16 is
 // left to the ATen path (fp32 compute): its range is too narrow for features relative to a
 // stabiliser (exp(-20) already underflows) and for the backward's 1/den factors.
+static_assert(kMaxE1p == 256, "favor_fused_shapes' limit");
 inline bool supported(const detail::FavorDims& d, at::ScalarType dt, int64_t max_smem) {
-  if (dt != at::kBFloat16) return false;
-  if (d.D % 16 != 0 || d.M % 16 != 0 || e1p_of(d.Dv) > kMaxE1p) return false;
-  if (d.B * d.H > 65535 || d.B * d.H * d.Dv == 0 || d.Lq < 1 || d.Lk < 1) return false;
-  if ((d.Lq + kC - 1) / kC > (1 << 30) || (d.Lk + kC - 1) / kC > (1 << 30)) return false;
+  if (!detail::favor_fused_shapes(d.B * d.H, d.Lq, d.Lk, d.D, d.Dv, d.M, dt)) return false;
   return smem_needed(d, 2) <= max_smem;
 }
 
@@ -1486,15 +1486,26 @@ Params<T> make_params(const detail::FavorDims& d, bool causal, const at::Tensor&
 }
 
 // Buffers and launches shared by forward and backward: key states, stabilisers, scanned states.
+// The stabilisers r, cs and the scanned states hs, hx lie as detail::favor_saved_layout says,
+//   keep == reuse == null: in the workspace `ws`, with a and st (one allocation: each costs host
+//     time that short sequences feel);
+//   keep (forward for autograd): in a new tensor *keep that the backward gets back;
+//   reuse (backward): read from *reuse (never written: a second backward may read it again), with
+//     the gradient scan's output (grad_hs, grad_hx) in `ws`.
+// The rest of ws: a (BH, nk kC) fp32, the key row maxima; st (BH, nk, (M+1) E1p), chunk states.
 template <class T>
 struct Run {
   Params<T> p;
-  at::Tensor q, k, v, W, pad, ws;  // ws: one workspace for a, r, cs, st, hs, hx (see below)
+  at::Tensor q, k, v, W, pad, ws;
   Smem layout[4];
+  T* grad_hs = nullptr;     // where scan(/*grad=*/true) writes dT and G
+  float* grad_hx = nullptr;
 
   Run(const detail::FavorDims& d, bool causal, const at::Tensor& query, const at::Tensor& key,
       const at::Tensor& value, const at::Tensor& projection,
-      const std::optional<at::Tensor>& mask) {
+      const std::optional<at::Tensor>& mask, at::Tensor* keep = nullptr,
+      const at::Tensor* reuse = nullptr) {
+    static_assert(sizeof(T) == 2, "favor_saved_layout is written for 16-bit states");
     q = last_dim_dense(query);
     k = last_dim_dense(key);
     v = last_dim_dense(value);
@@ -1502,28 +1513,40 @@ struct Run {
     if (mask.has_value() && mask->defined()) pad = mask->contiguous();
     p = make_params<T>(d, causal, q, k, v, W, pad);
     for (int kind = 0; kind < 4; ++kind) layout[kind] = smem_layout(kind, p.D, p.M, p.E1p, 2);
-    // One allocation instead of six: each costs host time that short sequences feel.
-    //   a, r (BH, nk kC) fp32: key row maxima and their running max; cs (BH, nk, 4) fp32: chunk
-    //   stabilisers; st (BH, nk, (M+1) E1p): chunk states; hs (BH, nst, M E1p): scanned states;
-    //   hx (BH, nst, E1p) fp32: their extra rows.
-    const int64_t nst = causal ? p.nk : 1, BH = p.BH, ts = sizeof(T);
-    const int64_t sizes[6] = {BH * p.nk * kC * 4, BH * p.nk * kC * 4, BH * p.nk * 4 * 4,
-                              BH * p.nk * static_cast<int64_t>(p.M + 1) * p.E1p * ts,
-                              BH * nst * static_cast<int64_t>(p.M) * p.E1p * ts,
-                              BH * nst * p.E1p * 4};
-    int64_t offs[6], total = 0;
-    for (int i = 0; i < 6; ++i) {
-      offs[i] = total;
-      total += (sizes[i] + 255) / 256 * 256;
+    const detail::FavorSaved sv = detail::favor_saved_layout(d, causal, at::kBFloat16);
+    TORCH_INTERNAL_ASSERT(sv.total > 0);
+    auto round = [](int64_t b) { return (b + 255) / 256 * 256; };
+    const int64_t BH = p.BH, nst = causal ? p.nk : 1;
+    const int64_t a_bytes = round(BH * p.nk * kC * 4);
+    const int64_t st_bytes = round(BH * p.nk * static_cast<int64_t>(p.M + 1) * p.E1p * 2);
+    const at::TensorOptions bytes = query.options().dtype(at::kByte);
+    unsigned char* sbase;  // the saved layout
+    if (reuse) {
+      sbase = static_cast<unsigned char*>(reuse->data_ptr());
+      const int64_t hs_bytes = round(BH * nst * static_cast<int64_t>(p.M) * p.E1p * 2);
+      ws = at::empty({hs_bytes + round(BH * nst * p.E1p * 4)}, bytes);
+      grad_hs = reinterpret_cast<T*>(ws.data_ptr<unsigned char>());
+      grad_hx = reinterpret_cast<float*>(ws.data_ptr<unsigned char>() + hs_bytes);
+    } else {
+      unsigned char* tbase;  // a, st
+      if (keep) {
+        *keep = at::empty({sv.total}, bytes);
+        ws = at::empty({a_bytes + st_bytes}, bytes);
+        sbase = keep->data_ptr<unsigned char>();
+        tbase = ws.data_ptr<unsigned char>();
+      } else {
+        ws = at::empty({round(sv.total) + a_bytes + st_bytes}, bytes);
+        sbase = ws.data_ptr<unsigned char>();
+        tbase = sbase + round(sv.total);
+      }
+      p.a = reinterpret_cast<float*>(tbase);
+      p.st = reinterpret_cast<T*>(tbase + a_bytes);
     }
-    ws = at::empty({total}, query.options().dtype(at::kByte));
-    unsigned char* base = ws.data_ptr<unsigned char>();
-    p.a = reinterpret_cast<float*>(base + offs[0]);
-    p.r = reinterpret_cast<float*>(base + offs[1]);
-    p.cs = reinterpret_cast<float*>(base + offs[2]);
-    p.st = reinterpret_cast<T*>(base + offs[3]);
-    p.hs = reinterpret_cast<T*>(base + offs[4]);
-    p.hx = reinterpret_cast<float*>(base + offs[5]);
+    p.r = reinterpret_cast<float*>(sbase + sv.r);
+    p.cs = reinterpret_cast<float*>(sbase + sv.cs);
+    p.hs = reinterpret_cast<T*>(sbase + sv.hs);
+    p.hx = reinterpret_cast<float*>(sbase + sv.hx);
+    if (!reuse) grad_hs = p.hs, grad_hx = p.hx;  // dT overwrites H, which back1 has finished with
   }
 
   // Forward: the key states p.st (n = nk); backward (grad): the gradient states p.gst (n = nq).
@@ -1532,11 +1555,13 @@ struct Run {
     const int64_t total = p.BH * (ME + p.E1p) / 2;  // one thread per pair of entries
     const int threads = kScanThreads;
     const dim3 grid(static_cast<unsigned>((total + threads - 1) / threads));
-    if (grad) {
+    if (grad) {  // then p.hs, p.hx are dT and G for back2
       auto* kernel = &scan_kernel<T, float>;
-      PANTHER_LAUNCH(kernel, grid, dim3(threads), 0, p.gst, p.cs, p.hs,
-                           p.hx, p.BH, p.nq, p.nk, static_cast<int>(ME), p.E1p, p.causal,
-                           /*reverse=*/true, /*use_kscale=*/false);
+      PANTHER_LAUNCH(kernel, grid, dim3(threads), 0, p.gst, p.cs, grad_hs, grad_hx, p.BH, p.nq,
+                     p.nk, static_cast<int>(ME), p.E1p, p.causal, /*reverse=*/true,
+                     /*use_kscale=*/false);
+      p.hs = grad_hs;
+      p.hx = grad_hx;
     } else {
       auto* kernel = &scan_kernel<T, T>;
       PANTHER_LAUNCH(kernel, grid, dim3(threads), 0, p.st, p.cs, p.hs, p.hx,
@@ -1556,11 +1581,12 @@ struct Run {
 
 }  // namespace host
 
+// saved: when given, receives the stabilisers and scanned states for backward(..., saved).
 template <class T>
 at::Tensor forward(const detail::FavorDims& d, const at::Tensor& query, const at::Tensor& key,
                    const at::Tensor& value, const at::Tensor& projection, bool causal,
-                   const std::optional<at::Tensor>& mask) {
-  host::Run<T> run(d, causal, query, key, value, projection, mask);
+                   const std::optional<at::Tensor>& mask, at::Tensor* saved = nullptr) {
+  host::Run<T> run(d, causal, query, key, value, projection, mask, saved);
   at::Tensor out = detail::favor_output(d, query.options());
   run.p.out = reinterpret_cast<T*>(out.data_ptr());
   run.p.o_sb = out.stride(0), run.p.o_sh = out.stride(1), run.p.o_sl = out.stride(2);
@@ -1574,8 +1600,10 @@ template <class T>
 detail::FavorGrads backward(const detail::FavorDims& d, const at::Tensor& grad_output,
                             const at::Tensor& query, const at::Tensor& key,
                             const at::Tensor& value, const at::Tensor& projection, bool causal,
-                            const std::optional<at::Tensor>& mask, std::array<bool, 4> want) {
-  host::Run<T> run(d, causal, query, key, value, projection, mask);
+                            const std::optional<at::Tensor>& mask, std::array<bool, 4> want,
+                            const at::Tensor* saved = nullptr) {
+  // saved: forward(..., &saved) of the same inputs; its states replace states() here.
+  host::Run<T> run(d, causal, query, key, value, projection, mask, nullptr, saved);
   Params<T>& p = run.p;
   const auto opts = query.options();
   at::Tensor g = host::last_dim_dense(grad_output);
@@ -1601,10 +1629,10 @@ detail::FavorGrads backward(const detail::FavorDims& d, const at::Tensor& grad_o
   p.dk = reinterpret_cast<T*>(dk.data_ptr());
   p.dv = reinterpret_cast<T*>(dv.data_ptr());
   p.dW = want[3] ? dW.data_ptr<float>() : nullptr;
-  run.states();
+  if (!saved) run.states();
   PANTHER_LAUNCH(back1_kernel<T>, dim3(p.nq, p.BH), dim3(kThreads),
                        run.layout[kBack1].total, p);
-  // Gradient states: the reverse scan (causal) or the total (non-causal) of dH, written over H.
+  // Gradient states: the reverse scan (causal) or the total (non-causal) of dH.
   run.scan(/*grad=*/true);
   PANTHER_LAUNCH(back2_kernel<T>, dim3(p.nk, p.BH), dim3(kThreads),
                        run.layout[kBack2].total, p);

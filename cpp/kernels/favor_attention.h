@@ -33,6 +33,47 @@ struct FavorDims {
   FavorKernel kernel;
 };
 
+// The fused CUDA kernels (cuda/favor_fused.cuh) work in chunks of this many positions, with the
+// value dimension plus the denominator column padded to a multiple of 16 (e1p).
+constexpr int64_t kFavorFusedChunk = 64;
+inline int64_t favor_fused_e1p(int64_t Dv) { return (Dv + 1 + 15) / 16 * 16; }
+
+// Whether the fused CUDA kernels take these shapes and this dtype (bf16, head_dim and features
+// multiples of 16, e1p <= 256); the device's shared memory is checked on top (fused::supported).
+inline bool favor_fused_shapes(int64_t BH, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
+                               int64_t M, at::ScalarType dt) {
+  if (dt != at::kBFloat16) return false;
+  if (D % 16 != 0 || M % 16 != 0 || favor_fused_e1p(Dv) > 256) return false;
+  if (BH > 65535 || BH * Dv == 0 || Lq < 1 || Lk < 1) return false;
+  const int64_t c = kFavorFusedChunk;
+  return (Lq + c - 1) / c <= (int64_t{1} << 30) && (Lk + c - 1) / c <= (int64_t{1} << 30);
+}
+
+// What the fused forward keeps for the backward (_favor_attention_forward's second output, one
+// byte tensor): byte offsets of the scanned states hs (BH, nst, M e1p) bf16, the key stabiliser
+// r (BH, nk C) fp32 (causal only: non-causal uses one per head, in cs), the states' extra rows hx
+// (BH, nst, e1p) fp32 and the chunk scalars cs (BH, nk, 4) fp32 (nk chunks; nst = nk causal, 1
+// non-causal). Back to back with no padding, so
+// the kernels write every byte (hs, r, hx are multiples of 64 bytes: each region stays aligned).
+// total is 0 for shapes the fused kernels do not take. Shapes only: the Meta kernel returns the
+// same size as the CUDA one.
+struct FavorSaved {
+  int64_t hs = 0, r = 0, hx = 0, cs = 0, total = 0;
+};
+inline FavorSaved favor_saved_layout(int64_t BH, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
+                                     int64_t M, bool causal, at::ScalarType dt) {
+  FavorSaved s;
+  if (!favor_fused_shapes(BH, Lq, Lk, D, Dv, M, dt)) return s;
+  const int64_t nk = (Lk + kFavorFusedChunk - 1) / kFavorFusedChunk, nst = causal ? nk : 1;
+  const int64_t e1p = favor_fused_e1p(Dv);
+  s.hs = 0;
+  s.r = s.hs + BH * nst * M * e1p * 2;
+  s.hx = s.r + (causal ? BH * nk * kFavorFusedChunk * 4 : 0);
+  s.cs = s.hx + BH * nst * e1p * 4;
+  s.total = s.cs + BH * nk * 4 * 4;
+  return s;
+}
+
 // Validates shapes, dtypes, devices, the kernel string, the mask and causal's Lq == Lk.
 FavorDims check_favor_attention(const char* op, const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& projection,
@@ -67,6 +108,10 @@ at::Tensor favor_forward(const FavorDims& d, const at::Tensor& query, const at::
                          const at::Tensor& value, const at::Tensor& projection, bool causal,
                          const std::optional<at::Tensor>& key_padding_mask, int64_t chunk,
                          ChunkScanFn scan);
+
+inline FavorSaved favor_saved_layout(const FavorDims& d, bool causal, at::ScalarType dt) {
+  return favor_saved_layout(d.B * d.H, d.Lq, d.Lk, d.D, d.Dv, d.M, causal, dt);
+}
 
 using FavorGrads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>,
                               std::optional<at::Tensor>, std::optional<at::Tensor>>;

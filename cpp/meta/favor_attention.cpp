@@ -1,5 +1,6 @@
-// Meta (shape-only) kernels of panther::favor_attention and _favor_attention_backward, used by
-// torch.compile, torch.export and FakeTensor tracing. They run the same checks as the real kernels.
+// Meta (shape-only) kernels of panther::favor_attention, _favor_attention_forward and
+// _favor_attention_backward, used by torch.compile, torch.export and FakeTensor tracing. They run
+// the same checks as the real kernels.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -18,12 +19,23 @@ at::Tensor favor_attention_meta(const at::Tensor& query, const at::Tensor& key,
   return favor_output(d, query.options());
 }
 
+std::tuple<at::Tensor, at::Tensor> favor_attention_forward_meta(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& projection, c10::string_view kernel, bool causal,
+    const std::optional<at::Tensor>& key_padding_mask) {
+  const FavorDims d = check_favor_attention("panther::_favor_attention_forward", query, key, value,
+                                            projection, kernel, causal, key_padding_mask);
+  const int64_t bytes = favor_saved_layout(d, causal, query.scalar_type()).total;
+  return {favor_output(d, query.options()), at::empty({bytes}, query.options().dtype(at::kByte))};
+}
+
 FavorGrads favor_attention_backward_meta(const at::Tensor& grad_output, const at::Tensor& query,
                                          const at::Tensor& key, const at::Tensor& value,
                                          const at::Tensor& projection, c10::string_view kernel,
                                          bool causal,
                                          const std::optional<at::Tensor>& key_padding_mask,
-                                         std::array<bool, 4> output_mask) {
+                                         std::array<bool, 4> output_mask,
+                                         const std::optional<at::Tensor>& /*saved*/) {
   check_favor_attention("panther::_favor_attention_backward", query, key, value, projection,
                         kernel, causal, key_padding_mask);
   FavorGrads out;
@@ -39,5 +51,6 @@ FavorGrads favor_attention_backward_meta(const at::Tensor& grad_output, const at
 
 TORCH_LIBRARY_IMPL(panther, Meta, m) {
   m.impl("favor_attention", &panther::meta::favor_attention_meta);
+  m.impl("_favor_attention_forward", &panther::meta::favor_attention_forward_meta);
   m.impl("_favor_attention_backward", &panther::meta::favor_attention_backward_meta);
 }

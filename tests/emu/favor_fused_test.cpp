@@ -1,7 +1,8 @@
 // Runs the fused CUDA FAVOR+ kernels (cpp/cuda/favor_fused.cuh) on the CPU emulator and compares
 // them with the ATen implementation (kernels/favor_attention.cpp) on the same bf16 inputs:
 // forward output and all four gradients, causal and not, softmax and relu, padded keys, ragged
-// last chunk, non-contiguous inputs. Built and run by scripts/emu_test.sh (no GPU needed).
+// last chunk, non-contiguous inputs; the backward from the states the forward saved must equal
+// the one that recomputes them. Built and run by scripts/emu_test.sh (no GPU needed).
 #include "cuda_emu.h"
 #include "cuda/favor_fused.cuh"
 
@@ -49,12 +50,24 @@ bool run(const Case& c) {
   if (!std::getenv("EMU_FP32_W")) W = W.to(c.dt).to(at::kFloat);
   at::Tensor ref = panther::detail::favor_forward(d, q, k, v, W, c.causal, mask, 64,
                                                   &panther::detail::chunk_scan_cpu);
-  at::Tensor out = panther::fused::forward<c10::BFloat16>(d, q, k, v, W, c.causal, mask);
+  at::Tensor saved;  // what the forward keeps for autograd's backward
+  at::Tensor out = panther::fused::forward<c10::BFloat16>(d, q, k, v, W, c.causal, mask, &saved);
   at::Tensor g = at::randn({c.B, c.H, c.Lq, c.Dv}).to(c.dt);
   std::array<bool, 4> all{true, true, true, true};
   auto gr = panther::detail::favor_backward(d, g, q, k, v, W, c.causal, mask, 64,
                                             &panther::detail::chunk_scan_cpu, all);
   auto gf = panther::fused::backward<c10::BFloat16>(d, g, q, k, v, W, c.causal, mask, all);
+  // The backward from the forward's saved states recomputes nothing differently: bit-identical.
+  // Twice, because it must leave `saved` as it found it.
+  bool same_saved = true;
+  for (int rep = 0; rep < 2; ++rep) {
+    auto gs = panther::fused::backward<c10::BFloat16>(d, g, q, k, v, W, c.causal, mask, all,
+                                                      &saved);
+    same_saved = same_saved && at::equal(*std::get<0>(gs), *std::get<0>(gf)) &&
+                 at::equal(*std::get<1>(gs), *std::get<1>(gf)) &&
+                 at::equal(*std::get<2>(gs), *std::get<2>(gf)) &&
+                 at::equal(*std::get<3>(gs), *std::get<3>(gf));
+  }
   const double tol = 3e-2;
   // At 30x scale the features are nearly one-hot and d out / d phi is a small difference of
   // large bf16 products (Yb H^T): gradients are only good to ~0.2 of their largest entry there.
@@ -65,14 +78,15 @@ bool run(const Case& c) {
   const double e_v = rel_err(*std::get<2>(gf), *std::get<2>(gr));
   const double e_w = rel_err(*std::get<3>(gf), *std::get<3>(gr));
   const bool ok = e_out < tol && e_q < gtol && e_k < gtol && e_v < gtol && e_w < gtol &&
-                  out.isfinite().all().item<bool>();
+                  out.isfinite().all().item<bool>() && same_saved;
   std::printf("%s B=%lld H=%lld Lq=%lld Lk=%lld D=%lld Dv=%lld M=%lld %s %s%s%s scale=%.0f %s: "
-              "out %.2e dq %.2e dk %.2e dv %.2e dW %.2e\n",
+              "out %.2e dq %.2e dk %.2e dv %.2e dW %.2e%s\n",
               ok ? "PASS" : "FAIL", (long long)c.B, (long long)c.H, (long long)c.Lq,
               (long long)c.Lk, (long long)c.D, (long long)c.Dv, (long long)c.M, kern.c_str(),
               c.causal ? "causal" : "full", c.masked ? " masked" : "",
               c.transposed ? " strided" : "", c.scale, c.dt == at::kBFloat16 ? "bf16" : "fp16",
-              e_out, e_q, e_k, e_v, e_w);
+              e_out, e_q, e_k, e_v, e_w,
+              same_saved ? "" : " (backward from saved states differs)");
   return ok;
 }
 }  // namespace
