@@ -14,7 +14,9 @@
 //   scan_kernel:             causal: H_c = sum_{c' < c} (decayed) kscale T'; non-causal: every
 //                   chunk gets the total. Stored in the input dtype for the tensor cores.
 //   forward_kernel  (n, BH): phi, khat, A' = (phi khat^T) o E (+ eps), y = s phi H + A' [v, 1].
-// Backward: states/stab/scan again (or, from autograd, the forward's, kept in `saved`), then
+// Backward: states/stab/scan again (or, from autograd, the forward's, kept in `saved`, where
+// causal calls also keep the features that forward_kernel computed, so back1/back2 load phi and
+// khat instead of computing them), then
 //   back1_kernel    (n, BH): recomputes y, forms Yb = d loss / d [num, den], dq (and its dW part),
 //                   the chunk's gradient state dH_c = phi^T (s Yb); a reverse scan gives dT_c;
 //                   causal: also the intra-chunk parts of dkhat and dv (Wm^T phi, A'^T Yb), which
@@ -98,7 +100,13 @@ struct Params {
                           // intra-chunk parts of dkhat, Wm^T phi (BH, nk*kC, M), and of dv,
                           // A'^T Yb (BH, nk*kC, 16 ceil(Dv/16))
   float* dW;              // (M, D) fp32 accumulator, or null
+  // Causal calls from autograd: kFeatSave, forward_kernel also writes each chunk's features (the
+  // backward's GEMMs need exactly these); kFeatLoad, back1/back2 read them instead of computing.
+  int feat;
+  T *fph, *fkh;           // (BH, nk*kC, M) query features phi, key features khat
+  float* fps;             // (BH, nk*kC) row sums of phi
 };
+enum Feat { kFeatCompute = 0, kFeatSave = 1, kFeatLoad = 2 };
 
 enum Kind { kStates = 0, kForward = 1, kBack1 = 2, kBack2 = 3 };
 
@@ -1044,6 +1052,27 @@ __device__ void y_tiles(const Params<T>& p, Blk<T>& k, F&& f) {
   }
 }
 
+// First row of this chunk in the saved features (fph, fkh, fps).
+template <class T>
+__device__ __forceinline__ int64_t feat_row0(const Params<T>& p, const Blk<T>& k) {
+  return (static_cast<int64_t>(k.bh) * p.nk + k.chunk) * kC;
+}
+
+// forward_kernel under kFeatSave: phi, its row sums and khat of this chunk (all kC rows, as the
+// backward's GEMMs use them) to the saved tensor, 16 bytes per store. No barrier: the buffers are
+// only read from here on.
+template <class T>
+__device__ void save_features(const Params<T>& p, const Blk<T>& k) {
+  const int64_t r0 = feat_row0(p, k);
+  const int vpr = p.M / 8;  // 16-byte vectors per row (M is a multiple of 16)
+  for (int idx = threadIdx.x; idx < kC * vpr; idx += kThreads) {
+    const int i = idx / vpr, c = (idx - i * vpr) * 8;
+    mma::copy16(p.fph + (r0 + i) * p.M + c, k.phi + i * k.lm + c);
+    mma::copy16(p.fkh + (r0 + i) * p.M + c, k.kh + i * k.lm + c);
+  }
+  for (int i = threadIdx.x; i < kC; i += kThreads) p.fps[r0 + i] = k.phisum[i];
+}
+
 // The start of forward_kernel and back1_kernel: this chunk's query features, H, and (causal)
 // [v, 1], the key features and A'; with_g also loads g into k.ys (zero rows past the end).
 // cp.async groups: {W, q}, then {H, g, v} (filled while the query features are computed), then
@@ -1051,6 +1080,26 @@ __device__ void y_tiles(const Params<T>& p, Blk<T>& k, F&& f) {
 // every copy has landed on return.
 template <class T>
 __device__ void query_chunk_start(const Params<T>& p, Blk<T>& k, bool with_g) {
+  if (p.feat == kFeatLoad) {  // (causal back1) the forward's features: no feature GEMMs
+    const int64_t r0 = feat_row0(p, k);
+    copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);  // for dq = dpre W
+    copy_rows_async(k.phi, k.lm, p.fph + r0 * p.M, p.M, kC, kC, p.M);
+    copy_rows_async(k.kh, k.lm, p.fkh + r0 * p.M, p.M, kC, kC, p.M);
+    load_state(p, k, /*async=*/true);
+    if (with_g)
+      copy_rows_async(k.ys, k.le,
+                      p.g + k.b * p.g_sb + k.hd * p.g_sh + static_cast<int64_t>(k.row0) * p.g_sl,
+                      p.g_sl, k.rows, kC, p.Dv);
+    issue_values(p, k);
+    async_commit();
+    load_stab(p, k, /*query_side_only=*/true);
+    key_valid(p, k);
+    for (int i = threadIdx.x; i < kC; i += kThreads) k.phisum[i] = p.fps[r0 + i];
+    async_wait<0>();
+    fix_values(p, k);
+    attn_block(p, k);
+    return;
+  }
   copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);
   issue_x(p, k, /*keys=*/false);
   async_commit();
@@ -1086,6 +1135,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params<T> p) {
   const Smem L = smem_layout(kForward, p.D, p.M, p.E1p, sizeof(T));
   Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lq);
   query_chunk_start(p, k, /*with_g=*/false);
+  if (p.feat == kFeatSave) save_features(p, k);
   float* Y = k.y;
   const int E1p = p.E1p;
   y_tiles(p, k, [&](int i, int e, float y) { Y[i * E1p + e] = y; });
@@ -1335,9 +1385,12 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
   const int E1p = p.E1p, Dv = p.Dv, rr = k.lane >> 1, c0 = (k.lane & 1) * 8;
   const int CT = p.M / 16, ET = E1p / 16, DvT = (Dv + 15) / 16;
   const int64_t row = static_cast<int64_t>(k.bh) * p.nk * kC + k.row0;  // in dkp, dvp
-  // cp.async groups: {W, keys}, then {dT, v} (filled while the key features are computed).
+  // cp.async groups: {W, keys (or the forward's key features)}, then {dT, v} (filled while the
+  // key features are computed).
+  const bool load_feat = p.feat == kFeatLoad;
   copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);
-  issue_x(p, k, /*keys=*/true);
+  if (load_feat) copy_rows_async(k.kh, k.lm, p.fkh + feat_row0(p, k) * p.M, p.M, kC, kC, p.M);
+  else issue_x(p, k, /*keys=*/true);
   async_commit();
   load_state(p, k, /*async=*/true);  // dT_c and G_c
   issue_values(p, k);
@@ -1345,8 +1398,10 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
   load_stab(p, k, /*query_side_only=*/false);
   key_valid(p, k);
   async_wait<1>();  // W, keys
-  x_norms(p, k);
-  key_features(p, k);
+  if (!load_feat) {
+    x_norms(p, k);
+    key_features(p, k);
+  }
   async_wait<0>();  // dT, v
   fix_values(p, k);
   __syncthreads();
@@ -1486,7 +1541,8 @@ Params<T> make_params(const detail::FavorDims& d, bool causal, const at::Tensor&
 }
 
 // Buffers and launches shared by forward and backward: key states, stabilisers, scanned states.
-// The stabilisers r, cs and the scanned states hs, hx lie as detail::favor_saved_layout says,
+// The stabilisers r, cs and the scanned states hs, hx (and, for autograd's causal calls, the
+// features) lie as detail::favor_saved_layout says,
 //   keep == reuse == null: in the workspace `ws`, with a and st (one allocation: each costs host
 //     time that short sequences feel);
 //   keep (forward for autograd): in a new tensor *keep that the backward gets back;
@@ -1513,7 +1569,9 @@ struct Run {
     if (mask.has_value() && mask->defined()) pad = mask->contiguous();
     p = make_params<T>(d, causal, q, k, v, W, pad);
     for (int kind = 0; kind < 4; ++kind) layout[kind] = smem_layout(kind, p.D, p.M, p.E1p, 2);
-    const detail::FavorSaved sv = detail::favor_saved_layout(d, causal, at::kBFloat16);
+    // The features are kept only for autograd: forward(..., saved) and backward(..., saved).
+    const detail::FavorSaved sv =
+        detail::favor_saved_layout(d, causal, at::kBFloat16, /*features=*/keep || reuse);
     TORCH_INTERNAL_ASSERT(sv.total > 0);
     auto round = [](int64_t b) { return (b + 255) / 256 * 256; };
     const int64_t BH = p.BH, nst = causal ? p.nk : 1;
@@ -1547,6 +1605,12 @@ struct Run {
     p.hs = reinterpret_cast<T*>(sbase + sv.hs);
     p.hx = reinterpret_cast<float*>(sbase + sv.hx);
     if (!reuse) grad_hs = p.hs, grad_hx = p.hx;  // dT overwrites H, which back1 has finished with
+    p.feat = !causal ? kFeatCompute : keep ? kFeatSave : reuse ? kFeatLoad : kFeatCompute;
+    if (p.feat != kFeatCompute) {
+      p.fph = reinterpret_cast<T*>(sbase + sv.ph);
+      p.fkh = reinterpret_cast<T*>(sbase + sv.kf);
+      p.fps = reinterpret_cast<float*>(sbase + sv.ps);
+    }
   }
 
   // Forward: the key states p.st (n = nk); backward (grad): the gradient states p.gst (n = nq).

@@ -50,25 +50,33 @@ inline bool favor_fused_shapes(int64_t BH, int64_t Lq, int64_t Lk, int64_t D, in
 }
 
 // What the fused forward keeps for the backward (_favor_attention_forward's second output, one
-// byte tensor): byte offsets of the scanned states hs (BH, nst, M e1p) bf16, the key stabiliser
-// r (BH, nk C) fp32 (causal only: non-causal uses one per head, in cs), the states' extra rows hx
-// (BH, nst, e1p) fp32 and the chunk scalars cs (BH, nk, 4) fp32 (nk chunks; nst = nk causal, 1
-// non-causal). Back to back with no padding, so
-// the kernels write every byte (hs, r, hx are multiples of 64 bytes: each region stays aligned).
-// total is 0 for shapes the fused kernels do not take. Shapes only: the Meta kernel returns the
-// same size as the CUDA one.
+// byte tensor), as byte offsets: the scanned states hs (BH, nst, M e1p) bf16; causal calls also
+// keep every chunk's features, query phi (BH, nk C, M) bf16 with its row sums ps (BH, nk C) fp32
+// and key khat (BH, nk C, M) bf16, and the key stabiliser r (BH, nk C) fp32 (non-causal calls
+// use one per head, in cs); then the states' extra rows hx (BH, nst, e1p) fp32 and the chunk
+// scalars cs (BH, nk, 4) fp32 (nk chunks of C; nst = nk causal, 1 non-causal). Back to back with
+// no padding, so the kernels write every byte (all but the last are multiples of 64 bytes: each
+// region stays aligned). total is 0 for shapes the fused kernels do not take. Shapes only: the
+// Meta kernel returns the same size as the CUDA one.
 struct FavorSaved {
-  int64_t hs = 0, r = 0, hx = 0, cs = 0, total = 0;
+  int64_t hs = 0, ph = 0, kf = 0, r = 0, ps = 0, hx = 0, cs = 0, total = 0;
 };
+// (features = false: the same without phi, ps and khat, for the fused kernels' own workspace.)
 inline FavorSaved favor_saved_layout(int64_t BH, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
-                                     int64_t M, bool causal, at::ScalarType dt) {
+                                     int64_t M, bool causal, at::ScalarType dt,
+                                     bool features = true) {
   FavorSaved s;
   if (!favor_fused_shapes(BH, Lq, Lk, D, Dv, M, dt)) return s;
   const int64_t nk = (Lk + kFavorFusedChunk - 1) / kFavorFusedChunk, nst = causal ? nk : 1;
+  const int64_t rows = causal ? BH * nk * kFavorFusedChunk : 0;  // causal: Lq == Lk
+  const int64_t frows = features ? rows : 0;
   const int64_t e1p = favor_fused_e1p(Dv);
   s.hs = 0;
-  s.r = s.hs + BH * nst * M * e1p * 2;
-  s.hx = s.r + (causal ? BH * nk * kFavorFusedChunk * 4 : 0);
+  s.ph = s.hs + BH * nst * M * e1p * 2;
+  s.kf = s.ph + frows * M * 2;
+  s.r = s.kf + frows * M * 2;
+  s.ps = s.r + rows * 4;
+  s.hx = s.ps + frows * 4;
   s.cs = s.hx + BH * nst * e1p * 4;
   s.total = s.cs + BH * nk * 4 * 4;
   return s;
@@ -109,8 +117,9 @@ at::Tensor favor_forward(const FavorDims& d, const at::Tensor& query, const at::
                          const std::optional<at::Tensor>& key_padding_mask, int64_t chunk,
                          ChunkScanFn scan);
 
-inline FavorSaved favor_saved_layout(const FavorDims& d, bool causal, at::ScalarType dt) {
-  return favor_saved_layout(d.B * d.H, d.Lq, d.Lk, d.D, d.Dv, d.M, causal, dt);
+inline FavorSaved favor_saved_layout(const FavorDims& d, bool causal, at::ScalarType dt,
+                                     bool features = true) {
+  return favor_saved_layout(d.B * d.H, d.Lq, d.Lk, d.D, d.Dv, d.M, causal, dt, features);
 }
 
 using FavorGrads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>,
