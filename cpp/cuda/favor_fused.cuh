@@ -511,6 +511,26 @@ __device__ __forceinline__ void combine_rows(const float* red, float* out, bool 
   __syncthreads();
 }
 
+// Column sums over the kC rows of a shared (kC x E1p, leading dim ld) matrix: calls
+// put(e, sum_i wt(i) m[i][e]) for every e < E1p, from lane e % 8 of the warp that owns e (the
+// other lanes of that warp hold the same sum). A warp takes 8 columns at a time (E1p / 8 units,
+// warps striding over them); its 4 lane groups of 8 each sum every fourth row, then two shuffles
+// combine them. No barrier; every lane of a warp takes the same trips (the shuffles).
+template <class T, class Wt, class Put>
+__device__ __forceinline__ void col_sums(const T* m, int ld, int E1p, int warp, int lane, Wt&& wt,
+                                         Put&& put) {
+  const int c = lane & 7, rg = lane >> 3;
+  for (int u = warp; u < E1p / 8; u += kWarps) {
+    const int e = u * 8 + c;
+    float s = 0.f;
+#pragma unroll 4
+    for (int i = rg; i < kC; i += 4) s += wt(i) * Cvt<T>::f(m[i * ld + e]);
+    s += __shfl_xor_sync(0xffffffffu, s, 8);
+    s += __shfl_xor_sync(0xffffffffu, s, 16);
+    if (rg == 0) put(e, s);
+  }
+}
+
 // ---- Register-level fragments (mma.cuh; g = lane / 4, t = lane % 4), used by states_kernel.
 
 __device__ __forceinline__ float quad_max(float x) {  // over the 4 lanes of a quad (same g)
@@ -839,11 +859,10 @@ __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
             u);
     }
   }
-  for (int e = threadIdx.x; e < p.E1p; e += kThreads) {
-    float s = 0.f;
-    for (int j = 0; j < kC; ++j) s += Cvt<T>::f(k.v[j * k.le + e]);
-    out[static_cast<int64_t>(p.M) * p.E1p + e] = Cvt<T>::t(s);
-  }
+  // The chunk's sum of [v, 1] over its kC rows (all warps: see col_sums).
+  T* out_x = out + static_cast<int64_t>(p.M) * p.E1p;
+  col_sums(k.v, k.le, p.E1p, k.warp, k.lane, [](int) { return 1.f; },
+           [&](int e, float s) { out_x[e] = Cvt<T>::t(s); });
 }
 
 // Key stabiliser per position and chunk scalars. grid (BH), block 1024.
@@ -1154,6 +1173,11 @@ template <class T>
 __device__ void input_grad(const Params<T>& p, Blk<T>& k, const T* dpre, const T* x, int64_t sl,
                            T* dx) {
   const int DT = p.D / 16, rr = k.lane >> 1, c0 = (k.lane & 1) * 8;
+  // 16-byte loads of x and stores of dx (8 values of a lane) when every row start of both is
+  // 16-byte aligned (dx is dense with D % 16 == 0: its base decides); else element by element.
+  constexpr int kE = 16 / sizeof(T);
+  const bool vec = sl % kE == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(dx) % 16 == 0;
   Acc acc;
   float v[8];
   for (int t = k.warp; t < kRT * DT; t += kWarps) {
@@ -1165,6 +1189,17 @@ __device__ void input_grad(const Params<T>& p, Blk<T>& k, const T* dpre, const T
     if (i < k.rows) {
       const T* xr = x + static_cast<int64_t>(i) * sl + dt * 16 + c0;
       T* dr = dx + static_cast<int64_t>(i) * p.D + dt * 16 + c0;
+      if (vec) {
+        if (p.softmax) {
+          float xv[8];
+          load8(xr, xv);
+          const float rsx = k.rs[i] * p.xscale;
+#pragma unroll
+          for (int q = 0; q < 8; ++q) v[q] = (v[q] - rsx * xv[q]) * p.xscale;
+        }
+        store8(dr, v);
+        continue;
+      }
 #pragma unroll
       for (int q = 0; q < 8; ++q) {
         const float g = p.softmax
@@ -1299,10 +1334,11 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
     wmma::store_matrix_sync(dst + static_cast<int64_t>(mt) * 16 * E1p + et * 16, acc, E1p,
                             wmma::mem_row_major);
   }
-  for (int e = threadIdx.x; e < E1p; e += kThreads) {
-    float s = 0.f;
-    for (int i = 0; i < kC; ++i) s += k.phisum[i] * Cvt<T>::f(k.yb[i * k.le + e]);
-    dst[static_cast<int64_t>(p.M) * E1p + e] = s;
+  {  // the extra row (all warps: see col_sums)
+    float* dst_x = dst + static_cast<int64_t>(p.M) * E1p;
+    const float* phisum = k.phisum;
+    col_sums(k.yb, k.le, E1p, k.warp, k.lane, [&](int i) { return phisum[i]; },
+             [&](int e, float s) { dst_x[e] = s; });
   }
   // yc_i = ek Yb_i . (sum of [v, 1] over keys j <= i) (the eps part of dphi).
   if (p.causal) {
@@ -1336,10 +1372,12 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
     for (int i = threadIdx.x; i < kC; i += kThreads) k.yc[i] = 0.f;
     __syncthreads();
   }
-  for (int i = threadIdx.x; i < kC; i += kThreads) {
+  // yc_i = ek (yc_i + Yb_i . extra): warp w takes rows w, w + kWarps, ..., its lanes stride over e.
+  for (int i = k.warp; i < kC; i += kWarps) {
     float s = 0.f;
-    for (int e = 0; e < E1p; ++e) s += Cvt<T>::f(k.yb[i * k.le + e]) * k.extra[e];
-    k.yc[i] = p.ek * (k.yc[i] + s);
+    for (int e = k.lane; e < E1p; e += 32) s += Cvt<T>::f(k.yb[i * k.le + e]) * k.extra[e];
+    s = warp_sum(s);
+    if (k.lane == 0) k.yc[i] = p.ek * (k.yc[i] + s);
   }
   __syncthreads();
   const float ek_t = Cvt<T>::f(Cvt<T>::t(p.ek));
@@ -1419,12 +1457,22 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
       if (p.causal && et < DvT) load8f(p.dvp + (row + j) * (16 * DvT) + et * 16 + c0, v2);
       else zero8(v2);
       if (j < k.rows) {
+        const int e0 = et * 16 + c0;
+        if (Dv % 8 == 0) {  // the 8 columns are all < Dv or all past it; one 16-byte store
+          if (e0 < Dv) {
 #pragma unroll
-        for (int q = 0; q < 8; ++q) {
-          const int e = et * 16 + c0 + q;
-          if (e < Dv)
-            dv[j * Dv + e] =
-                Cvt<T>::t((k.kfac[j] * v1[q] + v2[q] + p.ek * k.extra[e]) * k.valid[j]);
+            for (int q = 0; q < 8; ++q)
+              v1[q] = (k.kfac[j] * v1[q] + v2[q] + p.ek * k.extra[e0 + q]) * k.valid[j];
+            store8(dv + j * Dv + e0, v1);
+          }
+        } else {
+#pragma unroll
+          for (int q = 0; q < 8; ++q) {
+            const int e = e0 + q;
+            if (e < Dv)
+              dv[j * Dv + e] =
+                  Cvt<T>::t((k.kfac[j] * v1[q] + v2[q] + p.ek * k.extra[e]) * k.valid[j]);
+          }
         }
       }
     }
