@@ -60,6 +60,7 @@ constexpr int kGroups = kWarps / kRT;  // warps sharing a row tile (row partials
 constexpr int kPad = 8;               // shared leading dimensions: cols + kPad (see smem_layout)
 constexpr int kLC = kC + kPad;
 constexpr int kMaxE1p = 256;           // value dim + 1, padded to 16, at most this
+constexpr int kSavedOutMaxDv = 64;     // largest value dim whose y / den the forward keeps
 constexpr int kVecFloats = 16 * kC + kMaxE1p;
 static_assert(6 + kGroups <= 10, "Blk's per-row vectors: red[] holds kGroups rows of kC");
 
@@ -100,11 +101,14 @@ struct Params {
                           // intra-chunk parts of dkhat, Wm^T phi (BH, nk*kC, M), and of dv,
                           // A'^T Yb (BH, nk*kC, 16 ceil(Dv/16))
   float* dW;              // (M, D) fp32 accumulator, or null
-  // Causal calls from autograd: kFeatSave, forward_kernel also writes each chunk's features (the
-  // backward's GEMMs need exactly these); kFeatLoad, back1/back2 read them instead of computing.
+  // Causal calls from autograd: kFeatSave, forward_kernel also writes each chunk's features, A',
+  // output and denominators (the backward's GEMMs need exactly these); kFeatLoad, back1/back2
+  // read them instead of computing features, A' and y again.
   int feat;
   T *fph, *fkh;           // (BH, nk*kC, M) query features phi, key features khat
-  float* fps;             // (BH, nk*kC) row sums of phi
+  T* fsa;                 // (BH, nk, kC*kC) A'
+  float* fyo;             // (BH, nk*kC, Dv) y / den before rounding, or null (Dv > 64)
+  float *fps, *fdn;       // (BH, nk*kC) row sums of phi, denominators (with fyo)
 };
 enum Feat { kFeatCompute = 0, kFeatSave = 1, kFeatLoad = 2 };
 
@@ -274,7 +278,7 @@ __device__ __forceinline__ float warp_sum(float x) {
 template <class T>
 struct Blk {
   T *w, *x, *kh, *v, *phi, *s, *h, *gm, *yb, *ys;
-  float *stage, *y;
+  float *stage, *stage0, *y;  // stage: this warp's 256 floats of stage0
   // per-row vectors (kC each) and one E1p vector
   float *hn, *r, *si, *valid, *phisum, *rowc, *red, *rs, *kfac, *den, *gn, *yc, *extra;
   float* scal;  // chunk scalars: P, R, alpha, kscale
@@ -301,7 +305,8 @@ __device__ Blk<T> make_blk(const Params<T>& p, unsigned char* base, const Smem& 
   k.yb = reinterpret_cast<T*>(base + L.yb);
   k.ys = reinterpret_cast<T*>(base + L.ys);
   k.y = reinterpret_cast<float*>(base + L.y);
-  k.stage = reinterpret_cast<float*>(base + L.stage) + (threadIdx.x >> 5) * 256;
+  k.stage0 = reinterpret_cast<float*>(base + L.stage);
+  k.stage = k.stage0 + (threadIdx.x >> 5) * 256;
   float* vec = reinterpret_cast<float*>(base + L.vec);
   k.hn = vec;
   k.r = vec + kC;
@@ -1077,9 +1082,9 @@ __device__ __forceinline__ int64_t feat_row0(const Params<T>& p, const Blk<T>& k
   return (static_cast<int64_t>(k.bh) * p.nk + k.chunk) * kC;
 }
 
-// forward_kernel under kFeatSave: phi, its row sums and khat of this chunk (all kC rows, as the
-// backward's GEMMs use them) to the saved tensor, 16 bytes per store. No barrier: the buffers are
-// only read from here on.
+// forward_kernel under kFeatSave: phi, its row sums, khat and A' of this chunk (all kC rows, as
+// the backward's GEMMs use them) to the saved tensor, 16 bytes per store. No barrier: the buffers
+// are only read from here on.
 template <class T>
 __device__ void save_features(const Params<T>& p, const Blk<T>& k) {
   const int64_t r0 = feat_row0(p, k);
@@ -1088,6 +1093,10 @@ __device__ void save_features(const Params<T>& p, const Blk<T>& k) {
     const int i = idx / vpr, c = (idx - i * vpr) * 8;
     mma::copy16(p.fph + (r0 + i) * p.M + c, k.phi + i * k.lm + c);
     mma::copy16(p.fkh + (r0 + i) * p.M + c, k.kh + i * k.lm + c);
+  }
+  for (int idx = threadIdx.x; idx < kC * kC / 8; idx += kThreads) {
+    const int i = idx / (kC / 8), c = (idx % (kC / 8)) * 8;
+    mma::copy16(p.fsa + (r0 + i) * kC + c, k.s + i * kLC + c);
   }
   for (int i = threadIdx.x; i < kC; i += kThreads) p.fps[r0 + i] = k.phisum[i];
 }
@@ -1099,7 +1108,7 @@ __device__ void save_features(const Params<T>& p, const Blk<T>& k) {
 // every copy has landed on return.
 template <class T>
 __device__ void query_chunk_start(const Params<T>& p, Blk<T>& k, bool with_g) {
-  if (p.feat == kFeatLoad) {  // (causal back1) the forward's features: no feature GEMMs
+  if (p.feat == kFeatLoad) {  // (causal back1) the forward's features, A', output: no GEMMs
     const int64_t r0 = feat_row0(p, k);
     copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);  // for dq = dpre W
     copy_rows_async(k.phi, k.lm, p.fph + r0 * p.M, p.M, kC, kC, p.M);
@@ -1110,13 +1119,21 @@ __device__ void query_chunk_start(const Params<T>& p, Blk<T>& k, bool with_g) {
                       p.g + k.b * p.g_sb + k.hd * p.g_sh + static_cast<int64_t>(k.row0) * p.g_sl,
                       p.g_sl, k.rows, kC, p.Dv);
     issue_values(p, k);
+    copy_rows_async(k.s, kLC, p.fsa + r0 * kC, kC, kC, kC, kC);
+    if (with_g && p.fyo) {  // the forward's y / den (fp32, kC x Dv dense) into k.stage: bytes
+      static_assert(kWarps * 256 >= kC * kSavedOutMaxDv, "k.stage0 holds kC x Dv floats");
+      const T* src = reinterpret_cast<const T*>(p.fyo + r0 * p.Dv);
+      copy_rows_async(reinterpret_cast<T*>(k.stage0), 2 * p.Dv, src, 2 * p.Dv, kC, kC, 2 * p.Dv);
+    }
     async_commit();
     load_stab(p, k, /*query_side_only=*/true);
     key_valid(p, k);
-    for (int i = threadIdx.x; i < kC; i += kThreads) k.phisum[i] = p.fps[r0 + i];
+    for (int i = threadIdx.x; i < kC; i += kThreads) {
+      k.phisum[i] = p.fps[r0 + i];
+      if (p.fyo) k.den[i] = p.fdn[r0 + i];
+    }
     async_wait<0>();
     fix_values(p, k);
-    attn_block(p, k);
     return;
   }
   copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);
@@ -1160,10 +1177,17 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params<T> p) {
   y_tiles(p, k, [&](int i, int e, float y) { Y[i * E1p + e] = y; });
   __syncthreads();
   T* out = p.out + k.b * p.o_sb + k.hd * p.o_sh + static_cast<int64_t>(k.row0) * p.o_sl;
-  for (int i = k.warp; i < k.rows; i += kWarps) {
+  const bool save = p.feat == kFeatSave && p.fyo;
+  const int64_t r0 = save ? feat_row0(p, k) : 0;
+  for (int i = k.warp; i < (save ? kC : k.rows); i += kWarps) {  // (saved: every row is written)
     const float den = Y[i * E1p + p.Dv];
     const float inv = den == 0.f ? 0.f : 1.f / den;
-    for (int e = k.lane; e < p.Dv; e += 32) out[i * p.o_sl + e] = Cvt<T>::t(Y[i * E1p + e] * inv);
+    for (int e = k.lane; e < p.Dv; e += 32) {
+      const float o = Y[i * E1p + e] * inv;
+      if (i < k.rows) out[i * p.o_sl + e] = Cvt<T>::t(o);
+      if (save) p.fyo[(r0 + i) * p.Dv + e] = o;
+    }
+    if (save && k.lane == 0) p.fdn[r0 + i] = den;
   }
 }
 
@@ -1296,7 +1320,18 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
   query_chunk_start(p, k, /*with_g=*/true);  // g into k.ys
   // y per row: den and g . num (row partials across the two warp halves). g sits in k.ys
   // (loaded at the start) until Yb replaces it.
-  {
+  if (p.feat == kFeatLoad && p.fyo) {
+    // From the forward: den (loaded into k.den) and y / den (fp32, in k.stage0): g . num =
+    // den (g . y / den), one warp per row.
+    for (int i = k.warp; i < kC; i += kWarps) {
+      float acc = 0.f;
+      for (int e = k.lane; e < Dv; e += 32)
+        acc += Cvt<T>::f(k.ys[i * k.le + e]) * k.stage0[i * Dv + e];
+      acc = warp_sum(acc);
+      if (k.lane == 0) k.gn[i] = k.den[i] * acc;
+    }
+    __syncthreads();
+  } else {
     float gn = 0.f;
     const int rt = k.warp % kRT, i = rt * 16 + rr;
     y_tiles(p, k, [&](int ii, int e, float y) {
@@ -1528,6 +1563,7 @@ namespace panther::fused {
 using ::panther::max_smem_optin;
 
 static_assert(kC == detail::kFavorFusedChunk, "favor_saved_layout's chunk size");
+static_assert(kSavedOutMaxDv == detail::kFavorSavedOutMaxDv, "favor_saved_layout's yo");
 inline int e1p_of(int64_t Dv) { return static_cast<int>(detail::favor_fused_e1p(Dv)); }
 
 // Shared memory the largest kernel needs (bytes).
@@ -1657,7 +1693,10 @@ struct Run {
     if (p.feat != kFeatCompute) {
       p.fph = reinterpret_cast<T*>(sbase + sv.ph);
       p.fkh = reinterpret_cast<T*>(sbase + sv.kf);
+      p.fsa = reinterpret_cast<T*>(sbase + sv.sa);
+      p.fyo = sv.r > sv.yo ? reinterpret_cast<float*>(sbase + sv.yo) : nullptr;
       p.fps = reinterpret_cast<float*>(sbase + sv.ps);
+      p.fdn = reinterpret_cast<float*>(sbase + sv.dn);
     }
   }
 

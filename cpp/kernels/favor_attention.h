@@ -52,16 +52,20 @@ inline bool favor_fused_shapes(int64_t BH, int64_t Lq, int64_t Lk, int64_t D, in
 // What the fused forward keeps for the backward (_favor_attention_forward's second output, one
 // byte tensor), as byte offsets: the scanned states hs (BH, nst, M e1p) bf16; causal calls also
 // keep every chunk's features, query phi (BH, nk C, M) bf16 with its row sums ps (BH, nk C) fp32
-// and key khat (BH, nk C, M) bf16, and the key stabiliser r (BH, nk C) fp32 (non-causal calls
-// use one per head, in cs); then the states' extra rows hx (BH, nst, e1p) fp32 and the chunk
-// scalars cs (BH, nk, 4) fp32 (nk chunks of C; nst = nk causal, 1 non-causal). Back to back with
-// no padding, so the kernels write every byte (all but the last are multiples of 64 bytes: each
-// region stays aligned). total is 0 for shapes the fused kernels do not take. Shapes only: the
+// and key khat (BH, nk C, M) bf16, its C x C block A' sa (BH, nk, C C) bf16, when Dv <= 64 its
+// output before rounding yo (BH, nk C, Dv) fp32 and denominators dn (BH, nk C) fp32, and the key
+// stabiliser r (BH, nk C)
+// fp32 (non-causal calls use one per head, in cs); then the states' extra rows hx (BH, nst, e1p)
+// fp32 and the chunk scalars cs (BH, nk, 4) fp32 (nk chunks of C; nst = nk causal, 1
+// non-causal). Back to back with no padding, so the kernels write every byte (all but the last
+// are multiples of 64 bytes: each region stays aligned). total is 0 for shapes the fused kernels do not take. Shapes only: the
 // Meta kernel returns the same size as the CUDA one.
+constexpr int64_t kFavorSavedOutMaxDv = 64;  // (the backward stages C x Dv fp32 in 16 KB)
 struct FavorSaved {
-  int64_t hs = 0, ph = 0, kf = 0, r = 0, ps = 0, hx = 0, cs = 0, total = 0;
+  int64_t hs = 0, ph = 0, kf = 0, sa = 0, yo = 0, r = 0, ps = 0, dn = 0, hx = 0, cs = 0, total = 0;
 };
-// (features = false: the same without phi, ps and khat, for the fused kernels' own workspace.)
+// (features = false: the same without the per-chunk features, A', output and denominators, for
+// the fused kernels' own workspace.)
 inline FavorSaved favor_saved_layout(int64_t BH, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
                                      int64_t M, bool causal, at::ScalarType dt,
                                      bool features = true) {
@@ -70,13 +74,17 @@ inline FavorSaved favor_saved_layout(int64_t BH, int64_t Lq, int64_t Lk, int64_t
   const int64_t nk = (Lk + kFavorFusedChunk - 1) / kFavorFusedChunk, nst = causal ? nk : 1;
   const int64_t rows = causal ? BH * nk * kFavorFusedChunk : 0;  // causal: Lq == Lk
   const int64_t frows = features ? rows : 0;
+  const int64_t yrows = Dv <= kFavorSavedOutMaxDv ? frows : 0;
   const int64_t e1p = favor_fused_e1p(Dv);
   s.hs = 0;
   s.ph = s.hs + BH * nst * M * e1p * 2;
   s.kf = s.ph + frows * M * 2;
-  s.r = s.kf + frows * M * 2;
+  s.sa = s.kf + frows * M * 2;
+  s.yo = s.sa + frows * kFavorFusedChunk * 2;
+  s.r = s.yo + yrows * Dv * 4;
   s.ps = s.r + rows * 4;
-  s.hx = s.ps + frows * 4;
+  s.dn = s.ps + frows * 4;
+  s.hx = s.dn + yrows * 4;
   s.cs = s.hx + BH * nst * e1p * 4;
   s.total = s.cs + BH * nk * 4 * 4;
   return s;

@@ -1,14 +1,16 @@
 // Runs the fused CUDA FAVOR+ kernels (cpp/cuda/favor_fused.cuh) on the CPU emulator and compares
 // them with the ATen implementation (kernels/favor_attention.cpp) on the same bf16 inputs:
 // forward output and all four gradients, causal and not, softmax and relu, padded keys, ragged
-// last chunk, non-contiguous inputs; the backward from the states the forward saved must equal
-// the one that recomputes them. Built and run by scripts/emu_test.sh (no GPU needed).
+// last chunk, non-contiguous inputs; the backward from what the forward saved must match the one
+// that recomputes it. Built and run by scripts/emu_test.sh (no GPU needed).
 #include "cuda_emu.h"
 #include "cuda/favor_fused.cuh"
 
 #include <ATen/ATen.h>
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <string>
 
 #include "kernels/favor_attention.h"
@@ -57,17 +59,31 @@ bool run(const Case& c) {
   auto gr = panther::detail::favor_backward(d, g, q, k, v, W, c.causal, mask, 64,
                                             &panther::detail::chunk_scan_cpu, all);
   auto gf = panther::fused::backward<c10::BFloat16>(d, g, q, k, v, W, c.causal, mask, all);
-  // The backward from the forward's saved states recomputes nothing differently: bit-identical.
-  // Twice, because it must leave `saved` as it found it.
+  // The backward from what the forward saved. Non-causal: only the states, which it would
+  // compute the same way: bit-identical. Causal: also the features, A', the output and den; it
+  // takes g . num as den (g . out) from the bf16 output instead of the fp32 y, which moves the
+  // gradients by about bf16 rounding (compared to the recomputing backward within 1e-2 of the
+  // largest entry, well inside the reference tolerance). Twice, bit for bit: it must leave
+  // `saved` as it found it.
   bool same_saved = true;
+  double e_saved = 0;
+  std::optional<panther::detail::FavorGrads> first;
   for (int rep = 0; rep < 2; ++rep) {
     auto gs = panther::fused::backward<c10::BFloat16>(d, g, q, k, v, W, c.causal, mask, all,
                                                       &saved);
-    same_saved = same_saved && at::equal(*std::get<0>(gs), *std::get<0>(gf)) &&
-                 at::equal(*std::get<1>(gs), *std::get<1>(gf)) &&
-                 at::equal(*std::get<2>(gs), *std::get<2>(gf)) &&
-                 at::equal(*std::get<3>(gs), *std::get<3>(gf));
+    for (int i = 0; i < 4; ++i) {
+      auto pick = [i](const panther::detail::FavorGrads& t) {
+        return i == 0 ? *std::get<0>(t) : i == 1 ? *std::get<1>(t) : i == 2 ? *std::get<2>(t)
+                                                                            : *std::get<3>(t);
+      };
+      const at::Tensor a = pick(gs), b = pick(gf);
+      if (!c.causal) same_saved = same_saved && at::equal(a, b);
+      e_saved = std::max(e_saved, rel_err(a, b));
+      if (first) same_saved = same_saved && at::equal(a, pick(*first));
+    }
+    if (!first) first = gs;
   }
+  same_saved = same_saved && e_saved < 1e-2;
   const double tol = 3e-2;
   // At 30x scale the features are nearly one-hot and d out / d phi is a small difference of
   // large bf16 products (Yb H^T): gradients are only good to ~0.2 of their largest entry there.
@@ -80,12 +96,12 @@ bool run(const Case& c) {
   const bool ok = e_out < tol && e_q < gtol && e_k < gtol && e_v < gtol && e_w < gtol &&
                   out.isfinite().all().item<bool>() && same_saved;
   std::printf("%s B=%lld H=%lld Lq=%lld Lk=%lld D=%lld Dv=%lld M=%lld %s %s%s%s scale=%.0f %s: "
-              "out %.2e dq %.2e dk %.2e dv %.2e dW %.2e%s\n",
+              "out %.2e dq %.2e dk %.2e dv %.2e dW %.2e saved-vs-recomputed %.1e%s\n",
               ok ? "PASS" : "FAIL", (long long)c.B, (long long)c.H, (long long)c.Lq,
               (long long)c.Lk, (long long)c.D, (long long)c.Dv, (long long)c.M, kern.c_str(),
               c.causal ? "causal" : "full", c.masked ? " masked" : "",
               c.transposed ? " strided" : "", c.scale, c.dt == at::kBFloat16 ? "bf16" : "fp16",
-              e_out, e_q, e_k, e_v, e_w,
+              e_out, e_q, e_k, e_v, e_w, e_saved,
               same_saved ? "" : " (backward from saved states differs)");
   return ok;
 }
