@@ -1468,6 +1468,30 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
   load_state(p, k, /*async=*/true);  // dT_c and G_c
   issue_values(p, k);
   async_commit();
+  // back1's intra-chunk parts of dv and dkhat (causal; fp32 in global memory) for this warp's
+  // first tiles of the two loops below, loaded now: read inside the loops, their latency was
+  // exposed once per tile. Tiles t = warp + u kWarps keep row tile warp % kRT (kWarps % kRT == 0).
+  constexpr int kPreV = 2, kPreK = 4;
+  float pv[kPreV][8], pk[kPreK][8];
+  const int jw = (k.warp % kRT) * 16 + rr;
+  auto dv_part = [&](int et, float (&v)[8]) {
+    if (p.causal && et < DvT) load8f(p.dvp + (row + jw) * (16 * DvT) + et * 16 + c0, v);
+    else zero8(v);
+  };
+  auto dk_part = [&](int ct, float (&v)[8]) {
+    if (p.causal) load8f(p.dkp + (row + jw) * p.M + ct * 16 + c0, v);
+    else zero8(v);
+  };
+#pragma unroll
+  for (int u = 0; u < kPreV; ++u) {
+    const int t = k.warp + u * kWarps;
+    if (t < kRT * ET) dv_part(t / kRT, pv[u]);
+  }
+#pragma unroll
+  for (int u = 0; u < kPreK; ++u) {
+    const int t = k.warp + u * kWarps;
+    if (t < kRT * CT) dk_part(t / kRT, pk[u]);
+  }
   load_stab(p, k, /*query_side_only=*/false);
   key_valid(p, k);
   async_wait<1>();  // W, keys
@@ -1480,17 +1504,15 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
   __syncthreads();
   // dv = kfac_j (khat dT) + A'^T Yb (causal: from back1) + ek G  (masked by valid).
   {
-    Acc a1;
-    float v1[8], v2[8];
     T* dv = p.dv + (static_cast<int64_t>(k.bh) * p.Lk + k.row0) * Dv;
-    for (int t = k.warp; t < kRT * ET; t += kWarps) {
+    auto tile = [&](int t, const float (&v2)[8]) {
       const int rt = t % kRT, et = t / kRT, j = rt * 16 + rr;
+      Acc a1;
+      float v1[8];
       wmma::fill_fragment(a1, 0.f);
       mma_acc<T, RowM, RowM>(a1, tileA<RowM>(k.kh, k.lm, rt), k.lm, tileB<RowM>(k.h, k.le, et),
                              k.le, p.M);
       stage8(k.stage, a1, k.lane, v1);
-      if (p.causal && et < DvT) load8f(p.dvp + (row + j) * (16 * DvT) + et * 16 + c0, v2);
-      else zero8(v2);
       if (j < k.rows) {
         const int e0 = et * 16 + c0;
         if (Dv % 8 == 0) {  // the 8 columns are all < Dv or all past it; one 16-byte store
@@ -1510,24 +1532,30 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
           }
         }
       }
+    };
+#pragma unroll
+    for (int u = 0; u < kPreV; ++u)
+      if (k.warp + u * kWarps < kRT * ET) tile(k.warp + u * kWarps, pv[u]);
+    for (int t = k.warp + kPreV * kWarps; t < kRT * ET; t += kWarps) {
+      float v2[8];
+      dv_part(t / kRT, v2);
+      tile(t, v2);
     }
   }
   __syncthreads();
   // dkhat = kfac_j (V dT^T) + Wm^T phi (causal: from back1); dpre_k = dkhat khat (softmax) or
   // dkhat sM [khat > 0], written over khat; row sums into k.rs.
   {
-    Acc a1;
-    float v1[8], v2[8];
     const int rt = k.warp % kRT, j = rt * 16 + rr;
     float rsum = 0.f;
-    for (int t = k.warp; t < kRT * CT; t += kWarps) {
+    auto tile = [&](int t, const float (&v2)[8]) {
       const int ct = t / kRT;
+      Acc a1;
+      float v1[8];
       wmma::fill_fragment(a1, 0.f);
       mma_acc<T, RowM, ColM>(a1, tileA<RowM>(k.v, k.le, rt), k.le, tileB<ColM>(k.h, k.le, ct),
                              k.le, E1p);
       stage8(k.stage, a1, k.lane, v1);
-      if (p.causal) load8f(p.dkp + (row + j) * p.M + ct * 16 + c0, v2);
-      else zero8(v2);
       T* kh = k.kh + j * k.lm + ct * 16 + c0;
       float khv[8];
       load8(kh, khv);
@@ -1539,6 +1567,14 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
         rsum += v1[q];
       }
       store8(kh, v1);
+    };
+#pragma unroll
+    for (int u = 0; u < kPreK; ++u)
+      if (k.warp + u * kWarps < kRT * CT) tile(k.warp + u * kWarps, pk[u]);
+    for (int t = k.warp + kPreK * kWarps; t < kRT * CT; t += kWarps) {
+      float v2[8];
+      dk_part(t / kRT, v2);
+      tile(t, v2);
     }
     finish_input_grads(p, k, k.kh, /*keys=*/true, rsum, j);
   }
