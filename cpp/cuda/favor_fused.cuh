@@ -388,13 +388,13 @@ __device__ void load_matrix(T* dst, int ld, const T* src, int rows, int cols) {
   copy_rows(dst, ld, src, cols, rows, rows, cols);
 }
 
-// copy_rows issued as cp.async (16 bytes, src-size 0 zero-fills the rows past `rows`) when every
-// row start is 16-byte aligned; else (and under the emulator) the synchronous copy_rows. Either
-// way dst may be touched only after async_commit() and the async_wait<N>() that covers it.
+// copy_rows issued as cp.async (mma::cp_async16: 16 bytes, zero-filling the rows past `rows`)
+// when every row start is 16-byte aligned; else the synchronous copy_rows. Either way dst may be
+// touched only after async_commit() and the async_wait<N>() that covers it (the emulator performs
+// the copies only then, so a missing wait fails its tests).
 template <class T>
 __device__ void copy_rows_async(T* dst, int ld, const T* src, int64_t sl, int rows,
                                 int rows_total, int cols) {
-#if !defined(PANTHER_CUDA_EMU)
   constexpr int kE = 16 / sizeof(T);
   const bool vec = cols % kE == 0 && sl % kE == 0 && ld % kE == 0 &&
                    reinterpret_cast<uintptr_t>(src) % 16 == 0;
@@ -404,32 +404,22 @@ __device__ void copy_rows_async(T* dst, int ld, const T* src, int64_t sl, int ro
     for (int idx = threadIdx.x; idx < total; idx += kThreads) {
       const int r = div_rcp(idx, rvpr), c = idx - r * vpr;
       const bool in = r < rows;
-      const T* s = in ? src + static_cast<int64_t>(r) * sl + c * kE : src;
-      const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst + r * ld + c * kE));
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(s),
-                   "r"(in ? 16 : 0)
-                   : "memory");
+      mma::cp_async16(dst + r * ld + c * kE, in ? src + static_cast<int64_t>(r) * sl + c * kE : src,
+                      in);
     }
     return;
   }
-#endif
   copy_rows(dst, ld, src, sl, rows, rows_total, cols);
 }
 
-// Closes this thread's group of cp.async copies (the emulator copies synchronously: no-op).
-__device__ __forceinline__ void async_commit() {
-#if !defined(PANTHER_CUDA_EMU)
-  asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
+// Closes this thread's group of cp.async copies.
+__device__ __forceinline__ void async_commit() { mma::cp_async_commit(); }
 
 // Waits until at most N of the committed groups are in flight, then for the whole block (the
 // synchronous fallback's plain stores are published by the same barrier).
 template <int N>
 __device__ __forceinline__ void async_wait() {
-#if !defined(PANTHER_CUDA_EMU)
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-#endif
+  mma::cp_async_wait<N>();
   __syncthreads();
 }
 
