@@ -281,7 +281,6 @@ struct Blk {
   float *stage, *stage0, *y;  // stage: this warp's 256 floats of stage0
   // per-row vectors (kC each) and one E1p vector
   float *hn, *r, *si, *valid, *phisum, *rowc, *red, *rs, *kfac, *den, *gn, *yc, *extra;
-  float* scal;  // chunk scalars: P, R, alpha, kscale
   int warp, lane, bh, b, hd, chunk, row0, rows;
   int lx, lm, le;  // padded leading dims of x/w, phi/kh, and v/h/yb/ys
 };
@@ -320,7 +319,6 @@ __device__ Blk<T> make_blk(const Params<T>& p, unsigned char* base, const Smem& 
   k.den = vec + 12 * kC;
   k.gn = vec + 13 * kC;
   k.yc = vec + 14 * kC;
-  k.scal = vec + 15 * kC;  // 4 used
   k.extra = vec + 16 * kC;
   k.warp = threadIdx.x >> 5;
   k.lane = threadIdx.x & 31;
@@ -714,32 +712,39 @@ __device__ void attn_block(const Params<T>& p, Blk<T>& k) {
   __syncthreads();
 }
 
-// Per-chunk scalars and per-row stabiliser data: r, s_i = exp(P - r_i), kfac_j = exp(r_j - R).
+// Per-chunk scalars and per-row stabiliser data: r, s_i = exp(P - r_i), kfac_j = exp(r_j - R), in
+// two halves so that the loads overlap the block's copies instead of queueing behind them: a
+// kernel calls stab_fetch (thread i < kC loads what row i needs; no barrier, one round trip)
+// before issuing its cp.async copies and stab_store (no barrier either) after; the barrier of
+// the next async_wait publishes the values.
+struct StabRegs {
+  float P = 0.f, R = 0.f, r = 0.f;
+};
 template <class T>
-__device__ void load_stab(const Params<T>& p, Blk<T>& k, bool query_side_only) {
+__device__ __forceinline__ StabRegs stab_fetch(const Params<T>& p, const Blk<T>& k) {
+  StabRegs s;
+  const int i = threadIdx.x;
+  if (i >= kC) return s;
   const int64_t cb = static_cast<int64_t>(k.bh) * p.nk;
   if (p.causal) {
-    for (int i = threadIdx.x; i < 4; i += kThreads) k.scal[i] = p.cs[(cb + k.chunk) * 4 + i];
-  } else if (threadIdx.x == 0) {
-    // non-causal: one stabiliser R for every key; queries see the whole state (s = 1).
-    const float R = p.cs[cb * 4 + 1];
-    k.scal[0] = R;
-    k.scal[1] = R;
-    k.scal[2] = 1.f;
-    k.scal[3] = 1.f;
+    s.P = p.cs[(cb + k.chunk) * 4 + 0];
+    s.R = p.cs[(cb + k.chunk) * 4 + 1];
+    if (p.softmax) s.r = p.r[cb * kC + k.row0 + i];
+  } else {  // non-causal: one stabiliser R for every key; queries see the whole state (s = 1)
+    s.R = p.cs[cb * 4 + 1];
+    s.P = s.R;
+    if (p.softmax) s.r = s.R;
   }
-  __syncthreads();
-  for (int i = threadIdx.x; i < kC; i += kThreads) {
-    float r = 0.f;
-    if (p.softmax) {
-      if (p.causal) r = p.r[static_cast<int64_t>(k.bh) * p.nk * kC + k.row0 + i];
-      else r = k.scal[1];
-    }
-    k.r[i] = r;
-    k.si[i] = p.softmax && p.causal ? __expf(k.scal[0] - r) : 1.f;
-    k.kfac[i] = p.softmax && !query_side_only ? __expf(fminf(r - k.scal[1], 0.f)) : 1.f;
-  }
-  __syncthreads();
+  return s;
+}
+template <class T>
+__device__ __forceinline__ void stab_store(const Params<T>& p, Blk<T>& k, const StabRegs& s,
+                                           bool query_side_only) {
+  const int i = threadIdx.x;
+  if (i >= kC) return;
+  k.r[i] = s.r;
+  k.si[i] = p.softmax && p.causal ? __expf(s.P - s.r) : 1.f;
+  k.kfac[i] = p.softmax && !query_side_only ? __expf(fminf(s.r - s.R, 0.f)) : 1.f;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1098,31 +1103,38 @@ __device__ void save_features(const Params<T>& p, const Blk<T>& k) {
 // every copy has landed on return.
 template <class T>
 __device__ void query_chunk_start(const Params<T>& p, Blk<T>& k, bool with_g) {
+  const StabRegs sr = stab_fetch(p, k);
   if (p.feat == kFeatLoad) {  // (causal back1) the forward's features, A', output: no GEMMs
+    // cp.async groups in order of first use, so that the later ones land while back1 computes
+    // (all blocks load at about the same time: the first wait is bound by HBM): {g, y / den, v,
+    // A', phi} (Yb, dH, Wm, back2's parts), {H, khat} (d phi: back1 waits for them there), {W}
+    // (dq: waited for before finish_input_grads). Without y / den, y_tiles needs H at once.
+    static_assert(kWarps * 256 >= kC * kSavedOutMaxDv, "k.stage0 holds kC x Dv floats");
     const int64_t r0 = feat_row0(p, k);
-    copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);  // for dq = dpre W
-    copy_rows_async(k.phi, k.lm, p.fph + r0 * p.M, p.M, kC, kC, p.M);
-    copy_rows_async(k.kh, k.lm, p.fkh + r0 * p.M, p.M, kC, kC, p.M);
-    load_state(p, k, /*async=*/true);
-    if (with_g)
-      copy_rows_async(k.ys, k.le,
-                      p.g + k.b * p.g_sb + k.hd * p.g_sh + static_cast<int64_t>(k.row0) * p.g_sl,
-                      p.g_sl, k.rows, kC, p.Dv);
-    issue_values(p, k);
-    copy_rows_async(k.s, kLC, p.fsa + r0 * kC, kC, kC, kC, kC);
-    if (with_g && p.fyo) {  // the forward's y / den (fp32, kC x Dv dense) into k.stage: bytes
-      static_assert(kWarps * 256 >= kC * kSavedOutMaxDv, "k.stage0 holds kC x Dv floats");
+    copy_rows_async(k.ys, k.le,
+                    p.g + k.b * p.g_sb + k.hd * p.g_sh + static_cast<int64_t>(k.row0) * p.g_sl,
+                    p.g_sl, k.rows, kC, p.Dv);
+    if (p.fyo) {  // the forward's y / den (fp32, kC x Dv dense) into k.stage0, as bytes
       const T* src = reinterpret_cast<const T*>(p.fyo + r0 * p.Dv);
       copy_rows_async(reinterpret_cast<T*>(k.stage0), 2 * p.Dv, src, 2 * p.Dv, kC, kC, 2 * p.Dv);
     }
+    issue_values(p, k);
+    copy_rows_async(k.s, kLC, p.fsa + r0 * kC, kC, kC, kC, kC);
+    copy_rows_async(k.phi, k.lm, p.fph + r0 * p.M, p.M, kC, kC, p.M);
     async_commit();
-    load_stab(p, k, /*query_side_only=*/true);
+    load_state(p, k, /*async=*/true);
+    copy_rows_async(k.kh, k.lm, p.fkh + r0 * p.M, p.M, kC, kC, p.M);
+    async_commit();
+    copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);
+    async_commit();
+    stab_store(p, k, sr, /*query_side_only=*/true);
     key_valid(p, k);
     for (int i = threadIdx.x; i < kC; i += kThreads) {
       k.phisum[i] = p.fps[r0 + i];
       if (p.fyo) k.den[i] = p.fdn[r0 + i];
     }
-    async_wait<0>();
+    if (p.fyo) async_wait<2>();
+    else async_wait<1>();
     fix_values(p, k);
     return;
   }
@@ -1136,7 +1148,7 @@ __device__ void query_chunk_start(const Params<T>& p, Blk<T>& k, bool with_g) {
                     p.g_sl, k.rows, kC, p.Dv);
   if (p.causal) issue_values(p, k);
   async_commit();
-  load_stab(p, k, /*query_side_only=*/true);
+  stab_store(p, k, sr, /*query_side_only=*/true);
   async_wait<1>();  // W, q
   query_features(p, k);  // ends with a barrier: k.x is free
   if (p.causal) {
@@ -1308,6 +1320,7 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
   Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lq);
   const int E1p = p.E1p, Dv = p.Dv, grp = k.warp / kRT, rr = k.lane >> 1;
   query_chunk_start(p, k, /*with_g=*/true);  // g into k.ys
+  const bool loaded = p.feat == kFeatLoad;  // then H, khat and W may still be in flight
   // y per row: den and g . num (row partials across the two warp halves). g sits in k.ys
   // (loaded at the start) until Yb replaces it.
   if (p.feat == kFeatLoad && p.fyo) {
@@ -1405,6 +1418,7 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
     if (k.lane == 0) k.yc[i] = p.ek * (k.yc[i] + s);
   }
   __syncthreads();
+  if (loaded) async_wait<1>();  // H, khat
   const float ek_t = Cvt<T>::f(Cvt<T>::t(p.ek));
   // dphi = (s Yb) H^T + Wm khat + yc; dpre = dphi (phi - ek) (softmax) or dphi sM [u > 0] (relu),
   // written over phi (no GEMM below reads phi), row sums into k.rs.
@@ -1435,6 +1449,7 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
       }
       store8(ph, v);
     }
+    if (loaded) async_wait<0>();  // W
     finish_input_grads(p, k, k.phi, /*keys=*/false, rsum, i);
   }
 }
@@ -1448,19 +1463,30 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
   const int E1p = p.E1p, Dv = p.Dv, rr = k.lane >> 1, c0 = (k.lane & 1) * 8;
   const int CT = p.M / 16, ET = E1p / 16, DvT = (Dv + 15) / 16;
   const int64_t row = static_cast<int64_t>(k.bh) * p.nk * kC + k.row0;  // in dkp, dvp
-  // cp.async groups: {W, keys (or the forward's key features)}, then {dT, v} (filled while the
-  // key features are computed).
+  // cp.async groups: {W, keys}, then {dT, v} (filled while the key features are computed); with
+  // the forward's key features, {khat, dT, v}, then {W} (only dk needs it: waited for there).
   const bool load_feat = p.feat == kFeatLoad;
-  copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);
-  if (load_feat) copy_rows_async(k.kh, k.lm, p.fkh + feat_row0(p, k) * p.M, p.M, kC, kC, p.M);
-  else issue_x(p, k, /*keys=*/true);
-  async_commit();
-  load_state(p, k, /*async=*/true);  // dT_c and G_c
-  issue_values(p, k);
-  async_commit();
+  const StabRegs sr = stab_fetch(p, k);
+  if (load_feat) {
+    copy_rows_async(k.kh, k.lm, p.fkh + feat_row0(p, k) * p.M, p.M, kC, kC, p.M);
+    load_state(p, k, /*async=*/true);  // dT_c and G_c
+    issue_values(p, k);
+    async_commit();
+    copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);
+    async_commit();
+  } else {
+    copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);
+    issue_x(p, k, /*keys=*/true);
+    async_commit();
+    load_state(p, k, /*async=*/true);  // dT_c and G_c
+    issue_values(p, k);
+    async_commit();
+  }
   // back1's intra-chunk parts of dv and dkhat (causal; fp32 in global memory) for this warp's
-  // first tiles of the two loops below, loaded now: read inside the loops, their latency was
-  // exposed once per tile. Tiles t = warp + u kWarps keep row tile warp % kRT (kWarps % kRT == 0).
+  // first tiles of the two loops below, loaded ahead: read inside the loops, their latency was
+  // exposed once per tile. dv's now; dkhat's (4x the bytes) once the copies have landed, so as
+  // not to compete with them. Tiles t = warp + u kWarps keep row tile warp % kRT (kWarps % kRT
+  // == 0).
   constexpr int kPreV = 2, kPreK = 4;
   float pv[kPreV][8], pk[kPreK][8];
   const int jw = (k.warp % kRT) * 16 + rr;
@@ -1477,21 +1503,20 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
     const int t = k.warp + u * kWarps;
     if (t < kRT * ET) dv_part(t / kRT, pv[u]);
   }
+  stab_store(p, k, sr, /*query_side_only=*/false);
+  key_valid(p, k);
+  async_wait<1>();  // W, keys (or khat, dT, v)
+  if (!load_feat) {
+    x_norms(p, k);
+    key_features(p, k);
+    async_wait<0>();  // dT, v
+  }
+  fix_values(p, k);
 #pragma unroll
   for (int u = 0; u < kPreK; ++u) {
     const int t = k.warp + u * kWarps;
     if (t < kRT * CT) dk_part(t / kRT, pk[u]);
   }
-  load_stab(p, k, /*query_side_only=*/false);
-  key_valid(p, k);
-  async_wait<1>();  // W, keys
-  if (!load_feat) {
-    x_norms(p, k);
-    key_features(p, k);
-  }
-  async_wait<0>();  // dT, v
-  fix_values(p, k);
-  __syncthreads();
   // dv = kfac_j (khat dT) + A'^T Yb (causal: from back1) + ek G  (masked by valid).
   {
     T* dv = p.dv + (static_cast<int64_t>(k.bh) * p.Lk + k.row0) * Dv;
@@ -1566,6 +1591,7 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
       dk_part(t / kRT, v2);
       tile(t, v2);
     }
+    if (load_feat) async_wait<0>();  // W
     finish_input_grads(p, k, k.kh, /*keys=*/true, rsum, j);
   }
 }
