@@ -1035,15 +1035,28 @@ __global__ void __launch_bounds__(kScanThreads, 4) scan_kernel(const S* __restri
   if (!causal) put(bh, acc0, acc1);
 }
 
-// Loads this chunk's scanned state (M x E1p, input dtype) into k.h, with cp.async if `async`
-// (k.h usable after the covering async_wait), and the extra row (plain loads).
+// n floats (16-byte aligned, n a multiple of 4) from global to shared memory with cp.async, as
+// 16-bit pairs (usable after the covering async_wait).
+template <class T>
+__device__ __forceinline__ void copy_floats_async(float* dst, const float* src, int n) {
+  copy_rows_async(reinterpret_cast<T*>(dst), 2 * n, reinterpret_cast<const T*>(src), 2 * n, 1, 1,
+                  2 * n);
+}
+
+// Loads this chunk's scanned state (M x E1p, input dtype) into k.h and its extra row into
+// k.extra, with cp.async if `async` (usable after the covering async_wait: a plain load issued
+// after the other copies would wait behind them) or synchronously.
 template <class T>
 __device__ void load_state(const Params<T>& p, Blk<T>& k, bool async = false) {
   const int64_t sidx = p.causal ? static_cast<int64_t>(k.bh) * p.nk + k.chunk : k.bh;
   const T* src = p.hs + sidx * p.M * p.E1p;
-  if (async) copy_rows_async(k.h, k.le, src, p.E1p, p.M, p.M, p.E1p);
-  else load_matrix(k.h, k.le, src, p.M, p.E1p);
-  for (int e = threadIdx.x; e < p.E1p; e += kThreads) k.extra[e] = p.hx[sidx * p.E1p + e];
+  if (async) {
+    copy_rows_async(k.h, k.le, src, p.E1p, p.M, p.M, p.E1p);
+    copy_floats_async<T>(k.extra, p.hx + sidx * p.E1p, p.E1p);
+  } else {
+    load_matrix(k.h, k.le, src, p.M, p.E1p);
+    for (int e = threadIdx.x; e < p.E1p; e += kThreads) k.extra[e] = p.hx[sidx * p.E1p + e];
+  }
 }
 
 // y (kC x E1p) = s_i phi H + A' [v, 1] + ek phisum_i extra; calls f(i, e, y) for each element.
@@ -1107,8 +1120,9 @@ __device__ void query_chunk_start(const Params<T>& p, Blk<T>& k, bool with_g) {
   if (p.feat == kFeatLoad) {  // (causal back1) the forward's features, A', output: no GEMMs
     // cp.async groups in order of first use, so that the later ones land while back1 computes
     // (all blocks load at about the same time: the first wait is bound by HBM): {g, y / den, v,
-    // A', phi} (Yb, dH, Wm, back2's parts), {H, khat} (d phi: back1 waits for them there), {W}
-    // (dq: waited for before finish_input_grads). Without y / den, y_tiles needs H at once.
+    // A', phi, its row sums, den} (Yb, dH, Wm, back2's parts), {H and its extra row, khat} (yc
+    // and d phi: back1 waits for them there), {W} (dq: waited for before finish_input_grads).
+    // Without y / den, y_tiles needs H at once.
     static_assert(kWarps * 256 >= kC * kSavedOutMaxDv, "k.stage0 holds kC x Dv floats");
     const int64_t r0 = feat_row0(p, k);
     copy_rows_async(k.ys, k.le,
@@ -1121,6 +1135,8 @@ __device__ void query_chunk_start(const Params<T>& p, Blk<T>& k, bool with_g) {
     issue_values(p, k);
     copy_rows_async(k.s, kLC, p.fsa + r0 * kC, kC, kC, kC, kC);
     copy_rows_async(k.phi, k.lm, p.fph + r0 * p.M, p.M, kC, kC, p.M);
+    copy_floats_async<T>(k.phisum, p.fps + r0, kC);
+    if (p.fyo) copy_floats_async<T>(k.den, p.fdn + r0, kC);
     async_commit();
     load_state(p, k, /*async=*/true);
     copy_rows_async(k.kh, k.lm, p.fkh + r0 * p.M, p.M, kC, kC, p.M);
@@ -1129,10 +1145,6 @@ __device__ void query_chunk_start(const Params<T>& p, Blk<T>& k, bool with_g) {
     async_commit();
     stab_store(p, k, sr, /*query_side_only=*/true);
     key_valid(p, k);
-    for (int i = threadIdx.x; i < kC; i += kThreads) {
-      k.phisum[i] = p.fps[r0 + i];
-      if (p.fyo) k.den[i] = p.fdn[r0 + i];
-    }
     if (p.fyo) async_wait<2>();
     else async_wait<1>();
     fix_values(p, k);
@@ -1410,6 +1422,7 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
     for (int i = threadIdx.x; i < kC; i += kThreads) k.yc[i] = 0.f;
     __syncthreads();
   }
+  if (loaded) async_wait<1>();  // H, its extra row, khat
   // yc_i = ek (yc_i + Yb_i . extra): warp w takes rows w, w + kWarps, ..., its lanes stride over e.
   for (int i = k.warp; i < kC; i += kWarps) {
     float s = 0.f;
@@ -1418,7 +1431,6 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
     if (k.lane == 0) k.yc[i] = p.ek * (k.yc[i] + s);
   }
   __syncthreads();
-  if (loaded) async_wait<1>();  // H, khat
   const float ek_t = Cvt<T>::f(Cvt<T>::t(p.ek));
   // dphi = (s Yb) H^T + Wm khat + yc; dpre = dphi (phi - ek) (softmax) or dphi sM [u > 0] (relu),
   // written over phi (no GEMM below reads phi), row sums into k.rs.
