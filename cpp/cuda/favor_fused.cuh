@@ -88,7 +88,8 @@ struct Params {
   const bool* pad;        // (B, Lk) true = padded key, or null
   float* a;               // (BH, nk*kC) key row max (-inf: padded or past the end)
   float* r;               // (BH, nk*kC) key stabiliser per position (causal calls only)
-  float* cs;              // (BH, nk, 4): P_c, R_c, alpha_c, kscale_c
+  float* cs;              // (BH, nk, 4): P_c, R_c, alpha_c, kscale_c (states_kernel leaves the
+                          // chunk max m_c in kscale_c's place for stab_kernel)
   T* st;                  // (BH, nk, (M+1)*E1p) per-chunk key states (summed in fp32 by the scan)
   float* gst;             // (BH, nq, (M+1)*E1p) per-chunk gradient states dH (fp32: the
                           // backward's d phi is a small difference of large terms)
@@ -800,6 +801,8 @@ __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
     static_assert(kC == 64, "two rows per lane");
     mc = fmaxf(k.rowc[k.lane], k.rowc[k.lane + 32]);
     for (int o = 16; o > 0; o >>= 1) mc = fmaxf(mc, __shfl_xor_sync(0xffffffffu, mc, o));
+    // The chunk max for stab_kernel (which turns it into kscale_c = exp(m_c - R_c)).
+    if (threadIdx.x == 0) p.cs[(static_cast<int64_t>(k.bh) * p.nk + k.chunk) * 4 + 3] = mc;
   }
   {  // pass 2 (recomputes x W^T): khat = sM exp(pre xscale - hn - mc) (relu: sM relu(pre)), 0 for
      // invalid keys, rounded to T into k.kh
@@ -891,7 +894,10 @@ __global__ void __launch_bounds__(1024) stab_kernel(Params<T> p) {
     }
     return;
   }
+  // (Loops over a[] are unrolled so that their loads are issued together: one at a time, each
+  // waited for, made this kernel latency-bound.)
   float m = -INFINITY;
+#pragma unroll 8
   for (int j = j0; j < j1; ++j) m = fmaxf(m, a[j]);
   part[tid] = m;
   __syncthreads();
@@ -911,6 +917,7 @@ __global__ void __launch_bounds__(1024) stab_kernel(Params<T> p) {
   if (p.causal) {
     // First finite r = the first valid key's a (r is non-decreasing).
     float first = INFINITY;
+#pragma unroll 8
     for (int j = j0; j < j1; ++j) {
       run = fmaxf(run, a[j]);
       r[j] = run;
@@ -929,8 +936,7 @@ __global__ void __launch_bounds__(1024) stab_kernel(Params<T> p) {
     for (int c = tid; c < p.nk; c += nt) {
       const float R = r[(c + 1) * kC - 1];
       const float P = c == 0 ? r[0] : r[c * kC - 1];
-      float mc = -INFINITY;
-      for (int j = c * kC; j < (c + 1) * kC; ++j) mc = fmaxf(mc, a[j]);
+      const float mc = cs[c * 4 + 3];  // the chunk max of a, from states_kernel
       cs[c * 4 + 0] = P;
       cs[c * 4 + 1] = R;
       cs[c * 4 + 2] = __expf(P - R);
@@ -939,8 +945,7 @@ __global__ void __launch_bounds__(1024) stab_kernel(Params<T> p) {
   } else {
     const float R = total > -INFINITY ? total : 0.f;
     for (int c = tid; c < p.nk; c += nt) {
-      float mc = -INFINITY;
-      for (int j = c * kC; j < (c + 1) * kC; ++j) mc = fmaxf(mc, a[j]);
+      const float mc = cs[c * 4 + 3];  // the chunk max of a, from states_kernel
       cs[c * 4 + 0] = R;
       cs[c * 4 + 1] = R;
       cs[c * 4 + 2] = 1.f;
