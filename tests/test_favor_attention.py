@@ -445,13 +445,14 @@ def test_cuda_compile_keeps_forward_states(inductor_cache):
     # torch.compile traces the autograd kernel with fake CUDA tensors: its forward graph calls
     # _favor_attention_forward (whose Meta kernel gives the saved tensor's size) and the compiled
     # gradients equal eager ones.
+    from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
     graphs = []
 
     def capture(gm, example_inputs):
         graphs.append(str(gm.graph))
-        return gm
+        return make_boxed_func(gm)
 
     q, k, v, W, mask = make_inputs(1, 2, 200, 200, 32, 16, 64, dtype=torch.bfloat16, masked=True,
                                    device="cuda")

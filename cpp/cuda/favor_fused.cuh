@@ -1225,17 +1225,17 @@ __device__ void input_grad(const Params<T>& p, Blk<T>& k, const T* dpre, const T
   float v[8];
   for (int t = k.warp; t < kRT * DT; t += kWarps) {
     const int rt = t % kRT, dt = t / kRT, i = rt * 16 + rr;
+    const T* xr = x + static_cast<int64_t>(i) * sl + dt * 16 + c0;
+    float xv[8];
+    if (vec && p.softmax && i < k.rows) load8(xr, xv);  // before the GEMM, which hides its latency
     wmma::fill_fragment(acc, 0.f);
     mma_acc<T, RowM, RowM>(acc, tileA<RowM>(dpre, k.lm, rt), k.lm, tileB<RowM>(k.w, k.lx, dt),
                            k.lx, p.M);
     stage8(k.stage, acc, k.lane, v);
     if (i < k.rows) {
-      const T* xr = x + static_cast<int64_t>(i) * sl + dt * 16 + c0;
       T* dr = dx + static_cast<int64_t>(i) * p.D + dt * 16 + c0;
       if (vec) {
         if (p.softmax) {
-          float xv[8];
-          load8(xr, xv);
           const float rsx = k.rs[i] * p.xscale;
 #pragma unroll
           for (int q = 0; q < 8; ++q) v[q] = (v[q] - rsx * xv[q]) * p.xscale;
@@ -1363,17 +1363,18 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
     combine_rows(k.red, k.gn, false);
   }
   // Yb = [g / den, -(g . num) / den^2] (0 where the row is past the end or sees no key).
-  for (int i = k.warp; i < kC; i += kWarps)
-  for (int e = k.lane; e < E1p; e += 32) {
+  // (One reciprocal per row: a division per element made this loop cost as much as a GEMM.)
+  for (int i = k.warp; i < kC; i += kWarps) {
     const float den = k.den[i];
-    float val = 0.f;
-    if (i < k.rows && den != 0.f) {
-      if (e < Dv) val = Cvt<T>::f(k.ys[i * k.le + e]) / den;
-      else if (e == Dv) val = -(k.gn[i] / den) / den;
+    const bool ok = i < k.rows && den != 0.f;
+    const float inv = ok ? __frcp_rn(den) : 0.f, ext = ok ? -(k.gn[i] * inv) * inv : 0.f;
+    const float si = k.si[i];
+    for (int e = k.lane; e < E1p; e += 32) {
+      const float val = e < Dv ? Cvt<T>::f(k.ys[i * k.le + e]) * inv : e == Dv ? ext : 0.f;
+      const T vt = Cvt<T>::t(val);
+      k.yb[i * k.le + e] = vt;
+      k.ys[i * k.le + e] = Cvt<T>::t(si * Cvt<T>::f(vt));
     }
-    const T vt = Cvt<T>::t(val);
-    k.yb[i * k.le + e] = vt;
-    k.ys[i * k.le + e] = Cvt<T>::t(k.si[i] * Cvt<T>::f(vt));
   }
   __syncthreads();
   // Gradient state of this chunk: dH = phi^T (s Yb) (M x E1p), extra row sum_i phisum_i Yb_i.
