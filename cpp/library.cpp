@@ -28,8 +28,8 @@ TORCH_LIBRARY(panther, m) {
   // favor_attention's output plus what the backward can reuse instead of recomputing (used by
   // its autograd kernel for CUDA bf16 calls): one byte tensor laid out as favor_saved_layout
   // (kernels/favor_attention.h) says, empty for shapes the fused kernels do not take. Filled by
-  // the fused CUDA kernels; where they cannot run (device limits, PANTHER_FAVOR_FUSED=0) it is
-  // allocated but unused. CUDA and Meta kernels only.
+  // the fused CUDA kernels (the autograd kernel calls this op only for calls they take; called
+  // elsewhere, the tensor is allocated but not filled). CUDA and Meta kernels only.
   m.def("_favor_attention_forward(Tensor query, Tensor key, Tensor value, Tensor projection, str kernel_fn, bool causal, Tensor? key_padding_mask) -> (Tensor, Tensor)");
   // Gradients of favor_attention for (query, key, value, projection); None where the mask is
   // false. Recomputes features and per-chunk states from the inputs; the fused CUDA kernels take

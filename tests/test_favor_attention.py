@@ -475,6 +475,14 @@ def test_cuda_compile_keeps_forward_states(inductor_cache):
     assert torch.equal(compiled[0], eager[0])
     for a, b in zip(compiled[1], eager[1]):
         assert torch.equal(a, b)
+    # Calls the fused kernels do not take (fp32) keep nothing: the plain op is traced.
+    graphs.clear()
+    q, k, v = (t.float() for t in (q, k, v))
+    g = g.float()
+    compiled = run(torch.compile(f, fullgraph=True,
+                                 backend=aot_autograd(fw_compiler=capture, bw_compiler=capture)))
+    assert graphs and not any("_favor_attention_forward" in gr for gr in graphs)
+    torch.testing.assert_close(compiled[0], run(f)[0])
 
 
 @cuda

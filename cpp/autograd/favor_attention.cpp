@@ -40,17 +40,20 @@ const auto& fwd_saved_op() {
   return op;
 }
 
-// Whether the forward should keep its states for the backward: CUDA inputs of shapes the fused
-// kernels take (sizes only; malformed inputs go to the plain op, whose checks name the problem).
+// Whether the forward should keep its states for the backward: CUDA calls the fused kernels take
+// on this device (sizes only; malformed inputs go to the plain op, whose checks name the
+// problem). Elsewhere the saved tensor would be allocated and never read.
 bool keep_states(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                  const at::Tensor& projection, bool causal) {
-  if (!query.is_cuda() || query.dim() != 4 || key.dim() != 4 || value.dim() != 4 ||
+  const auto fused = panther::detail::favor_fused_query();
+  if (!fused || !query.is_cuda() || query.dim() != 4 || key.dim() != 4 || value.dim() != 4 ||
       projection.dim() != 2)
     return false;
-  return panther::detail::favor_saved_layout(query.size(0) * query.size(1), query.size(2),
-                                             key.size(2), query.size(3), value.size(3),
-                                             projection.size(0), causal, query.scalar_type())
-             .total > 0;
+  panther::detail::FavorDims d{query.size(0), query.size(1), query.size(2), key.size(2),
+                               query.size(3), value.size(3), projection.size(0),
+                               panther::detail::FavorKernel::Softmax};
+  return panther::detail::favor_saved_layout(d, causal, query.scalar_type()).total > 0 &&
+         fused(d, query.scalar_type(), query.get_device());
 }
 
 class FavorAttentionFunction : public torch::autograd::Function<FavorAttentionFunction> {

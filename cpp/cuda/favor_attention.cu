@@ -63,14 +63,24 @@ at::Tensor chunk_scan_cuda(const at::Tensor& x_in, const at::Tensor& a_in, bool 
 }
 
 // Whether this call takes the fused kernels.
-bool use_fused(const FavorDims& d, const at::Tensor& query) {
+bool fused_takes(const FavorDims& d, at::ScalarType dtype, int device) {
   static const bool enabled = [] {
     const char* e = std::getenv("PANTHER_FAVOR_FUSED");
     return !(e && std::string(e) == "0");
   }();
   if (!enabled) return false;
-  return fused::supported(d, query.scalar_type(), fused::max_smem_optin(query.get_device()));
+  return fused::supported(d, dtype, fused::max_smem_optin(device));
 }
+
+bool use_fused(const FavorDims& d, const at::Tensor& query) {
+  return fused_takes(d, query.scalar_type(), query.get_device());
+}
+
+// Tells the autograd kernel (no CUDA code) which calls the fused backward will take.
+const bool kRegistered = [] {
+  favor_fused_query() = &fused_takes;
+  return true;
+}();
 
 at::Tensor favor_attention_cuda(const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& projection,

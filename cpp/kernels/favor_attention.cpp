@@ -194,6 +194,11 @@ at::Tensor noncausal_forward(const Prepared& p, at::Tensor& Kf, at::Tensor& KV) 
 
 }  // namespace
 
+FavorFusedQuery& favor_fused_query() {
+  static FavorFusedQuery query = nullptr;
+  return query;
+}
+
 const c10::TypedOperatorHandle<FavorAttentionSig>& favor_attention_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("panther::favor_attention", "")

@@ -90,6 +90,13 @@ inline FavorSaved favor_saved_layout(int64_t BH, int64_t Lq, int64_t Lk, int64_t
   return s;
 }
 
+// Whether the fused CUDA kernels would take a call of these dims and dtype on CUDA device
+// `device` (shapes, the device's shared memory, PANTHER_FAVOR_FUSED). Set by the CUDA kernels'
+// translation unit when the library is built with CUDA, else null. The autograd kernel asks it
+// before keeping the forward's states, which only the fused backward reads.
+using FavorFusedQuery = bool (*)(const FavorDims& d, at::ScalarType dtype, int device);
+FavorFusedQuery& favor_fused_query();
+
 // Validates shapes, dtypes, devices, the kernel string, the mask and causal's Lq == Lk.
 FavorDims check_favor_attention(const char* op, const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& projection,
