@@ -1096,22 +1096,25 @@ __device__ __forceinline__ int64_t feat_row0(const Params<T>& p, const Blk<T>& k
 }
 
 // forward_kernel under kFeatSave: phi, its row sums, khat and A' of this chunk (all kC rows, as
-// the backward's GEMMs use them) to the saved tensor, 16 bytes per store. No barrier: the buffers
-// are only read from here on.
+// the backward's GEMMs use them) to the saved tensor, one bulk (TMA) copy per row, issued by
+// 3 kC + 1 threads: the block goes on while the copy engine writes (all blocks write at about the
+// same time: stores through registers stalled the block ~4K cycles). Call after a barrier; the
+// buffers are only read from here on, and the issuing threads call save_features_wait before
+// the block exits.
 template <class T>
-__device__ void save_features(const Params<T>& p, const Blk<T>& k) {
+__device__ bool save_features(const Params<T>& p, const Blk<T>& k) {
+  static_assert(3 * kC + 1 <= kThreads, "one thread per row");
   const int64_t r0 = feat_row0(p, k);
-  const int vpr = p.M / 8;  // 16-byte vectors per row (M is a multiple of 16)
-  for (int idx = threadIdx.x; idx < kC * vpr; idx += kThreads) {
-    const int i = idx / vpr, c = (idx - i * vpr) * 8;
-    mma::copy16(p.fph + (r0 + i) * p.M + c, k.phi + i * k.lm + c);
-    mma::copy16(p.fkh + (r0 + i) * p.M + c, k.kh + i * k.lm + c);
-  }
-  for (int idx = threadIdx.x; idx < kC * kC / 8; idx += kThreads) {
-    const int i = idx / (kC / 8), c = (idx % (kC / 8)) * 8;
-    mma::copy16(p.fsa + (r0 + i) * kC + c, k.s + i * kLC + c);
-  }
-  for (int i = threadIdx.x; i < kC; i += kThreads) p.fps[r0 + i] = k.phisum[i];
+  const int t = threadIdx.x, i = t % kC;
+  if (t > 3 * kC) return false;
+  mma::bulk_store_fence();
+  const unsigned row = static_cast<unsigned>(p.M * sizeof(T));  // M % 16 == 0: 32-byte multiple
+  if (t < kC) mma::bulk_store(p.fph + (r0 + i) * p.M, k.phi + i * k.lm, row);
+  else if (t < 2 * kC) mma::bulk_store(p.fkh + (r0 + i) * p.M, k.kh + i * k.lm, row);
+  else if (t < 3 * kC) mma::bulk_store(p.fsa + (r0 + i) * kC, k.s + i * kLC, kC * sizeof(T));
+  else mma::bulk_store(p.fps + r0, k.phisum, kC * sizeof(float));
+  mma::bulk_store_commit();
+  return true;
 }
 
 // The start of forward_kernel and back1_kernel: this chunk's query features, H, and (causal)
@@ -1190,7 +1193,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params<T> p) {
   const Smem L = smem_layout(kForward, p.D, p.M, p.E1p, sizeof(T));
   Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lq);
   query_chunk_start(p, k, /*with_g=*/false);
-  if (p.feat == kFeatSave) save_features(p, k);
+  const bool saving = p.feat == kFeatSave && save_features(p, k);
   float* Y = k.y;
   const int E1p = p.E1p;
   y_tiles(p, k, [&](int i, int e, float y) { Y[i * E1p + e] = y; });
@@ -1208,6 +1211,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params<T> p) {
     }
     if (save && k.lane == 0) p.fdn[r0 + i] = den;
   }
+  if (saving) mma::bulk_store_wait_read();  // (the copies may not outlive the shared memory)
 }
 
 // Writes dx = (dpre W - rowsum(dpre) x') xscale (softmax) or dpre W (relu) for the rows of this

@@ -97,6 +97,42 @@ __device__ __forceinline__ void store_pair(void* dst, unsigned u) {
 #endif
 }
 
+// Bulk (TMA engine) copy of `bytes` (a multiple of 16; both addresses 16-byte aligned) from shared
+// to global memory, asynchronous: bulk_store_commit closes this thread's group and
+// bulk_store_wait_read waits until the sources of its groups have been read (before that shared
+// memory is written again or the block exits). Shared memory written by ordinary stores must be
+// published to the copy engine first: a barrier, then bulk_store_fence in the issuing thread.
+// The emulator copies at once (memcpy) and the rest are no-ops.
+__device__ __forceinline__ void bulk_store_fence() {
+#ifndef PANTHER_CUDA_EMU
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_store(void* gmem, const void* smem, unsigned bytes) {
+#ifdef PANTHER_CUDA_EMU
+  if (reinterpret_cast<uintptr_t>(smem) % 16 || reinterpret_cast<uintptr_t>(gmem) % 16 ||
+      bytes % 16 || !emu::in_block_smem(smem, bytes))
+    throw std::invalid_argument("bulk_store: needs 16-byte aligned shared source, global "
+                                "destination and size");
+  std::memcpy(gmem, smem, bytes);
+#else
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(
+                   __cvta_generic_to_global(gmem)),
+               "r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))), "r"(bytes)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_store_commit() {
+#ifndef PANTHER_CUDA_EMU
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_store_wait_read() {
+#ifndef PANTHER_CUDA_EMU
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+#endif
+}
+
 // 16-byte copy (both 16-byte aligned; memcpy under the emulator).
 __device__ __forceinline__ void copy16(void* dst, const void* src) {
 #ifdef PANTHER_CUDA_EMU
