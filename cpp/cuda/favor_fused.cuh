@@ -1476,6 +1476,29 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
   }
 }
 
+// back2's tile loops with a per-tile part (8 floats per lane) read from global memory: this warp's
+// tiles are t = warp, warp + kWarps, ... < n; the first kPre parts are loaded ahead into pre[]
+// (prefetch_parts) and the loop (tiles_with_parts) loads the others as it goes.
+template <int kPre, class Fetch>
+__device__ __forceinline__ void prefetch_parts(int warp, int n, float (&pre)[kPre][8],
+                                               Fetch&& fetch) {
+#pragma unroll
+  for (int u = 0; u < kPre; ++u)
+    if (warp + u * kWarps < n) fetch(warp + u * kWarps, pre[u]);
+}
+template <int kPre, class Tile, class Fetch>
+__device__ __forceinline__ void tiles_with_parts(int warp, int n, const float (&pre)[kPre][8],
+                                                 Tile&& tile, Fetch&& fetch) {
+#pragma unroll
+  for (int u = 0; u < kPre; ++u)
+    if (warp + u * kWarps < n) tile(warp + u * kWarps, pre[u]);
+  for (int t = warp + kPre * kWarps; t < n; t += kWarps) {
+    float v[8];
+    fetch(t, v);
+    tile(t, v);
+  }
+}
+
 // Backward pass 2: dk, dv. grid (nk, BH).
 template <class T>
 __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
@@ -1512,19 +1535,16 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
   constexpr int kPreV = 2, kPreK = 4;
   float pv[kPreV][8], pk[kPreK][8];
   const int jw = (k.warp % kRT) * 16 + rr;
-  auto dv_part = [&](int et, float (&v)[8]) {
+  auto dv_part = [&](int t, float (&v)[8]) {  // dv tile t: columns et = t / kRT
+    const int et = t / kRT;
     if (p.causal && et < DvT) load8f(p.dvp + (row + jw) * (16 * DvT) + et * 16 + c0, v);
     else zero8(v);
   };
-  auto dk_part = [&](int ct, float (&v)[8]) {
-    if (p.causal) load8f(p.dkp + (row + jw) * p.M + ct * 16 + c0, v);
+  auto dk_part = [&](int t, float (&v)[8]) {  // dkhat tile t: columns ct = t / kRT
+    if (p.causal) load8f(p.dkp + (row + jw) * p.M + (t / kRT) * 16 + c0, v);
     else zero8(v);
   };
-#pragma unroll
-  for (int u = 0; u < kPreV; ++u) {
-    const int t = k.warp + u * kWarps;
-    if (t < kRT * ET) dv_part(t / kRT, pv[u]);
-  }
+  prefetch_parts(k.warp, kRT * ET, pv, dv_part);
   stab_store(p, k, sr, /*query_side_only=*/false);
   key_valid(p, k);
   async_wait<1>();  // W, keys (or khat, dT, v)
@@ -1534,11 +1554,7 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
     async_wait<0>();  // dT, v
   }
   fix_values(p, k);
-#pragma unroll
-  for (int u = 0; u < kPreK; ++u) {
-    const int t = k.warp + u * kWarps;
-    if (t < kRT * CT) dk_part(t / kRT, pk[u]);
-  }
+  prefetch_parts(k.warp, kRT * CT, pk, dk_part);
   // dv = kfac_j (khat dT) + A'^T Yb (causal: from back1) + ek G  (masked by valid).
   {
     T* dv = p.dv + (static_cast<int64_t>(k.bh) * p.Lk + k.row0) * Dv;
@@ -1570,14 +1586,7 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
         }
       }
     };
-#pragma unroll
-    for (int u = 0; u < kPreV; ++u)
-      if (k.warp + u * kWarps < kRT * ET) tile(k.warp + u * kWarps, pv[u]);
-    for (int t = k.warp + kPreV * kWarps; t < kRT * ET; t += kWarps) {
-      float v2[8];
-      dv_part(t / kRT, v2);
-      tile(t, v2);
-    }
+    tiles_with_parts(k.warp, kRT * ET, pv, tile, dv_part);
   }
   __syncthreads();
   // dkhat = kfac_j (V dT^T) + Wm^T phi (causal: from back1); dpre_k = dkhat khat (softmax) or
@@ -1605,14 +1614,7 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
       }
       store8(kh, v1);
     };
-#pragma unroll
-    for (int u = 0; u < kPreK; ++u)
-      if (k.warp + u * kWarps < kRT * CT) tile(k.warp + u * kWarps, pk[u]);
-    for (int t = k.warp + kPreK * kWarps; t < kRT * CT; t += kWarps) {
-      float v2[8];
-      dk_part(t / kRT, v2);
-      tile(t, v2);
-    }
+    tiles_with_parts(k.warp, kRT * CT, pk, tile, dk_part);
     if (load_feat) async_wait<0>();  // W
     finish_input_grads(p, k, k.kh, /*keys=*/true, rsum, j);
   }
