@@ -44,16 +44,16 @@ const auto& fwd_saved_op() {
 // on this device (sizes only; malformed inputs go to the plain op, whose checks name the
 // problem). Elsewhere the saved tensor would be allocated and never read.
 bool keep_states(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                 const at::Tensor& projection, bool causal) {
+                 const at::Tensor& projection) {
   const auto fused = panther::detail::favor_fused_query();
   if (!fused || !query.is_cuda() || query.dim() != 4 || key.dim() != 4 || value.dim() != 4 ||
       projection.dim() != 2)
     return false;
-  panther::detail::FavorDims d{query.size(0), query.size(1), query.size(2), key.size(2),
-                               query.size(3), value.size(3), projection.size(0),
-                               panther::detail::FavorKernel::Softmax};
-  return panther::detail::favor_saved_layout(d, causal, query.scalar_type()).total > 0 &&
-         fused(d, query.scalar_type(), query.get_device());
+  // (The fused kernels take either feature kernel; `causal` does not change what they take.)
+  const panther::detail::FavorDims d{query.size(0), query.size(1), query.size(2), key.size(2),
+                                     query.size(3), value.size(3), projection.size(0),
+                                     panther::detail::FavorKernel::Softmax};
+  return fused(d, query.scalar_type(), query.get_device());
 }
 
 class FavorAttentionFunction : public torch::autograd::Function<FavorAttentionFunction> {
@@ -64,7 +64,7 @@ class FavorAttentionFunction : public torch::autograd::Function<FavorAttentionFu
                             const std::optional<at::Tensor>& key_padding_mask) {
     at::AutoDispatchBelowADInplaceOrView guard;
     at::Tensor out, saved;
-    if (keep_states(query, key, value, projection, causal))
+    if (keep_states(query, key, value, projection))
       std::tie(out, saved) =
           fwd_saved_op().call(query, key, value, projection, kernel, causal, key_padding_mask);
     else

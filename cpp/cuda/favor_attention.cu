@@ -104,18 +104,16 @@ std::tuple<at::Tensor, at::Tensor> favor_attention_forward_cuda(
   const FavorDims d = check_favor_attention("panther::_favor_attention_forward", query, key, value,
                                             projection, kernel, causal, key_padding_mask);
   const c10::cuda::CUDAGuard guard(query.device());
-  const int64_t bytes = favor_saved_layout(d, causal, query.scalar_type()).total;
   if (use_fused(d, query)) {
     at::Tensor saved;
     at::Tensor out = fused::forward<__nv_bfloat16>(d, query, key, value, projection, causal,
                                                    key_padding_mask, &saved);
     return {out, saved};
   }
-  // The saved tensor's size is fixed by the shapes (the Meta kernel must agree); the backward
-  // on this device does not take the fused path either, so it never reads this one.
+  // The backward on this device does not take the fused path either: it never reads this one.
   return {favor_forward(d, query, key, value, projection, causal, key_padding_mask, kCudaChunk,
                         &chunk_scan_cuda),
-          at::empty({bytes}, query.options().dtype(at::kByte))};
+          favor_saved_empty(d, causal, query.options())};
 }
 
 FavorGrads favor_attention_backward_cuda(const at::Tensor& grad_output, const at::Tensor& query,

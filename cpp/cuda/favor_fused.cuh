@@ -1099,8 +1099,8 @@ __device__ __forceinline__ int64_t feat_row0(const Params<T>& p, const Blk<T>& k
 // the backward's GEMMs use them) to the saved tensor, one bulk (TMA) copy per row, issued by
 // 3 kC + 1 threads: the block goes on while the copy engine writes (all blocks write at about the
 // same time: stores through registers stalled the block ~4K cycles). Call after a barrier; the
-// buffers are only read from here on, and the issuing threads call save_features_wait before
-// the block exits.
+// buffers are only read from here on. Returns whether this thread issued a copy: it must call
+// mma::bulk_store_wait_read before the block exits.
 template <class T>
 __device__ bool save_features(const Params<T>& p, const Blk<T>& k) {
   static_assert(3 * kC + 1 <= kThreads, "one thread per row");
@@ -1136,10 +1136,7 @@ __device__ void query_chunk_start(const Params<T>& p, Blk<T>& k, bool with_g) {
     copy_rows_async(k.ys, k.le,
                     p.g + k.b * p.g_sb + k.hd * p.g_sh + static_cast<int64_t>(k.row0) * p.g_sl,
                     p.g_sl, k.rows, kC, p.Dv);
-    if (p.fyo) {  // the forward's y / den (fp32, kC x Dv dense) into k.stage0, as bytes
-      const T* src = reinterpret_cast<const T*>(p.fyo + r0 * p.Dv);
-      copy_rows_async(reinterpret_cast<T*>(k.stage0), 2 * p.Dv, src, 2 * p.Dv, kC, kC, 2 * p.Dv);
-    }
+    if (p.fyo) copy_floats_async<T>(k.stage0, p.fyo + r0 * p.Dv, kC * p.Dv);  // y / den, kC x Dv
     issue_values(p, k);
     copy_rows_async(k.s, kLC, p.fsa + r0 * kC, kC, kC, kC, kC);
     copy_rows_async(k.phi, k.lm, p.fph + r0 * p.M, p.M, kC, kC, p.M);
@@ -1193,25 +1190,25 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params<T> p) {
   const Smem L = smem_layout(kForward, p.D, p.M, p.E1p, sizeof(T));
   Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lq);
   query_chunk_start(p, k, /*with_g=*/false);
-  const bool saving = p.feat == kFeatSave && save_features(p, k);
+  const bool bulk_issued = p.feat == kFeatSave && save_features(p, k);
   float* Y = k.y;
   const int E1p = p.E1p;
   y_tiles(p, k, [&](int i, int e, float y) { Y[i * E1p + e] = y; });
   __syncthreads();
   T* out = p.out + k.b * p.o_sb + k.hd * p.o_sh + static_cast<int64_t>(k.row0) * p.o_sl;
-  const bool save = p.feat == kFeatSave && p.fyo;
-  const int64_t r0 = save ? feat_row0(p, k) : 0;
-  for (int i = k.warp; i < (save ? kC : k.rows); i += kWarps) {  // (saved: every row is written)
+  const bool save_y = p.feat == kFeatSave && p.fyo;
+  const int64_t r0 = save_y ? feat_row0(p, k) : 0;
+  for (int i = k.warp; i < (save_y ? kC : k.rows); i += kWarps) {  // (saved: every row written)
     const float den = Y[i * E1p + p.Dv];
     const float inv = den == 0.f ? 0.f : 1.f / den;
     for (int e = k.lane; e < p.Dv; e += 32) {
       const float o = Y[i * E1p + e] * inv;
       if (i < k.rows) out[i * p.o_sl + e] = Cvt<T>::t(o);
-      if (save) p.fyo[(r0 + i) * p.Dv + e] = o;
+      if (save_y) p.fyo[(r0 + i) * p.Dv + e] = o;
     }
-    if (save && k.lane == 0) p.fdn[r0 + i] = den;
+    if (save_y && k.lane == 0) p.fdn[r0 + i] = den;
   }
-  if (saving) mma::bulk_store_wait_read();  // (the copies may not outlive the shared memory)
+  if (bulk_issued) mma::bulk_store_wait_read();  // (the copies may not outlive the shared memory)
 }
 
 // Writes dx = (dpre W - rowsum(dpre) x') xscale (softmax) or dpre W (relu) for the rows of this
@@ -1344,7 +1341,7 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
   const bool loaded = p.feat == kFeatLoad;  // then H, khat and W may still be in flight
   // y per row: den and g . num (row partials across the two warp halves). g sits in k.ys
   // (loaded at the start) until Yb replaces it.
-  if (p.feat == kFeatLoad && p.fyo) {
+  if (loaded && p.fyo) {
     // From the forward: den (loaded into k.den) and y / den (fp32, in k.stage0): g . num =
     // den (g . y / den), one warp per row.
     for (int i = k.warp; i < kC; i += kWarps) {
@@ -1770,7 +1767,7 @@ struct Run {
       p.fph = reinterpret_cast<T*>(sbase + sv.ph);
       p.fkh = reinterpret_cast<T*>(sbase + sv.kf);
       p.fsa = reinterpret_cast<T*>(sbase + sv.sa);
-      p.fyo = sv.r > sv.yo ? reinterpret_cast<float*>(sbase + sv.yo) : nullptr;
+      p.fyo = p.Dv <= kSavedOutMaxDv ? reinterpret_cast<float*>(sbase + sv.yo) : nullptr;
       p.fps = reinterpret_cast<float*>(sbase + sv.ps);
       p.fdn = reinterpret_cast<float*>(sbase + sv.dn);
     }

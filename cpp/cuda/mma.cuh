@@ -133,15 +133,6 @@ __device__ __forceinline__ void bulk_store_wait_read() {
 #endif
 }
 
-// 16-byte copy (both 16-byte aligned; memcpy under the emulator).
-__device__ __forceinline__ void copy16(void* dst, const void* src) {
-#ifdef PANTHER_CUDA_EMU
-  std::memcpy(dst, src, 16);
-#else
-  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-#endif
-}
-
 // d = a * b + c for one m16n8k16 tile (layouts above); T = __nv_bfloat16 or __half. d may be c.
 template <class T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],

@@ -54,12 +54,12 @@ inline bool favor_fused_shapes(int64_t BH, int64_t Lq, int64_t Lk, int64_t D, in
 // keep every chunk's features, query phi (BH, nk C, M) bf16 with its row sums ps (BH, nk C) fp32
 // and key khat (BH, nk C, M) bf16, its C x C block A' sa (BH, nk, C C) bf16, when Dv <= 64 its
 // output before rounding yo (BH, nk C, Dv) fp32 and denominators dn (BH, nk C) fp32, and the key
-// stabiliser r (BH, nk C)
-// fp32 (non-causal calls use one per head, in cs); then the states' extra rows hx (BH, nst, e1p)
-// fp32 and the chunk scalars cs (BH, nk, 4) fp32 (nk chunks of C; nst = nk causal, 1
-// non-causal). Back to back with no padding, so the kernels write every byte (all but the last
-// are multiples of 64 bytes: each region stays aligned). total is 0 for shapes the fused kernels do not take. Shapes only: the
-// Meta kernel returns the same size as the CUDA one.
+// stabiliser r (BH, nk C) fp32 (non-causal calls use one per head, in cs); then the states'
+// extra rows hx (BH, nst, e1p) fp32 and the chunk scalars cs (BH, nk, 4) fp32 (nk chunks of C;
+// nst = nk causal, 1 non-causal). Back to back with no padding, so the kernels write every byte
+// (all but the last are multiples of 64 bytes: each region stays aligned). total is 0 for shapes
+// the fused kernels do not take. Shapes only: the Meta kernel returns the same size as the CUDA
+// one.
 constexpr int64_t kFavorSavedOutMaxDv = 64;  // (the backward stages C x Dv fp32 in 16 KB)
 struct FavorSaved {
   int64_t hs = 0, ph = 0, kf = 0, sa = 0, yo = 0, r = 0, ps = 0, dn = 0, hx = 0, cs = 0, total = 0;
@@ -135,6 +135,15 @@ at::Tensor favor_forward(const FavorDims& d, const at::Tensor& query, const at::
 inline FavorSaved favor_saved_layout(const FavorDims& d, bool causal, at::ScalarType dt,
                                      bool features = true) {
   return favor_saved_layout(d.B * d.H, d.Lq, d.Lk, d.D, d.Dv, d.M, causal, dt, features);
+}
+
+// An (unfilled) saved tensor for a call: the Meta kernel's, and the CUDA one's where the fused
+// kernels do not run (the size is fixed by the shapes and the dtype, whatever the device does).
+inline at::Tensor favor_saved_empty(const FavorDims& d, bool causal,
+                                    const at::TensorOptions& query_options) {
+  const int64_t bytes =
+      favor_saved_layout(d, causal, query_options.dtype().toScalarType()).total;
+  return at::empty({bytes}, query_options.dtype(at::kByte));
 }
 
 using FavorGrads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>,

@@ -25,8 +25,7 @@ std::tuple<at::Tensor, at::Tensor> favor_attention_forward_meta(
     const std::optional<at::Tensor>& key_padding_mask) {
   const FavorDims d = check_favor_attention("panther::_favor_attention_forward", query, key, value,
                                             projection, kernel, causal, key_padding_mask);
-  const int64_t bytes = favor_saved_layout(d, causal, query.scalar_type()).total;
-  return {favor_output(d, query.options()), at::empty({bytes}, query.options().dtype(at::kByte))};
+  return {favor_output(d, query.options()), favor_saved_empty(d, causal, query.options())};
 }
 
 FavorGrads favor_attention_backward_meta(const at::Tensor& grad_output, const at::Tensor& query,
