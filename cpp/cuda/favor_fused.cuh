@@ -19,8 +19,9 @@
 // khat instead of computing them), then
 //   back1_kernel    (n, BH): recomputes y, forms Yb = d loss / d [num, den], dq (and its dW part),
 //                   the chunk's gradient state dH_c = phi^T (s Yb); a reverse scan gives dT_c;
-//                   causal: also the intra-chunk parts of dkhat and dv (Wm^T phi, A'^T Yb), which
-//                   need only the chunk's own queries (nq == nk: the same chunk grid);
+//                   causal: also the intra-chunk part of dv (A'^T Yb) and Wm, the intra-chunk
+//                   weights from which back2 forms dkhat's part (Wm^T phi): both need only the
+//                   chunk's own queries (nq == nk: the same chunk grid);
 //   back2_kernel    (n, BH): dk, dv (and the key part of dW) from dT_c plus those parts.
 // Stabilisers are constants (as in the ATen path). Non-causal runs the same kernels with no
 // intra-chunk block (every key is in the "state") and query/key chunk counts of their own.
@@ -98,13 +99,15 @@ struct Params {
   T* out;                 // (B, H, Lq, Dv), strides o_sb, o_sh, o_sl (last dim dense)
   int64_t o_sb, o_sh, o_sl;
   T *dq, *dk, *dv;        // (BH, Lq|Lk|Lk, D|D|Dv)
-  float *dkp, *dvp;       // causal backward, back1 -> back2, fp32 (GEMM accumulators, unrounded):
-                          // intra-chunk parts of dkhat, Wm^T phi (BH, nk*kC, M), and of dv,
-                          // A'^T Yb (BH, nk*kC, 16 ceil(Dv/16))
+  float* dvp;             // causal backward, back1 -> back2: the intra-chunk part of dv, A'^T Yb
+                          // (BH, nk*kC, 16 ceil(Dv/16)), fp32 (GEMM accumulators, unrounded)
+  T* fwm;                 // causal backward, back1 -> back2: Wm (BH, nk*kC, kC), from which (with
+                          // phi, in fph) back2 forms the intra-chunk part of dkhat, Wm^T phi
   float* dW;              // (M, D) fp32 accumulator, or null
   // Causal calls from autograd: kFeatSave, forward_kernel also writes each chunk's features, A',
   // output and denominators (the backward's GEMMs need exactly these); kFeatLoad, back1/back2
-  // read them instead of computing features, A' and y again.
+  // read them instead of computing features, A' and y again. Causal backward calls without them
+  // (kFeatCompute) point fph at a workspace that back1 fills with phi for back2.
   int feat;
   T *fph, *fkh;           // (BH, nk*kC, M) query features phi, key features khat
   T* fsa;                 // (BH, nk, kC*kC) A'
@@ -139,9 +142,14 @@ __host__ __device__ inline Smem smem_layout(int kind, int D, int M, int E1p, int
     PANTHER_TAKE(stage, kWarps * 256 * 4);
   }
   PANTHER_TAKE(vec, kVecFloats * 4);
-  if (kind != kStates && kind != kBack2) {
-    PANTHER_TAKE(phi, kC * lm * tsize);
+  if (kind != kStates) {
+    PANTHER_TAKE(phi, kC * lm * tsize);  // back2: the chunk's query features, for Wm^T phi
+  }
+  if (kind == kForward || kind == kBack1) {
     PANTHER_TAKE(s, kC * kLC * tsize);
+  }
+  if (kind == kBack2) {
+    PANTHER_TAKE(gm, kC * kLC * tsize);
   }
   if (kind != kStates) {
     PANTHER_TAKE(h, M * le * tsize);
@@ -1117,6 +1125,22 @@ __device__ bool save_features(const Params<T>& p, const Blk<T>& k) {
   return true;
 }
 
+// Causal back1: Wm (and, where the forward's features are not kept, phi) to global memory for
+// back2, one bulk copy per row (as save_features), issued after the barrier that ends wm_block's
+// pass. Returns whether this thread issued a copy: it must call mma::bulk_store_wait_read before
+// phi is overwritten.
+template <class T>
+__device__ bool save_back2_inputs(const Params<T>& p, const Blk<T>& k) {
+  const int64_t r0 = feat_row0(p, k);
+  const int t = threadIdx.x, i = t % kC;
+  if (t >= (p.feat == kFeatLoad ? 1 : 2) * kC) return false;
+  mma::bulk_store_fence();
+  if (t < kC) mma::bulk_store(p.fwm + (r0 + i) * kC, k.gm + i * kLC, kC * sizeof(T));
+  else mma::bulk_store(p.fph + (r0 + i) * p.M, k.phi + i * k.lm, p.M * sizeof(T));
+  mma::bulk_store_commit();
+  return true;
+}
+
 // The start of forward_kernel and back1_kernel: this chunk's query features, H, and (causal)
 // [v, 1], the key features and A'; with_g also loads g into k.ys (zero rows past the end).
 // cp.async groups: {W, q}, then {H, g, v} (filled while the query features are computed), then
@@ -1398,6 +1422,7 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
              [&](int e, float s) { dst_x[e] = s; });
   }
   // yc_i = ek Yb_i . (sum of [v, 1] over keys j <= i) (the eps part of dphi).
+  bool bulk_issued = false;
   if (p.causal) {
     // Wm into k.gm; row sums of Yb V^T on j <= i.
     const int i = (k.warp % kRT) * 16 + rr;
@@ -1405,30 +1430,24 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
     cy = pair_sum(cy);
     if ((k.lane & 1) == 0) k.red[grp * kC + i] = cy;
     combine_rows(k.red, k.yc, false);
-    // For back2, this chunk's keys: Wm^T phi (kC x M) and A'^T Yb (kC x 16 DvT). They read phi,
-    // which the dphi pass below overwrites after the barrier that ends the yc pass.
+    // For back2, this chunk's keys: Wm (and phi) by the copy engine, and A'^T Yb (kC x 16 DvT).
+    // (Wm^T phi, kC x M fp32, was written here once: back2 forms it from 5x fewer bytes.)
+    bulk_issued = save_back2_inputs(p, k);
     const int DvT = (Dv + 15) / 16;
     const int64_t row = static_cast<int64_t>(k.bh) * p.nk * kC + k.row0;
-    for (int t = k.warp; t < kRT * (CT + DvT); t += kWarps) {
-      const int rt = t % kRT, ct = t / kRT;
+    for (int t = k.warp; t < kRT * DvT; t += kWarps) {
+      const int rt = t % kRT, et = t / kRT;
       wmma::fill_fragment(acc, 0.f);
-      if (ct < CT) {
-        mma_acc<T, ColM, RowM>(acc, tileA<ColM>(k.gm, kLC, rt), kLC,
-                               tileB<RowM>(k.phi, k.lm, ct), k.lm, kC);
-        wmma::store_matrix_sync(p.dkp + (row + rt * 16) * p.M + ct * 16, acc, p.M,
-                                wmma::mem_row_major);
-      } else {
-        const int et = ct - CT;
-        mma_acc<T, ColM, RowM>(acc, tileA<ColM>(k.s, kLC, rt), kLC, tileB<RowM>(k.yb, k.le, et),
-                               k.le, kC);
-        wmma::store_matrix_sync(p.dvp + (row + rt * 16) * (16 * DvT) + et * 16, acc, 16 * DvT,
-                                wmma::mem_row_major);
-      }
+      mma_acc<T, ColM, RowM>(acc, tileA<ColM>(k.s, kLC, rt), kLC, tileB<RowM>(k.yb, k.le, et),
+                             k.le, kC);
+      wmma::store_matrix_sync(p.dvp + (row + rt * 16) * (16 * DvT) + et * 16, acc, 16 * DvT,
+                              wmma::mem_row_major);
     }
   } else {
     for (int i = threadIdx.x; i < kC; i += kThreads) k.yc[i] = 0.f;
     __syncthreads();
   }
+  if (bulk_issued) mma::bulk_store_wait_read();  // phi is overwritten below
   if (loaded) async_wait<1>();  // H, its extra row, khat
   // yc_i = ek (yc_i + Yb_i . extra): warp w takes rows w, w + kWarps, ..., its lanes stride over e.
   for (int i = k.warp; i < kC; i += kWarps) {
@@ -1504,16 +1523,25 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
   Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lk);
   const int E1p = p.E1p, Dv = p.Dv, rr = k.lane >> 1, c0 = (k.lane & 1) * 8;
   const int CT = p.M / 16, ET = E1p / 16, DvT = (Dv + 15) / 16;
-  const int64_t row = static_cast<int64_t>(k.bh) * p.nk * kC + k.row0;  // in dkp, dvp
+  const int64_t row = static_cast<int64_t>(k.bh) * p.nk * kC + k.row0;  // in dvp, fph, fwm
   // cp.async groups: {W, keys}, then {dT, v} (filled while the key features are computed); with
   // the forward's key features, {khat, dT, v}, then {W} (only dk needs it: waited for there).
+  // Causal calls add {phi, Wm} (back1's, for the intra-chunk part of dkhat) before {W}, or last.
   const bool load_feat = p.feat == kFeatLoad;
   const StabRegs sr = stab_fetch(p, k);
+  auto issue_wm_phi = [&] {
+    if (p.causal) {
+      copy_rows_async(k.phi, k.lm, p.fph + row * p.M, p.M, kC, kC, p.M);
+      copy_rows_async(k.gm, kLC, p.fwm + row * kC, kC, kC, kC, kC);
+    }
+    async_commit();
+  };
   if (load_feat) {
     copy_rows_async(k.kh, k.lm, p.fkh + feat_row0(p, k) * p.M, p.M, kC, kC, p.M);
     load_state(p, k, /*async=*/true);  // dT_c and G_c
     issue_values(p, k);
     async_commit();
+    issue_wm_phi();
     copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);
     async_commit();
   } else {
@@ -1523,35 +1551,29 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
     load_state(p, k, /*async=*/true);  // dT_c and G_c
     issue_values(p, k);
     async_commit();
+    issue_wm_phi();
   }
-  // back1's intra-chunk parts of dv and dkhat (causal; fp32 in global memory) for this warp's
-  // first tiles of the two loops below, loaded ahead: read inside the loops, their latency was
-  // exposed once per tile. dv's now; dkhat's (4x the bytes) once the copies have landed, so as
-  // not to compete with them. Tiles t = warp + u kWarps keep row tile warp % kRT (kWarps % kRT
-  // == 0).
-  constexpr int kPreV = 2, kPreK = 4;
-  float pv[kPreV][8], pk[kPreK][8];
+  // back1's intra-chunk part of dv (causal; fp32 in global memory) for this warp's first tiles
+  // of the dv loop, loaded ahead: read inside the loop, its latency was exposed once per tile.
+  // Tiles t = warp + u kWarps keep row tile warp % kRT (kWarps % kRT == 0).
+  constexpr int kPreV = 2;
+  float pv[kPreV][8];
   const int jw = (k.warp % kRT) * 16 + rr;
   auto dv_part = [&](int t, float (&v)[8]) {  // dv tile t: columns et = t / kRT
     const int et = t / kRT;
     if (p.causal && et < DvT) load8f(p.dvp + (row + jw) * (16 * DvT) + et * 16 + c0, v);
     else zero8(v);
   };
-  auto dk_part = [&](int t, float (&v)[8]) {  // dkhat tile t: columns ct = t / kRT
-    if (p.causal) load8f(p.dkp + (row + jw) * p.M + (t / kRT) * 16 + c0, v);
-    else zero8(v);
-  };
   prefetch_parts(k.warp, kRT * ET, pv, dv_part);
   stab_store(p, k, sr, /*query_side_only=*/false);
   key_valid(p, k);
-  async_wait<1>();  // W, keys (or khat, dT, v)
+  async_wait<2>();  // W, keys (or khat, dT, v)
   if (!load_feat) {
     x_norms(p, k);
     key_features(p, k);
-    async_wait<0>();  // dT, v
+    async_wait<1>();  // dT, v
   }
   fix_values(p, k);
-  prefetch_parts(k.warp, kRT * CT, pk, dk_part);
   // dv = kfac_j (khat dT) + A'^T Yb (causal: from back1) + ek G  (masked by valid).
   {
     T* dv = p.dv + (static_cast<int64_t>(k.bh) * p.Lk + k.row0) * Dv;
@@ -1585,16 +1607,26 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
     };
     tiles_with_parts(k.warp, kRT * ET, pv, tile, dv_part);
   }
+  if (load_feat) async_wait<1>();  // phi, Wm
+  else async_wait<0>();
   __syncthreads();
-  // dkhat = kfac_j (V dT^T) + Wm^T phi (causal: from back1); dpre_k = dkhat khat (softmax) or
+  // dkhat = kfac_j (V dT^T) + Wm^T phi (causal); dpre_k = dkhat khat (softmax) or
   // dkhat sM [khat > 0], written over khat; row sums into k.rs.
   {
     const int rt = k.warp % kRT, j = rt * 16 + rr;
     float rsum = 0.f;
-    auto tile = [&](int t, const float (&v2)[8]) {
+    for (int t = k.warp; t < kRT * CT; t += kWarps) {
       const int ct = t / kRT;
       Acc a1;
-      float v1[8];
+      float v1[8], v2[8];
+      if (p.causal) {
+        wmma::fill_fragment(a1, 0.f);
+        mma_acc<T, ColM, RowM>(a1, tileA<ColM>(k.gm, kLC, rt), kLC, tileB<RowM>(k.phi, k.lm, ct),
+                               k.lm, kC);
+        stage8(k.stage, a1, k.lane, v2);
+      } else {
+        zero8(v2);
+      }
       wmma::fill_fragment(a1, 0.f);
       mma_acc<T, RowM, ColM>(a1, tileA<RowM>(k.v, k.le, rt), k.le, tileB<ColM>(k.h, k.le, ct),
                              k.le, E1p);
@@ -1610,8 +1642,7 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
         rsum += v1[q];
       }
       store8(kh, v1);
-    };
-    tiles_with_parts(k.warp, kRT * CT, pk, tile, dk_part);
+    }
     if (load_feat) async_wait<0>();  // W
     finish_input_grads(p, k, k.kh, /*keys=*/true, rsum, j);
   }
@@ -1836,13 +1867,17 @@ detail::FavorGrads backward(const detail::FavorDims& d, const at::Tensor& grad_o
   at::Tensor dq = at::empty({d.B, d.H, d.Lq, d.D}, opts);
   at::Tensor dk = at::empty({d.B, d.H, d.Lk, d.D}, opts);
   at::Tensor dv = at::empty({d.B, d.H, d.Lk, d.Dv}, opts);
-  // Causal: back1's intra-chunk parts of dkhat and dv for back2 (fp32, see Params).
+  // Causal: back1's outputs for back2, as Params says: dvp (fp32), Wm and, without the
+  // forward's features, phi (bf16).
   at::Tensor part;
   if (causal) {
     const int64_t rows = p.BH * static_cast<int64_t>(p.nk) * kC, dvw = (p.Dv + 15) / 16 * 16;
-    part = at::empty({rows * (p.M + dvw)}, opts.dtype(at::kFloat));
-    p.dkp = part.data_ptr<float>();
-    p.dvp = p.dkp + rows * p.M;
+    const int64_t fwm = rows * dvw * 4, fph = fwm + rows * kC * 2;
+    part = at::empty({fph + (saved ? 0 : rows * p.M * 2)}, opts.dtype(at::kByte));
+    unsigned char* base = part.data_ptr<unsigned char>();
+    p.dvp = reinterpret_cast<float*>(base);
+    p.fwm = reinterpret_cast<T*>(base + fwm);
+    if (!saved) p.fph = reinterpret_cast<T*>(base + fph);
   }
   at::Tensor gst = at::empty({p.BH, p.nq, static_cast<int64_t>(p.M + 1) * p.E1p},
                              opts.dtype(at::kFloat));
