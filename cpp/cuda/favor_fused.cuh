@@ -219,6 +219,47 @@ __device__ __forceinline__ void mma_acc(Acc& acc, const T* A, int lda, const T* 
   }
 }
 
+// A warp's tiles of a (kC x 16 n) output: t = warp, warp + kWarps, ... < kRT n, all in row tile
+// warp % kRT (kWarps % kRT == 0), column tiles t / kRT. Loops over them in batches of up to kNT
+// (column tiles kCS apart) so that a batch's MMA chains run side by side and share their A
+// fragments: one tile at a time, every MMA waited for the one before it and for its own loads.
+constexpr int kNT = 4;
+constexpr int kCS = kWarps / kRT;
+template <int N = kNT>
+__device__ __forceinline__ int batch_count(int t0, int n_tiles) {
+  const int left = (n_tiles - t0 + kWarps - 1) / kWarps;
+  return left < N ? left : N;
+}
+
+// acc[u] += A (16 x K) B_u (K x 16) for u < cnt, B_u the column tile ct0 + u kCS of B (layouts
+// as in mma_acc).
+template <class T, class LA, class LB, int N>
+__device__ __forceinline__ void mma_acc_cols(Acc (&acc)[N], int cnt, const T* A, int lda,
+                                             const T* B, int ldb, int ct0, int K) {
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> fb[N];
+  const int da = std::is_same<LA, RowM>::value ? 16 : 16 * lda;
+  const int db = std::is_same<LB, RowM>::value ? 16 * ldb : 16;
+  const int64_t cs = std::is_same<LB, RowM>::value ? 16 * kCS : int64_t{16} * kCS * ldb;
+  B += std::is_same<LB, RowM>::value ? ct0 * 16 : static_cast<int64_t>(ct0) * 16 * ldb;
+  for (int k = 0; k < K; k += 16) {
+    load_shared(fa, A, lda);
+#pragma unroll
+    for (int u = 0; u < N; ++u)
+      if (u < cnt) load_shared(fb[u], B + u * cs, ldb);
+#pragma unroll
+    for (int u = 0; u < N; ++u)
+      if (u < cnt) wmma::mma_sync(acc[u], fa, fb[u], acc[u]);
+    A += da;
+    B += db;
+  }
+}
+template <int N>
+__device__ __forceinline__ void zero_accs(Acc (&acc)[N]) {
+#pragma unroll
+  for (int u = 0; u < N; ++u) wmma::fill_fragment(acc[u], 0.f);
+}
+
 // Tile origins (rt, ct in tiles of 16).
 template <class L, class T>
 __device__ __forceinline__ const T* tileA(const T* A, int lda, int rt) {
@@ -501,6 +542,14 @@ __device__ __forceinline__ void pre_tile(Acc& acc, const Blk<T>& k, int D, int r
                          D);
 }
 
+// pre_tile for a batch: cnt column tiles ct0 + u kCS of row tile rt (mma_acc_cols).
+template <class T>
+__device__ __forceinline__ void pre_tiles(Acc (&acc)[kNT], int cnt, const Blk<T>& k, int D, int rt,
+                                          int ct0) {
+  zero_accs(acc);
+  mma_acc_cols<T, RowM, ColM>(acc, cnt, tileA<RowM>(k.x, k.lx, rt), k.lx, k.w, k.lx, ct0, D);
+}
+
 // Combines the per-warp-group row partials in red[] with op (max or sum) into out[].
 __device__ __forceinline__ void combine_rows(const float* red, float* out, bool is_max) {
   __syncthreads();
@@ -603,16 +652,18 @@ __device__ void query_features(const Params<T>& p, Blk<T>& k) {
   // Softmax with at most kKeep tiles per warp (M <= 256): pass 1 keeps this lane's 8 values of
   // each tile in registers for pass 2 instead of recomputing them. (states_kernel recomputes:
   // it must stay within 64 registers for two blocks per SM.)
-  constexpr int kKeep = 4;
+  constexpr int kKeep = kNT;
   if (p.softmax && kRT * CT <= kKeep * kWarps) {
     float pre[kKeep][8];
     float mx = -INFINITY;
+    {
+      const int cnt = batch_count(k.warp, kRT * CT);
+      Acc accs[kNT];
+      pre_tiles(accs, cnt, k, p.D, rt, k.warp / kRT);
 #pragma unroll
-    for (int u = 0; u < kKeep; ++u) {
-      const int t = k.warp + u * kWarps;
-      if (t < kRT * CT) {
-        pre_tile(acc, k, p.D, rt, t / kRT);
-        stage8(k.stage, acc, k.lane, pre[u]);
+      for (int u = 0; u < kKeep; ++u) {
+        if (u >= cnt) continue;
+        stage8(k.stage, accs[u], k.lane, pre[u]);
 #pragma unroll
         for (int q = 0; q < 8; ++q) mx = fmaxf(mx, pre[u][q]);
       }
@@ -676,18 +727,24 @@ template <class T>
 __device__ void key_features(const Params<T>& p, Blk<T>& k) {
   const int CT = p.M / 16, rr = k.lane >> 1, c0 = (k.lane & 1) * 8;
   const int rt = k.warp % kRT, i = rt * 16 + rr;
-  Acc acc;
-  float v[8];
-  for (int t = k.warp; t < kRT * CT; t += kWarps) {
-    const int ct = t / kRT;
-    pre_tile(acc, k, p.D, rt, ct);
-    stage8(k.stage, acc, k.lane, v);
-    const bool ok = k.valid[i] != 0.f;
-    const float off = k.hn[i] + k.r[i];
+  const int n = kRT * CT;
+  const bool ok = k.valid[i] != 0.f;
+  const float off = k.hn[i] + k.r[i];
+  for (int t0 = k.warp; t0 < n; t0 += kNT * kWarps) {
+    const int cnt = batch_count(t0, n), ct0 = t0 / kRT;
+    Acc accs[kNT];
+    pre_tiles(accs, cnt, k, p.D, rt, ct0);
 #pragma unroll
-    for (int q = 0; q < 8; ++q)
-      v[q] = !ok ? 0.f : p.softmax ? p.sM * __expf(v[q] * p.xscale - off) : p.sM * fmaxf(v[q], 0.f);
-    store8(k.kh + i * k.lm + ct * 16 + c0, v);
+    for (int u = 0; u < kNT; ++u) {
+      if (u >= cnt) continue;
+      float v[8];
+      stage8(k.stage, accs[u], k.lane, v);
+#pragma unroll
+      for (int q = 0; q < 8; ++q)
+        v[q] = !ok ? 0.f
+               : p.softmax ? p.sM * __expf(v[q] * p.xscale - off) : p.sM * fmaxf(v[q], 0.f);
+      store8(k.kh + i * k.lm + (ct0 + u * kCS) * 16 + c0, v);
+    }
   }
   __syncthreads();
 }
@@ -1461,31 +1518,36 @@ __global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
   // dphi = (s Yb) H^T + Wm khat + yc; dpre = dphi (phi - ek) (softmax) or dphi sM [u > 0] (relu),
   // written over phi (no GEMM below reads phi), row sums into k.rs.
   {
-    const int rt = k.warp % kRT, i = rt * 16 + rr;
+    const int rt = k.warp % kRT, i = rt * 16 + rr, n = kRT * CT;
+    const float yci = k.yc[i];
     float rsum = 0.f;
-    for (int t = k.warp; t < kRT * CT; t += kWarps) {
-      const int ct = t / kRT;
-      wmma::fill_fragment(acc, 0.f);
-      mma_acc<T, RowM, ColM>(acc, tileA<RowM>(k.ys, k.le, rt), k.le, tileB<ColM>(k.h, k.le, ct),
-                             k.le, E1p);
+    for (int t0 = k.warp; t0 < n; t0 += kNT * kWarps) {
+      const int cnt = batch_count(t0, n), ct0 = t0 / kRT;
+      Acc accs[kNT];
+      zero_accs(accs);
+      mma_acc_cols<T, RowM, ColM>(accs, cnt, tileA<RowM>(k.ys, k.le, rt), k.le, k.h, k.le, ct0,
+                                  E1p);
       if (p.causal)
-        mma_acc<T, RowM, RowM>(acc, tileA<RowM>(k.gm, kLC, rt), kLC, tileB<RowM>(k.kh, k.lm, ct),
-                               k.lm, kC);
-      stage8(k.stage, acc, k.lane, v);
-      T* ph = k.phi + i * k.lm + ct * 16 + c0;
-      float phv[8];
-      load8(ph, phv);
-      const float yci = k.yc[i];
+        mma_acc_cols<T, RowM, RowM>(accs, cnt, tileA<RowM>(k.gm, kLC, rt), kLC, k.kh, k.lm, ct0,
+                                    kC);
 #pragma unroll
-      for (int q = 0; q < 8; ++q) {
-        const float phi = phv[q], dphi = v[q] + yci;
-        // relu: u > 0 exactly when the stored feature exceeds the stored eps
-        const float dpre = i >= k.rows ? 0.f
-                           : p.softmax ? dphi * (phi - p.ek) : (phi > ek_t ? dphi * p.sM : 0.f);
-        v[q] = Cvt<T>::f(Cvt<T>::t(dpre));  // the row sum of what is stored
-        rsum += v[q];
+      for (int u = 0; u < kNT; ++u) {
+        if (u >= cnt) continue;
+        stage8(k.stage, accs[u], k.lane, v);
+        T* ph = k.phi + i * k.lm + (ct0 + u * kCS) * 16 + c0;
+        float phv[8];
+        load8(ph, phv);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          const float phi = phv[q], dphi = v[q] + yci;
+          // relu: u > 0 exactly when the stored feature exceeds the stored eps
+          const float dpre = i >= k.rows ? 0.f
+                             : p.softmax ? dphi * (phi - p.ek) : (phi > ek_t ? dphi * p.sM : 0.f);
+          v[q] = Cvt<T>::f(Cvt<T>::t(dpre));  // the row sum of what is stored
+          rsum += v[q];
+        }
+        store8(ph, v);
       }
-      store8(ph, v);
     }
     if (loaded) async_wait<0>();  // W
     finish_input_grads(p, k, k.phi, /*keys=*/false, rsum, i);
@@ -1613,35 +1675,45 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
   // dkhat = kfac_j (V dT^T) + Wm^T phi (causal); dpre_k = dkhat khat (softmax) or
   // dkhat sM [khat > 0], written over khat; row sums into k.rs.
   {
-    const int rt = k.warp % kRT, j = rt * 16 + rr;
+    const int rt = k.warp % kRT, j = rt * 16 + rr, n = kRT * CT;
+    const float kf = k.kfac[j];
     float rsum = 0.f;
-    for (int t = k.warp; t < kRT * CT; t += kWarps) {
-      const int ct = t / kRT;
-      Acc a1;
-      float v1[8], v2[8];
+    // (batches of 2: 4 needed more than 128 registers)
+    constexpr int kN = 2;
+    for (int t0 = k.warp; t0 < n; t0 += kN * kWarps) {
+      const int cnt = batch_count<kN>(t0, n), ct0 = t0 / kRT;
+      Acc acc[kN];
+      float v2[kN][8];
+      zero_accs(acc);
       if (p.causal) {
-        wmma::fill_fragment(a1, 0.f);
-        mma_acc<T, ColM, RowM>(a1, tileA<ColM>(k.gm, kLC, rt), kLC, tileB<RowM>(k.phi, k.lm, ct),
-                               k.lm, kC);
-        stage8(k.stage, a1, k.lane, v2);
-      } else {
-        zero8(v2);
-      }
-      wmma::fill_fragment(a1, 0.f);
-      mma_acc<T, RowM, ColM>(a1, tileA<RowM>(k.v, k.le, rt), k.le, tileB<ColM>(k.h, k.le, ct),
-                             k.le, E1p);
-      stage8(k.stage, a1, k.lane, v1);
-      T* kh = k.kh + j * k.lm + ct * 16 + c0;
-      float khv[8];
-      load8(kh, khv);
-      const float kf = k.kfac[j];
+        mma_acc_cols<T, ColM, RowM>(acc, cnt, tileA<ColM>(k.gm, kLC, rt), kLC, k.phi, k.lm, ct0,
+                                    kC);
 #pragma unroll
-      for (int q = 0; q < 8; ++q) {
-        const float khat = khv[q], dk = kf * v1[q] + v2[q];
-        v1[q] = Cvt<T>::f(Cvt<T>::t(p.softmax ? dk * khat : (khat > 0.f ? dk * p.sM : 0.f)));
-        rsum += v1[q];
+        for (int u = 0; u < kN; ++u)
+          if (u < cnt) stage8(k.stage, acc[u], k.lane, v2[u]);
+        zero_accs(acc);
+      } else {
+#pragma unroll
+        for (int u = 0; u < kN; ++u) zero8(v2[u]);
       }
-      store8(kh, v1);
+      mma_acc_cols<T, RowM, ColM>(acc, cnt, tileA<RowM>(k.v, k.le, rt), k.le, k.h, k.le, ct0,
+                                  E1p);
+#pragma unroll
+      for (int u = 0; u < kN; ++u) {
+        if (u >= cnt) continue;
+        float v1[8];
+        stage8(k.stage, acc[u], k.lane, v1);
+        T* kh = k.kh + j * k.lm + (ct0 + u * kCS) * 16 + c0;
+        float khv[8];
+        load8(kh, khv);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          const float khat = khv[q], dk = kf * v1[q] + v2[u][q];
+          v1[q] = Cvt<T>::f(Cvt<T>::t(p.softmax ? dk * khat : (khat > 0.f ? dk * p.sM : 0.f)));
+          rsum += v1[q];
+        }
+        store8(kh, v1);
+      }
     }
     if (load_feat) async_wait<0>();  // W
     finish_input_grads(p, k, k.kh, /*keys=*/true, rsum, j);
