@@ -1586,9 +1586,9 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
   const int E1p = p.E1p, Dv = p.Dv, rr = k.lane >> 1, c0 = (k.lane & 1) * 8;
   const int CT = p.M / 16, ET = E1p / 16, DvT = (Dv + 15) / 16;
   const int64_t row = static_cast<int64_t>(k.bh) * p.nk * kC + k.row0;  // in dvp, fph, fwm
-  // cp.async groups: {W, keys}, then {dT, v} (filled while the key features are computed); with
-  // the forward's key features, {khat, dT, v}, then {W} (only dk needs it: waited for there).
-  // Causal calls add {phi, Wm} (back1's, for the intra-chunk part of dkhat) before {W}, or last.
+  // cp.async groups: {W, keys}, {dT, v} (filled while the key features are computed), {phi, Wm}
+  // (causal: back1's, for the intra-chunk part of dkhat); with the forward's key features,
+  // {khat, dT, v}, then {phi, Wm} and {W} (only dk needs it: waited for there).
   const bool load_feat = p.feat == kFeatLoad;
   const StabRegs sr = stab_fetch(p, k);
   auto issue_wm_phi = [&] {
@@ -1598,13 +1598,14 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
     }
     async_commit();
   };
+  // With the forward's features, {phi, Wm} and {W} go out only once the first group has landed:
+  // every block loads at the same time, and copies in flight together share HBM, so issuing
+  // them at once delayed the first group by their bytes (H100, 16k: 439 -> 424 us; the same
+  // change made back1 and forward_kernel slower, 608 -> 625 and 490 -> 513 us).
   if (load_feat) {
     copy_rows_async(k.kh, k.lm, p.fkh + feat_row0(p, k) * p.M, p.M, kC, kC, p.M);
     load_state(p, k, /*async=*/true);  // dT_c and G_c
     issue_values(p, k);
-    async_commit();
-    issue_wm_phi();
-    copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);
     async_commit();
   } else {
     copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);
@@ -1629,8 +1630,13 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
   prefetch_parts(k.warp, kRT * ET, pv, dv_part);
   stab_store(p, k, sr, /*query_side_only=*/false);
   key_valid(p, k);
-  async_wait<2>();  // W, keys (or khat, dT, v)
-  if (!load_feat) {
+  if (load_feat) {
+    async_wait<0>();  // khat, dT, v
+    issue_wm_phi();
+    copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);
+    async_commit();
+  } else {
+    async_wait<2>();  // W, keys
     x_norms(p, k);
     key_features(p, k);
     async_wait<1>();  // dT, v
