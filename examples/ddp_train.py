@@ -120,6 +120,10 @@ def main() -> None:
         dist.all_reduce(total)
         if rank == 0:
             print(f"epoch {epoch + 1}/{args.epochs}  loss {(total[0] / total[1]).item():.4f}", flush=True)
+    # Every rank reaches this point before any tears down: a rank that destroys its gloo group
+    # while a peer is still mid-collective can abort that peer ("terminate called without an
+    # active exception", seen once under load in CI-like runs).
+    dist.barrier()
     dist.destroy_process_group()
 
 
