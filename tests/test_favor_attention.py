@@ -524,6 +524,7 @@ FUSED_SIZES = [
     (1, 2, 64, 64, 32, 16, 32),    # exactly one chunk
     (1, 2, 1, 1, 16, 8, 16),       # one token
     (2, 2, 150, 150, 16, 24, 48),  # value dim != head dim
+    (1, 2, 200, 200, 64, 64, 256),  # softmax: the compile-time shape (kShapeD64M256); relu: generic
 ]
 
 

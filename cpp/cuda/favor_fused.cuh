@@ -447,6 +447,9 @@ __device__ void copy_rows_async(T* dst, int ld, const T* src, int64_t sl, int ro
   const bool vec = cols % kE == 0 && sl % kE == 0 && ld % kE == 0 &&
                    reinterpret_cast<uintptr_t>(src) % 16 == 0;
   if (vec) {
+    // (The index arithmetic also paces the issue: a cheaper loop (a shift per vector where
+    // vpr is a power of two) measured slower on an H200, 317 -> 344 us for back1 at 8k: copies of
+    // later groups issued sooner delay the first group's.)
     const int vpr = cols / kE, total = rows_total * vpr;
     const float rvpr = __frcp_rn(static_cast<float>(vpr));
     for (int idx = threadIdx.x; idx < total; idx += kThreads) {
@@ -815,10 +818,36 @@ __device__ __forceinline__ void stab_store(const Params<T>& p, Blk<T>& k, const 
 
 // ---------------------------------------------------------------------------------------------
 // Kernels
+//
+// Each big kernel comes in two instantiations: kShape = kShapeAny reads D, M, Dv, E1p and the
+// kernel choice from the parameters; kShapeD64M256 is the common Performer shape (softmax
+// kernel, head and value dim 64, 256 features), with those fixed at compile time. Every helper
+// is inlined into the kernel, so the constants reach every loop bound, shared-memory offset and
+// leading dimension, and every softmax/relu choice is made once: the WMMA operand addresses, the
+// copy loops' index arithmetic, the tile loops and the feature maps lose most of their integer
+// and branch instructions (the profile of the generic build: ~40% of its instructions were IMAD,
+// ISETP, BRA, LEA, SHF and LOP3).
+enum Shape { kShapeAny = 0, kShapeD64M256 = 1 };
+
+// Overwrites p's sizes with the constants of kShape (the host launched this instantiation only
+// for those sizes).
+// (The big kernels run one block per SM, their shared memory allows no more: their launch
+// bounds say so, else ptxas may cap them at 64 registers for two blocks and spill.)
+template <int kShape, class T>
+__device__ __forceinline__ void fix_shape(Params<T>& p) {
+  if constexpr (kShape == kShapeD64M256) {
+    p.softmax = true;
+    p.D = 64;
+    p.M = 256;
+    p.Dv = 64;
+    p.E1p = 80;
+  }
+}
 
 // Chunk states (see the top of the file). grid (nk, BH).
-template <class T>
+template <class T, int kShape>
 __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
+  fix_shape<kShape>(p);
   PANTHER_DYNAMIC_SMEM(smem);
   const Smem L = smem_layout(kStates, p.D, p.M, p.E1p, sizeof(T));
   Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lk);
@@ -1265,8 +1294,9 @@ __device__ void query_chunk_start(const Params<T>& p, Blk<T>& k, bool with_g) {
 }
 
 // Forward output. grid (nq, BH).
-template <class T>
-__global__ void __launch_bounds__(kThreads) forward_kernel(Params<T> p) {
+template <class T, int kShape>
+__global__ void __launch_bounds__(kThreads, 1) forward_kernel(Params<T> p) {
+  fix_shape<kShape>(p);
   PANTHER_DYNAMIC_SMEM(smem);
   const Smem L = smem_layout(kForward, p.D, p.M, p.E1p, sizeof(T));
   Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lq);
@@ -1279,13 +1309,25 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params<T> p) {
   T* out = p.out + k.b * p.o_sb + k.hd * p.o_sh + static_cast<int64_t>(k.row0) * p.o_sl;
   const bool save_y = p.feat == kFeatSave && p.fyo;
   const int64_t r0 = save_y ? feat_row0(p, k) : 0;
+  // Two columns per lane where every output row start is 4-byte aligned (E1p and Dv even: Y and
+  // fyo pairs are 8-byte aligned).
+  const bool pairs = p.Dv % 2 == 0 && p.o_sl % 2 == 0 && reinterpret_cast<uintptr_t>(out) % 4 == 0;
   for (int i = k.warp; i < (save_y ? kC : k.rows); i += kWarps) {  // (saved: every row written)
     const float den = Y[i * E1p + p.Dv];
     const float inv = den == 0.f ? 0.f : 1.f / den;
-    for (int e = k.lane; e < p.Dv; e += 32) {
-      const float o = Y[i * E1p + e] * inv;
-      if (i < k.rows) out[i * p.o_sl + e] = Cvt<T>::t(o);
-      if (save_y) p.fyo[(r0 + i) * p.Dv + e] = o;
+    if (pairs) {
+      for (int e = 2 * k.lane; e < p.Dv; e += 64) {
+        const Two<float> y = load_two(Y + i * E1p + e);
+        const float o0 = y.v[0] * inv, o1 = y.v[1] * inv;
+        if (i < k.rows) store_two(out + i * p.o_sl + e, Cvt<T>::t(o0), Cvt<T>::t(o1));
+        if (save_y) store_two(p.fyo + (r0 + i) * p.Dv + e, o0, o1);
+      }
+    } else {
+      for (int e = k.lane; e < p.Dv; e += 32) {
+        const float o = Y[i * E1p + e] * inv;
+        if (i < k.rows) out[i * p.o_sl + e] = Cvt<T>::t(o);
+        if (save_y) p.fyo[(r0 + i) * p.Dv + e] = o;
+      }
     }
     if (save_y && k.lane == 0) p.fdn[r0 + i] = den;
   }
@@ -1412,8 +1454,9 @@ __device__ float wm_block(const Params<T>& p, Blk<T>& k) {
 }
 
 // Backward pass 1: Yb, dq, gradient states, back2's intra-chunk parts (causal). grid (nq, BH).
-template <class T>
-__global__ void __launch_bounds__(kThreads) back1_kernel(Params<T> p) {
+template <class T, int kShape>
+__global__ void __launch_bounds__(kThreads, 1) back1_kernel(Params<T> p) {
+  fix_shape<kShape>(p);
   PANTHER_DYNAMIC_SMEM(smem);
   const Smem L = smem_layout(kBack1, p.D, p.M, p.E1p, sizeof(T));
   Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lq);
@@ -1578,8 +1621,9 @@ __device__ __forceinline__ void tiles_with_parts(int warp, int n, const float (&
 }
 
 // Backward pass 2: dk, dv. grid (nk, BH).
-template <class T>
-__global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
+template <class T, int kShape>
+__global__ void __launch_bounds__(kThreads, 1) back2_kernel(Params<T> p) {
+  fix_shape<kShape>(p);
   PANTHER_DYNAMIC_SMEM(smem);
   const Smem L = smem_layout(kBack2, p.D, p.M, p.E1p, sizeof(T));
   Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lk);
@@ -1734,7 +1778,9 @@ __global__ void __launch_bounds__(kThreads) back2_kernel(Params<T> p) {
 #include <ATen/ATen.h>
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <optional>
+#include <string>
 
 #include "kernels/favor_attention.h"
 
@@ -1882,6 +1928,29 @@ struct Run {
     }
   }
 
+  // Whether the kShapeD64M256 instantiations run this call (PANTHER_FAVOR_SHAPE=any forces the
+  // generic ones, for comparisons).
+  bool fixed_shape() const {
+    static const bool allowed = [] {
+      const char* e = std::getenv("PANTHER_FAVOR_SHAPE");
+      return !(e && std::string(e) == "any");
+    }();
+    return allowed && p.softmax && p.D == 64 && p.M == 256 && p.Dv == 64;
+  }
+
+  // Launches Fixed(p) or Any(p) (the kShapeD64M256 and the generic instantiation of one of the
+  // big kernels), as fixed_shape says, on grid (n, BH) with `kind`'s shared memory. (Template
+  // arguments, so that each kernel gets launch sites of its own: see launch.cuh.)
+  template <auto Fixed, auto Any>
+  void launch(int n, int kind) {
+    const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(p.BH)), block(kThreads);
+    if (fixed_shape()) {
+      PANTHER_LAUNCH(Fixed, grid, block, layout[kind].total, p);
+    } else {
+      PANTHER_LAUNCH(Any, grid, block, layout[kind].total, p);
+    }
+  }
+
   // Forward: the key states p.st (n = nk); backward (grad): the gradient states p.gst (n = nq).
   void scan(bool grad) {
     const int64_t ME = static_cast<int64_t>(p.M) * p.E1p;
@@ -1905,8 +1974,7 @@ struct Run {
 
   // Key states, stabilisers and the scanned (forward) states H.
   void states() {
-    const dim3 block(kThreads);
-    PANTHER_LAUNCH(states_kernel<T>, dim3(p.nk, p.BH), block, layout[kStates].total, p);
+    launch<&states_kernel<T, kShapeD64M256>, &states_kernel<T, kShapeAny>>(p.nk, kStates);
     PANTHER_LAUNCH(stab_kernel<T>, dim3(p.BH), dim3(1024), 2 * 1024 * sizeof(float), p);
     scan(/*grad=*/false);
   }
@@ -1924,8 +1992,8 @@ at::Tensor forward(const detail::FavorDims& d, const at::Tensor& query, const at
   run.p.out = reinterpret_cast<T*>(out.data_ptr());
   run.p.o_sb = out.stride(0), run.p.o_sh = out.stride(1), run.p.o_sl = out.stride(2);
   run.states();
-  PANTHER_LAUNCH(forward_kernel<T>, dim3(run.p.nq, run.p.BH), dim3(kThreads),
-                       run.layout[kForward].total, run.p);
+  run.template launch<&forward_kernel<T, kShapeD64M256>, &forward_kernel<T, kShapeAny>>(run.p.nq,
+                                                                                      kForward);
   return out;
 }
 
@@ -1967,12 +2035,10 @@ detail::FavorGrads backward(const detail::FavorDims& d, const at::Tensor& grad_o
   p.dv = reinterpret_cast<T*>(dv.data_ptr());
   p.dW = want[3] ? dW.data_ptr<float>() : nullptr;
   if (!saved) run.states();
-  PANTHER_LAUNCH(back1_kernel<T>, dim3(p.nq, p.BH), dim3(kThreads),
-                       run.layout[kBack1].total, p);
+  run.template launch<&back1_kernel<T, kShapeD64M256>, &back1_kernel<T, kShapeAny>>(p.nq, kBack1);
   // Gradient states: the reverse scan (causal) or the total (non-causal) of dH.
   run.scan(/*grad=*/true);
-  PANTHER_LAUNCH(back2_kernel<T>, dim3(p.nk, p.BH), dim3(kThreads),
-                       run.layout[kBack2].total, p);
+  run.template launch<&back2_kernel<T, kShapeD64M256>, &back2_kernel<T, kShapeAny>>(p.nk, kBack2);
   detail::FavorGrads out;
   if (want[0]) std::get<0>(out) = dq;
   if (want[1]) std::get<1>(out) = dk;

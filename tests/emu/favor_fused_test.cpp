@@ -121,6 +121,11 @@ int main(int argc, char** argv) {
       {1, 1, 200, 200, 32, 16, 32, true, true, false, false, 4.0, bf},
       {1, 1, 130, 130, 32, 16, 32, true, true, true, false, 30.0, bf},
       {1, 1, 140, 140, 16, 16, 32, true, false, true, false, 30.0, bf},
+      // The kShapeD64M256 instantiations (softmax, D = Dv = 64, M = 256), causal and not.
+      {1, 1, 130, 130, 64, 64, 256, true, true, true, true, 1.0, bf},
+      {1, 1, 70, 150, 64, 64, 256, true, false, true, false, 4.0, bf},
+      // The same sizes with relu take the generic instantiations.
+      {1, 1, 100, 100, 64, 64, 256, false, true, false, false, 1.0, bf},
   };
   if (std::getenv("EMU_CASE")) {  // B,H,Lq,Lk,D,Dv,M,softmax,causal,masked,strided,scale
     Case c{};
