@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command for the GPU machine (H100, torch + CUDA in plain python3, nvcc, cmake, ninja,
+# The one command for the GPU machine (H100 or H200, torch + CUDA in plain python3, nvcc, cmake, ninja,
 # nanobind, scikit-build-core, pytest; no network). In order:
 #   1. versions (nvidia-smi, torch, nvcc, cmake) and the commit measured;
 #   2. build + install Panther with CUDA kernels (sm_90) into a private target dir (no network);
@@ -12,12 +12,14 @@
 # One failing stage does not stop the others; the exit status is non-zero when any stage failed.
 # Logs and tables go to $OUT when set (the device tool copies back its files: at most 8, kept
 # flat here), else to /tmp/panther-gpu-check:
-#   gpu-check.log  pytest.log  deploy.log  h100-linear.md  h100-attention.md  h100-cpp.md/.json
+#   gpu-check.log  pytest.log  deploy.log  TAG-linear.md  TAG-attention.md  TAG-cpp.md/.json
+#   (TAG: the GPU model in lower case, h100 or h200, from nvidia-smi; else "gpu")
 #   (CSV copies of the Python tables stay in /tmp: the device returns at most 8 files)
 # Time: the whole run aims to fit PANTHER_GPU_CHECK_BUDGET seconds (default 540); each stage gets
 # a timeout that leaves room for the stages after it. Stages can be switched off to split the
 # check over two calls of a device with a per-command limit: PANTHER_GPU_TESTS=0 (pytest),
-# PANTHER_GPU_BENCH=0 (Python benchmarks), PANTHER_GPU_DEPLOY=0 (scripts/deploy_check.sh cuda:
+# PANTHER_GPU_BENCH=0 (Python benchmarks; PANTHER_GPU_BENCH_LINEAR=0 only bench_linear.py),
+# PANTHER_GPU_DEPLOY=0 (scripts/deploy_check.sh cuda:
 # TorchScript and AOTInductor models exported for CUDA, loaded and run from C++).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +46,9 @@ limit() {
 
 # ------------------------------------------------------------------ 1. versions, commit
 stage "versions"
+TAG=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o -E 'H[0-9]{3}' | tr 'H' 'h')
+TAG=${TAG:-gpu}
+echo "result files: $TAG-*.md"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || echo "nvidia-smi failed"
 "$PY" - <<'EOF' 2>&1 || echo "python3 cannot import torch"
 import sys, torch
@@ -150,17 +155,19 @@ fi
 
 # ------------------------------------------------------------------ 4. Python benchmarks
 if [ "${PANTHER_GPU_BENCH:-1}" = 1 ]; then
+if [ "${PANTHER_GPU_BENCH_LINEAR:-1}" = 1 ]; then
 stage "bench_linear.py --device cuda"
 timeout "$(limit 120 110)" "$PY" bench/python/bench_linear.py --device cuda \
-  --markdown "$RES/h100-linear.md" --csv /tmp/panther-h100-linear.csv >/tmp/panther-bench-linear.out 2>&1
+  --markdown "$RES/$TAG-linear.md" --csv /tmp/panther-$TAG-linear.csv >/tmp/panther-bench-linear.out 2>&1
 rc=$?
 grep -E "^(done|FAILED)|Error|error" /tmp/panther-bench-linear.out | tail -20
 if [ $rc -eq 0 ]; then record bench_linear ok; else
   tail -20 /tmp/panther-bench-linear.out; record bench_linear "FAILED (rc $rc; 124 = timeout)"; fi
+fi
 
 stage "bench_attention.py --device cuda"
 timeout "$(limit 170 40)" "$PY" bench/python/bench_attention.py --device cuda \
-  --markdown "$RES/h100-attention.md" --csv /tmp/panther-h100-attention.csv >/tmp/panther-bench-attention.out 2>&1
+  --markdown "$RES/$TAG-attention.md" --csv /tmp/panther-$TAG-attention.csv >/tmp/panther-bench-attention.out 2>&1
 rc=$?
 grep -E "^(done|FAILED|bench_attention)|Error|error" /tmp/panther-bench-attention.out | tail -40
 if [ $rc -eq 0 ]; then
@@ -185,11 +192,11 @@ elif [ -z "$BENCH_BIN" ]; then
   record bench_cpp "FAILED (not built)"
 else
   timeout "$(limit 120 5)" "$BENCH_BIN" --benchmark_filter=/cuda/ --benchmark_min_time=0.05 \
-    --benchmark_out="$RES/h100-cpp.json" --benchmark_out_format=json >/tmp/panther-bench-cpp.out 2>&1
+    --benchmark_out="$RES/$TAG-cpp.json" --benchmark_out_format=json >/tmp/panther-bench-cpp.out 2>&1
   rc=$?
   head -3 /tmp/panther-bench-cpp.out
-  "$PY" bench/cpp/results_to_markdown.py "$RES/h100-cpp.json" "$RES/h100-cpp.md" \
-    "C++ microbenchmarks (panther_bench, CUDA)" 2>&1 || echo "could not convert $RES/h100-cpp.json"
+  "$PY" bench/cpp/results_to_markdown.py "$RES/$TAG-cpp.json" "$RES/$TAG-cpp.md" \
+    "C++ microbenchmarks (panther_bench, CUDA)" 2>&1 || echo "could not convert $RES/$TAG-cpp.json"
   if [ $rc -eq 0 ]; then record bench_cpp ok; else
     tail -20 /tmp/panther-bench-cpp.out; record bench_cpp "FAILED (rc $rc; 124 = timeout)"; fi
 fi
@@ -202,7 +209,7 @@ for s in "${ORDER[@]}"; do
   case "${STATUS[$s]}" in FAILED*) fail=1 ;; esac
 done
 echo "  results in $RES: $(cd "$RES" && ls | tr '\n' ' ')"
-for f in h100-cpp.md h100-attention.md h100-linear.md; do
+for f in $TAG-cpp.md $TAG-attention.md $TAG-linear.md; do
   if [ -f "$RES/$f" ]; then
     echo; echo "==== $f"; cat "$RES/$f"
   fi

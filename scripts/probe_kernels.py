@@ -88,13 +88,14 @@ if "linear" in SECTIONS:
         kernels("SKLinear fwd N=64", lambda: sk(x64))
     kernels("SKLinear fwd+bwd N=64", fb_sk)
 
+op = torch.ops.panther.favor_attention
 if "attention" in SECTIONS:
-    L = 16384
-    q, k, v = (torch.randn(1, 12, L, 64, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
-    W = torch.randn(256, 64, device=dev, dtype=dt)
-    go = torch.randn(1, 12, L, 64, device=dev, dtype=dt)
-    op = torch.ops.panther.favor_attention
-    kernels("favor causal fwd+bwd 16k", lambda: torch.autograd.grad(op(q, k, v, W, "softmax", True, None), [q, k, v], go))
+    import os
+    for L in [int(s) for s in os.environ.get("PROBE_LENGTHS", "16384").split(",")]:
+        q, k, v = (torch.randn(1, 12, L, 64, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
+        W = torch.randn(256, 64, device=dev, dtype=dt)
+        go = torch.randn(1, 12, L, 64, device=dev, dtype=dt)
+        kernels(f"favor causal fwd+bwd {L}", lambda: torch.autograd.grad(op(q, k, v, W, "softmax", True, None), [q, k, v], go))
 
 if "module" in SECTIONS:
     m = pr.nn.RandMultiHeadAttention(768, 12, 256, iscausal=True, device=dev, dtype=dt)
