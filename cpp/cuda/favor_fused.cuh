@@ -447,9 +447,10 @@ __device__ void copy_rows_async(T* dst, int ld, const T* src, int64_t sl, int ro
   const bool vec = cols % kE == 0 && sl % kE == 0 && ld % kE == 0 &&
                    reinterpret_cast<uintptr_t>(src) % 16 == 0;
   if (vec) {
-    // (The index arithmetic also paces the issue: a cheaper loop (a shift per vector where
-    // vpr is a power of two) measured slower on an H200, 317 -> 344 us for back1 at 8k: copies of
-    // later groups issued sooner delay the first group's.)
+    // (A cheaper index (a shift per vector where vpr is a power of two) measured slower on an
+    // H200 for the generic instantiations, back1 at 8k 317 -> 344 us, forward 250 -> 262, as a
+    // one-column-per-thread loop did on the H100: our reading is that the copies of later groups,
+    // issued sooner, delay the first group's.)
     const int vpr = cols / kE, total = rows_total * vpr;
     const float rvpr = __frcp_rn(static_cast<float>(vpr));
     for (int idx = threadIdx.x; idx < total; idx += kThreads) {
@@ -829,10 +830,11 @@ __device__ __forceinline__ void stab_store(const Params<T>& p, Blk<T>& k, const 
 // ISETP, BRA, LEA, SHF and LOP3).
 enum Shape { kShapeAny = 0, kShapeD64M256 = 1 };
 
+// (forward, back1 and back2 run one block per SM, their shared memory allows no more: their
+// launch bounds say so, else ptxas may cap them at 64 registers for two blocks and spill.)
+
 // Overwrites p's sizes with the constants of kShape (the host launched this instantiation only
 // for those sizes).
-// (The big kernels run one block per SM, their shared memory allows no more: their launch
-// bounds say so, else ptxas may cap them at 64 registers for two blocks and spill.)
 template <int kShape, class T>
 __device__ __forceinline__ void fix_shape(Params<T>& p) {
   if constexpr (kShape == kShapeD64M256) {
