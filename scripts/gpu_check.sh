@@ -36,11 +36,13 @@ declare -A STATUS=()
 ORDER=()
 record() { STATUS[$1]=$2; ORDER+=("$1"); }
 stage() { echo; echo "==== $* [$(date -u +%H:%M:%S), $((SECONDS - T0)) s since start]"; }
-# limit WANTED RESERVE: seconds for a stage, leaving RESERVE for later stages (at least 30).
+# limit WANTED RESERVE [FLOOR]: seconds for a stage, leaving RESERVE for later stages, but at
+# least FLOOR (default 30: the build gets 180, since a small budget once left it 30 s and
+# failed every stage after it).
 limit() {
-  local left=$(( BUDGET - (SECONDS - T0) - $2 )) want=$1
+  local left=$(( BUDGET - (SECONDS - T0) - $2 )) want=$1 floor=${3:-30}
   (( left < want )) && want=$left
-  (( want < 30 )) && want=30
+  (( want < floor )) && want=$floor
   echo "$want"
 }
 
@@ -102,18 +104,18 @@ build_package() {  # build_package BENCH(ON|OFF) TIMEOUT
 }
 if [ $HAVE_GBENCH = 1 ]; then
   stage "build: pip install --no-build-isolation --target $SITE (PANTHER_WITH_CUDA=ON, sm_90, with panther_bench)"
-  build_package ON "$(limit 300 240)"
+  build_package ON "$(limit 300 240 180)"
   rc=$?
   if [ $rc -ne 0 ] && grep -q -E "FAILED: bench/cpp|CMake Error at bench/cpp" "$BUILD_LOG"; then
     echo "the C++ benchmark did not build (rc $rc); last lines:"; tail -40 "$BUILD_LOG"
     echo "rebuilding without the C++ benchmark"
     HAVE_GBENCH=0
-    build_package OFF "$(limit 300 240)"
+    build_package OFF "$(limit 300 240 180)"
     rc=$?
   fi
 else
   stage "build: pip install --no-build-isolation --target $SITE (PANTHER_WITH_CUDA=ON, sm_90)"
-  build_package OFF "$(limit 300 240)"
+  build_package OFF "$(limit 300 240 180)"
   rc=$?
 fi
 if [ $rc -eq 0 ]; then
