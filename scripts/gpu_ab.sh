@@ -20,9 +20,10 @@ if [ -n "${AB_TESTS:-}" ]; then
 fi
 have_a=0
 if [ -d "$BASE" ]; then
-  mkdir -p /tmp/ab-keep
+  rm -rf /tmp/ab-keep; mkdir -p /tmp/ab-keep
   (cd "$BASE" && find . -type f) | while read -r f; do mkdir -p "/tmp/ab-keep/$(dirname $f)"; cp "$f" "/tmp/ab-keep/$f"; cp "$BASE/$f" "$f"; done
   build /tmp/site-A; echo "built A in $((SECONDS - t0)) s"; have_a=1
+  cp -r /tmp/ab-keep/. .  # the tree as it was (B's files)
 fi
 for r in 1 2; do
   [ $have_a = 1 ] && PYTHONPATH=/tmp/site-A python3 scripts/probe_ab.py A 2>&1 | grep -v Warning

@@ -1,6 +1,6 @@
 """Developer probe (not part of the suite): causal favor_attention (bf16, B=1, 12 x 64 heads,
 M=256) against SDPA at a few lengths, fwd and fwd+bwd, medians of CUDA-event timings with the
-two measured round-robin; then GPU time per kernel of the op's fwd+bwd. Run once per build
+two measured round-robin (common.time_fns, as bench_attention.py); then GPU time per kernel of the op's fwd+bwd. Run once per build
 (scripts/gpu_ab.sh runs it for two builds of the same tree, A/B).
 Usage: python3 scripts/probe_ab.py [LABEL]    env: PROBE_LENGTHS (default 8192,16384)"""
 import os
@@ -12,25 +12,18 @@ from torch.profiler import ProfilerActivity, profile
 
 import panther  # noqa: F401
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "python"))
+import common as C  # noqa: E402
+
 label = sys.argv[1] if len(sys.argv) > 1 else "build"
 dev, dt = "cuda", torch.bfloat16
 op = torch.ops.panther.favor_attention
 
 
-def median_ms(fns, reps=40, warm=5):
-    for f in fns.values():
-        for _ in range(warm):
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            f()
-            e.record()
-            torch.cuda.synchronize()
-            times[k].append(s.elapsed_time(e))
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+def median_ms(fns):
+    """Medians of the benchmarks' round-robin CUDA-event timing (bench/python/common.py)."""
+    t = C.time_fns(fns, torch.device(dev), warmup=5, reps=40, min_reps=40, budget_s=60.0)
+    return {k: v.median_ms for k, v in t.items()}
 
 
 torch.manual_seed(0)

@@ -3,6 +3,7 @@ the calls whose targets are missed: SKLinear bf16 forward at 8192 tokens, SKLine
 forward+backward at 64 tokens, causal favor_attention forward+backward at 16k (bf16, 12 x 64
 heads, M=256) and the RandMultiHeadAttention forward at 1k.
 Usage: python3 scripts/probe_kernels.py [linear] [attention] [module]   (default: all three)"""
+import os
 import sys
 import time
 
@@ -90,7 +91,6 @@ if "linear" in SECTIONS:
 
 op = torch.ops.panther.favor_attention
 if "attention" in SECTIONS:
-    import os
     for L in [int(s) for s in os.environ.get("PROBE_LENGTHS", "16384").split(",")]:
         q, k, v = (torch.randn(1, 12, L, 64, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
         W = torch.randn(256, 64, device=dev, dtype=dt)
