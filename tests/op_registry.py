@@ -184,8 +184,10 @@ def sketched_linear_sample_inputs(device: str, dtype: torch.dtype) -> List[Sampl
 
 
 def sketched_linear_dynamic_samples(device: str) -> List[Sample]:
-    # Leading dims vary (tokens); sizes >= 2 (0/1 are specialised by design) and distinct.
-    return [Sample(f"tokens={n}", _sl_args((2, n), 6, 5, 2, 3, seed=n, device=device)) for n in (3, 7, 12)]
+    # Both leading dims vary. The first sample is the one compiled: its batch/token sizes are
+    # >= 2 and differ from d_in=6, d_out=4, L=2, k=5 (see test_conformance.check_dynamic_sizes).
+    return [Sample(f"batch={b},tokens={n}", _sl_args((b, n), 6, 4, 2, 5, seed=n, device=device))
+            for b, n in ((3, 7), (4, 9), (2, 13))]
 
 
 def sketched_linear_error_inputs(device: str) -> List[ErrorInput]:
@@ -259,9 +261,10 @@ def favor_attention_sample_inputs(device: str, dtype: torch.dtype) -> List[Sampl
 
 
 def favor_attention_dynamic_samples(device: str) -> List[Sample]:
-    # Batch and sequence length vary (non-causal, Lq == Lk) and stay distinct from every other dim.
+    # Batch and sequence length vary (non-causal, Lq == Lk). The first sample is the one compiled:
+    # B and L differ from H=2, D=4, Dv=3, M=6 (see test_conformance.check_dynamic_sizes).
     return [Sample(f"B={b},L={n}", _fa_args(b, 2, n, n, 4, 3, 6, "softmax", False, seed=n, device=device))
-            for b, n in ((2, 9), (3, 13), (5, 21))]
+            for b, n in ((5, 9), (3, 13), (2, 21))]
 
 
 def favor_attention_error_inputs(device: str) -> List[ErrorInput]:

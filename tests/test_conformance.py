@@ -196,30 +196,47 @@ def test_meta(entry: OpEntry, device):
                         f"{what}: meta strides {f.stride()}, real {r.stride()}"
 
 
+def check_dynamic_sizes(entry: OpEntry, sample: Sample) -> None:
+    """The first dynamic sample is the one traced: its varying dims must be >= 2 (0 and 1 are
+    specialised by design) and differ from every fixed dim, because dynamo gives dims of equal
+    size one symbol ("duck shaping"), so a guard on a fixed dim would pin the varying one."""
+    varying, fixed = {}, set()
+    for spec, a in zip(entry.dynamic_dims, sample.args):
+        if not isinstance(a, Tensor):
+            continue
+        for d, n in enumerate(a.shape):
+            if spec and d in spec:
+                varying[f"{spec[d]}"] = n
+            else:
+                fixed.add(n)
+    assert varying, f"{entry.name}: dynamic_dims names no dim"
+    for name, n in varying.items():
+        assert n >= 2 and n not in fixed, (
+            f"{entry.name}: the first dynamic sample's {name}={n} must be >= 2 and differ from the fixed "
+            f"sizes {sorted(fixed)} (choose other sizes in the factory)")
+
+
 @pytest.mark.parametrize("entry,device", cases("compile_dynamic"))
 def test_compile_dynamic(entry: OpEntry, device):
     """torch.compile(fullgraph=True, dynamic=True, backend="aot_eager") compiles ONCE for every
     size of ``dynamic_samples`` and matches eager, forward and backward."""
-    import torch.fx.experimental._config as fx_config
     from torch._dynamo.testing import CompileCounterWithBackend
 
     samples = entry.dynamic_samples(device)
     assert len(samples) >= 3
+    check_dynamic_sizes(entry, samples[0])
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(lambda *a: entry.op(*a), fullgraph=True, dynamic=True, backend=counter)
-    # Duck shaping gives equal-sized dims one symbol, so a guard on one (a sketch size) would pin
-    # an unrelated dim (a token count) that happens to have the same size in the first sample.
-    with fx_config.patch(use_duck_shape=False):
-        for s in samples:
-            fn, inputs = as_function(entry, s)
-            eager = entry.op(*s.args)
-            got = compiled(*s.args)
-            torch.testing.assert_close(got, eager)
-            if inputs:
-                g = fixed_grad(eager)
-                for a, b in zip(grads(got, inputs, g), grads(eager, inputs, g)):
-                    torch.testing.assert_close(a, b)
+    for s in samples:
+        fn, inputs = as_function(entry, s)
+        eager = entry.op(*s.args)
+        got = compiled(*s.args)
+        torch.testing.assert_close(got, eager)
+        if inputs:
+            g = fixed_grad(eager)
+            for a, b in zip(grads(got, inputs, g), grads(eager, inputs, g)):
+                torch.testing.assert_close(a, b)
     torch._dynamo.reset()
     assert counter.frame_count == 1, f"{entry.name}: compiled {counter.frame_count} times for {len(samples)} sizes"
 
