@@ -6,7 +6,10 @@ every registry entry and device, plus the meta-tests that keep the registry comp
 
 * ``test_every_op_is_registered``: each op of the namespace has an entry (and no entry is stale);
 * ``test_every_entry_has_every_check``: each entry supplies what every check needs, or (private
-  ops only) names the check in ``exempt`` with a reason; every check has its test here.
+  ops only) names the check in ``exempt`` with a reason; every check has its test here;
+* ``test_public_schemas_are_frozen``: every public op's schema is in docs/compatibility.md's table
+  and the live schema is backward compatible with it (only trailing arguments with defaults may
+  be added).
 
 Known bugs are ``xfail(strict=True)`` entries of the registry: the suite is green today and fails
 as soon as a bug is fixed, so that the marker gets removed. ``cuda`` parameters run on a GPU
@@ -15,6 +18,7 @@ machine and are skipped elsewhere. Small sizes: the whole file runs in well unde
 """
 
 import io
+import os
 import re
 
 import pytest
@@ -111,10 +115,6 @@ def to_meta(a):
     return a
 
 
-def other_size(samples):
-    return samples[-1]
-
-
 # ---------------------------------------------------------------------------------------------
 # the checks
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +155,7 @@ def test_gradcheck(entry: OpEntry, device):
     assert checked, f"{entry.name}: the factory gives no sample that requires grad"
 
 
+@pytest.mark.filterwarnings("ignore:.*an autograd kernel was not registered:UserWarning")
 @pytest.mark.parametrize("entry,device", cases("gradgradcheck"))
 def test_gradgradcheck(entry: OpEntry, device):
     checked = 0
@@ -229,7 +230,7 @@ def test_compile_dynamic(entry: OpEntry, device):
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(lambda *a: entry.op(*a), fullgraph=True, dynamic=True, backend=counter)
     for s in samples:
-        fn, inputs = as_function(entry, s)
+        _, inputs = as_function(entry, s)
         eager = entry.op(*s.args)
         got = compiled(*s.args)
         torch.testing.assert_close(got, eager)
@@ -409,3 +410,29 @@ def test_factories_cover_the_axes():
         grad_sets = {tuple(t.requires_grad for t in ts) for ts in tensors}
         assert len(grad_sets) >= 3, f"{e.name}: fewer than 3 different requires-grad sets"
         assert any(not any(g) for g in grad_sets), f"{e.name}: no sample without grad"
+
+
+COMPATIBILITY_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "compatibility.md")
+
+
+def frozen_schemas():
+    """The public schemas of docs/compatibility.md's table: ``| `panther::op` | `schema` |`` rows."""
+    with open(COMPATIBILITY_DOC) as f:
+        rows = re.findall(r"^\| `panther::(\w+)` \| `(.+?)` \|\s*$", f.read(), re.M)
+    return {name: torch._C.parse_schema("panther::" + schema) for name, schema in rows}
+
+
+def test_public_schemas_are_frozen():
+    frozen = frozen_schemas()
+    assert frozen, f"no schema table found in {COMPATIBILITY_DOC}"
+    public = {n for n in reg.namespace_ops() if not n.startswith("_")}
+    missing = sorted(public - set(frozen))
+    assert not missing, f"public ops missing from the schema table of docs/compatibility.md: {missing}"
+    removed = sorted(set(frozen) - public)
+    assert not removed, f"public ops are never removed (docs/compatibility.md), but these are gone: {removed}"
+    for name in sorted(public):
+        live = getattr(torch.ops.panther, name).default._schema
+        assert live.is_backward_compatible_with(frozen[name]), (
+            f"panther::{name}'s schema changed incompatibly: was {frozen[name]}, now {live}. Public schemas "
+            f"are frozen (docs/compatibility.md): only trailing arguments with defaults may be added; "
+            f"otherwise add a new op")
