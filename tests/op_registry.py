@@ -91,6 +91,8 @@ class OpEntry:
     # reference check tolerance per dtype: |out - ref| <= atol * max(1, max|ref|) + rtol * |ref|
     tol: Dict[torch.dtype, Tuple[float, float]] = field(default_factory=dict)
     gradcheck_kwargs: dict = field(default_factory=dict)
+    # dtypes of the samples torch.library.opcheck runs on (it is the slowest check).
+    opcheck_dtypes: Tuple[torch.dtype, ...] = (torch.float32,)
     # (device) -> >= 3 samples of one structure differing only in the dims of ``dynamic_dims``.
     dynamic_samples: Optional[Callable[[str], List[Sample]]] = None
     # per positional arg: {dim index: name} of the dims that vary (export's Dim); None = static.
@@ -348,10 +350,15 @@ _INTERNAL = ("internal op: reached only through {public}, whose entry runs this 
              "(the check needs the public op's semantics)")
 
 
-def _private(name, public, factory, runs=("opcheck", "meta"), devices_=None, why=None):
+def _private(name, public, factory, runs=("opcheck", "meta"), devices_=None, why=None,
+             dtypes=(torch.float64, torch.float32), opcheck_dtypes=(torch.float32,)):
     exempt = {c: (why or _INTERNAL).format(public=public) for c in CHECKS if c not in runs}
     return OpEntry(name=name, sample_inputs=factory, private=True, exempt=exempt,
-                   devices=devices_ or devices(), dtypes=(torch.float64, torch.float32))
+                   devices=devices_ or devices(), dtypes=dtypes, opcheck_dtypes=opcheck_dtypes)
+
+
+# The fused CUDA kernels of FAVOR+ take bf16 only: the attention halves are also checked in bf16.
+_FAVOR_PRIVATE_DTYPES = dict(dtypes=(torch.float32, torch.bfloat16), opcheck_dtypes=(torch.float32, torch.bfloat16))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,8 +411,9 @@ REGISTRY: List[OpEntry] = [
     _private("_sketched_linear_fwd", "sketched_linear", _sketched_linear_fwd_sample_inputs),
     _private("_sketched_linear_backward", "sketched_linear", _sketched_linear_backward_sample_inputs),
     _private("_favor_attention_forward", "favor_attention", _favor_attention_forward_sample_inputs,
-             devices_=("cuda",)),  # the fused CUDA forward; no CPU kernel
-    _private("_favor_attention_backward", "favor_attention", _favor_attention_backward_sample_inputs),
+             devices_=("cuda",), **_FAVOR_PRIVATE_DTYPES),  # the fused CUDA forward; no CPU kernel
+    _private("_favor_attention_backward", "favor_attention", _favor_attention_backward_sample_inputs,
+             **_FAVOR_PRIVATE_DTYPES),
     _private("_rand_mha_self_attention", "pr.nn.RandMultiHeadAttention", _rand_mha_sample_inputs,
              why="CompositeImplicitAutograd: decomposes into aten ops and panther::favor_attention "
                  "(checked by its own entry); the module's tests cover {public}"),

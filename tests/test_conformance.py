@@ -169,9 +169,9 @@ def test_gradgradcheck(entry: OpEntry, device):
 
 @pytest.mark.parametrize("entry,device", cases("opcheck"))
 def test_opcheck(entry: OpEntry, device):
-    dtype = torch.float32 if torch.float32 in entry.dtypes else entry.dtypes[0]
-    for s in entry.samples(device, dtype):
-        torch.library.opcheck(entry.op, s.args)
+    for dtype in entry.opcheck_dtypes:
+        for s in entry.samples(device, dtype):
+            torch.library.opcheck(entry.op, s.args)
 
 
 @pytest.mark.parametrize("entry,device", cases("meta"))
