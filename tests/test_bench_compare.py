@@ -145,3 +145,55 @@ def test_result_writer_round_trip(tmp_path):
     # A new writer on the same path starts a fresh file.
     common.ResultWriter(path, "bench_x", torch.device("cpu"))
     assert common.read_results(path) == []
+
+
+def test_strip_option():
+    argv = ["--device", "cuda", "--compare", "main", "--quick", "--compare-runs=2", "--json", "x.jsonl"]
+    assert common.strip_option(argv, "--compare", "--compare-runs", "--json") == ["--device", "cuda", "--quick"]
+
+
+def test_compare_with_rev_runs_compare_py(monkeypatch):
+    seen = {}
+
+    class Done:
+        returncode = 3
+
+    def fake_run(cmd, cwd=None):
+        seen["cmd"], seen["cwd"] = cmd, cwd
+        return Done()
+
+    monkeypatch.setattr(common.subprocess, "run", fake_run)
+    script = os.path.join(ROOT, "bench", "python", "bench_linear.py")
+    assert common.compare_with_rev("main", script, ["--quick"], runs=2) == 3
+    cmd = seen["cmd"]
+    assert cmd[1].endswith(os.path.join("bench", "compare.py")) and seen["cwd"] == ROOT
+    assert cmd[2:] == ["--rev", "main", "--runs", "2", "--", os.path.join("bench", "python", "bench_linear.py"),
+                       "--quick"]
+
+
+def test_rev_flow_with_stubbed_build(monkeypatch, capsys):
+    """--rev end to end with the build and the benchmark stubbed: OLD runs get the REV build on
+    PYTHONPATH, the runs are merged per row (median) and compared."""
+    calls = []
+
+    def fake_run(cmd, check=False, env=None, cwd=None, capture_output=False):
+        calls.append((cmd, env))
+        if "--json" in cmd:
+            old = env is not None and "panther-compare-" in env.get("PYTHONPATH", "")
+            ours = 2.0 if old else 2.5 + 0.1 * len(calls)  # NEW is slower: flagged
+            with open(cmd[cmd.index("--json") + 1], "w") as f:
+                f.write(json.dumps(rec("sk", "N=8", "fwd", ours, 10.0)) + "\n")
+
+        class Done:
+            returncode = 0
+        return Done()
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    rc = compare.main(["--rev", "main", "--runs", "2", "--fail-on-regression", "--", "bench/python/bench_linear.py"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "SLOWER" in out
+    bench_calls = [(c, e) for c, e in calls if "--json" in c]
+    assert len(bench_calls) == 4
+    olds = [e for c, e in bench_calls if e is not None and "panther-compare-" in e.get("PYTHONPATH", "")]
+    assert len(olds) == 2 and all(e["PANTHER_COMMIT"] == "main" for e in olds)
+    assert calls[0][0][:4] == ["git", "-C", compare.ROOT, "worktree"] and calls[-1][0][3:5] == ["worktree", "remove"]

@@ -32,6 +32,7 @@ SKLinear's and nn.Linear's median times (see common.ResultWriter); ``bench/compa
 compares two such files row by row.
 
 Usage: python bench/python/bench_linear.py [--device cpu|cuda] [--quick] [--csv P] [--png P] [--markdown P] [--json P]
+       [--compare REV [--compare-runs N]]
 """
 from __future__ import annotations
 
@@ -264,7 +265,14 @@ def main(argv=None) -> int:
     p.add_argument("--png", default=None)
     p.add_argument("--markdown", default=None)
     p.add_argument("--json", default=None, help="machine-readable results (JSON Lines) for bench/compare.py")
+    p.add_argument("--compare", default=None, metavar="REV",
+                   help="build git revision REV in a temporary worktree, run this benchmark on it and on the "
+                        "current build, and print bench/compare.py's per-row table")
+    p.add_argument("--compare-runs", type=int, default=1, help="--compare: interleaved runs per side")
     args = p.parse_args(argv)
+    if args.compare:
+        rest = C.strip_option(sys.argv[1:] if argv is None else argv, "--compare", "--compare-runs", "--json")
+        return C.compare_with_rev(args.compare, __file__, rest, args.compare_runs)
 
     device = C.pick_device(args.device)
     if args.threads:

@@ -512,3 +512,30 @@ def read_results(path: str) -> List[Dict[str, object]]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not a JSON object: {e}") from None
     return out
+
+
+def compare_with_rev(rev: str, script: str, argv: Sequence[str], runs: int = 1) -> int:
+    """``--compare REV`` of the benchmark scripts: runs ``bench/compare.py --rev REV -- script
+    argv`` (REV built in a temporary worktree, both builds measured by this script, then the
+    per-row table of new/old times). ``argv`` is the script's arguments without ``--compare``."""
+    cmd = [sys.executable, os.path.join(repo_root(), "bench", "compare.py"), "--rev", rev, "--runs", str(runs),
+           "--", os.path.relpath(os.path.abspath(script), repo_root()), *argv]
+    print("+ " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd, cwd=repo_root()).returncode
+
+
+def strip_option(argv: Sequence[str], *names: str) -> List[str]:
+    """argv without ``--name VALUE`` / ``--name=VALUE`` for each name."""
+    out: List[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in names:
+            skip = True
+            continue
+        if any(a.startswith(n + "=") for n in names):
+            continue
+        out.append(a)
+    return out
