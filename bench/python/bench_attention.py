@@ -30,7 +30,12 @@ Floor of the FAVOR+ op (the "% of floor" column = floor / op time):
   fwd+bwd = 3x the forward's FLOPs. Bytes: read q, k, v and write out (fwd); fwd+bwd adds reading
   dout and q, k, v again and writing dq, dk, dv. floor = max(FLOPs / peak, bytes / bandwidth).
 
-Usage: python bench/python/bench_attention.py [--device cpu|cuda] [--quick] [--csv P] [--png P] [--markdown P]
+Machine-readable results (``--json P``): JSON Lines, one record per (L, causal, mode) for the op
+(baseline SDPA) and one for the module (baseline nn.MultiheadAttention), see common.ResultWriter;
+``bench/compare.py OLD NEW`` compares two such files row by row.
+
+Usage: python bench/python/bench_attention.py [--device cpu|cuda] [--quick] [--csv P] [--png P] [--markdown P] [--json P]
+       [--compare REV [--compare-runs N]]
 """
 from __future__ import annotations
 
@@ -168,7 +173,15 @@ def main(argv=None) -> int:
     p.add_argument("--csv", default=None)
     p.add_argument("--png", default=None)
     p.add_argument("--markdown", default=None)
+    p.add_argument("--json", default=None, help="machine-readable results (JSON Lines) for bench/compare.py")
+    p.add_argument("--compare", default=None, metavar="REV",
+                   help="build git revision REV in a temporary worktree, run this benchmark on it and on the "
+                        "current build, and print bench/compare.py's per-row table")
+    p.add_argument("--compare-runs", type=int, default=1, help="--compare: interleaved runs per side")
     args = p.parse_args(argv)
+    if args.compare:
+        rest = C.strip_option(sys.argv[1:] if argv is None else argv, "--compare", "--compare-runs", "--json")
+        return C.compare_with_rev(args.compare, __file__, rest, args.compare_runs)
 
     if not favor_op_available():
         print("bench_attention: torch.ops.panther.favor_attention is not in this build of Panther "
@@ -217,6 +230,7 @@ def main(argv=None) -> int:
     failures = 0
     skipped: Dict[tuple, str] = {}  # (impl, causal, mode) -> reason, carried to larger lengths
     rows: List[Dict] = []
+    results = C.ResultWriter(args.json, "bench_attention", device)
     table = C.Table(["L", "causal", "mode"] + [f"{NAMES[i]} ms" for i in impls]
                     + ["op vs SDPA", "module vs MHA", "op floor ms", "op % of floor",
                        "peak mem " + " / ".join(NAMES[i] for i in impls)])
@@ -286,6 +300,13 @@ def main(argv=None) -> int:
                 gc.collect()
                 r["floor"] = floor_ms(L, causal, dtype, hw, backward=(mode == "fwd+bwd"))
                 rows.append(r)
+                shape = f"B={B} H={H} L={L} D={D} M={M}" + (" causal" if causal else "")
+                results.add("favor_attention", shape, C.dtype_name(dtype), mode, "SDPA", r.get("sdpa"), r.get("favor"),
+                            note=r.get("note_favor") or r.get("note_sdpa"))
+                if has_module:
+                    results.add("RandMultiHeadAttention", f"E={E} " + shape, C.dtype_name(dtype), mode,
+                                "nn.MultiheadAttention", r.get("mha"), r.get("rmha"),
+                                note=r.get("note_rmha") or r.get("note_mha"))
 
                 def cell(i):
                     return C.fmt_ms(r[i]) if r.get(i) is not None else (r.get(f"note_{i}") or "-")

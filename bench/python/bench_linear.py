@@ -27,7 +27,12 @@ Accuracy
   same parameters, for SKLinear and for nn.Linear holding the equivalent dense weight
   (``SKLinear.dense_weight()`` computed in float64, rounded once to the dtype).
 
-Usage: python bench/python/bench_linear.py [--device cpu|cuda] [--quick] [--csv P] [--png P] [--markdown P]
+Machine-readable results (``--json P``): JSON Lines, one record per (config, dtype, mode) with
+SKLinear's and nn.Linear's median times (see common.ResultWriter); ``bench/compare.py OLD NEW``
+compares two such files row by row.
+
+Usage: python bench/python/bench_linear.py [--device cpu|cuda] [--quick] [--csv P] [--png P] [--markdown P] [--json P]
+       [--compare REV [--compare-runs N]]
 """
 from __future__ import annotations
 
@@ -259,7 +264,15 @@ def main(argv=None) -> int:
     p.add_argument("--csv", default=None)
     p.add_argument("--png", default=None)
     p.add_argument("--markdown", default=None)
+    p.add_argument("--json", default=None, help="machine-readable results (JSON Lines) for bench/compare.py")
+    p.add_argument("--compare", default=None, metavar="REV",
+                   help="build git revision REV in a temporary worktree, run this benchmark on it and on the "
+                        "current build, and print bench/compare.py's per-row table")
+    p.add_argument("--compare-runs", type=int, default=1, help="--compare: interleaved runs per side")
     args = p.parse_args(argv)
+    if args.compare:
+        rest = C.strip_option(sys.argv[1:] if argv is None else argv, "--compare", "--compare-runs", "--json")
+        return C.compare_with_rev(args.compare, __file__, rest, args.compare_runs)
 
     device = C.pick_device(args.device)
     if args.threads:
@@ -293,6 +306,7 @@ def main(argv=None) -> int:
     rows: List[Dict] = []
     failures = 0
     table = C.Table(COLUMNS)
+    results = C.ResultWriter(args.json, "bench_linear", device)
     for cfg in configs:
         for dt in dtypes:
             try:
@@ -305,8 +319,13 @@ def main(argv=None) -> int:
                 table.add([str(cfg), C.dtype_name(dt), f"failed: {why[:120]}"] + ["-"] * (len(COLUMNS) - 3),
                           raw={"config": str(cfg), "dtype": C.dtype_name(dt), "error": why})
                 failures += 1
+                for mode in ("fwd", "fwd+bwd"):
+                    results.add("SKLinear", str(cfg), C.dtype_name(dt), mode, "nn.Linear", None, None, note=why[:200])
                 continue
             rows.append(r)
+            for mode, key in (("fwd", "fwd"), ("fwd+bwd", "fb")):
+                results.add("SKLinear", str(cfg), C.dtype_name(dt), mode, "nn.Linear", r[f"{key}_nn"], r[f"{key}_sk"],
+                            two_gemm_ms=r[f"{key}_2g"])
             table.add(format_row(r), raw=r)
             C.write_markdown(args.markdown, head + table.markdown() + C.PARTIAL)
             print(f"done: {cfg} {C.dtype_name(dt)}", file=sys.stderr, flush=True)

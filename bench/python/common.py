@@ -447,3 +447,95 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(o).all():
         return float("nan")
     return float(torch.linalg.vector_norm(o - r) / torch.linalg.vector_norm(r))
+
+
+# ----------------------------------------------------------------------------- machine-readable results
+
+RESULT_FIELDS = ("bench", "op", "shape", "dtype", "mode", "baseline", "baseline_ms", "ours_ms", "ratio",
+                 "device", "torch", "commit")
+
+
+class ResultWriter:
+    """Machine-readable benchmark results, one JSON object per line (JSON Lines), for
+    ``bench/compare.py OLD NEW``.
+
+    Each record has ``RESULT_FIELDS``: ``bench`` (the script), ``op`` (what is measured),
+    ``shape`` (the configuration, a string), ``dtype``, ``mode`` ("fwd" / "fwd+bwd"),
+    ``baseline`` (what it is compared with in the same run), ``baseline_ms`` and ``ours_ms``
+    (medians, null when that implementation failed or was skipped), ``ratio`` = baseline_ms /
+    ours_ms (the speedup over the baseline), ``device`` (GPU or CPU name), ``torch`` (version)
+    and ``commit``; extra keys may follow (e.g. ``note``). The file is rewritten from scratch
+    and each record is flushed as it is measured, so a run that is stopped keeps its rows.
+    ``path=None`` writes nothing.
+    """
+
+    def __init__(self, path: Optional[str], bench: str, device: torch.device):
+        self.path = path
+        self.bench = bench
+        self.env = {"device": device_name(device).split(" (")[0], "torch": torch.__version__, "commit": commit()}
+        self.records: List[Dict[str, object]] = []
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            open(path, "w").close()
+
+    def add(self, op: str, shape: str, dtype: str, mode: str, baseline: str, baseline_ms: Optional[float],
+            ours_ms: Optional[float], **extra: object) -> Dict[str, object]:
+        ok = baseline_ms is not None and ours_ms is not None and ours_ms > 0
+        rec: Dict[str, object] = {
+            "bench": self.bench, "op": op, "shape": shape, "dtype": dtype, "mode": mode, "baseline": baseline,
+            "baseline_ms": baseline_ms, "ours_ms": ours_ms,
+            "ratio": (baseline_ms / ours_ms) if ok else None,  # type: ignore[operator]
+            **self.env,
+        }
+        rec.update(extra)
+        self.records.append(rec)
+        if self.path:
+            import json
+
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec, sort_keys=False) + "\n")
+        return rec
+
+
+def read_results(path: str) -> List[Dict[str, object]]:
+    """The records of a ResultWriter file (JSON Lines; blank lines ignored)."""
+    import json
+
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON object: {e}") from None
+    return out
+
+
+def compare_with_rev(rev: str, script: str, argv: Sequence[str], runs: int = 1) -> int:
+    """``--compare REV`` of the benchmark scripts: runs ``bench/compare.py --rev REV -- script
+    argv`` (REV built in a temporary worktree, both builds measured by this script, then the
+    per-row table of new/old times). ``argv`` is the script's arguments without ``--compare``."""
+    cmd = [sys.executable, os.path.join(repo_root(), "bench", "compare.py"), "--rev", rev, "--runs", str(runs),
+           "--", os.path.relpath(os.path.abspath(script), repo_root()), *argv]
+    print("+ " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd, cwd=repo_root()).returncode
+
+
+def strip_option(argv: Sequence[str], *names: str) -> List[str]:
+    """argv without ``--name VALUE`` / ``--name=VALUE`` for each name."""
+    out: List[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in names:
+            skip = True
+            continue
+        if any(a.startswith(n + "=") for n in names):
+            continue
+        out.append(a)
+    return out
