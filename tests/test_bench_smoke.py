@@ -87,3 +87,25 @@ def test_zero_cost_linear_standin():
     assert x.grad is not None and torch.isfinite(x.grad).all()
     with pytest.raises(ValueError, match="ZeroCostLinear"):
         stand(torch.randn(3, 8, 16))
+
+
+def test_failed_call_reports_oom_and_errors():
+    """A variant that runs out of memory is reported as "OOM" (and others as their error), not raised."""
+    import torch
+
+    sys.path.insert(0, BENCH)
+    try:
+        import bench_models as bm
+    finally:
+        sys.path.remove(BENCH)
+
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def bad():
+        raise RuntimeError("shape mismatch\nmore")
+
+    cpu = torch.device("cpu")
+    assert bm._try(oom, cpu) == "OOM"
+    assert bm._try(bad, cpu) == "RuntimeError: shape mismatch"
+    assert bm._try(lambda: None, cpu) is None

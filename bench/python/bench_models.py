@@ -318,6 +318,25 @@ class Variant:
             self.opt.step()
 
 
+def _try(fn: Callable[[], object], device: torch.device) -> Optional[str]:
+    """Run ``fn`` once; None if it worked, else "OOM" or the error. The memory of a failed call is
+    released after the except clause (its traceback holds the call's tensors until then)."""
+    why = None
+    try:
+        fn()
+        C.synchronize(device)
+    except Exception as e:  # noqa: BLE001 - one failing variant must not stop the others
+        if C.is_oom(e):
+            why = "OOM"
+        else:
+            msg = str(e).strip().splitlines()[0][:100] if str(e).strip() else ""
+            why = f"{type(e).__name__}: {msg}"
+    if why is not None:
+        gc.collect()
+        C.free_cuda(device)
+    return why
+
+
 def first_calls(variants: List[Variant], which: str, device: torch.device, compiled: bool, scope: str) -> Dict[str, str]:
     """Run each variant once on its own (compiles; finds OOM); returns {name: problem} for the failures.
 
@@ -326,28 +345,14 @@ def first_calls(variants: List[Variant], which: str, device: torch.device, compi
     problems: Dict[str, str] = {}
     for v in variants:
         fn = v.infer if which == "infer" else v.train_step
-        try:
-            fn()
-            C.synchronize(device)
-        except Exception as e:  # noqa: BLE001
-            gc.collect()
-            C.free_cuda(device)
-            if C.is_oom(e):
-                problems[v.name] = "OOM"
-            elif compiled and not v.note:
-                first = str(e).strip().splitlines()[0][:100] if str(e).strip() else ""
-                v.note = f"fullgraph=True failed ({type(e).__name__}: {first}); timed without fullgraph"
-                print(f"{v.name}: {v.note}", file=sys.stderr, flush=True)
-                v.compile(False, scope)
-                try:
-                    fn()
-                    C.synchronize(device)
-                except Exception as e2:  # noqa: BLE001
-                    problems[v.name] = "OOM" if C.is_oom(e2) else f"{type(e2).__name__}: {str(e2)[:100]}"
-            else:
-                problems[v.name] = f"{type(e).__name__}: {str(e)[:100]}"
-            gc.collect()
-            C.free_cuda(device)
+        why = _try(fn, device)
+        if why is not None and why != "OOM" and compiled and not v.note:
+            v.note = f"fullgraph=True failed ({why}); timed without fullgraph"
+            print(f"{v.name}: {v.note}", file=sys.stderr, flush=True)
+            v.compile(False, scope)
+            why = _try(fn, device)
+        if why is not None:
+            problems[v.name] = why
     return problems
 
 
@@ -417,22 +422,20 @@ def bench_linear_model(spec: Dict, device: torch.device, dtype: torch.dtype, ske
             if not alive:
                 continue
             fns = {v.name: (v.infer if which == "infer" else v.train_step) for v in alive}
-            try:
-                t = C.time_fns(fns, device, **tk)
-            except Exception as e:  # noqa: BLE001
-                why = "OOM" if C.is_oom(e) else f"{type(e).__name__}: {str(e)[:100]}"
-                for v in alive:
+            timed: Dict[str, C.Timing] = {}
+            why = _try(lambda: timed.update(C.time_fns(fns, device, **tk)), device)
+            for v in alive:
+                if why:
                     res[v.name]["error"] = why
-                continue
-            for n, tm in t.items():
-                res[n][which] = tm.median_ms
+                else:
+                    res[v.name][which] = timed[v.name].median_ms
         for v in variants:
             r = res[v.name]
             if "error" not in r and "bound" not in v.name:
-                try:
-                    r["mem"] = peak_training_bytes(v.train_step, v.model, v.opt, device)
-                except Exception as e:  # noqa: BLE001
-                    r["mem_note"] = "OOM" if C.is_oom(e) else type(e).__name__
+                why = _try(lambda v=v, r=r: r.__setitem__(
+                    "mem", peak_training_bytes(v.train_step, v.model, v.opt, device)), device)
+                if why:
+                    r["mem_note"] = why
         dense = res.get("dense", {})
         for v in variants:
             r = res[v.name]
@@ -471,40 +474,39 @@ def bench_attention(widths: List[Dict], lengths: List[int], device: torch.device
             gen = torch.Generator(device="cpu").manual_seed(L)
             x = torch.randn(1, L, w["d"], generator=gen).to(device, dtype)
             gy = torch.randn(1, L, w["d"], generator=gen).to(device, dtype)
-            variants = []
+            variants: List[Variant] = []
+            build_errors: Dict[str, str] = {}
             for key, attn in (("exact", "sdpa"), ("rand", "rand")):
                 torch.manual_seed(0)
-                try:
+
+                def build(key=key, attn=attn):
                     m = Stack(w["layers"], w["d"], heads=w["heads"], ffn=w["ffn"], causal=True, fused_qkv=True,
                               attention=attn, device=device, dtype=dtype)
                     variants.append(Variant(key, m, x, gy))
-                except Exception as e:  # noqa: BLE001
-                    if not C.is_oom(e):
-                        raise
+                why = _try(build, device)
+                if why:
+                    build_errors[key] = why
             probs = first_calls(variants, "train", device, False, "block")
+            probs.update(build_errors)
             alive = [v for v in variants if v.name not in probs]
-            res: Dict[str, Dict] = {v.name: {"error": probs.get(v.name)} for v in variants}
+            res: Dict[str, Dict] = {k: {"error": probs.get(k)} for k in ("exact", "rand")}
             small_tk = dict(tk, warmup=1, min_reps=3) if L >= 16384 else tk
             if alive:
-                try:
-                    t = C.time_fns({v.name: v.train_step for v in alive}, device, **small_tk)
-                    for n, tm in t.items():
-                        res[n]["train"] = tm.median_ms
-                except Exception as e:  # noqa: BLE001
-                    for v in alive:
-                        res[v.name]["error"] = "OOM" if C.is_oom(e) else f"{type(e).__name__}: {str(e)[:80]}"
-                gc.collect()
-                C.free_cuda(device)
+                timed: Dict[str, C.Timing] = {}
+                why = _try(lambda: timed.update(C.time_fns({v.name: v.train_step for v in alive}, device,
+                                                            **small_tk)), device)
+                for v in alive:
+                    if why:
+                        res[v.name]["error"] = why
+                    else:
+                        res[v.name]["train"] = timed[v.name].median_ms
             for v in alive:
                 if res[v.name].get("error"):
                     continue
-                try:
-                    res[v.name]["mem"] = peak_training_bytes(v.train_step, v.model, v.opt, device)
-                except Exception as e:  # noqa: BLE001
-                    if not C.is_oom(e):
-                        raise
-                gc.collect()
-                C.free_cuda(device)
+                why = _try(lambda v=v: res[v.name].__setitem__(
+                    "mem", peak_training_bytes(v.train_step, v.model, v.opt, device)), device)
+                if why:
+                    res[v.name]["mem_note"] = why
             ex, ra = res.get("exact", {}), res.get("rand", {})
             raw = {"part": "attention", "width": w["key"], "width_name": w["name"], "d": w["d"], "heads": w["heads"],
                    "head_dim": w["d"] // w["heads"], "layers": w["layers"], "tokens": L,
