@@ -11,14 +11,16 @@ import sys
 
 import pytest
 
+from conftest import DEVICES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench", "python")
 
 
-def run_smoke(script: str, tmp_path, *extra: str) -> tuple:
+def run_smoke(script: str, tmp_path, device: str, *extra: str) -> tuple:
     out_json = tmp_path / f"{script}.jsonl"
     out_md = tmp_path / f"{script}.md"
-    cmd = [sys.executable, os.path.join(BENCH, script), "--device", "cpu", "--smoke", "--json", str(out_json),
+    cmd = [sys.executable, os.path.join(BENCH, script), "--device", device, "--smoke", "--json", str(out_json),
            "--markdown", str(out_md), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -26,8 +28,9 @@ def run_smoke(script: str, tmp_path, *extra: str) -> tuple:
     return proc.stdout, out_md.read_text(), rows
 
 
-def test_linear_grid_smoke(tmp_path):
-    stdout, md, rows = run_smoke("bench_linear_grid.py", tmp_path)
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_grid_smoke(tmp_path, device):
+    stdout, md, rows = run_smoke("bench_linear_grid.py", tmp_path, device)
     assert "## Grid" in md and "## Small print" in md and "## Targets" in md
     assert "_(partial" not in md
     grid = [r for r in rows if r["kind"] == "grid"]
@@ -41,11 +44,14 @@ def test_linear_grid_smoke(tmp_path):
         # accuracy columns are real measurements: errors of a low-precision layer are not zero
         assert 0 < r["err_sk"] < 0.1 and 0 < r["err_nn"] < 0.1, r
         assert 0 < r["gerr_sk"] < 0.1 and 0 < r["gerr_nn"] < 0.1, r
+        if device == "cuda":
+            assert r["mem_sk"] > 0 and r["mem_nn"] > 0, r
     assert "accuracy, every row" in stdout
 
 
-def test_models_smoke(tmp_path):
-    stdout, md, rows = run_smoke("bench_models.py", tmp_path)
+@pytest.mark.parametrize("device", DEVICES)
+def test_models_smoke(tmp_path, device):
+    stdout, md, rows = run_smoke("bench_models.py", tmp_path, device)
     assert "## SKLinear in every Linear" in md and "## Long-context decoder training" in md
     assert "## Copy/recall task" in md and "## Targets" in md
     lin = [r for r in rows if r["part"] == "linear"]
@@ -57,10 +63,14 @@ def test_models_smoke(tmp_path):
     for r in lin:
         assert not r["error"], r
         assert r["infer_ms"] > 0 and r["train_ms"] > 0, r
+        if device == "cuda" and "bound" not in r["variant"]:
+            assert r["peak_train_bytes"] > 0, r
     att = [r for r in rows if r["part"] == "attention"]
     assert {r["width"] for r in att} == {"hd64", "hd128"}
     for r in att:
         assert r["exact_train_ms"] > 0 and r["rand_train_ms"] > 0, r
+        if device == "cuda":
+            assert r["exact_peak_bytes"] > 0 and r["rand_peak_bytes"] > 0, r
     task = [r for r in rows if r["part"] == "copy_task"]
     assert {r["attention"] for r in task} == {"exact", "rand"}
     for r in task:

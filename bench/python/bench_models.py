@@ -275,7 +275,7 @@ class Variant:
     """One model variant: its module, optimizer and the callables the benchmark times."""
 
     def __init__(self, name: str, model: nn.Module, x: torch.Tensor, gy: torch.Tensor, *,
-                 autocast: Optional[torch.dtype] = None, compiled: Optional[str] = None, fullgraph: bool = True,
+                 autocast: Optional[torch.dtype] = None, compiled: bool = False, fullgraph: bool = True,
                  scope: str = "block", lr: float = 1e-5) -> None:
         self.name, self.model, self.x, self.gy = name, model, x, gy
         self.autocast = autocast
