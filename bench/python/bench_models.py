@@ -778,6 +778,13 @@ def main(argv=None) -> int:
         "in the note); dense, the target sketch and the bound" + (", every sketch" if args.compile_all else "") + ".",
         f"budget: groups stop starting after {budget:.0f} s.",
     ]
+    if args.which in ("linear", "all"):
+        notes += [f"{m['name']}: {m['layers']} layers, d={m['d']}, {m['heads']} heads, FFN {m['ffn']}, "
+                  f"{'fused' if m['fused_qkv'] else 'separate'} qkv, {'causal' if m['causal'] else 'not causal'}, "
+                  f"batch {m['batch']} x {m['seq']} tokens" for m in models]
+    if args.which in ("attention", "all"):
+        notes += [f"attention rows: {w['name']}: {w['layers']} layers, d={w['d']}, {w['heads']} heads x "
+                  f"{w['d'] // w['heads']}, FFN {w['ffn']}, batch 1" for w in widths]
     head = C.header("Panther inside transformer models", device, notes) + "\n"
     rows: List[Dict] = []
     lin_table, att_table = C.Table(LINEAR_COLUMNS), C.Table(ATTN_COLUMNS)
