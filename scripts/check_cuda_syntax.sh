@@ -16,7 +16,7 @@ printf '#pragma once\ntypedef struct cusparseContext* cusparseHandle_t;\ntypedef
 printf '#pragma once\ntypedef struct cusolverDnContext* cusolverDnHandle_t;\ntypedef int cusolverStatus_t;\n' > "$stub/cusolverDn.h"
 cp "$stub/cusolverDn.h" "$stub/cusolver_common.h"
 rc=0
-for f in ${CUDA_FILES:-cpp/cuda/*.cu}; do
+for f in ${CUDA_FILES:-cpp/*/*.cu}; do
   echo "nvcc syntax check: $f"
   if ! nvcc -std=c++17 -arch=sm_90 -I"$stub" -I"$T" -I"$T/torch/csrc/api/include" -Icpp -Icpp/include \
       --expt-relaxed-constexpr -D_GLIBCXX_USE_CXX11_ABI=1 -DPANTHER_WITH_CUDA=1 -w \

@@ -2,7 +2,7 @@
 # Builds and runs hand-written CUDA kernels on the CPU emulator (tests/emu), comparing them with
 # the ATen implementations: the fused FAVOR+ kernels (favor_fused_test) and sketched_linear's
 # few-token backward (sketch_test); selftest checks the emulator itself and the emulated PTX
-# primitives of cpp/cuda/mma.cuh (mma.sync/ldmatrix lane mapping). No GPU or CUDA toolkit needed.
+# primitives of cpp/common/mma.cuh (mma.sync/ldmatrix lane mapping). No GPU or CUDA toolkit needed.
 # Usage: scripts/emu_test.sh [quick]   (quick: one FAVOR+ case)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ build() {  # name, sources...
     -Itests/emu -Icpp -I"$T/include" -I"$T/include/torch/csrc/api/include" \
     "$@" -L"$T/lib" -ltorch -ltorch_cpu -lc10 -Wl,-rpath,"$T/lib" -o "$out/$name"
 }
-build favor_fused_test tests/emu/favor_fused_test.cpp cpp/kernels/favor_attention.cpp &
+build favor_fused_test tests/emu/favor_fused_test.cpp cpp/attention/impl.cpp &
 build sketch_test tests/emu/sketch_test.cpp &
 build selftest tests/emu/selftest.cpp &
 wait %1 && wait %2 && wait %3

@@ -841,7 +841,7 @@ CUDA_CASES = CASES + [
     Case("cuda_transposed_big", (200,), 384, 256, 2, 24, layout="transposed"),
     # more than 128 tokens with d_out % 8 != 0: [B; B] by concatenation, not by the split kernel
     Case("cuda_many_odd_out", (150,), 96, 100, 2, 5),
-    # fp16/bf16 output GEMM from registers (cpp/cuda/sketch_out.cuh): C = 2Lk = 64 with a row
+    # fp16/bf16 output GEMM from registers (cpp/linear/sketch_out.cuh): C = 2Lk = 64 with a row
     # tail inside a 128-row tile and a last column block of 8 columns, and C = 16, 3-d, narrow
     Case("cuda_out_c64_nobias", (300,), 64, 520, 2, 16, bias=False),
     Case("cuda_out_c16_3d", (3, 70), 40, 24, 1, 8),

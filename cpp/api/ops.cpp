@@ -3,7 +3,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
-#include "kernels/favor_attention.h"
+#include "attention/impl.h"
 
 namespace panther {
 

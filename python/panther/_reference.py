@@ -69,7 +69,7 @@ def sketched_linear_dense_weight_reference(S1s: Tensor, S2s: Tensor, U1s: Tensor
     return (Wt / (2 * L)).t()
 
 
-# Must match kFavorSoftmaxEps / kFavorReluEps in cpp/kernels/favor_attention.h.
+# Must match kFavorSoftmaxEps / kFavorReluEps in cpp/attention/impl.h.
 FAVOR_SOFTMAX_EPS = 1e-6
 FAVOR_RELU_EPS = 1e-3
 

@@ -28,7 +28,7 @@
 //    portable (element-wise ops over all num_elements are fine). num_elements is
 //    256 here, not 8. Pointer (32 B) and ldm (multiple of 16 B) requirements are
 //    checked and throw std::invalid_argument.
-//  * PTX-level warp MMA (cpp/cuda/mma.cuh: mma.sync m16n8k16, ldmatrix, cp.async) is
+//  * PTX-level warp MMA (cpp/common/mma.cuh: mma.sync m16n8k16, ldmatrix, cp.async) is
 //    emulated there on top of emu::warp_allgather, WITH the hardware's lane <-> element
 //    mapping; its ldmatrix/mma calls are warp collectives like those above.
 //  * __CUDA_ARCH__ is not defined; intrinsics such as __expf are exact libm calls.

@@ -1,4 +1,4 @@
-// Self-test for cuda_emu.h and the emulated cpp/cuda/mma.cuh. Built and run by
+// Self-test for cuda_emu.h and the emulated cpp/common/mma.cuh. Built and run by
 // scripts/emu_test.sh; by hand, from the repository root:
 //   g++ -std=c++20 -O2 -Wall -Wextra -pthread -Itests/emu -Icpp -I/work/main/.venv/lib/python3.11/site-packages/torch/include tests/emu/selftest.cpp -o /tmp/emu_selftest && /tmp/emu_selftest
 // (torch include dir: .venv/bin/python -c 'import torch,os;print(os.path.dirname(torch.__file__))'
@@ -7,7 +7,7 @@
 // The kernels below are written as they would be in a .cu file (only the
 // include line differs) and exercise every part of the emulator surface.
 #include "cuda_emu.h"
-#include "cuda/mma.cuh"
+#include "common/mma.cuh"
 
 #include <cstdio>
 #include <cstdlib>
@@ -190,7 +190,7 @@ __global__ void smem_overflow_kernel(int n) {
   if (threadIdx.x == 0) smem_raw[n] = 0;  // one past the end
 }
 
-// ===== (g) PTX-level warp MMA (cpp/cuda/mma.cuh): hardware lane <-> element mapping =====
+// ===== (g) PTX-level warp MMA (cpp/common/mma.cuh): hardware lane <-> element mapping =====
 namespace pm = panther::mma;
 
 // ldmatrix: four 8x8 b16 matrices with element (j, i, c) = ld_code(j, i, c), rows stored in a

@@ -1,15 +1,15 @@
-// Runs the direct few-token backward of sketched_linear (cpp/cuda/sketch_small.cuh) on the CPU
+// Runs the direct few-token backward of sketched_linear (cpp/linear/sketch_small.cuh) on the CPU
 // emulator and compares every gradient with the float64 formula on the same (rounded) inputs:
 // dT = g B^T, dx = s dT A^T, dA = s x^T dT, dB = T^T g, dbias = sum_n g. fp32 and bf16, partial
 // column tiles, several terms, gradients requested selectively. Built by scripts/emu_test.sh.
 #include "cuda_emu.h"
-#include "cuda/sketch_out.cuh"
-#include "cuda/sketch_small.cuh"
+#include "linear/sketch_out.cuh"
+#include "linear/sketch_small.cuh"
 
 #include <ATen/ATen.h>
 #include <cstdio>
 
-#include "kernels/sketched_linear.h"
+#include "linear/impl.h"
 
 namespace {
 using panther::detail::SketchDims;
@@ -88,7 +88,7 @@ bool run(const Case& c) {
   std::printf(" -> %s\n", ok ? "PASS" : "FAIL");
   return ok;
 }
-// The many-token output GEMM (cpp/cuda/sketch_out.cuh): y = s T [U1; S2] + bias from the fp32 T,
+// The many-token output GEMM (cpp/linear/sketch_out.cuh): y = s T [U1; S2] + bias from the fp32 T,
 // split in the kernel. Reference: the same split done here (hi = lowp(s T), lo = lowp(s T - hi))
 // and (hi + lo) B + bias in float64: every output within half an ulp of the dtype plus fp32
 // accumulation, nearly all exactly the rounded float64 value. Row tails inside a tile, several

@@ -14,12 +14,12 @@
 //   built by the scan H_{c+1} = exp(P_c - R_c) H_c + T_c (R_c = r at the end of chunk c,
 //   T_c = sum_{j in c} exp(r_j - R_c) khat_j [v_j, 1]^T). Every exponent above is <= 0, so
 //   nothing overflows, and no quantity at position i involves a key after i.
-#include "kernels/favor_attention.h"
+#include "attention/impl.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
-#include "kernels/format.h"
+#include "common/format.h"
 #include <cmath>
 #include <limits>
 #include <sstream>

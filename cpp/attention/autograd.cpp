@@ -10,7 +10,7 @@
 
 #include <string>
 
-#include "kernels/favor_attention.h"
+#include "attention/impl.h"
 
 namespace panther::autograd {
 namespace {

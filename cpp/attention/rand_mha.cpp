@@ -13,7 +13,7 @@
 
 #include <array>
 
-#include "kernels/favor_attention.h"
+#include "attention/impl.h"
 
 namespace panther::kernels {
 namespace {

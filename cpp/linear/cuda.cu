@@ -1,5 +1,5 @@
 // CUDA kernels of panther::sketched_linear, _sketched_linear_fwd and _sketched_linear_backward.
-// fp32/fp64: the two cuBLAS GEMMs of the rank-2Lk factorisation (kernels/sketched_linear.cpp).
+// fp32/fp64: the two cuBLAS GEMMs of the rank-2Lk factorisation (cpp/linear/impl.cpp).
 // fp16/bf16: both GEMMs accumulate in fp32; the (N, 2Lk) intermediate T stays fp32 and enters
 // the second GEMM as an exact split T = hi + lo ([hi | lo] against [B; B]), so the only rounding
 // to low precision is that of the output, as in a dense fp16/bf16 nn.Linear. The split costs a
@@ -12,9 +12,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "cuda/sketch_out.cuh"
-#include "cuda/sketch_small.cuh"
-#include "kernels/sketched_linear.h"
+#include "linear/sketch_out.cuh"
+#include "linear/sketch_small.cuh"
+#include "linear/impl.h"
 
 namespace panther::cuda {
 namespace {

@@ -1,6 +1,6 @@
 // CPU kernels of panther::favor_attention and _favor_attention_backward. fp32/fp64 compute in
 // their own precision; fp16/bf16 compute features, states and sums in fp32 and round once at the
-// end. Causal mode runs in chunks of kCpuChunk positions (kernels/favor_attention.cpp).
+// end. Causal mode runs in chunks of kCpuChunk positions (cpp/attention/impl.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -8,7 +8,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "kernels/favor_attention.h"
+#include "attention/impl.h"
 
 namespace panther::cpu {
 namespace {

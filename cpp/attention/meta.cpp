@@ -4,7 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "kernels/favor_attention.h"
+#include "attention/impl.h"
 
 namespace panther::meta {
 namespace {

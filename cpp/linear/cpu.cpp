@@ -4,7 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "kernels/sketched_linear.h"
+#include "linear/impl.h"
 
 namespace panther::cpu {
 namespace {

@@ -5,7 +5,7 @@
 // gradients each cost a launch and tens of microseconds of CPU. These kernels read the four
 // sketch tensors in their own layouts, accumulate in fp32 and round each result once.
 //
-// Notation (kernels/sketched_linear.h): C = 2Lk columns, s = 1 / (2L),
+// Notation (cpp/linear/impl.h): C = 2Lk columns, s = 1 / (2L),
 //   A (d_in, C)  = [S1_1 .. S1_L | U2_1 .. U2_L]   column c = l k + j (+ Lk): S1s/U2s[l, :, j]
 //   B (C, d_out) = [U1_1; ..; U1_L; S2_1; ..; S2_L]    row c:    U1s/S2s[l, j, :]
 //   forward:  T = s x A (N, C), y = T B + bias
@@ -255,7 +255,7 @@ __global__ void __launch_bounds__(kThreads) small_bwd2_kernel(SmallBwd<T> p) {
 #include <array>
 #include <tuple>
 
-#include "kernels/sketched_linear.h"
+#include "linear/impl.h"
 
 #ifdef PANTHER_CUDA_EMU
 #define PANTHER_SKETCH_LAUNCH(kernel, grid, smem, ...) \

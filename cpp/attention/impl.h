@@ -1,6 +1,6 @@
 // Device-independent pieces of the FAVOR+ attention op (argument checks, feature maps, the
 // non-causal and chunked-causal forward and the hand-derived backward, written with ATen GEMMs).
-// No registrations here: cpu/ and cuda/ call these with their own chunk-state scan.
+// No registrations here: cpu.cpp and cuda.cu call these with their own chunk-state scan.
 //
 // Math (per batch*head; x' = x D^-1/4; W = projection (M, D); C = chunk size):
 //   softmax: phi(q_i)  = M^-1/2 (exp(x'_i W^T - |x'_i|^2/2 - c_i) + eps),  c_i = max_m(...) per row
@@ -33,7 +33,7 @@ struct FavorDims {
   FavorKernel kernel;
 };
 
-// The fused CUDA kernels (cuda/favor_fused.cuh) work in chunks of this many positions, with the
+// The fused CUDA kernels (favor_fused.cuh) work in chunks of this many positions, with the
 // value dimension plus the denominator column padded to a multiple of 16 (e1p).
 constexpr int64_t kFavorFusedChunk = 64;
 inline int64_t favor_fused_e1p(int64_t Dv) { return (Dv + 1 + 15) / 16 * 16; }

@@ -3,7 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "kernels/sketched_linear.h"
+#include "linear/impl.h"
 
 namespace panther::meta {
 namespace {

@@ -2,7 +2,7 @@
 // _favor_attention_backward. bf16 calls whose sizes fit (favor_fused.cuh: head_dim and features
 // multiples of 16, value dim < 256) run the fused tensor-core kernels; everything else (fp16,
 // fp32, fp64, other sizes) runs the shared ATen implementation (cuBLAS batched GEMMs,
-// kernels/favor_attention.cpp) under a device guard, plus one custom kernel, the exclusive scan
+// cpp/attention/impl.cpp) under a device guard, plus one custom kernel, the exclusive scan
 // over per-chunk states (one launch instead of one ATen step per chunk). Set
 // PANTHER_FAVOR_FUSED=0 to force the ATen path (for comparisons).
 #include <ATen/ATen.h>
@@ -10,8 +10,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "cuda/favor_fused.cuh"
-#include "kernels/favor_attention.h"
+#include "attention/favor_fused.cuh"
+#include "attention/impl.h"
 
 #include <cstdlib>
 

@@ -27,7 +27,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "cuda/mma.cuh"
+#include "common/mma.cuh"
 
 #ifndef PANTHER_CUDA_EMU
 #ifndef PANTHER_DYNAMIC_SMEM
@@ -37,9 +37,9 @@
 
 #include <ATen/ATen.h>
 
-#include "kernels/sketched_linear.h"
+#include "linear/impl.h"
 
-#include "cuda/launch.cuh"
+#include "common/launch.cuh"
 #ifdef PANTHER_CUDA_EMU
 #define PANTHER_OUT_SMS() int64_t{132}
 #else

@@ -1,6 +1,6 @@
 // Fused FAVOR+ kernels for CUDA, bf16, causal and non-causal (tensor cores via WMMA, and in
 // states_kernel via mma.sync fragments of mma.cuh; fp32 accumulation). Same math and the same
-// stabilisers as the ATen implementation in kernels/favor_attention.cpp (read its header comment
+// stabilisers as the ATen implementation in cpp/attention/impl.cpp (read its header comment
 // first); this file only reorganises the work so that every (batch*head, chunk of kC positions)
 // is one thread block that keeps its features, its C x C block and its state in shared memory
 // instead of ~40 passes over HBM.
@@ -33,7 +33,7 @@
 #include <cstring>
 #include <type_traits>
 
-#include "cuda/mma.cuh"
+#include "common/mma.cuh"
 
 #ifdef PANTHER_CUDA_EMU
 #include "cuda_emu.h"
@@ -1784,9 +1784,9 @@ __global__ void __launch_bounds__(kThreads, 1) back2_kernel(Params<T> p) {
 #include <optional>
 #include <string>
 
-#include "kernels/favor_attention.h"
+#include "attention/impl.h"
 
-#include "cuda/launch.cuh"
+#include "common/launch.cuh"
 
 namespace panther::fused {
 

@@ -1,10 +1,10 @@
 // Shared implementation of the sketched linear op: checks, operand packing and the exact
 // (fp32/fp64) two-GEMM forward and backward. No registrations here.
-#include "kernels/sketched_linear.h"
+#include "linear/impl.h"
 
 #include <c10/util/Exception.h>
 
-#include "kernels/format.h"
+#include "common/format.h"
 #include <sstream>
 
 namespace panther::detail {

@@ -1,0 +1,32 @@
+// Schemas of the FAVOR+ random-feature attention ops (favor_attention, its private
+// forward/backward pair, and RandMultiHeadAttention's fused self-attention forward). The
+// namespace itself is declared once, in cpp/library.cpp; every family adds its ops with a fragment.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(panther, m) {
+  // query (B, H, Lq, D), key (B, H, Lk, D), value (B, H, Lk, Dv), projection (M, D) shared by the
+  // heads; kernel "softmax" or "relu"; causal needs Lq == Lk; key_padding_mask (B, Lk) bool,
+  // True = padded key (removed from numerator and denominator). Returns (B, H, Lq, Dv) in the
+  // query's dtype, laid out as (B, Lq, H, Dv) in memory. Non-causal O(L M D); causal chunked,
+  // time and memory linear in length.
+  // The argument is named kernel_fn, never `kernel`: inductor lowers custom ops with
+  // FallbackKernel.create(kernel, *args, **kwargs), so an op argument called `kernel` breaks
+  // torch.compile and AOTInductor ("got multiple values for argument 'kernel'").
+  m.def("favor_attention(Tensor query, Tensor key, Tensor value, Tensor projection, str kernel_fn=\"softmax\", bool causal=False, Tensor? key_padding_mask=None) -> Tensor");
+  // favor_attention's output plus what the backward can reuse instead of recomputing (used by
+  // its autograd kernel for CUDA bf16 calls): one byte tensor laid out as favor_saved_layout
+  // (cpp/attention/impl.h) says, empty for shapes the fused kernels do not take. Filled by
+  // the fused CUDA kernels (the autograd kernel calls this op only for calls they take; called
+  // elsewhere, the tensor is allocated but not filled). CUDA and Meta kernels only.
+  m.def("_favor_attention_forward(Tensor query, Tensor key, Tensor value, Tensor projection, str kernel_fn, bool causal, Tensor? key_padding_mask) -> (Tensor, Tensor)");
+  // Gradients of favor_attention for (query, key, value, projection); None where the mask is
+  // false. Recomputes features and per-chunk states from the inputs; the fused CUDA kernels take
+  // the scanned states and stabilisers from `saved` (_favor_attention_forward's second output
+  // for the same inputs) when it is given, and every other backend ignores it.
+  m.def("_favor_attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor projection, str kernel_fn, bool causal, Tensor? key_padding_mask, bool[4] output_mask, Tensor? saved=None) -> (Tensor?, Tensor?, Tensor?, Tensor?)");
+  // RandMultiHeadAttention's forward for self-attention (x as query, key and value), used by
+  // the module's eager inference path: q/k/v projections (one GEMM when Wq, Wk, Wv lie back to
+  // back and no gradient is recorded), favor_attention, output projection. A composition of
+  // at::linear and favor_attention (CompositeImplicitAutograd). x (B, L, E) -> (B, L, E).
+  m.def("_rand_mha_self_attention(Tensor x, Tensor Wq, Tensor Wk, Tensor Wv, Tensor? bq, Tensor? bk, Tensor? bv, Tensor W0, Tensor? b0, Tensor projection, int num_heads, str kernel_fn, bool causal, Tensor? key_padding_mask) -> Tensor");
+}
