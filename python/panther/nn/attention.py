@@ -634,8 +634,11 @@ class RandMultiHeadAttention(nn.Module):
             else:
                 # Additive key scores: weight key j by f_j = exp(bias_j - max bias), folded into
                 # the values; the op's normaliser cancels in num / den.
+                # Keys whose factor is 0 are excluded outright (also from the op's stabiliser).
                 cdt = torch.float64 if v.dtype == torch.float64 else torch.float32
-                f = self._key_factor(key_bias, excluded, cdt)[:, None, :, None].to(v.dtype)
+                fk = self._key_factor(key_bias, excluded, cdt)
+                excluded = fk == 0
+                f = fk[:, None, :, None].to(v.dtype)
                 lk2 = v.shape[2]
                 vf = torch.cat([v * f, f.expand(B, H, lk2, 1)], -1)
                 y = torch.ops.panther.favor_attention(q, k, vf, P, self.kernel_fn, causal, excluded)
