@@ -10,7 +10,7 @@ from typing import Iterable, Optional, Tuple
 
 import torch
 
-__all__ = ["check_int", "check_dtype", "memory_limit_bytes", "check_fits"]
+__all__ = ["check_int", "check_dtype", "check_tensor", "memory_limit_bytes", "check_fits"]
 
 _MAX_NUMEL = 2**63 - 1
 
@@ -56,6 +56,19 @@ def check_dtype(owner: str, dtype) -> Optional[torch.dtype]:
             f"{owner}: dtype must be a floating-point dtype (float16, bfloat16, float32, float64), got {dtype}"
         )
     return dtype
+
+
+@torch.jit.unused
+def check_tensor(owner: str, name: str, value, optional: bool = False) -> None:
+    """Raise TypeError unless ``value`` is a Tensor (or None where ``optional``), naming the argument.
+
+    >>> check_tensor("Layer", "input", torch.ones(1))
+    """
+    if value is None and optional:
+        return
+    if not isinstance(value, torch.Tensor):
+        what = "a Tensor or None" if optional else "a Tensor"
+        raise TypeError(f"{owner}: {name} must be {what}, got {'None' if value is None else type(value).__name__}")
 
 
 def _read_int(path: str) -> Optional[int]:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_dtype, check_fits, check_int
+from .._checks import check_dtype, check_fits, check_int, check_tensor
 
 _KERNELS = ("softmax", "relu")
 # Must match kFavorSoftmaxEps / kFavorReluEps in cpp/kernels/favor_attention.h.
@@ -557,6 +557,11 @@ class RandMultiHeadAttention(nn.Module):
         same_input = False
         inspect = True
         if not torch.jit.is_scripting():
+            for arg, val in (("query", query), ("key", key), ("value", value)):
+                check_tensor("RandMultiHeadAttention", arg, val)
+            for arg, val in (("attention_mask", attention_mask), ("key_padding_mask", key_padding_mask),
+                             ("attn_mask", attn_mask)):
+                check_tensor("RandMultiHeadAttention", arg, val, optional=True)
             same_input = query is key and key is value
             inspect = _values_inspectable(query)
         nd = query.dim()

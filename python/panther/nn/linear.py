@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_dtype, check_int, memory_limit_bytes
+from .._checks import check_dtype, check_int, check_tensor, memory_limit_bytes
 
 
 def _check_positive_int(layer: str, name: str, value) -> int:
@@ -222,6 +222,8 @@ class SKLinear(nn.Module):
         return (W_t / (2 * L)).t().to(self.S1s.dtype)
 
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            check_tensor("SKLinear", "input", input)
         if input.dim() == 0:
             raise ValueError("SKLinear: input must have at least 1 dimension (..., in_features), got a 0-d tensor")
         if input.size(-1) != self.in_features:
