@@ -95,7 +95,7 @@ def test_inference_fused_projection_separate_parameters(bias):
 @pytest.mark.parametrize("causal", [False, True])
 def test_self_attention_op_matches_module_math(bias, causal):
     """panther::_rand_mha_self_attention (the module's eager inference path) equals the layer's
-    math with packed (back-to-back) and separate weights, with a padding mask, and, being a
+    math (one fused GEMM under no_grad, three otherwise), with a padding mask, and, being a
     composition of differentiable ops, gives the same gradients as the Python forward."""
     torch.manual_seed(5)
     layer = small_layer(bias=bias, iscausal=causal, dtype=torch.float64)
@@ -117,7 +117,7 @@ def test_self_attention_op_matches_module_math(bias, causal):
     got = torch.autograd.grad(call(kpm).square().sum(), params)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    layer.Wv = nn.Parameter(layer.Wv.detach().clone())  # no longer packed: three projections
+    layer.Wv = nn.Parameter(layer.Wv.detach().clone())  # a replaced parameter is read as well
     with torch.no_grad():
         torch.testing.assert_close(call(), manual_forward(layer, x, x, x, causal=causal),
                                    rtol=1e-9, atol=1e-10)

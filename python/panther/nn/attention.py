@@ -1,7 +1,7 @@
 """RandMultiHeadAttention: FAVOR+ random-feature multi-head attention, linear in sequence length."""
 
 import copy
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -380,12 +380,14 @@ class RandMultiHeadAttention(nn.Module):
             elif m.is_floating_point():
                 ex = m <= _neg_threshold(m.dtype)
                 if inspect:
-                    if bool((torch.isnan(m) | torch.isposinf(m)).any()):
+                    # One device sync for both questions.
+                    flags: List[bool] = torch.stack(
+                        [(torch.isnan(m) | torch.isposinf(m)).any(), ((m == 0) | ex).all()]).tolist()
+                    if flags[0]:
                         raise ValueError(
                             "RandMultiHeadAttention: key_padding_mask (additive, float) has NaN or +inf values"
                         )
-                    plain = bool(((m == 0) | ex).all())
-                    if not plain:
+                    if not flags[1]:
                         if self.kernel_fn == "relu":
                             raise ValueError(
                                 "RandMultiHeadAttention: with kernel_fn='relu', a float key_padding_mask "
