@@ -549,12 +549,12 @@ class RandMultiHeadAttention(nn.Module):
         query: Tensor,
         key: Tensor,
         value: Tensor,
-        attention_mask: Optional[Tensor],
-        key_padding_mask: Optional[Tensor],
-        need_weights: bool,
-        attn_mask: Optional[Tensor],
-        average_attn_weights: bool,
-        is_causal: bool,
+        attention_mask: Optional[Tensor] = None,
+        key_padding_mask: Optional[Tensor] = None,
+        need_weights: bool = False,
+        attn_mask: Optional[Tensor] = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         same_input = False
         inspect = True
@@ -705,20 +705,8 @@ class _ScriptableRandMultiHeadAttention(RandMultiHeadAttention):
     forward's keyword arguments also accepted positionally (TorchScript has no keyword-only
     arguments)."""
 
-    def forward(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        attention_mask: Optional[Tensor] = None,
-        key_padding_mask: Optional[Tensor] = None,
-        need_weights: bool = False,
-        attn_mask: Optional[Tensor] = None,
-        average_attn_weights: bool = True,
-        is_causal: bool = False,
-    ) -> Tuple[Tensor, Optional[Tensor]]:
-        return self._forward_impl(query, key, value, attention_mask, key_padding_mask, need_weights,
-                                  attn_mask, average_attn_weights, is_causal)
+    # The same forward with every argument also positional (TorchScript compiles this).
+    forward = RandMultiHeadAttention._forward_impl
 
 
 def make_performer(
