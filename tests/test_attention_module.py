@@ -1,6 +1,8 @@
 """Tests of pr.nn.RandMultiHeadAttention and pr.nn.make_performer."""
 import io
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,6 +79,14 @@ def test_inference_fused_projection_separate_parameters(bias):
     layer.to(torch.float32).to(torch.float64)
     check()
     layer.Wk.data.mul_(2.0)  # bypasses the version counter: nothing may be cached
+    check()
+    # Separate storages that happen to lie back to back in memory (as the CUDA caching allocator
+    # or a loaded checkpoint may place them): each storage is read within its own bounds.
+    flat = np.concatenate([layer.Wq.detach().numpy(), layer.Wk.detach().numpy(), layer.Wv.detach().numpy()])
+    for i, n in enumerate(("Wq", "Wk", "Wv")):
+        setattr(layer, n, nn.Parameter(torch.from_numpy(flat[32 * i:32 * (i + 1)])))
+    assert layer.Wk.data_ptr() == layer.Wq.data_ptr() + 32 * 32 * 8
+    assert layer.Wq.untyped_storage().nbytes() == 32 * 32 * 8
     check()
     # Parameters that are views of one buffer, adjacent or not, give the same answer.
     with torch.no_grad():
