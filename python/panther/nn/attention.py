@@ -559,11 +559,15 @@ class RandMultiHeadAttention(nn.Module):
         same_input = False
         inspect = True
         if not torch.jit.is_scripting():
-            for arg, val in (("query", query), ("key", key), ("value", value)):
-                check_tensor("RandMultiHeadAttention", arg, val)
-            for arg, val in (("attention_mask", attention_mask), ("key_padding_mask", key_padding_mask),
-                             ("attn_mask", attn_mask)):
-                check_tensor("RandMultiHeadAttention", arg, val, optional=True)
+            if not (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)
+                    and (attention_mask is None or isinstance(attention_mask, Tensor))
+                    and (key_padding_mask is None or isinstance(key_padding_mask, Tensor))
+                    and (attn_mask is None or isinstance(attn_mask, Tensor))):
+                for arg, val in (("query", query), ("key", key), ("value", value)):
+                    check_tensor("RandMultiHeadAttention", arg, val)
+                for arg, val in (("attention_mask", attention_mask), ("key_padding_mask", key_padding_mask),
+                                 ("attn_mask", attn_mask)):
+                    check_tensor("RandMultiHeadAttention", arg, val, optional=True)
             same_input = query is key and key is value
             inspect = _values_inspectable(query)
         nd = query.dim()

@@ -151,9 +151,9 @@ class SKLinear(nn.Module):
         Same shapes, dtypes, devices and tensor objects (so optimizers and shared memory keep
         them). Used by the constructor, and after meta-device construction plus ``to_empty``:
 
-        >>> layer = SKLinear(8, 4, 1, 2, device="meta").to_empty(device="cpu")
+        >>> layer = SKLinear(16, 8, 1, 2, device="meta").to_empty(device="cpu")
         >>> layer.reset_parameters()
-        >>> bool(layer(torch.ones(3, 8)).isfinite().all())
+        >>> bool(layer(torch.ones(3, 16)).isfinite().all())
         True
         """
         L, k = self.num_terms, self.low_rank
