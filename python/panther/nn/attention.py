@@ -1,7 +1,7 @@
 """RandMultiHeadAttention: FAVOR+ random-feature multi-head attention, linear in sequence length."""
 
 import copy
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -380,14 +380,12 @@ class RandMultiHeadAttention(nn.Module):
             elif m.is_floating_point():
                 ex = m <= _neg_threshold(m.dtype)
                 if inspect:
-                    # One device sync for both questions.
-                    flags: List[bool] = torch.stack(
-                        [(torch.isnan(m) | torch.isposinf(m)).any(), ((m == 0) | ex).all()]).tolist()
-                    if flags[0]:
-                        raise ValueError(
-                            "RandMultiHeadAttention: key_padding_mask (additive, float) has NaN or +inf values"
-                        )
-                    if not flags[1]:
+                    # One reduction and one device sync where every value is 0 or excludes.
+                    if not bool(((m == 0) | ex).all()):
+                        if bool((torch.isnan(m) | torch.isposinf(m)).any()):
+                            raise ValueError(
+                                "RandMultiHeadAttention: key_padding_mask (additive, float) has NaN or +inf values"
+                            )
                         if self.kernel_fn == "relu":
                             raise ValueError(
                                 "RandMultiHeadAttention: with kernel_fn='relu', a float key_padding_mask "
