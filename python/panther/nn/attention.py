@@ -144,6 +144,10 @@ class RandMultiHeadAttention(nn.Module):
     ``(batch, Lk, vdim)`` -> ``((batch, Lq, E), weights or None)``; 2-d inputs ``(L, feature)``
     are one unbatched sequence.
 
+    TorchScript has no keyword-only arguments: ``torch.jit.script`` compiles a twin of the layer
+    (same parameters, buffers and flags) whose forward also takes the keyword arguments
+    positionally, and puts it in place of the layer in a scripted parent model.
+
     Raises ValueError for bad sizes (non-integral, non-positive, ``E % H != 0``, too large for
     the memory this process can use), dropout outside ``[0, 1)``, an unknown kernel, and
     TypeError/ValueError for a non-floating ``dtype``.
