@@ -269,3 +269,166 @@ def test_favor_attention_matches_reference(device, c):
     for name, a, b in zip("qkv", got, want):
         scale = torch.maximum(b.abs().max().double(), 0.05 * top) + 1e-300
         torch.testing.assert_close(a.double(), b.double(), rtol=10 * tol, atol=10 * tol * scale, msg=f"grad {name}: {c}")
+
+
+# ---------------------------------------------------------------- modules
+
+
+@st.composite
+def mha_module_cases(draw):
+    causal = draw(st.booleans())
+    kernel = draw(st.sampled_from(["softmax", "relu"]))
+    masks = ["none", "kpm_bool", "kpm_int", "kpm_neginf", "kpm_finfo_min", "am_bool", "am_int", "am_float"]
+    if kernel == "softmax":
+        masks.append("kpm_bias")
+    extra = "none" if causal else draw(st.sampled_from(["none", "bias_kv", "zero_attn", "both"]))
+    Lq = draw(st.integers(1, 7))
+    return dict(
+        seed=draw(st.integers(0, 2**16)),
+        H=draw(st.integers(1, 3)),
+        hd=draw(st.sampled_from([1, 2, 4])),
+        M=draw(st.integers(1, 24)),
+        B=draw(st.integers(1, 3)),
+        Lq=Lq,
+        Lk=Lq if causal else draw(st.integers(1, 7)),
+        kdim=draw(st.sampled_from([None, 3])),
+        vdim=draw(st.sampled_from([None, 5])),
+        dtype=draw(st.sampled_from([torch.float64, torch.float32, torch.bfloat16])),
+        kernel=kernel,
+        causal=causal,
+        causal_via=draw(st.sampled_from(["iscausal", "is_causal", "attn_mask_bool", "attn_mask_float"])),
+        batch_first=draw(st.booleans()),
+        unbatched=draw(st.booleans()),
+        bias=draw(st.booleans()),
+        mask=draw(st.sampled_from(masks)),
+        extra=extra,
+        need_weights=draw(st.booleans()),
+        average=draw(st.booleans()),
+    )
+
+
+@PROPS
+@given(c=mha_module_cases())
+def test_rand_mha_module_matches_reference_and_mha_conventions(c):
+    """RandMultiHeadAttention against its float64 reference (every mask form, causal flag, layout,
+    kdim/vdim, appended keys, need_weights), and nn.MultiheadAttention's shapes and dtypes."""
+    from panther._reference import rand_multihead_attention_reference
+    from panther.nn import RandMultiHeadAttention
+
+    torch.manual_seed(c["seed"])
+    g = torch.Generator().manual_seed(c["seed"])
+    E, dt = c["H"] * c["hd"], c["dtype"]
+    B = 1 if c["unbatched"] else c["B"]
+    kw = dict(batch_first=c["batch_first"], kdim=c["kdim"], vdim=c["vdim"], bias=c["bias"],
+              add_bias_kv=c["extra"] in ("bias_kv", "both"), add_zero_attn=c["extra"] in ("zero_attn", "both"))
+    layer = RandMultiHeadAttention(E, c["H"], c["M"], kernel_fn=c["kernel"], dtype=dt, generator=g,
+                                   iscausal=c["causal"] and c["causal_via"] == "iscausal", **kw)
+    kdim, vdim = c["kdim"] or E, c["vdim"] or E
+    Lq, Lk = c["Lq"], c["Lk"]
+    q = torch.randn(B, Lq, E, generator=g, dtype=torch.float64).to(dt)
+    k = torch.randn(B, Lk, kdim, generator=g, dtype=torch.float64).to(dt)
+    v = torch.randn(B, Lk, vdim, generator=g, dtype=torch.float64).to(dt)
+    padded = torch.rand(B, Lk, generator=g) < 0.3
+    padded[:, 0] = False  # every (causal) query sees a key
+    fwd, ref_kw = {}, {}
+    m = c["mask"]
+    if m.startswith("kpm"):
+        if m == "kpm_bool":
+            mask = padded
+        elif m == "kpm_int":
+            mask = padded.long()
+        elif m == "kpm_bias":
+            mask = torch.randn(B, Lk, generator=g).to(dt).masked_fill(padded, float("-inf"))
+        else:
+            fill = float("-inf") if m == "kpm_neginf" else torch.finfo(dt).min
+            mask = torch.zeros(B, Lk, dtype=dt).masked_fill(padded, fill)
+        fwd["key_padding_mask"] = ref_kw["key_padding_mask"] = mask
+    elif m.startswith("am"):
+        keep = ~padded
+        mask = keep if m == "am_bool" else keep.long() if m == "am_int" else keep.to(dt)
+        fwd["attention_mask"] = ref_kw["attention_mask"] = mask
+    if c["causal"]:
+        if c["causal_via"] == "is_causal":
+            fwd["is_causal"] = True
+        elif c["causal_via"] == "attn_mask_bool":
+            fwd["attn_mask"] = torch.ones(Lq, Lq, dtype=torch.bool).triu(1)
+        elif c["causal_via"] == "attn_mask_float":
+            fwd["attn_mask"] = torch.nn.Transformer.generate_square_subsequent_mask(Lq, dtype=dt)
+    if c["unbatched"]:
+        q, k, v = q[0], k[0], v[0]
+        for d in (fwd, ref_kw):
+            for name in ("key_padding_mask", "attention_mask"):
+                if name in d:
+                    d[name] = d[name][0]
+    elif not c["batch_first"]:
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    out, w = layer(q, k, v, **fwd, need_weights=c["need_weights"], average_attn_weights=c["average"])
+    ref, ref_w = rand_multihead_attention_reference(layer, q, k, v, causal=c["causal"], return_weights=True,
+                                                    **ref_kw)
+    assert out.dtype == dt and out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    tol = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 5e-2}[dt] * (1 + c["M"] / 32)
+    scale = ref.abs().max().item() + 1e-3
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * scale, msg=str(c))
+    if c["need_weights"]:
+        want = ref_w.mean(-3) if c["average"] else ref_w
+        torch.testing.assert_close(w.double(), want, rtol=tol, atol=tol, msg=str(c))
+    else:
+        assert w is None
+    # nn.MultiheadAttention with the same arguments gives the same shapes and dtypes.
+    mha = torch.nn.MultiheadAttention(E, c["H"], dtype=dt, **kw)
+    mha_kw = {n: val for n, val in fwd.items() if n != "attention_mask"}
+    if "attention_mask" in fwd:
+        mha_kw["key_padding_mask"] = fwd["attention_mask"] == 0
+    if mha_kw.get("is_causal") and "attn_mask" not in mha_kw:
+        mha_kw["attn_mask"] = torch.ones(Lq, Lq, dtype=torch.bool).triu(1)
+    if c["mask"] == "kpm_int":  # nn.MultiheadAttention takes bool or float masks
+        mha_kw["key_padding_mask"] = mha_kw["key_padding_mask"].bool()
+    mout, mw = mha(q, k, v, **mha_kw, need_weights=c["need_weights"], average_attn_weights=c["average"])
+    assert mout.shape == out.shape and mout.dtype == out.dtype
+    assert (mw is None) == (w is None) and (w is None or w.shape == mw.shape)
+
+
+@st.composite
+def sklinear_module_cases(draw):
+    return dict(
+        seed=draw(st.integers(0, 2**16)),
+        d_in=draw(st.integers(1, 12)),
+        d_out=draw(st.integers(1, 12)),
+        L=draw(st.integers(1, 3)),
+        k=draw(st.integers(1, 5)),
+        lead=draw(st.lists(st.integers(0, 3), min_size=0, max_size=3)),
+        dtype=draw(st.sampled_from([torch.float64, torch.float32, torch.bfloat16])),
+        bias=draw(st.booleans()),
+        layout=draw(st.sampled_from(["contiguous", "transposed", "sliced"])),
+    )
+
+
+@PROPS
+@given(c=sklinear_module_cases())
+def test_sklinear_module_matches_reference_and_linear_conventions(c):
+    """SKLinear against the float64 reference of its own parameters, and nn.Linear's conventions:
+    any leading dims, output shape and dtype, and its dense weight as an nn.Linear."""
+    import warnings
+
+    from panther.nn import SKLinear
+
+    g = torch.Generator().manual_seed(c["seed"])
+    dt = c["dtype"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # sketches larger than the dense layer
+        layer = SKLinear(c["d_in"], c["d_out"], c["L"], c["k"], bias=c["bias"], dtype=dt, generator=g)
+    x = torch.randn(*c["lead"], c["d_in"], generator=g, dtype=torch.float64).to(dt)
+    x = _layout(x, c["layout"]) if x.dim() >= 1 and c["layout"] != "contiguous" else x
+    out = layer(x)
+    dense = torch.nn.Linear(c["d_in"], c["d_out"], bias=c["bias"], dtype=dt)
+    assert out.shape == dense(x).shape and out.dtype == dt
+    ref = sketched_linear_reference(x, layer.S1s, layer.S2s, layer.U1s, layer.U2s, layer.bias)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 4e-2}[dt]
+    scale = ref.abs().max().item() + 1e-3 if ref.numel() else 1.0
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=tol, atol=tol * scale, msg=str(c))
+    with torch.no_grad():
+        dense.weight.copy_(layer.dense_weight())
+        if c["bias"]:
+            dense.bias.copy_(layer.bias)
+    torch.testing.assert_close(dense(x).double(), ref.detach(), rtol=4 * tol, atol=4 * tol * scale, msg=str(c))

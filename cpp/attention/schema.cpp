@@ -25,8 +25,9 @@ TORCH_LIBRARY_FRAGMENT(panther, m) {
   // for the same inputs) when it is given, and every other backend ignores it.
   m.def("_favor_attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor projection, str kernel_fn, bool causal, Tensor? key_padding_mask, bool[4] output_mask, Tensor? saved=None) -> (Tensor?, Tensor?, Tensor?, Tensor?)");
   // RandMultiHeadAttention's forward for self-attention (x as query, key and value), used by
-  // the module's eager inference path: q/k/v projections (one GEMM when Wq, Wk, Wv lie back to
-  // back and no gradient is recorded), favor_attention, output projection. A composition of
+  // the module's eager inference path: q/k/v projections (one GEMM over the per-call
+  // concatenation of Wq, Wk, Wv when no gradient is recorded), favor_attention, output
+  // projection. A composition of
   // at::linear and favor_attention (CompositeImplicitAutograd). x (B, L, E) -> (B, L, E).
   m.def("_rand_mha_self_attention(Tensor x, Tensor Wq, Tensor Wk, Tensor Wv, Tensor? bq, Tensor? bk, Tensor? bv, Tensor W0, Tensor? b0, Tensor projection, int num_heads, str kernel_fn, bool causal, Tensor? key_padding_mask) -> Tensor");
 }

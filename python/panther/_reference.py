@@ -18,6 +18,7 @@ __all__ = [
     "sketched_linear_dense_weight_reference",
     "favor_attention_reference",
     "softmax_attention_reference",
+    "rand_multihead_attention_reference",
 ]
 
 
@@ -82,11 +83,18 @@ def favor_attention_reference(
     kernel: str = "softmax",
     causal: bool = False,
     key_padding_mask: Optional[Tensor] = None,
-) -> Tensor:
+    key_bias: Optional[Tensor] = None,
+    return_weights: bool = False,
+):
     """FAVOR+ attention in float64 through the explicit (Lq x Lk) matrix of kernel values.
 
     q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv), projection (M, D); key_padding_mask
-    (B, Lk) bool, True = padded. Returns (B, H, Lq, Dv) in float64.
+    (B, Lk) bool, True = padded. Returns (B, H, Lq, Dv) in float64, and with ``return_weights``
+    also the normalised matrix (B, H, Lq, Lk) whose product with v is the output.
+
+    key_bias: optional (B, Lk) additive scores (RandMultiHeadAttention's float key_padding_mask):
+    keys with a bias of -inf or <= finfo(dtype).min / 2 count as padded; the others' kernel
+    values are multiplied by exp(bias_j - max_j' bias_j') (max over unpadded keys); keys whose factor underflows to 0 count as padded.
 
     softmax: phi(q_i) = M^-1/2 (exp(q'_i W^T - |q'_i|^2/2 - c_i) + eps), c_i the row max;
     psi_i(k_j) = M^-1/2 (exp(k'_j W^T - |k'_j|^2/2 - r_i) + eps), r_i the max of the same
@@ -105,6 +113,13 @@ def favor_attention_reference(
         valid = (~key_padding_mask.bool()).to(q.device)[:, None, :].expand(B, H, Lk)
     else:
         valid = torch.ones(B, H, Lk, dtype=torch.bool, device=q.device)
+    factor = None
+    if key_bias is not None:
+        valid = valid & (key_bias > torch.finfo(key_bias.dtype).min / 2)[:, None, :]
+        kb = key_bias.to(torch.float64)[:, None, :].masked_fill(~valid, float("-inf"))
+        top = kb.amax(-1, keepdim=True)
+        factor = torch.exp(kb - torch.where(torch.isinf(top), torch.zeros_like(top), top))  # (B, H, Lk)
+        valid = valid & (factor > 0)  # keys whose weight underflows to 0 are padded
     tril = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
     if kernel == "softmax":
         s = D ** -0.25
@@ -134,9 +149,12 @@ def favor_attention_reference(
             A = A * tril
     else:
         raise ValueError(f"favor_attention_reference: kernel must be 'softmax' or 'relu', got {kernel!r}")
-    num = A @ v
+    if factor is not None:
+        A = A * factor[:, :, None, :]
     den = A.sum(-1, keepdim=True)
-    return num / torch.where(den == 0, torch.ones_like(den), den)
+    weights = A / torch.where(den == 0, torch.ones_like(den), den)
+    out = weights @ v
+    return (out, weights) if return_weights else out
 
 
 def softmax_attention_reference(
@@ -161,3 +179,78 @@ def softmax_attention_reference(
     w = torch.softmax(scores, dim=-1)
     w = torch.nan_to_num(w, nan=0.0)
     return w @ v
+
+
+def rand_multihead_attention_reference(
+    layer,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    causal: bool = False,
+    return_weights: bool = False,
+):
+    """``RandMultiHeadAttention`` (``layer``: its parameters, flags and random features) in float64.
+
+    Follows the documented conventions independently of the module's code: ``batch_first``
+    layout (2-d inputs: one unbatched sequence), ``attention_mask`` keep-mask (nonzero/True =
+    attend), ``key_padding_mask`` bool/integer (True/nonzero = ignore) or float (added to the
+    scores: :func:`favor_attention_reference`'s ``key_bias``), ``bias_k/bias_v`` and
+    ``add_zero_attn`` appended keys, no dropout. Returns the output (float64, the layer's input
+    layout) and, with ``return_weights``, the (B, H, Lq, Lk) weights.
+    """
+    f64 = torch.float64
+    batched = query.dim() == 3
+    if not batched:
+        query, key, value = query[None], key[None], value[None]
+        if attention_mask is not None and attention_mask.dim() == 1:
+            attention_mask = attention_mask[None]
+        if key_padding_mask is not None and key_padding_mask.dim() == 1:
+            key_padding_mask = key_padding_mask[None]
+    elif not layer.batch_first:
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    query, key, value = query.to(f64), key.to(f64), value.to(f64)
+    B, Lq, E = query.shape
+    Lk = key.shape[1]
+    H, hd = layer.num_heads, layer.head_dim
+
+    def lin(x, W, b):
+        y = x @ W.to(f64).T
+        return y if b is None else y + b.to(f64)
+
+    def split(x):
+        return x.reshape(B, -1, H, hd).transpose(1, 2)
+
+    q = split(lin(query, layer.Wq, layer.bq))
+    k = split(lin(key, layer.Wk, layer.bk))
+    v = split(lin(value, layer.Wv, layer.bv))
+    padded = torch.zeros(B, Lk, dtype=torch.bool)
+    bias = None
+    if attention_mask is not None:
+        padded = padded | (attention_mask == 0)
+    if key_padding_mask is not None:
+        if key_padding_mask.is_floating_point():
+            bias = key_padding_mask
+        else:
+            padded = padded | (key_padding_mask != 0)
+    extra = []
+    if layer.bias_k is not None:
+        extra.append((layer.bias_k.to(f64).reshape(1, H, 1, hd), layer.bias_v.to(f64).reshape(1, H, 1, hd)))
+    if layer.add_zero_attn:
+        z = torch.zeros(1, H, 1, hd, dtype=f64)
+        extra.append((z, z))
+    for bk_, bv_ in extra:
+        k = torch.cat([k, bk_.expand(B, H, 1, hd)], 2)
+        v = torch.cat([v, bv_.expand(B, H, 1, hd)], 2)
+        padded = torch.cat([padded, torch.zeros(B, 1, dtype=torch.bool)], 1)
+        if bias is not None:
+            bias = torch.cat([bias, torch.zeros(B, 1, dtype=bias.dtype)], 1)
+    o, w = favor_attention_reference(q, k, v, layer.projection_matrix, layer.kernel_fn, causal, padded,
+                                     key_bias=bias, return_weights=True)
+    out = lin(o.transpose(1, 2).reshape(B, Lq, E), layer.W0, layer.b0)
+    if not batched:
+        out, w = out[0], w[0]
+    elif not layer.batch_first:
+        out = out.transpose(0, 1)
+    return (out, w) if return_weights else out

@@ -1,36 +1,22 @@
 """SKLinear: a sketched, randomized low-rank replacement for ``nn.Linear``."""
 
 import math
-import os
 import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_dtype, check_int, check_tensor, memory_limit_bytes
+
 
 def _check_positive_int(layer: str, name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{layer}: {name} must be a positive integer, got {value!r}")
-    return value
+    return check_int(layer, name, value)
 
 
 # Refuse layers whose tensors cannot exist, before anything is allocated (a typo such as
 # SKLinear(10**9, 10**9, ...) would otherwise start filling RAM or fail deep in an allocator).
 _MAX_NUMEL = 2**63 - 1
-
-
-def _device_memory_bytes(dev: torch.device) -> Optional[int]:
-    """Total memory of ``dev`` in bytes, or None where it is unknown or unlimited (meta)."""
-    if dev.type == "cpu":
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-            return 2**40
-    if dev.type == "cuda" and torch.cuda.is_available():
-        index = dev.index if dev.index is not None else torch.cuda.current_device()
-        return torch.cuda.get_device_properties(index).total_memory
-    return None
 
 
 def _check_size(layer: str, in_features: int, out_features: int, L: int, k: int,
@@ -47,7 +33,7 @@ def _check_size(layer: str, in_features: int, out_features: int, L: int, k: int,
                 f"(in_features={in_features}, out_features={out_features}, num_terms={L}, low_rank={k})"
             )
     dev = torch.device(device) if device is not None else torch.empty(0).device
-    limit = _device_memory_bytes(dev)
+    limit = memory_limit_bytes(dev)
     if limit is None:
         return
     item = torch.empty(0, dtype=dtype if dtype is not None else torch.get_default_dtype()).element_size()
@@ -61,7 +47,7 @@ def _check_size(layer: str, in_features: int, out_features: int, L: int, k: int,
             f"{layer}(in_features={in_features}, out_features={out_features}, num_terms={L}, "
             f"low_rank={k}) needs {need / 2**30:,.1f} GiB to build (sketches"
             f"{' + initial dense weight' if dense_init else ''}), "
-            f"more than the {limit / 2**30:,.1f} GiB of memory on device {dev}"
+            f"more than the {limit / 2**30:,.1f} GiB of memory on device {dev} this process can use"
         )
 
 
@@ -121,11 +107,13 @@ class SKLinear(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        dtype = check_dtype(name, dtype)
         self.in_features = _check_positive_int(name, "in_features", in_features)
         self.out_features = _check_positive_int(name, "out_features", out_features)
         self.num_terms = _check_positive_int(name, "num_terms", num_terms)
         self.low_rank = _check_positive_int(name, "low_rank", low_rank)
-        L, k = num_terms, low_rank
+        in_features, out_features = self.in_features, self.out_features
+        L, k = self.num_terms, self.low_rank
         _check_size(name, in_features, out_features, L, k, dtype, device, dense_init=W_init is None)
         if W_init is not None:
             if not isinstance(W_init, Tensor):
@@ -144,17 +132,39 @@ class SKLinear(nn.Module):
                 UserWarning,
                 stacklevel=2,
             )
-        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        fk = {"dtype": dtype if dtype is not None else torch.get_default_dtype(), "device": device}
+        self.register_buffer("U1s", torch.empty(L, k, out_features, **fk))
+        self.register_buffer("U2s", torch.empty(L, in_features, k, **fk))
+        # Contiguous, as FSDP2 (fully_shard) and flat-buffer optimizers require of parameters.
+        self.S1s = nn.Parameter(torch.empty(L, in_features, k, **fk))
+        self.S2s = nn.Parameter(torch.empty(L, k, out_features, **fk))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **fk))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters(generator=generator, W_init=W_init)
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None, W_init: Optional[Tensor] = None) -> None:
+        """(Re)initialise in place: new random sign matrices ``U1s, U2s``, sketches of ``W_init``
+        (default: a fresh random ``W`` with ``nn.Linear``'s scale) and ``nn.Linear``'s bias init.
+
+        Same shapes, dtypes, devices and tensor objects (so optimizers and shared memory keep
+        them). Used by the constructor, and after meta-device construction plus ``to_empty``:
+
+        >>> layer = SKLinear(16, 8, 1, 2, device="meta").to_empty(device="cpu")
+        >>> layer.reset_parameters()
+        >>> bool(layer(torch.ones(3, 16)).isfinite().all())
+        True
+        """
+        L, k = self.num_terms, self.low_rank
+        in_features, out_features = self.in_features, self.out_features
+        dtype, device = self.U1s.dtype, self.U1s.device
         scale = 1.0 / math.sqrt(k)
-        self.register_buffer(
-            "U1s", rademacher((L, k, out_features), scale, generator=generator, dtype=dtype, device=device)
-        )
-        self.register_buffer(
-            "U2s", rademacher((L, in_features, k), scale, generator=generator, dtype=dtype, device=device)
-        )
         # The sketches are formed in at least fp32 and rounded once to the layer's dtype.
         work = torch.float64 if dtype == torch.float64 else torch.float32
         with torch.no_grad():
+            self.U1s.copy_(rademacher((L, k, out_features), scale, generator=generator, dtype=dtype, device=device))
+            self.U2s.copy_(rademacher((L, in_features, k), scale, generator=generator, dtype=dtype, device=device))
             if W_init is None:
                 W = torch.empty(out_features, in_features, dtype=work, device=device)
                 nn.init.kaiming_uniform_(W, a=math.sqrt(5), generator=generator)
@@ -163,22 +173,14 @@ class SKLinear(nn.Module):
                 # effective weight has nn.Linear's variance, hence activations nn.Linear's scale.
                 W.mul_((1.0 + (in_features + out_features - 2) / (4.0 * L * k)) ** -0.5)
             else:
-                W = W_init.detach().to(device=self.U1s.device, dtype=work)
+                W = W_init.detach().to(device=device, dtype=work)
             U1 = self.U1s.to(work)
             U2 = self.U2s.to(work)
-            S1s = torch.einsum("oi,lko->lik", W, U1)  # W^T U1_i^T: (L, in, k)
-            S2s = torch.einsum("lik,oi->lko", U2, W)  # U2_i^T W^T: (L, k, out)
-        # Contiguous, as FSDP2 (fully_shard) and flat-buffer optimizers require of parameters.
-        self.S1s = nn.Parameter(S1s.to(dtype).contiguous())
-        self.S2s = nn.Parameter(S2s.to(dtype).contiguous())
-        if bias:
-            bound = 1.0 / math.sqrt(in_features)
-            b = torch.empty(out_features, dtype=dtype, device=self.U1s.device)
-            with torch.no_grad():
-                b.uniform_(-bound, bound, generator=generator)
-            self.bias = nn.Parameter(b)
-        else:
-            self.register_parameter("bias", None)
+            self.S1s.copy_(torch.einsum("oi,lko->lik", W, U1))  # W^T U1_i^T: (L, in, k)
+            self.S2s.copy_(torch.einsum("lik,oi->lko", U2, W))  # U2_i^T W^T: (L, k, out)
+            if self.bias is not None:
+                bound = 1.0 / math.sqrt(in_features)
+                self.bias.uniform_(-bound, bound, generator=generator)
 
     @classmethod
     def from_linear(
@@ -220,6 +222,8 @@ class SKLinear(nn.Module):
         return (W_t / (2 * L)).t().to(self.S1s.dtype)
 
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            check_tensor("SKLinear", "input", input)
         if input.dim() == 0:
             raise ValueError("SKLinear: input must have at least 1 dimension (..., in_features), got a 0-d tensor")
         if input.size(-1) != self.in_features:
