@@ -1,0 +1,306 @@
+"""Multi-process gloo jobs on CPU: context-parallel FAVOR+ attention, and FSDP2 + DCP resharding.
+
+Two spawned jobs (2 and 4 processes; process start-up dominates the cost, so each runs every case
+inside): every rank computes ``panther.distributed.context_parallel_favor_attention`` (and the
+``ContextParallel`` wrapper of ``RandMultiHeadAttention``) on its contiguous chunk of a sequence
+(unequal chunk lengths, several local chunks of the causal scan), in float64, with forward outputs
+and gradients saved per rank. The assertions run in the pytest process against the single-process
+op ``torch.ops.panther.favor_attention`` on the concatenated sequence: outputs and the gradients
+of query, key and value (concatenated over ranks) and of the projection (summed over ranks) must
+agree to float64 rounding, which includes the stabilisers: a stabiliser off by a constant would
+change the result through eps by ~1e-6 relative, far above the tolerance.
+
+The same jobs check that an FSDP2 (``fully_shard``) model with its Adam state, saved with DCP on 2
+ranks mid-training, resumes on 4 ranks with the same data order and continues the uninterrupted
+2-rank loss curve within 1e-3 relative.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import panther as pr
+import panther.distributed as pd
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*sketch numbers:UserWarning")
+
+B, H, L, D, DV, M = 2, 2, 13, 4, 3, 6
+SPLITS = {2: [5, 8], 4: [3, 4, 1, 5]}
+CHUNK = 2  # the local causal scan runs over several chunks per rank
+CASES = [(kern, causal, masked) for kern in ("softmax", "relu") for causal in (False, True) for masked in (False, True)]
+E_MOD = 8  # RandMultiHeadAttention width for the wrapper
+
+
+def case_inputs(i: int):
+    """Full-sequence inputs of case i (same on every rank and in the pytest process)."""
+    g = torch.Generator().manual_seed(100 + i)
+    dt = torch.float64
+    # Keys grow along the sequence: later ranks raise the running key maximum (rescaled states).
+    grow = torch.linspace(0.5, 2.5, L, dtype=dt)[None, None, :, None]
+    q = torch.randn(B, H, L, D, generator=g, dtype=dt) * 1.5
+    k = torch.randn(B, H, L, D, generator=g, dtype=dt) * grow
+    v = torch.randn(B, H, L, DV, generator=g, dtype=dt)
+    W = torch.randn(M, D, generator=g, dtype=dt)
+    gout = torch.randn(B, H, L, DV, generator=g, dtype=dt)
+    mask = torch.rand(B, L, generator=g) < 0.3
+    mask[1, :9] = True  # batch 1: the first ranks' chunks wholly padded (no key seen yet)
+    mask[0, 0] = True
+    return q, k, v, W, gout, mask
+
+
+def chunk_bounds(world: int, rank: int) -> tuple[int, int]:
+    sizes = SPLITS[world]
+    start = sum(sizes[:rank])
+    return start, start + sizes[rank]
+
+
+def module_inputs():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(B, L, E_MOD, generator=g, dtype=torch.float64)
+    gout = torch.randn(B, L, E_MOD, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, L, generator=g) < 0.25
+    return x, gout, mask
+
+
+def make_mha(causal: bool) -> nn.Module:
+    return pr.nn.RandMultiHeadAttention(E_MOD, num_heads=2, num_random_features=6, iscausal=causal,
+                                        dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+
+# ---- FSDP2 + DCP resharding -------------------------------------------------------------------
+
+FS_DIM, FS_SEQ, FS_GLOBAL_BATCH, FS_STEPS, FS_SAVE_AT = 16, 4, 8, 6, 3
+
+
+class FsNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = pr.nn.SKLinear(FS_DIM, FS_DIM, num_terms=2, low_rank=3)
+        self.attn = pr.nn.RandMultiHeadAttention(FS_DIM, num_heads=2, num_random_features=8)
+        self.out = pr.nn.SKLinear(FS_DIM, 4, num_terms=1, low_rank=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        h = h + self.attn(h, h, h)[0]
+        return self.out(h.mean(dim=1))
+
+
+def fs_batch(step: int):
+    """The global batch of a step: the data order does not depend on the number of ranks."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(FS_GLOBAL_BATCH, FS_SEQ, FS_DIM, generator=g)
+    teacher = torch.linspace(-1, 1, FS_DIM * 4).reshape(FS_DIM, 4)  # a learnable target
+    return x, x.mean(1) @ teacher
+
+
+def _fs_build(world: int, seed: int):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = FsNet()
+    mesh = init_device_mesh("cpu", (world,))
+    for sub in (model.inp, model.attn, model.out):
+        fully_shard(sub, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def _fs_step(model, opt, step: int, rank: int, world: int) -> float:
+    x, y = fs_batch(step)
+    n = FS_GLOBAL_BATCH // world
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(model(x[rank * n:(rank + 1) * n]), y[rank * n:(rank + 1) * n])
+    loss.backward()
+    opt.step()
+    t = loss.detach().clone()
+    dist.all_reduce(t)
+    return t.item() / world
+
+
+def _fs_part(rank: int, world: int, ckpt: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    out: dict = {}
+    if world == 2:  # the uninterrupted run, saving mid-way
+        model, opt = _fs_build(world, seed=11)
+        losses = []
+        for step in range(FS_STEPS):
+            if step == FS_SAVE_AT:
+                msd, osd = get_state_dict(model, opt)
+                dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+            losses.append(_fs_step(model, opt, step, rank, world))
+        out["losses"] = losses
+    else:  # resume on another number of ranks, from a differently seeded model
+        model, opt = _fs_build(world, seed=12)
+        with torch.no_grad():
+            x, y = fs_batch(FS_SAVE_AT)
+            out["fresh_loss"] = nn.functional.mse_loss(model(x), y).item()
+        msd, osd = get_state_dict(model, opt)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=ckpt)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        out["losses"] = [_fs_step(model, opt, step, rank, world) for step in range(FS_SAVE_AT, FS_STEPS)]
+    return out
+
+
+# ---- the spawned job ---------------------------------------------------------------------------
+
+
+def _cp_part(rank: int, world: int) -> dict:
+    lo, hi = chunk_bounds(world, rank)
+    out: dict = {"cases": [], "module": {}}
+    for i, (kern, causal, masked) in enumerate(CASES):
+        q, k, v, W, gout, mask = case_inputs(i)
+        ql, kl, vl = (t[:, :, lo:hi].clone().requires_grad_(True) for t in (q, k, v))
+        Wl = W.clone().requires_grad_(True)
+        ml = mask[:, lo:hi] if masked else None
+        y = pd.context_parallel_favor_attention(ql, kl, vl, Wl, kern, causal, ml, chunk_size=CHUNK)
+        grads = torch.autograd.grad(y, (ql, kl, vl, Wl), gout[:, :, lo:hi])
+        out["cases"].append({"y": y.detach(), "grads": [g.detach() for g in grads]})
+    x, gout, mask = module_inputs()
+    for causal in (False, True):
+        layer = make_mha(causal)
+        cp = pd.ContextParallel(layer, chunk_size=CHUNK)
+        xl = x[:, lo:hi].clone().requires_grad_(True)
+        y, none = cp(xl, xl, xl, key_padding_mask=mask[:, lo:hi])
+        assert none is None
+        (y * gout[:, lo:hi]).sum().backward()
+        out["module"][causal] = {"y": y.detach(), "dx": xl.grad,
+                                 "pgrads": {n: p.grad.clone() for n, p in layer.named_parameters()}}
+    return out
+
+
+def _worker(rank: int, tmp: str, world: int, ckpt: str) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    warnings.filterwarnings("ignore", message=".*sketch numbers")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))
+    try:
+        res = {"cp": _cp_part(rank, world), "fsdp": _fs_part(rank, world, ckpt)}
+        torch.save(res, os.path.join(tmp, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(tmp, world: int, ckpt) -> list[dict]:
+    mp.spawn(_worker, args=(str(tmp), world, str(ckpt)), nprocs=world, join=True)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cp_ckpt") / "fsdp"
+
+
+@pytest.fixture(scope="module")
+def run2(tmp_path_factory, ckpt_dir):
+    return _run(tmp_path_factory.mktemp("cp2"), 2, ckpt_dir)
+
+
+@pytest.fixture(scope="module")
+def run4(tmp_path_factory, ckpt_dir, run2):  # after run2: it resumes run2's checkpoint
+    return _run(tmp_path_factory.mktemp("cp4"), 4, ckpt_dir)
+
+
+def _close(a, b, what):
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=lambda m: f"{what}: {m}")
+
+
+def _check_op(results: list[dict], world: int) -> None:
+    for i, (kern, causal, masked) in enumerate(CASES):
+        q, k, v, W, gout, mask = case_inputs(i)
+        ins = [t.clone().requires_grad_(True) for t in (q, k, v, W)]
+        y = torch.ops.panther.favor_attention(*ins, kern, causal, mask if masked else None)
+        ref_grads = torch.autograd.grad(y, ins, gout)
+        tag = f"world={world} kernel={kern} causal={causal} masked={masked}"
+        got = [r["cp"]["cases"][i] for r in results]
+        _close(torch.cat([c["y"] for c in got], 2), y.detach(), f"{tag} output")
+        for j, name in enumerate(("query", "key", "value")):
+            _close(torch.cat([c["grads"][j] for c in got], 2), ref_grads[j], f"{tag} grad {name}")
+        _close(sum(c["grads"][3] for c in got), ref_grads[3], f"{tag} grad projection")
+
+
+def _check_module(results: list[dict], world: int) -> None:
+    x, gout, mask = module_inputs()
+    for causal in (False, True):
+        layer = make_mha(causal)
+        xr = x.clone().requires_grad_(True)
+        y, _ = layer(xr, xr, xr, key_padding_mask=mask)
+        (y * gout).sum().backward()
+        got = [r["cp"]["module"][causal] for r in results]
+        tag = f"ContextParallel world={world} causal={causal}"
+        _close(torch.cat([g["y"] for g in got], 1), y.detach(), f"{tag} output")
+        _close(torch.cat([g["dx"] for g in got], 1), xr.grad, f"{tag} input grad")
+        for n, p in layer.named_parameters():
+            _close(sum(g["pgrads"][n] for g in got), p.grad, f"{tag} grad {n}")
+
+
+def test_context_parallel_two_ranks_equals_single_process(run2):
+    _check_op(run2, 2)
+
+
+def test_context_parallel_four_ranks_equals_single_process(run4):
+    _check_op(run4, 4)
+
+
+def test_context_parallel_module_wrapper(run2, run4):
+    _check_module(run2, 2)
+    _check_module(run4, 4)
+
+
+def test_fsdp2_dcp_save_on_two_ranks_resume_on_four(run2, run4):
+    """Saved on 2 ranks after FS_SAVE_AT steps, resumed on 4 from a differently seeded model: the
+    loss curve continues the uninterrupted 2-rank run within 1e-3 relative."""
+    full = run2[0]["fsdp"]["losses"]
+    assert all(r["fsdp"]["losses"] == full for r in run2)
+    resumed = run4[0]["fsdp"]["losses"]
+    assert len(resumed) == FS_STEPS - FS_SAVE_AT
+    assert full[-1] < full[0], full  # it trains
+    # The control: the fresh model before loading is far from the saved one.
+    assert abs(run4[0]["fsdp"]["fresh_loss"] - full[FS_SAVE_AT]) > 1e-2 * full[FS_SAVE_AT]
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(full[FS_SAVE_AT:]), rtol=1e-3, atol=0)
+
+
+# ---- single-process checks (no spawn) ------------------------------------------------------------
+
+
+def test_eps_constants_match_the_reference():
+    from panther import _reference as ref
+    from panther import distributed as d
+
+    assert d._SOFTMAX_EPS == ref.FAVOR_SOFTMAX_EPS and d._RELU_EPS == ref.FAVOR_RELU_EPS
+
+
+def test_errors_without_process_group_and_bad_arguments():
+    q = torch.randn(1, 2, 4, 3)
+    W = torch.randn(5, 3)
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="context_parallel_favor_attention: torch.distributed is not init"):
+            pd.context_parallel_favor_attention(q, q, q, W)
+    with pytest.raises(ValueError, match="kernel_fn must be 'softmax' or 'relu', got 'gelu'"):
+        pd._check(q, q, q, W, "gelu", False, None, 4)
+    with pytest.raises(ValueError, match=r"causal=True needs equal query and key chunk lengths.*Lq=4 and Lk=3"):
+        pd._check(q, q[:, :, :3], q[:, :, :3], W, "softmax", True, None, 4)
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(batch=1, Lk=4\)"):
+        pd._check(q, q, q, W, "softmax", False, torch.zeros(1, 5, dtype=torch.bool), 4)
+    with pytest.raises(ValueError, match=r"projection must have shape \(num_random_features >= 1, head_dim=3\)"):
+        pd._check(q, q, q, torch.randn(5, 4), "softmax", False, None, 4)
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
+        pd._check(q, q, q, W, "softmax", False, None, 0)
+    with pytest.raises(TypeError, match="ContextParallel: module must be a RandMultiHeadAttention"):
+        pd.ContextParallel(nn.Linear(3, 3))
+    cp = pd.ContextParallel(make_mha(False))
+    with pytest.raises(ValueError, match="ContextParallel: attn_mask must be None"):
+        cp(torch.randn(1, 2, E_MOD), torch.randn(1, 2, E_MOD), torch.randn(1, 2, E_MOD),
+           attn_mask=torch.ones(2, 2, dtype=torch.bool))
