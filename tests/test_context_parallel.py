@@ -311,3 +311,48 @@ def test_errors_without_process_group_and_bad_arguments():
     with pytest.raises(ValueError, match="ContextParallel: attn_mask must be None"):
         cp(torch.randn(1, 2, E_MOD), torch.randn(1, 2, E_MOD), torch.randn(1, 2, E_MOD),
            attn_mask=torch.ones(2, 2, dtype=torch.bool))
+
+
+# ---- the distributed benchmark's smoke mode under torchrun ---------------------------------------
+
+
+def test_bench_distributed_smoke_under_torchrun(tmp_path):
+    """bench/python/bench_distributed.py --smoke on 2 gloo ranks (tiny sizes): every row is produced."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "bench" / "python" / "bench_distributed.py"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(pr.__file__).parents[1]), env.get("PYTHONPATH")) if p)
+    out = tmp_path / "res.json"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+        "--master_addr", "127.0.0.1", "--master_port", str(port),
+        str(script), "--smoke", "--device", "cpu", "--json", str(out), "--markdown", str(tmp_path / "res.md"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["ranks"] == 2
+    setups = {(r["model"].split()[0], r["setup"]) for r in res["train"]}
+    for model in ("dense", "sketched"):
+        for setup in ("1 rank, no wrapper", "DDP broadcast_buffers=True", "DDP broadcast_buffers=False", "FSDP2"):
+            assert (model, setup) in setups, (model, setup, setups)
+    for r in res["train"]:
+        assert r["step_ms"] > 0
+        if r["setup"].startswith("DDP"):
+            # The reducer all-reduces every parameter's gradient; buffers only when broadcast.
+            assert r["grad_bytes"] == r["params"]
+            assert r["payload"] == r["params"] + (r["buffers"] if r["setup"].endswith("True") else 0)
+    sk = [r for r in res["train"] if r["model"].startswith("sketched")]
+    assert all(r["buffers"] > 0 for r in sk)
+    assert [r["tokens"] for r in res["cp"]] == [256, 512]
+    assert all(r["cp_ms"] > 0 and r["per_rank"] * 2 == r["tokens"] for r in res["cp"])
+    assert "Context-parallel causal FAVOR+ attention" in (tmp_path / "res.md").read_text()
