@@ -299,14 +299,19 @@ def context_parallel_favor_attention(
     Raises ``ValueError`` for bad arguments (naming the argument, expected and actual value) and
     ``RuntimeError`` if ``torch.distributed`` is not initialised.
 
-    >>> import os, torch, torch.distributed as dist, panther, panther.distributed as pd
-    >>> os.environ.setdefault("MASTER_ADDR", "127.0.0.1"); os.environ.setdefault("MASTER_PORT", "29533")  # doctest: +SKIP
-    >>> dist.init_process_group("gloo", rank=0, world_size=1)  # doctest: +SKIP
+    A 1-rank group here (under torchrun every rank passes its chunk the same way):
+
+    >>> import os, tempfile, torch, torch.distributed as dist, panther, panther.distributed as pd
+    >>> rv = os.path.join(tempfile.mkdtemp(), "rendezvous")
+    >>> dist.init_process_group("gloo", init_method="file://" + rv, rank=0, world_size=1)
     >>> q, k, v = (torch.randn(1, 2, 8, 4, dtype=torch.float64) for _ in range(3))
     >>> W = torch.randn(6, 4, dtype=torch.float64)
-    >>> out = pd.context_parallel_favor_attention(q, k, v, W, causal=True)  # doctest: +SKIP
-    >>> torch.allclose(out, torch.ops.panther.favor_attention(q, k, v, W, "softmax", True, None))  # doctest: +SKIP
+    >>> out = pd.context_parallel_favor_attention(q, k, v, W, "softmax", causal=True)
+    >>> out.shape
+    torch.Size([1, 2, 8, 4])
+    >>> torch.allclose(out, torch.ops.panther.favor_attention(q, k, v, W, "softmax", True, None))
     True
+    >>> dist.destroy_process_group()
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"{_OP}: torch.distributed is not initialised (call dist.init_process_group first)")
