@@ -167,13 +167,20 @@ def _features(q: Tensor, k: Tensor, W: Tensor, kernel_fn: str, valid: Tensor):
     return phi, khat, _RELU_EPS
 
 
+def _max_last(x: Tensor) -> Tensor:
+    """Max over the last dim; -inf where it is empty (a rank with an empty chunk)."""
+    if x.shape[-1] == 0:
+        return torch.full(x.shape[:-1], float("-inf"), dtype=x.dtype, device=x.device)
+    return x.amax(-1)
+
+
 def _finite_or(x: Tensor, fill: float = 0.0) -> Tensor:
     return torch.where(torch.isinf(x), torch.full_like(x, fill), x)
 
 
 def _noncausal(phi, kfeat, V, valid, ek, softmax: bool, group) -> Tensor:
     if softmax:
-        a = kfeat.detach().amax(-1).amax(-1)  # (BH,) local max over unpadded keys (-inf if none)
+        a = _max_last(kfeat.detach().amax(-1))  # (BH,) local max over unpadded keys (-inf if none)
         dist.all_reduce(a, op=dist.ReduceOp.MAX, group=group)
         r = _finite_or(a)
         khat = (kfeat.shape[-1] ** -0.5) * torch.exp(kfeat - r[:, None, None])
@@ -191,7 +198,7 @@ def _causal(phi, kfeat, V, ek, softmax: bool, group, chunk: int) -> Tensor:
     sM = M ** -0.5
     if softmax:
         a = kfeat.detach().amax(-1)  # (BH, L): per-key max exponent, -inf at padded keys
-        m = a.amax(-1) if L > 0 else torch.full((BH,), float("-inf"), dtype=a.dtype, device=a.device)
+        m = _max_last(a)
         m_all = _gather_detached(m, group)  # (world, BH)
         # This rank's state relative to its own key maximum (every exponent <= 0).
         G = (sM * torch.exp(kfeat - _finite_or(m)[:, None, None])).transpose(1, 2) @ V  # (BH, M, E1)
@@ -211,7 +218,7 @@ def _causal(phi, kfeat, V, ek, softmax: bool, group, chunk: int) -> Tensor:
     # eps part: earlier ranks' counts are unscaled sums; a rank after this one adds nothing.
     cprev = (before.to(states.dtype)[:, None, None] * states[:, :, M]).sum(0)  # (BH, E1)
     if L == 0:
-        return phi.new_zeros(BH, 0, E1) + 0 * (prev.sum() + cprev.sum())
+        return phi @ prev + cprev[:, None, :]  # (BH, 0, E1): nothing, but in the graph
     # Running key stabiliser r (BH, L): max of P and the local running max; positions that have
     # seen no unpadded key yet take the first finite value (their features are all zero).
     if softmax:
