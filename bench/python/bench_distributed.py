@@ -210,13 +210,17 @@ def make_step(model: nn.Module, device: torch.device, batch: int, seq: int, d: i
     return step
 
 
-def bench_train(sz: dict, device: torch.device, compile_modes: List[bool]) -> List[dict]:
+SETUPS = ("single", "ddp", "ddp_nobb", "fsdp")
+
+
+def bench_train(sz: dict, device: torch.device, compile_modes: List[bool], setups: Dict[bool, List[str]]) -> List[dict]:
+    """Rows of the training part; ``setups[compiled]`` lists which of SETUPS run in that mode."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     world = dist.get_world_size()
-    rows = []
+    rows: List[dict] = []
     for sketched in (False, True):
         name = "sketched (SKLinear L=1 k=64)" if sketched else "dense (nn.Linear)"
 
@@ -230,54 +234,70 @@ def bench_train(sz: dict, device: torch.device, compile_modes: List[bool]) -> Li
         for compiled in compile_modes:
             mode = "compiled" if compiled else "eager"
             wrap = torch.compile if compiled else (lambda m: m)
-            # 1 GPU: rank 0 alone, the plain model.
             single = None
-            if rank0():
-                m = fresh()
-                single = time_steps(make_step(wrap(m), device, sz["batch"], sz["seq"], sz["d"]), device,
-                                    sz["steps"], sz["warmup"], world=False)
-                del m
-            dist.barrier()
-            t1 = torch.tensor([single or 0.0], dtype=torch.float64, device=device)
-            dist.broadcast(t1, 0)
-            single = t1.item()
-            rows.append(dict(model=name, mode=mode, setup="1 rank, no wrapper", ranks=1, step_ms=single, eff=1.0,
-                             payload=0, params=pbytes, buffers=bbytes))
-            log(f"[train] {name} {mode} 1 rank: {single:.2f} ms")
-            for bb in (True, False):
-                m = fresh()
-                ddp = DDP(m, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=bb)
-                counted = {"bytes": 0}
+            for setup in setups[compiled]:
+                row = dict(model=name, mode=mode, ranks=1 if setup == "single" else world, params=pbytes,
+                           buffers=bbytes, payload=0, step_ms=None, eff=None, err="")
+                try:
+                    if setup == "single":  # rank 0 alone, the plain model: the weak-scaling baseline
+                        row["setup"] = "1 rank, no wrapper"
+                        res = [None, ""]
+                        if rank0():
+                            try:
+                                m = fresh()
+                                res[0] = time_steps(make_step(wrap(m), device, sz["batch"], sz["seq"], sz["d"]),
+                                                    device, sz["steps"], sz["warmup"], world=False)
+                                del m
+                            except Exception as e:  # noqa: BLE001 - reported in the table
+                                res[1] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                        dist.broadcast_object_list(res, 0)
+                        single, row["err"] = res
+                        row["step_ms"], row["eff"] = single, 1.0 if single else None
+                    elif setup in ("ddp", "ddp_nobb"):
+                        bb = setup == "ddp"
+                        row["setup"] = f"DDP broadcast_buffers={bb}"
+                        m = fresh()
+                        ddp = DDP(m, device_ids=[device.index] if device.type == "cuda" else None,
+                                  broadcast_buffers=bb)
+                        counted = {"bytes": 0}
 
-                def hook(state, bucket, counted=counted):
-                    counted["bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
-                    return default_hooks.allreduce_hook(state, bucket)
+                        def hook(state, bucket, counted=counted):
+                            buf = bucket.buffer()
+                            counted["bytes"] += buf.numel() * buf.element_size()
+                            return default_hooks.allreduce_hook(state, bucket)
 
-                ddp.register_comm_hook(None, hook)
-                step = make_step(wrap(ddp), device, sz["batch"], sz["seq"], sz["d"])
-                step()  # one counted step (buckets are rebuilt after the first iteration)
-                counted["bytes"] = 0
-                step()
-                grad_bytes = counted["bytes"]
-                ms = time_steps(step, device, sz["steps"], sz["warmup"])
-                payload = grad_bytes + (bbytes if bb else 0)
-                setup = f"DDP broadcast_buffers={bb}"
-                rows.append(dict(model=name, mode=mode, setup=setup, ranks=world, step_ms=ms, eff=single / ms,
-                                 payload=payload, grad_bytes=grad_bytes, params=pbytes, buffers=bbytes))
-                log(f"[train] {name} {mode} {setup} x{world}: {ms:.2f} ms, {payload} B/step")
-                del ddp, m
-            m = fresh()
-            for b in m.blocks if hasattr(m, "blocks") else []:
-                fully_shard(b)
-            fully_shard(m)
-            ms = time_steps(make_step(wrap(m), device, sz["batch"], sz["seq"], sz["d"]), device,
-                            sz["steps"], sz["warmup"])
-            payload = 2 * pbytes + pbytes  # all-gather fwd + bwd, reduce-scatter of fp32 grads
-            rows.append(dict(model=name, mode=mode, setup="FSDP2", ranks=world, step_ms=ms, eff=single / ms,
-                             payload=payload, params=pbytes, buffers=bbytes))
-            log(f"[train] {name} {mode} FSDP2 x{world}: {ms:.2f} ms")
-            del m
-            C.free_cuda(device) if device.type == "cuda" else None
+                        ddp.register_comm_hook(None, hook)
+                        step = make_step(wrap(ddp), device, sz["batch"], sz["seq"], sz["d"])
+                        step()  # buckets are rebuilt after the first iteration: count the second
+                        counted["bytes"] = 0
+                        step()
+                        row["grad_bytes"] = counted["bytes"]
+                        row["payload"] = counted["bytes"] + (bbytes if bb else 0)
+                        row["step_ms"] = time_steps(step, device, sz["steps"], sz["warmup"])
+                        del ddp, m, step
+                    elif setup == "fsdp":
+                        row["setup"] = "FSDP2"
+                        m = fresh()
+                        for blk in getattr(m, "blocks", []):
+                            fully_shard(blk)
+                        fully_shard(m)
+                        # all-gather of the parameters in forward and again in backward, reduce-scatter
+                        # of the (fp32) gradients; buffers are never communicated.
+                        row["payload"] = 3 * pbytes
+                        row["step_ms"] = time_steps(make_step(wrap(m), device, sz["batch"], sz["seq"], sz["d"]),
+                                                    device, sz["steps"], sz["warmup"])
+                        del m
+                except Exception as e:  # noqa: BLE001 - one failing setup must not hide the others
+                    if world > 1:
+                        raise  # the other ranks may wait in a collective: stop the job
+                    row["err"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                if row["step_ms"] and single and setup != "single":
+                    row["eff"] = single / row["step_ms"]
+                rows.append(row)
+                log(f"[train] {name} {mode} {row['setup']} x{row['ranks']}: {row['step_ms']} ms, "
+                    f"{row['payload']} B/step {row['err']}")
+                if device.type == "cuda":
+                    C.free_cuda(device)
     return rows
 
 
@@ -379,10 +399,11 @@ def report(train_rows: List[dict], cp_rows: List[dict], device: torch.device, sz
     out = [C.header("Distributed scaling: DDP / FSDP2 training and context-parallel attention", device, extra)]
     if train_rows:
         t = C.Table(["model", "mode", "setup", "ranks", "step (ms)", "weak-scaling eff.", "payload B/step/rank",
-                     "param bytes", "buffer bytes"])
+                     "param bytes", "buffer bytes", "note"])
         for r in train_rows:
-            t.add([r["model"], r["mode"], r["setup"], r["ranks"], C.fmt_ms(r["step_ms"]), C.fmt_pct(100 * r["eff"]),
-                   C.fmt_bytes(r["payload"]), C.fmt_bytes(r["params"]), C.fmt_bytes(r["buffers"])], r)
+            t.add([r["model"], r["mode"], r["setup"], r["ranks"], C.fmt_ms(r["step_ms"]),
+                   C.fmt_pct(100 * r["eff"]) if r["eff"] else "n/a", C.fmt_bytes(r["payload"]),
+                   C.fmt_bytes(r["params"]), C.fmt_bytes(r["buffers"]), r["err"]], r)
         out += ["## Training (BERT-base-shaped encoder)", "", t.markdown(), ""]
     if cp_rows:
         t = C.Table(["tokens", "ranks", "tokens/rank", "context-parallel fwd+bwd (ms)", "peak/rank",
@@ -405,6 +426,10 @@ def main(argv=None) -> int:
     p.add_argument("--parts", default="train,cp", help="comma list of: train, cp")
     p.add_argument("--compile", choices=["off", "on", "both"], default=None,
                    help="torch.compile rows (default: both on CUDA, off on CPU)")
+    p.add_argument("--setups", default=",".join(SETUPS),
+                   help="comma list of training setups (single, ddp, ddp_nobb, fsdp) in eager mode")
+    p.add_argument("--compiled-setups", default=None,
+                   help="the same for the compiled rows (default: as --setups)")
     p.add_argument("--tokens", default=None, help="comma list of total sequence lengths for the cp part")
     p.add_argument("--cp-chunk", type=int, default=256, help="chunk_size of the context-parallel path")
     p.add_argument("--markdown", default=None)
@@ -426,7 +451,16 @@ def main(argv=None) -> int:
         comp = args.compile or ("both" if device.type == "cuda" else "off")
         modes = {"off": [False], "on": [True], "both": [False, True]}[comp]
         tokens = [int(x) for x in args.tokens.split(",")] if args.tokens else sz["cp_tokens"]
-        train_rows = bench_train(sz, device, modes) if "train" in parts else []
+        setups = {False: [x for x in args.setups.split(",") if x]}
+        setups[True] = [x for x in (args.compiled_setups or args.setups).split(",") if x]
+        for lst in setups.values():
+            unknown = set(lst) - set(SETUPS)
+            if unknown:
+                sys.exit(f"--setups: unknown setup(s) {sorted(unknown)}; expected some of {', '.join(SETUPS)}")
+            if "single" in lst:  # the baseline first: efficiencies need it
+                lst.remove("single")
+                lst.insert(0, "single")
+        train_rows = bench_train(sz, device, modes, setups) if "train" in parts else []
         cp_rows = bench_cp(sz, device, tokens, args.cp_chunk) if "cp" in parts else []
         if rank0():
             text = report(train_rows, cp_rows, device, sz, args.smoke)
