@@ -3,7 +3,8 @@
 One spawned 4-process job (process start-up dominates the cost, so it runs every case inside;
 the 2-rank cases run on the subgroup of ranks 0 and 1): every rank computes ``panther.distributed.context_parallel_favor_attention`` (and the
 ``ContextParallel`` wrapper of ``RandMultiHeadAttention``) on its contiguous chunk of a sequence
-(unequal chunk lengths, several local chunks of the causal scan), in float64, with forward outputs
+(unequal chunk lengths, on 4 ranks one with a single position and one with none; several local
+chunks of the causal scan; padding that leaves the first ranks without any unpadded key), in float64, with forward outputs
 and gradients saved per rank. The assertions run in the pytest process against the single-process
 op ``torch.ops.panther.favor_attention`` on the concatenated sequence: outputs and the gradients
 of query, key and value (concatenated over ranks) and of the projection (summed over ranks) must
