@@ -1,15 +1,15 @@
 """Multi-process gloo jobs on CPU: context-parallel FAVOR+ attention, and FSDP2 + DCP resharding.
 
 One spawned 4-process job (process start-up dominates the cost, so it runs every case inside;
-the 2-rank cases run on the subgroup of ranks 0 and 1): every rank computes ``panther.distributed.context_parallel_favor_attention`` (and the
-``ContextParallel`` wrapper of ``RandMultiHeadAttention``) on its contiguous chunk of a sequence
+the 2-rank cases run on the subgroup of ranks 0 and 1): every rank computes
+``panther.distributed.context_parallel_favor_attention`` (and the ``ContextParallel`` wrapper of ``RandMultiHeadAttention``) on its contiguous chunk of a sequence
 (unequal chunk lengths, on 4 ranks one with a single position and one with none; several local
 chunks of the causal scan; padding that leaves the first ranks without any unpadded key), in float64, with forward outputs
 and gradients saved per rank. The assertions run in the pytest process against the single-process
 op ``torch.ops.panther.favor_attention`` on the concatenated sequence: outputs and the gradients
 of query, key and value (concatenated over ranks) and of the projection (summed over ranks) must
-agree to float64 rounding, which includes the stabilisers: a stabiliser off by a constant would
-change the result through eps by ~1e-6 relative, far above the tolerance.
+agree to float64 rounding, which includes the stabilisers: a key stabiliser off by 1 changes the
+result through eps (by ~3e-5 absolute in case 0, non-causal), far above the tolerance.
 
 The same job checks that an FSDP2 (``fully_shard``) model with its Adam state, saved with DCP on 2
 ranks mid-training, resumes on 4 ranks with the same data order and continues the uninterrupted
