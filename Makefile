@@ -23,7 +23,10 @@ setup: $(STAMP)
 	@bash scripts/ensure_cpp_deps.sh
 
 # Incremental: scikit-build-core keeps its CMake tree under build/. flock serialises builds.
+# (A venv from before the distribution was renamed has a "panther" distribution owning the same
+# files: remove it first, or uninstalling it later would delete torch-panther's files.)
 build: setup
+	@if $(PY) -m pip show -q panther >/dev/null 2>&1; then $(PY) -m pip uninstall -y -q panther; fi
 	flock $(BUILD_LOCK) $(PY) -m pip install -q --no-build-isolation --no-deps .
 
 demo: build
