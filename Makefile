@@ -50,7 +50,7 @@ test-cpp: build
 
 # The API reference (Sphinx, from the docstrings) in build/docs/html; every warning is an error.
 docs: build
-	$(PY) -m sphinx -b html -W --keep-going -q docs build/docs/html
+	$(PY) -m sphinx -b html -E -W --keep-going -q docs build/docs/html
 
 # A wheel in dist/ for the installed torch: its version carries the torch minor it was built
 # against (0.1.0+torch2.13) and it requires that minor (torch==2.13.*). CUDA builds compile for

@@ -1,11 +1,6 @@
 # Sphinx configuration of Panther's API reference (make docs). Pages are generated from the
 # docstrings by autodoc; the build is offline (no intersphinx) and warnings are errors.
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))  # (nothing to import from here; kept for local extensions)
-
-import panther  # noqa: E402  the installed build (make docs builds and installs it first)
+import panther  # the installed build (make docs builds and installs it first)
 
 project = "Panther (torch-panther)"
 author = "The Panther authors"
