@@ -12,6 +12,7 @@ NB_MODULE(_C, m) {
     d["version"] = PANTHER_VERSION;
     d["torch_version"] = PANTHER_TORCH_VERSION;
     d["torch_cuda_version"] = PANTHER_TORCH_CUDA_VERSION;
+    d["cuda_arch_list"] = PANTHER_CUDA_ARCH_LIST;  // TORCH_CUDA_ARCH_LIST of the build, or ""
 #ifdef PANTHER_WITH_CUDA
     d["with_cuda"] = true;
 #else

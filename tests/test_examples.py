@@ -59,6 +59,10 @@ CASES = {
         "Standard model parameters: 567,434",
         "Sketched model parameters: 934,410",
         "Parameter reduction: -64.7%",
+        "Why the reduction is negative: SKLinear(d_in, d_out, num_terms=L, low_rank=k) trains",
+        "4 of 4 layers grow.",
+        "Smaller schedules save: num_terms_schedule=[3, 3, 2, 1], low_rank_schedule=[32, 16, 8, 4] "
+        "give 168,882 parameters, a reduction of 70.2%",
     ],
     "tutorial_003_training_comparison.py": [
         "Epoch 2, Loss:",
@@ -123,6 +127,9 @@ def test_tutorial_script_runs(script):
     out = run_script([EXAMPLES / script])
     for expected in CASES[script]:
         assert expected in out, f"{script}: {expected!r} not in output:\n{out[-4000:]}"
+    # A script that shows a model growing says why.
+    if "Parameter reduction: -" in out:
+        assert "Why the reduction is negative" in out, f"{script}: negative reduction unexplained"
 
 
 # ---- the tutorials' code blocks ------------------------------------------------------------------

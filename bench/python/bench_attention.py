@@ -25,7 +25,7 @@ lengths once it ran out of memory or exceeded the time budget (--max-ms) at a sm
 Floor of the FAVOR+ op (the "% of floor" column = floor / op time):
   FLOPs fwd = B H (8 L M D [+ 2 L C (M + D) when causal, chunk C = 64]): 2 L M D each for the
   query and key feature maps, for phi(K)^T V (the state) and for phi(Q) times the state; causal
-  adds the masked in-chunk phi(Q) phi(K)^T and its product with V (the same count as ANCHORS.md's
+  adds the masked in-chunk phi(Q) phi(K)^T and its product with V (the count behind the
   physical limits: 11 us at 4096, 43 us at 16384, 172 us at 65536 on H100 bf16).
   fwd+bwd = 3x the forward's FLOPs. Bytes: read q, k, v and write out (fwd); fwd+bwd adds reading
   dout and q, k, v again and writing dq, dk, dv. floor = max(FLOPs / peak, bytes / bandwidth).
@@ -56,7 +56,7 @@ import panther as pr  # noqa: E402
 
 B, H, D, M = 1, 12, 64, 256
 E = H * D
-CHUNK = 64  # chunk size assumed by the FLOP count (ANCHORS.md's limits)
+CHUNK = 64  # chunk size assumed by the FLOP count
 ANCHOR_PANTHER_CAUSAL_1024_FWD_MS = 64.9
 
 IMPLS = ["mha", "rmha", "sdpa", "favor"]
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
             C.free_cuda(device)
 
     text = head + table.markdown()
-    text += "\n## Targets (issue 3)\n\n" + C.targets_table(targets(rows, cuda, has_module))
+    text += "\n## Targets\n\n" + C.targets_table(targets(rows, cuda, has_module))
     C.emit(text, args.markdown)
     if args.csv:
         table.write_csv(args.csv)

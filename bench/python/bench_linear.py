@@ -6,7 +6,7 @@ For each configuration (tokens N, d_in = d_out = d, num_terms L, low_rank k) and
 * nn.Linear(d, d) and pr.nn.SKLinear(d, d, L, k), both with bias.
 * two-GEMM: the sketched layer written in plain PyTorch, ``torch.addmm(b, x @ A, B)`` with
   ``A = [S1_1..S1_L | U2_1..U2_L]`` (d, 2Lk) and ``B = [U1; S2] / (2L)`` (2Lk, d): what the math
-  allows with the vendor GEMM and nothing else (ANCHORS.md).
+  allows with the vendor GEMM and nothing else.
 
 What is timed
   fwd:      the forward under ``torch.no_grad()`` (inference).
@@ -207,7 +207,7 @@ def format_row(r: Dict) -> List[str]:
 
 
 def targets(rows: List[Dict], device: torch.device) -> List[tuple]:
-    """Issue 2's targets next to what this run measured (PASS/MISS; never asserted)."""
+    """The performance targets next to what this run measured (PASS/MISS; never asserted)."""
     out = []
 
     def find(cfg: Config, dt: str) -> Optional[Dict]:
@@ -297,7 +297,7 @@ def main(argv=None) -> int:
         "speedup = nn.Linear time / SKLinear time; % of floor = floor / SKLinear time. "
         "Floor = max(bytes / bandwidth, FLOPs / peak): fwd bytes = x read + y written + params; "
         "fwd+bwd adds dy read, x re-read, dx written, params re-read + grads written; FLOPs: fwd 2Nr(d_in+d_out), r = 2Lk, fwd+bwd 3x.",
-        "two-GEMM = torch.addmm(b, x @ A, B) in plain PyTorch (ANCHORS.md). "
+        "two-GEMM = torch.addmm(b, x @ A, B) in plain PyTorch. "
         "peak mem: extra CUDA memory of one fwd+bwd call (n/a on CPU). "
         "rel err: vs the float64 formula on the same parameters; nn.Linear holds the equivalent dense weight.",
         "fp32 runs with TF32 off.",
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
             print(f"done: {cfg} {C.dtype_name(dt)}", file=sys.stderr, flush=True)
 
     text = head + table.markdown()
-    text += "\n## Targets (issue 2)\n\n" + C.targets_table(targets(rows, device))
+    text += "\n## Targets\n\n" + C.targets_table(targets(rows, device))
     C.emit(text, args.markdown)
     if args.csv:
         table.write_csv(args.csv)

@@ -113,6 +113,8 @@ struct Params {
   T* fsa;                 // (BH, nk, kC*kC) A'
   float* fyo;             // (BH, nk*kC, Dv) y / den before rounding, or null (Dv > 64)
   float *fps, *fdn;       // (BH, nk*kC) row sums of phi, denominators (with fyo)
+  bool bulk;              // save_features / save_back2_inputs may use bulk copies (sm_90 code
+                          // only; false: the portable path, see mma::bulk_store)
 };
 enum Feat { kFeatCompute = 0, kFeatSave = 1, kFeatLoad = 2 };
 
@@ -1193,8 +1195,9 @@ __device__ __forceinline__ int64_t feat_row0(const Params<T>& p, const Blk<T>& k
 
 // forward_kernel under kFeatSave: phi, its row sums, khat and A' of this chunk (all kC rows, as
 // the backward's GEMMs use them) to the saved tensor, one bulk (TMA) copy per row, issued by
-// 3 kC + 1 threads: the block goes on while the copy engine writes (all blocks write at about the
-// same time: stores through registers stalled the block ~4K cycles). Call after a barrier; the
+// 3 kC + 1 threads: on sm_90 the block goes on while the copy engine writes (all blocks write at
+// about the same time: stores through registers stalled the block ~4K cycles); elsewhere, or with
+// p.bulk false, the threads store the rows themselves. Call after a barrier; the
 // buffers are only read from here on. Returns whether this thread issued a copy: it must call
 // mma::bulk_store_wait_read before the block exits.
 template <class T>
@@ -1203,13 +1206,14 @@ __device__ bool save_features(const Params<T>& p, const Blk<T>& k) {
   const int64_t r0 = feat_row0(p, k);
   const int t = threadIdx.x, i = t % kC;
   if (t > 3 * kC) return false;
-  mma::bulk_store_fence();
+  mma::bulk_store_fence(p.bulk);
   const unsigned row = static_cast<unsigned>(p.M * sizeof(T));  // M % 16 == 0: 32-byte multiple
-  if (t < kC) mma::bulk_store(p.fph + (r0 + i) * p.M, k.phi + i * k.lm, row);
-  else if (t < 2 * kC) mma::bulk_store(p.fkh + (r0 + i) * p.M, k.kh + i * k.lm, row);
-  else if (t < 3 * kC) mma::bulk_store(p.fsa + (r0 + i) * kC, k.s + i * kLC, kC * sizeof(T));
-  else mma::bulk_store(p.fps + r0, k.phisum, kC * sizeof(float));
-  mma::bulk_store_commit();
+  if (t < kC) mma::bulk_store(p.fph + (r0 + i) * p.M, k.phi + i * k.lm, row, p.bulk);
+  else if (t < 2 * kC) mma::bulk_store(p.fkh + (r0 + i) * p.M, k.kh + i * k.lm, row, p.bulk);
+  else if (t < 3 * kC)
+    mma::bulk_store(p.fsa + (r0 + i) * kC, k.s + i * kLC, kC * sizeof(T), p.bulk);
+  else mma::bulk_store(p.fps + r0, k.phisum, kC * sizeof(float), p.bulk);
+  mma::bulk_store_commit(p.bulk);
   return true;
 }
 
@@ -1222,10 +1226,10 @@ __device__ bool save_back2_inputs(const Params<T>& p, const Blk<T>& k) {
   const int64_t r0 = feat_row0(p, k);
   const int t = threadIdx.x, i = t % kC;
   if (t >= (p.feat == kFeatLoad ? 1 : 2) * kC) return false;
-  mma::bulk_store_fence();
-  if (t < kC) mma::bulk_store(p.fwm + (r0 + i) * kC, k.gm + i * kLC, kC * sizeof(T));
-  else mma::bulk_store(p.fph + (r0 + i) * p.M, k.phi + i * k.lm, p.M * sizeof(T));
-  mma::bulk_store_commit();
+  mma::bulk_store_fence(p.bulk);
+  if (t < kC) mma::bulk_store(p.fwm + (r0 + i) * kC, k.gm + i * kLC, kC * sizeof(T), p.bulk);
+  else mma::bulk_store(p.fph + (r0 + i) * p.M, k.phi + i * k.lm, p.M * sizeof(T), p.bulk);
+  mma::bulk_store_commit(p.bulk);
   return true;
 }
 
@@ -1333,7 +1337,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(Params<T> p) {
     }
     if (save_y && k.lane == 0) p.fdn[r0 + i] = den;
   }
-  if (bulk_issued) mma::bulk_store_wait_read();  // (the copies may not outlive the shared memory)
+  if (bulk_issued) mma::bulk_store_wait_read(p.bulk);  // (the copies may not outlive the shared memory)
 }
 
 // Writes dx = (dpre W - rowsum(dpre) x') xscale (softmax) or dpre W (relu) for the rows of this
@@ -1549,7 +1553,7 @@ __global__ void __launch_bounds__(kThreads, 1) back1_kernel(Params<T> p) {
     for (int i = threadIdx.x; i < kC; i += kThreads) k.yc[i] = 0.f;
     __syncthreads();
   }
-  if (bulk_issued) mma::bulk_store_wait_read();  // phi is overwritten below
+  if (bulk_issued) mma::bulk_store_wait_read(p.bulk);  // phi is overwritten below
   if (loaded) async_wait<1>();  // H, its extra row, khat
   // yc_i = ek (yc_i + Yb_i . extra): warp w takes rows w, w + kWarps, ..., its lanes stride over e.
   for (int i = k.warp; i < kC; i += kWarps) {
@@ -1851,6 +1855,7 @@ Params<T> make_params(const detail::FavorDims& d, bool causal, const at::Tensor&
   p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sl = v.stride(2);
   p.W = reinterpret_cast<const T*>(W.data_ptr());
   p.pad = pad.defined() ? pad.data_ptr<bool>() : nullptr;
+  p.bulk = !::panther::portable_kernels();
   return p;
 }
 

@@ -6,6 +6,7 @@
 // template is one site per instantiation).
 #pragma once
 #include <cstdint>
+#include <cstdlib>
 
 #ifdef PANTHER_CUDA_EMU
 #include "cuda_emu.h"
@@ -34,6 +35,15 @@
 #endif
 
 namespace panther {
+
+// Whether kernels must take their portable path on GPUs that have a faster architecture-specific
+// one (Hopper's bulk copies, see mma.cuh): the environment variable PANTHER_PORTABLE_KERNELS set
+// to anything but "" or "0" (Python: panther.set_portable_kernels). Read at every call, so a
+// change applies to the next call; code compiled for architectures below 9.0 is portable anyway.
+inline bool portable_kernels() {
+  const char* e = std::getenv("PANTHER_PORTABLE_KERNELS");
+  return e != nullptr && e[0] != '\0' && !(e[0] == '0' && e[1] == '\0');
+}
 
 // Largest dynamic shared memory per block the device allows (cached per device).
 inline int64_t max_smem_optin(int dev) {

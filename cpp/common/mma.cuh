@@ -1,5 +1,6 @@
 // Warp-level tensor-core primitives at the PTX level (sm_80+): mma.sync m16n8k16 (bf16 or fp16
-// in, fp32 accumulate), ldmatrix (x1/x2/x4, optionally .trans), 16-byte cp.async and pack2.
+// in, fp32 accumulate), ldmatrix (x1/x2/x4, optionally .trans), 16-byte cp.async and pack2; and
+// shared -> global row copies that use Hopper's bulk copies on sm_90 and plain stores elsewhere.
 // Unlike WMMA, these fragments have the hardware's documented lane <-> element mapping, so code
 // may rely on which lane owns which element (row reductions of an accumulator, reusing an fp32
 // accumulator as the A operand of the next mma via pack2, ...).
@@ -97,39 +98,66 @@ __device__ __forceinline__ void store_pair(void* dst, unsigned u) {
 #endif
 }
 
-// Bulk (TMA engine) copy of `bytes` (a multiple of 16; both addresses 16-byte aligned) from shared
-// to global memory, asynchronous: bulk_store_commit closes this thread's group and
-// bulk_store_wait_read waits until the sources of its groups have been read (before that shared
-// memory is written again or the block exits). Shared memory written by ordinary stores must be
-// published to the copy engine first: a barrier, then bulk_store_fence in the issuing thread.
-// The emulator copies at once (memcpy) and the rest are no-ops.
-__device__ __forceinline__ void bulk_store_fence() {
-#ifndef PANTHER_CUDA_EMU
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+// Bulk copies (Hopper's copy engine, cp.async.bulk: sm_90 and newer only). Device code compiled
+// for an architecture below 9.0 has no bulk-copy instruction at all (PANTHER_HAS_BULK_COPY is
+// undefined there) and always takes the portable path; on 9.0 the `bulk` argument chooses at
+// run time (false: the portable path, e.g. under PANTHER_PORTABLE_KERNELS=1, see
+// panther::portable_kernels in launch.cuh). The emulator copies at once (memcpy).
+#if !defined(PANTHER_CUDA_EMU) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PANTHER_HAS_BULK_COPY 1
+#endif
+
+// Copy of `bytes` (a multiple of 16; both addresses 16-byte aligned) from shared to global
+// memory. bulk (sm_90): asynchronous, by the copy engine: bulk_store_commit closes this thread's
+// group and bulk_store_wait_read waits until the sources of its groups have been read (before
+// that shared memory is written again or the block exits); shared memory written by ordinary
+// stores must be published to the copy engine first: a barrier, then bulk_store_fence in the
+// issuing thread. Portable (otherwise): this thread copies with 16-byte loads and stores, done on
+// return; fence, commit and wait do nothing. Callers use the same sequence for both.
+__device__ __forceinline__ void bulk_store_fence(bool bulk) {
+#ifdef PANTHER_HAS_BULK_COPY
+  if (bulk) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#else
+  (void)bulk;
 #endif
 }
-__device__ __forceinline__ void bulk_store(void* gmem, const void* smem, unsigned bytes) {
+__device__ __forceinline__ void bulk_store(void* gmem, const void* smem, unsigned bytes, bool bulk) {
 #ifdef PANTHER_CUDA_EMU
+  (void)bulk;
   if (reinterpret_cast<uintptr_t>(smem) % 16 || reinterpret_cast<uintptr_t>(gmem) % 16 ||
       bytes % 16 || !emu::in_block_smem(smem, bytes))
     throw std::invalid_argument("bulk_store: needs 16-byte aligned shared source, global "
                                 "destination and size");
   std::memcpy(gmem, smem, bytes);
 #else
-  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(
-                   __cvta_generic_to_global(gmem)),
-               "r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))), "r"(bytes)
-               : "memory");
+#ifdef PANTHER_HAS_BULK_COPY
+  if (bulk) {
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(
+                     __cvta_generic_to_global(gmem)),
+                 "r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))), "r"(bytes)
+                 : "memory");
+    return;
+  }
+#else
+  (void)bulk;
+#endif
+  const uint4* src = static_cast<const uint4*>(smem);
+  uint4* dst = static_cast<uint4*>(gmem);
+  for (unsigned i = 0; i < bytes / 16; ++i) dst[i] = src[i];
 #endif
 }
-__device__ __forceinline__ void bulk_store_commit() {
-#ifndef PANTHER_CUDA_EMU
-  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+__device__ __forceinline__ void bulk_store_commit(bool bulk) {
+#ifdef PANTHER_HAS_BULK_COPY
+  if (bulk) asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#else
+  (void)bulk;
 #endif
 }
-__device__ __forceinline__ void bulk_store_wait_read() {
-#ifndef PANTHER_CUDA_EMU
-  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+__device__ __forceinline__ void bulk_store_wait_read(bool bulk) {
+#ifdef PANTHER_HAS_BULK_COPY
+  if (bulk) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+#else
+  (void)bulk;
 #endif
 }
 

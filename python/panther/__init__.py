@@ -12,20 +12,98 @@ import torch as _torch
 
 from . import _C
 
+# The full version of this build (the release of _version.py, plus "+torch<minor>" for wheels
+# built with `make wheel`): the string the installed distribution's metadata carries.
 __version__: str = _C.build_info()["version"]
 
 
 def build_info() -> dict:
-    """What this binary was built with: versions of Panther, torch and CUDA, compiled backends."""
-    return dict(_C.build_info())
+    """What this binary was built with.
+
+    Returns a new dict with the keys ``version`` (str, Panther's full version, as
+    ``panther.__version__``), ``torch_version`` (str, the torch it was compiled against),
+    ``torch_cuda_version`` (str, that torch's CUDA version, ``""`` for a CPU torch),
+    ``cuda_arch_list`` (str, the ``TORCH_CUDA_ARCH_LIST`` the CUDA kernels were compiled for,
+    ``""`` without them) and ``with_cuda`` (bool, whether CUDA kernels were compiled). Raises
+    nothing.
+
+    >>> import panther
+    >>> info = panther.build_info()
+    >>> info["version"] == panther.__version__
+    True
+    >>> sorted(info)
+    ['cuda_arch_list', 'torch_cuda_version', 'torch_version', 'version', 'with_cuda']
+    """
+    info = dict(_C.build_info())
+    info.setdefault("cuda_arch_list", "")  # (binaries built before the key existed)
+    return info
+
+
+_PORTABLE_ENV = "PANTHER_PORTABLE_KERNELS"
+
+
+def portable_kernels() -> bool:
+    """Whether CUDA kernels are forced onto their portable path (see :func:`set_portable_kernels`).
+
+    True when the environment variable ``PANTHER_PORTABLE_KERNELS`` is set to anything but
+    ``""`` or ``"0"``. Raises nothing.
+
+    >>> import panther
+    >>> isinstance(panther.portable_kernels(), bool)
+    True
+    """
+    return _os.environ.get(_PORTABLE_ENV, "0") not in ("", "0")
+
+
+def set_portable_kernels(enabled: bool) -> bool:
+    """Force (``True``) or stop forcing (``False``) the portable path of the CUDA kernels.
+
+    Panther's CUDA kernels have two paths: on Hopper GPUs (compute capability 9.0, built for
+    ``9.0`` or ``9.0a``) some use Hopper-only instructions (bulk asynchronous copies); binaries for
+    other GPUs (8.0, 8.6, 8.9, and PTX run on newer GPUs) use portable code only. This switch makes
+    a Hopper GPU run the portable path too, e.g. to test it or to compare the two. Results are the
+    same up to floating-point rounding order. It sets the environment variable
+    ``PANTHER_PORTABLE_KERNELS`` (``"1"``, or removes it), which the operators read at each call,
+    so it also reaches child processes. Change it between calls, not while another thread runs
+    Panther operators. CPU operators ignore it.
+
+    Args:
+        enabled: bool.
+
+    Returns:
+        The previous setting (bool), so that a caller can restore it.
+
+    Raises:
+        TypeError: ``enabled`` is not a bool.
+
+    >>> import panther
+    >>> previous = panther.set_portable_kernels(True)
+    >>> panther.portable_kernels()
+    True
+    >>> _ = panther.set_portable_kernels(previous)
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(
+            f"panther.set_portable_kernels: enabled must be a bool, got {type(enabled).__name__}"
+        )
+    previous = portable_kernels()
+    if enabled:
+        _os.environ[_PORTABLE_ENV] = "1"
+    else:
+        _os.environ.pop(_PORTABLE_ENV, None)
+    return previous
 
 
 def library_path() -> str:
-    """Path of the native operator library (``libpanther_ops.so``).
+    """Path (str) of the native operator library (``libpanther_ops.so``). Raises nothing.
 
     Processes that run Panther models without importing this package (a TorchScript or
     AOTInductor model loaded from Python or C++) must load it first:
     ``torch.ops.load_library(panther.library_path())`` in Python, or link/dlopen it in C++.
+
+    >>> import os, panther
+    >>> os.path.basename(panther.library_path())
+    'libpanther_ops.so'
     """
     return _os.path.join(_os.path.dirname(__file__), "libpanther_ops.so")
 
@@ -54,4 +132,12 @@ _load_ops()
 from . import ops  # noqa: E402
 from . import nn  # noqa: E402
 
-__all__ = ["nn", "ops", "build_info", "library_path", "__version__"]
+__all__ = [
+    "nn",
+    "ops",
+    "build_info",
+    "library_path",
+    "portable_kernels",
+    "set_portable_kernels",
+    "__version__",
+]
