@@ -516,7 +516,7 @@ def test_running_max_rescaling(dtype, jump_at):
     assert a[..., :jump_at].max() < a[..., jump_at:].max() - 100
 
 
-# The fused bf16 kernels (cpp/attention/favor_fused.cuh) take bf16 calls whose head_dim and feature
+# The fused bf16 kernels (cpp/attention/favor_*.cuh) take bf16 calls whose head_dim and feature
 # count are multiples of 16. They round the projection to bf16 for the tensor cores, so they are
 # compared with the CPU op (fp32 compute) given the same bf16-rounded projection.
 FUSED_SIZES = [

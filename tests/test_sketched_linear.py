@@ -831,7 +831,7 @@ def test_autocast_leaves_float64_alone():
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA (skipped without a GPU; runs on the GPU machine via scripts/gpu_check.sh)
+# CUDA (skipped without a GPU; runs on the GPU machine via scripts/gpu/gpu_check.sh)
 # ---------------------------------------------------------------------------------------------
 
 CUDA_CASES = CASES + [

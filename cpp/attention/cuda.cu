@@ -1,5 +1,5 @@
 // CUDA kernels of panther::favor_attention, _favor_attention_forward and
-// _favor_attention_backward. bf16 calls whose sizes fit (favor_fused.cuh: head_dim and features
+// _favor_attention_backward. bf16 calls whose sizes fit (favor_launch.cuh: head_dim and features
 // multiples of 16, value dim < 256) run the fused tensor-core kernels; everything else (fp16,
 // fp32, fp64, other sizes) runs the shared ATen implementation (cuBLAS batched GEMMs,
 // cpp/attention/impl.cpp) under a device guard, plus one custom kernel, the exclusive scan
@@ -10,7 +10,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "attention/favor_fused.cuh"
+#include "attention/favor_launch.cuh"
 #include "attention/impl.h"
 
 #include <cstdlib>

@@ -33,7 +33,7 @@ struct FavorDims {
   FavorKernel kernel;
 };
 
-// The fused CUDA kernels (favor_fused.cuh) work in chunks of this many positions, with the
+// The fused CUDA kernels (favor_kernels.cuh) work in chunks of this many positions, with the
 // value dimension plus the denominator column padded to a multiple of 16 (e1p).
 constexpr int64_t kFavorFusedChunk = 64;
 inline int64_t favor_fused_e1p(int64_t Dv) { return (Dv + 1 + 15) / 16 * 16; }

@@ -1,10 +1,10 @@
-// Runs the fused CUDA FAVOR+ kernels (cpp/attention/favor_fused.cuh) on the CPU emulator, compares
+// Runs the fused CUDA FAVOR+ kernels (cpp/attention/favor_*.cuh) on the CPU emulator, compares
 // them with the ATen implementation (cpp/attention/impl.cpp) on the same bf16 inputs:
 // forward output and all four gradients, causal and not, softmax and relu, padded keys, ragged
 // last chunk, non-contiguous inputs; the backward from what the forward saved must match the one
 // that recomputes it. Built and run by scripts/emu_test.sh (no GPU needed).
 #include "cuda_emu.h"
-#include "attention/favor_fused.cuh"
+#include "attention/favor_launch.cuh"
 
 #include <ATen/ATen.h>
 #include <algorithm>

@@ -3,9 +3,9 @@
 # samples) of the fused FAVOR+ kernels named in $NCU_KERNELS (default forward|back1|back2) for one
 # causal fwd+bwd at L=${NCU_L:-8192}, plus the library's SASS with line info, into $OUT
 # (src-<kernel>.csv.gz, sass-lines.txt.gz) for offline analysis. Needs panther on PYTHONPATH and
-# /tmp/ncu_drv.py (scripts/ncu_kernels.sh writes it).
+# /tmp/ncu_drv.py (scripts/gpu/ncu_kernels.sh writes it).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUTD=${OUT:-/tmp/ncu}; mkdir -p "$OUTD"
 for kn in ${NCU_KERNELS:-forward_kernel back1_kernel back2_kernel}; do
   rm -f /tmp/src-$kn.ncu-rep

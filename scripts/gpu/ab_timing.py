@@ -1,8 +1,9 @@
-"""Developer probe (not part of the suite): causal favor_attention (bf16, B=1, 12 x 64 heads,
-M=256) against SDPA at a few lengths, fwd and fwd+bwd, medians of CUDA-event timings with the
-two measured round-robin (common.time_fns, as bench_attention.py); then GPU time per kernel of the op's fwd+bwd. Run once per build
-(scripts/gpu_ab.sh runs it for two builds of the same tree, A/B).
-Usage: python3 scripts/probe_ab.py [LABEL]    env: PROBE_LENGTHS (default 8192,16384)"""
+"""A/B timing (developer tool for gpu_ab.sh, not part of the suite): causal favor_attention (bf16,
+B=1, 12 x 64 heads, M=256) against SDPA at a few lengths, fwd and fwd+bwd, medians of CUDA-event
+timings with the two measured round-robin (common.time_fns, as bench_attention.py); then GPU
+time per kernel of the op's fwd+bwd. Run once per build (scripts/gpu/gpu_ab.sh runs it for two
+builds of the same tree, A/B).
+Usage: python3 scripts/gpu/ab_timing.py [LABEL]    env: PROBE_LENGTHS (default 8192,16384)"""
 import os
 import sys
 
@@ -12,7 +13,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import panther  # noqa: F401
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "python"))
+_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+sys.path.insert(0, os.path.join(_ROOT, "bench", "python"))
 import common as C  # noqa: E402
 
 label = sys.argv[1] if len(sys.argv) > 1 else "build"

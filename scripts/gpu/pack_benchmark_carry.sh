@@ -2,9 +2,9 @@
 # Copies this machine's Google Benchmark (Debian libbenchmark-dev: headers + shared library)
 # into .carry/benchmark/{include,lib}, so the GPU machine, which has no package manager, can
 # build bench/cpp: carry the ignored path .carry/benchmark along with the working tree;
-# scripts/gpu_check.sh picks it up (PANTHER_BENCHMARK_ROOT). Plain files only (no symlinks).
+# scripts/gpu/gpu_check.sh picks it up (PANTHER_BENCHMARK_ROOT). Plain files only (no symlinks).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 inc=/usr/include/benchmark
 lib=$(ls /usr/lib/x86_64-linux-gnu/libbenchmark.so.[0-9]*.[0-9]* 2>/dev/null | head -1 || true)
 if [ ! -f "$inc/benchmark.h" ] || [ -z "$lib" ]; then

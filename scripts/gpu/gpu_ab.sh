@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Developer A/B on the GPU machine: builds this tree (B) and this tree with the files of
 # $AB_BASE_DIR (default .ab-base/, same relative paths) copied over it (A), then runs
-# scripts/probe_ab.py for each, interleaved A B A B. Optional: AB_TESTS="pytest args" runs the
+# scripts/gpu/ab_timing.py for each, interleaved A B A B. Optional: AB_TESTS="pytest args" runs the
 # cuda tests on B first. Logs under $OUT.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUTD=${OUT:-/tmp/gpu-ab}; mkdir -p "$OUTD"
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 BASE=${AB_BASE_DIR:-.ab-base}
@@ -26,8 +26,8 @@ if [ -d "$BASE" ]; then
   cp -r /tmp/ab-keep/. .  # the tree as it was (B's files)
 fi
 for r in 1 2; do
-  [ $have_a = 1 ] && PYTHONPATH=/tmp/site-A python3 scripts/probe_ab.py A 2>&1 | grep -v Warning
-  PYTHONPATH=/tmp/site-B python3 scripts/probe_ab.py B 2>&1 | grep -v Warning
+  [ $have_a = 1 ] && PYTHONPATH=/tmp/site-A python3 scripts/gpu/ab_timing.py A 2>&1 | grep -v Warning
+  PYTHONPATH=/tmp/site-B python3 scripts/gpu/ab_timing.py B 2>&1 | grep -v Warning
 done
 if [ -n "${EXTRA:-}" ]; then PYTHONPATH=/tmp/site-B bash -c "$EXTRA"; fi
 echo "total $((SECONDS - t0)) s"

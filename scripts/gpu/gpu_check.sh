@@ -6,7 +6,7 @@
 #   3. the cuda-marked tests (PANTHER_GPU_PYTEST_ARGS="" runs the whole suite);
 #   4. the Python benchmarks (bench_linear.py, bench_attention.py) on CUDA;
 #   5. the C++ microbenchmarks (CUDA cases) when Google Benchmark is available: system-wide, or a
-#      copy carried in .carry/benchmark (scripts/pack_benchmark_carry.sh makes one), or
+#      copy carried in .carry/benchmark (scripts/gpu/pack_benchmark_carry.sh makes one), or
 #      PANTHER_BENCHMARK_ROOT; built with the package in step 2; skipped with a message otherwise;
 #   6. a summary, then the benchmark tables (printed last).
 # One failing stage does not stop the others; the exit status is non-zero when any stage failed.
@@ -22,7 +22,7 @@
 # PANTHER_GPU_DEPLOY=0 (scripts/deploy_check.sh cuda:
 # TorchScript and AOTInductor models exported for CUDA, loaded and run from C++).
 set -u -o pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
 RES=${OUT:-/tmp/panther-gpu-check}
@@ -187,7 +187,7 @@ fi
 stage "C++ benchmarks (panther_bench, CUDA cases)"
 BENCH_BIN=$(ls -t build/*/bench/cpp/panther_bench 2>/dev/null | head -1)
 if [ $HAVE_GBENCH = 0 ]; then
-  echo "skipped: no usable Google Benchmark here (carry one: scripts/pack_benchmark_carry.sh, then .carry/benchmark)"
+  echo "skipped: no usable Google Benchmark here (carry one: scripts/gpu/pack_benchmark_carry.sh, then .carry/benchmark)"
   record bench_cpp "skipped (no Google Benchmark)"
 elif [ -z "$BENCH_BIN" ]; then
   echo "panther_bench was not built; configure output:"; grep -E "Panther:|benchmark" "$BUILD_LOG" | head

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Developer loop on the GPU machine (shorter than scripts/gpu_check.sh): build with CUDA into
+# Developer loop on the GPU machine (shorter than scripts/gpu/gpu_check.sh): build with CUDA into
 # $SITE, run the cuda-marked tests of the given files, time the attention op against SDPA at a few
 # lengths, then optional extra commands. Logs go to $OUT when set.
-#   scripts/gpu_dev.sh [pytest files...]   env: LENGTHS (default 1024,8192,16384), EXTRA (a command)
+#   scripts/gpu/gpu_dev.sh [pytest files...]   env: LENGTHS (default 1024,8192,16384), EXTRA (a command)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 SITE=${PANTHER_SITE:-/tmp/panther-site}
 OUTD=${OUT:-/tmp/gpu-dev}
 mkdir -p "$OUTD"

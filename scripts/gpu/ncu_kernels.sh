@@ -4,7 +4,7 @@
 # L=${NCU_L:-8192}): time, instructions, issue activity, DRAM bytes, tensor-pipe use, stalls.
 # Needs panther importable (PYTHONPATH). Prints one line per kernel; raw CSV in $OUT/ncu.csv.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUTD=${OUT:-/tmp/ncu}; mkdir -p "$OUTD"
 cat > /tmp/ncu_drv.py <<'PY'
 import os, torch, panther  # noqa: F401

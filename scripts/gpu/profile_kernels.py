@@ -1,8 +1,8 @@
-"""Developer probe (not part of the suite): GPU time per kernel, and host submit vs total time, of
-the calls whose targets are missed: SKLinear bf16 forward at 8192 tokens, SKLinear bf16
-forward+backward at 64 tokens, causal favor_attention forward+backward at 16k (bf16, 12 x 64
-heads, M=256) and the RandMultiHeadAttention forward at 1k.
-Usage: python3 scripts/probe_kernels.py [linear] [attention] [module]   (default: all three)"""
+"""Kernel profile (developer tool, not part of the suite): GPU time per kernel, and host submit vs
+total time, of the calls whose targets are missed: SKLinear bf16 forward at 8192 tokens,
+SKLinear bf16 forward+backward at 64 tokens, causal favor_attention forward+backward at 16k
+(bf16, 12 x 64 heads, M=256) and the RandMultiHeadAttention forward at 1k.
+Usage: python3 scripts/gpu/profile_kernels.py [linear] [attention] [module]   (default: all three)"""
 import os
 import sys
 import time

@@ -1,0 +1,280 @@
+// Host side of the fused FAVOR+ kernels (favor_kernels.cuh): which calls the fused path takes,
+// and the launch sequence (entry points fused::forward, fused::backward). Written against ATen
+// so the same code drives real CUDA launches and the CPU emulator (tests/emu).
+#pragma once
+#include "attention/favor_kernels.cuh"
+
+#include <ATen/ATen.h>
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <optional>
+#include <string>
+
+#include "attention/impl.h"
+
+#include "common/launch.cuh"
+
+namespace panther::fused {
+
+using ::panther::max_smem_optin;
+
+static_assert(kC == detail::kFavorFusedChunk, "favor_saved_layout's chunk size");
+static_assert(kSavedOutMaxDv == detail::kFavorSavedOutMaxDv, "favor_saved_layout's yo");
+inline int e1p_of(int64_t Dv) { return static_cast<int>(detail::favor_fused_e1p(Dv)); }
+
+// Shared memory the largest kernel needs (bytes).
+inline int64_t smem_needed(const detail::FavorDims& d, int tsize) {
+  const int E1p = e1p_of(d.Dv);
+  int64_t m = 0;
+  for (int kind : {kStates, kForward, kBack1, kBack2})
+    m = std::max<int64_t>(m, smem_layout(kind, static_cast<int>(d.D), static_cast<int>(d.M), E1p,
+                                         tsize).total);
+  return m;
+}
+
+// The fused path covers bf16 with head_dim and num_random_features multiples of 16 whose
+// buffers fit in max_smem bytes of shared memory; everything else takes the ATen path. fp16 is
+// left to the ATen path (fp32 compute): its range is too narrow for features relative to a
+// stabiliser (exp(-20) already underflows) and for the backward's 1/den factors.
+static_assert(kMaxE1p == 256, "favor_fused_shapes' limit");
+inline bool supported(const detail::FavorDims& d, at::ScalarType dt, int64_t max_smem) {
+  if (!detail::favor_fused_shapes(d.B * d.H, d.Lq, d.Lk, d.D, d.Dv, d.M, dt)) return false;
+  return smem_needed(d, 2) <= max_smem;
+}
+
+namespace host {
+
+inline at::Tensor last_dim_dense(const at::Tensor& t) {
+  return t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+template <class T>
+Params<T> make_params(const detail::FavorDims& d, bool causal, const at::Tensor& q,
+                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& W,
+                      const at::Tensor& pad) {
+  Params<T> p{};
+  p.BH = static_cast<int>(d.B * d.H);
+  p.H = static_cast<int>(d.H);
+  p.Lq = static_cast<int>(d.Lq);
+  p.Lk = static_cast<int>(d.Lk);
+  p.nq = static_cast<int>((d.Lq + kC - 1) / kC);
+  p.nk = static_cast<int>((d.Lk + kC - 1) / kC);
+  p.D = static_cast<int>(d.D);
+  p.Dv = static_cast<int>(d.Dv);
+  p.M = static_cast<int>(d.M);
+  p.E1p = e1p_of(d.Dv);
+  p.softmax = d.kernel == detail::FavorKernel::Softmax;
+  p.causal = causal;
+  p.sM = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d.M)));
+  p.xscale = p.softmax ? static_cast<float>(std::pow(static_cast<double>(d.D), -0.25)) : 1.f;
+  p.ek = p.softmax ? static_cast<float>(detail::kFavorSoftmaxEps) * p.sM
+                   : static_cast<float>(detail::kFavorReluEps);
+  p.q = reinterpret_cast<const T*>(q.data_ptr());
+  p.k = reinterpret_cast<const T*>(k.data_ptr());
+  p.v = reinterpret_cast<const T*>(v.data_ptr());
+  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sl = q.stride(2);
+  p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_sl = k.stride(2);
+  p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sl = v.stride(2);
+  p.W = reinterpret_cast<const T*>(W.data_ptr());
+  p.pad = pad.defined() ? pad.data_ptr<bool>() : nullptr;
+  p.bulk = !::panther::portable_kernels();
+  return p;
+}
+
+// Buffers and launches shared by forward and backward: key states, stabilisers, scanned states.
+// The stabilisers r, cs and the scanned states hs, hx (and, for autograd's causal calls, the
+// features) lie as detail::favor_saved_layout says,
+//   keep == reuse == null: in the workspace `ws`, with a and st (one allocation: each costs host
+//     time that short sequences feel);
+//   keep (forward for autograd): in a new tensor *keep that the backward gets back;
+//   reuse (backward): read from *reuse (never written: a second backward may read it again), with
+//     the gradient scan's output (grad_hs, grad_hx) in `ws`.
+// The rest of ws: a (BH, nk kC) fp32, the key row maxima; st (BH, nk, (M+1) E1p), chunk states.
+template <class T>
+struct Run {
+  Params<T> p;
+  at::Tensor q, k, v, W, pad, ws;
+  Smem layout[4];
+  T* grad_hs = nullptr;     // where scan(/*grad=*/true) writes dT and G
+  float* grad_hx = nullptr;
+
+  Run(const detail::FavorDims& d, bool causal, const at::Tensor& query, const at::Tensor& key,
+      const at::Tensor& value, const at::Tensor& projection,
+      const std::optional<at::Tensor>& mask, at::Tensor* keep = nullptr,
+      const at::Tensor* reuse = nullptr) {
+    static_assert(sizeof(T) == 2, "favor_saved_layout is written for 16-bit states");
+    q = last_dim_dense(query);
+    k = last_dim_dense(key);
+    v = last_dim_dense(value);
+    W = projection.to(query.scalar_type()).contiguous();
+    if (mask.has_value() && mask->defined()) pad = mask->contiguous();
+    p = make_params<T>(d, causal, q, k, v, W, pad);
+    for (int kind = 0; kind < 4; ++kind) layout[kind] = smem_layout(kind, p.D, p.M, p.E1p, 2);
+    // The features are kept only for autograd: forward(..., saved) and backward(..., saved).
+    const detail::FavorSaved sv =
+        detail::favor_saved_layout(d, causal, at::kBFloat16, /*features=*/keep || reuse);
+    TORCH_INTERNAL_ASSERT(sv.total > 0);
+    auto round = [](int64_t b) { return (b + 255) / 256 * 256; };
+    const int64_t BH = p.BH, nst = causal ? p.nk : 1;
+    const int64_t a_bytes = round(BH * p.nk * kC * 4);
+    const int64_t st_bytes = round(BH * p.nk * static_cast<int64_t>(p.M + 1) * p.E1p * 2);
+    const at::TensorOptions bytes = query.options().dtype(at::kByte);
+    unsigned char* sbase;  // the saved layout
+    if (reuse) {
+      sbase = static_cast<unsigned char*>(reuse->data_ptr());
+      const int64_t hs_bytes = round(BH * nst * static_cast<int64_t>(p.M) * p.E1p * 2);
+      ws = at::empty({hs_bytes + round(BH * nst * p.E1p * 4)}, bytes);
+      grad_hs = reinterpret_cast<T*>(ws.data_ptr<unsigned char>());
+      grad_hx = reinterpret_cast<float*>(ws.data_ptr<unsigned char>() + hs_bytes);
+    } else {
+      unsigned char* tbase;  // a, st
+      if (keep) {
+        *keep = at::empty({sv.total}, bytes);
+        ws = at::empty({a_bytes + st_bytes}, bytes);
+        sbase = keep->data_ptr<unsigned char>();
+        tbase = ws.data_ptr<unsigned char>();
+      } else {
+        ws = at::empty({round(sv.total) + a_bytes + st_bytes}, bytes);
+        sbase = ws.data_ptr<unsigned char>();
+        tbase = sbase + round(sv.total);
+      }
+      p.a = reinterpret_cast<float*>(tbase);
+      p.st = reinterpret_cast<T*>(tbase + a_bytes);
+    }
+    p.r = reinterpret_cast<float*>(sbase + sv.r);
+    p.cs = reinterpret_cast<float*>(sbase + sv.cs);
+    p.hs = reinterpret_cast<T*>(sbase + sv.hs);
+    p.hx = reinterpret_cast<float*>(sbase + sv.hx);
+    if (!reuse) grad_hs = p.hs, grad_hx = p.hx;  // dT overwrites H, which back1 has finished with
+    p.feat = !causal ? kFeatCompute : keep ? kFeatSave : reuse ? kFeatLoad : kFeatCompute;
+    if (p.feat != kFeatCompute) {
+      p.fph = reinterpret_cast<T*>(sbase + sv.ph);
+      p.fkh = reinterpret_cast<T*>(sbase + sv.kf);
+      p.fsa = reinterpret_cast<T*>(sbase + sv.sa);
+      p.fyo = p.Dv <= kSavedOutMaxDv ? reinterpret_cast<float*>(sbase + sv.yo) : nullptr;
+      p.fps = reinterpret_cast<float*>(sbase + sv.ps);
+      p.fdn = reinterpret_cast<float*>(sbase + sv.dn);
+    }
+  }
+
+  // Whether the kShapeD64M256 instantiations run this call (PANTHER_FAVOR_SHAPE=any forces the
+  // generic ones, for comparisons).
+  bool fixed_shape() const {
+    static const bool allowed = [] {
+      const char* e = std::getenv("PANTHER_FAVOR_SHAPE");
+      return !(e && std::string(e) == "any");
+    }();
+    return allowed && p.softmax && p.D == 64 && p.M == 256 && p.Dv == 64;
+  }
+
+  // Launches Fixed(p) or Any(p) (the kShapeD64M256 and the generic instantiation of one of the
+  // big kernels), as fixed_shape says, on grid (n, BH) with `kind`'s shared memory. (Template
+  // arguments, so that each kernel gets launch sites of its own: see launch.cuh.)
+  template <auto Fixed, auto Any>
+  void launch(int n, int kind) {
+    const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(p.BH)), block(kThreads);
+    if (fixed_shape()) {
+      PANTHER_LAUNCH(Fixed, grid, block, layout[kind].total, p);
+    } else {
+      PANTHER_LAUNCH(Any, grid, block, layout[kind].total, p);
+    }
+  }
+
+  // Forward: the key states p.st (n = nk); backward (grad): the gradient states p.gst (n = nq).
+  void scan(bool grad) {
+    const int64_t ME = static_cast<int64_t>(p.M) * p.E1p;
+    const int64_t total = p.BH * (ME + p.E1p) / 2;  // one thread per pair of entries
+    const int threads = kScanThreads;
+    const dim3 grid(static_cast<unsigned>((total + threads - 1) / threads));
+    if (grad) {  // then p.hs, p.hx are dT and G for back2
+      auto* kernel = &scan_kernel<T, float>;
+      PANTHER_LAUNCH(kernel, grid, dim3(threads), 0, p.gst, p.cs, grad_hs, grad_hx, p.BH, p.nq,
+                     p.nk, static_cast<int>(ME), p.E1p, p.causal, /*reverse=*/true,
+                     /*use_kscale=*/false);
+      p.hs = grad_hs;
+      p.hx = grad_hx;
+    } else {
+      auto* kernel = &scan_kernel<T, T>;
+      PANTHER_LAUNCH(kernel, grid, dim3(threads), 0, p.st, p.cs, p.hs, p.hx,
+                           p.BH, p.nk, p.nk, static_cast<int>(ME), p.E1p, p.causal,
+                           /*reverse=*/false, /*use_kscale=*/true);
+    }
+  }
+
+  // Key states, stabilisers and the scanned (forward) states H.
+  void states() {
+    launch<&states_kernel<T, kShapeD64M256>, &states_kernel<T, kShapeAny>>(p.nk, kStates);
+    PANTHER_LAUNCH(stab_kernel<T>, dim3(p.BH), dim3(1024), 2 * 1024 * sizeof(float), p);
+    scan(/*grad=*/false);
+  }
+};
+
+}  // namespace host
+
+// saved: when given, receives the stabilisers and scanned states for backward(..., saved).
+template <class T>
+at::Tensor forward(const detail::FavorDims& d, const at::Tensor& query, const at::Tensor& key,
+                   const at::Tensor& value, const at::Tensor& projection, bool causal,
+                   const std::optional<at::Tensor>& mask, at::Tensor* saved = nullptr) {
+  host::Run<T> run(d, causal, query, key, value, projection, mask, saved);
+  at::Tensor out = detail::favor_output(d, query.options());
+  run.p.out = reinterpret_cast<T*>(out.data_ptr());
+  run.p.o_sb = out.stride(0), run.p.o_sh = out.stride(1), run.p.o_sl = out.stride(2);
+  run.states();
+  run.template launch<&forward_kernel<T, kShapeD64M256>, &forward_kernel<T, kShapeAny>>(run.p.nq,
+                                                                                      kForward);
+  return out;
+}
+
+template <class T>
+detail::FavorGrads backward(const detail::FavorDims& d, const at::Tensor& grad_output,
+                            const at::Tensor& query, const at::Tensor& key,
+                            const at::Tensor& value, const at::Tensor& projection, bool causal,
+                            const std::optional<at::Tensor>& mask, std::array<bool, 4> want,
+                            const at::Tensor* saved = nullptr) {
+  // saved: forward(..., &saved) of the same inputs; its states replace states() here.
+  host::Run<T> run(d, causal, query, key, value, projection, mask, nullptr, saved);
+  Params<T>& p = run.p;
+  const auto opts = query.options();
+  at::Tensor g = host::last_dim_dense(grad_output);
+  p.g = reinterpret_cast<const T*>(g.data_ptr());
+  p.g_sb = g.stride(0), p.g_sh = g.stride(1), p.g_sl = g.stride(2);
+  at::Tensor dq = at::empty({d.B, d.H, d.Lq, d.D}, opts);
+  at::Tensor dk = at::empty({d.B, d.H, d.Lk, d.D}, opts);
+  at::Tensor dv = at::empty({d.B, d.H, d.Lk, d.Dv}, opts);
+  // Causal: back1's outputs for back2, as Params says: dvp (fp32), Wm and, without the
+  // forward's features, phi (bf16).
+  at::Tensor part;
+  if (causal) {
+    const int64_t rows = p.BH * static_cast<int64_t>(p.nk) * kC, dvw = (p.Dv + 15) / 16 * 16;
+    const int64_t fwm = rows * dvw * 4, fph = fwm + rows * kC * 2;
+    part = at::empty({fph + (saved ? 0 : rows * p.M * 2)}, opts.dtype(at::kByte));
+    unsigned char* base = part.data_ptr<unsigned char>();
+    p.dvp = reinterpret_cast<float*>(base);
+    p.fwm = reinterpret_cast<T*>(base + fwm);
+    if (!saved) p.fph = reinterpret_cast<T*>(base + fph);
+  }
+  at::Tensor gst = at::empty({p.BH, p.nq, static_cast<int64_t>(p.M + 1) * p.E1p},
+                             opts.dtype(at::kFloat));
+  p.gst = gst.data_ptr<float>();
+  at::Tensor dW;
+  if (want[3]) dW = at::zeros({d.M, d.D}, opts.dtype(at::kFloat));
+  p.dq = reinterpret_cast<T*>(dq.data_ptr());
+  p.dk = reinterpret_cast<T*>(dk.data_ptr());
+  p.dv = reinterpret_cast<T*>(dv.data_ptr());
+  p.dW = want[3] ? dW.data_ptr<float>() : nullptr;
+  if (!saved) run.states();
+  run.template launch<&back1_kernel<T, kShapeD64M256>, &back1_kernel<T, kShapeAny>>(p.nq, kBack1);
+  // Gradient states: the reverse scan (causal) or the total (non-causal) of dH.
+  run.scan(/*grad=*/true);
+  run.template launch<&back2_kernel<T, kShapeD64M256>, &back2_kernel<T, kShapeAny>>(p.nk, kBack2);
+  detail::FavorGrads out;
+  if (want[0]) std::get<0>(out) = dq;
+  if (want[1]) std::get<1>(out) = dk;
+  if (want[2]) std::get<2>(out) = dv;
+  if (want[3]) std::get<3>(out) = dW.to(projection.scalar_type());
+  return out;
+}
+
+}  // namespace panther::fused
