@@ -85,6 +85,40 @@ class _AllGather(torch.autograd.Function):
         return g[ctx.rank], None
 
 
+class _ChunkScan(torch.autograd.Function):
+    """Exclusive scan over chunk states: ``H_0 = h0``, ``H_{c+1} = alpha_c H_c + T_c``.
+
+    h0 ``(BH, M, E)``, T ``(BH, n, M, E)``, alpha ``(BH, n)`` (constants: built from the
+    stabilisers) -> H ``(BH, n, M, E)``. One fused operation per chunk, forward and backward (the
+    backward is the reverse scan), instead of a graph of small autograd nodes per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, h0: Tensor, T: Tensor, alpha: Tensor) -> Tensor:  # type: ignore[override]
+        n = T.shape[1]
+        a = alpha.transpose(0, 1).contiguous()[..., None, None]  # (n, BH, 1, 1)
+        Tn = T.transpose(0, 1)
+        out = torch.empty((n,) + tuple(h0.shape), dtype=h0.dtype, device=h0.device)
+        if n:
+            out[0] = h0
+        for c in range(1, n):
+            torch.addcmul(Tn[c - 1], a[c - 1], out[c - 1], out=out[c])
+        ctx.save_for_backward(a)
+        return out.transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        (a,) = ctx.saved_tensors
+        gn = g.transpose(0, 1)
+        n = gn.shape[0]
+        dT = torch.zeros_like(gn)
+        D = gn[n - 1].clone()
+        for c in range(n - 2, -1, -1):  # D_c = g_c + alpha_c D_{c+1}; dT_c = D_{c+1}
+            dT[c] = D
+            D = torch.addcmul(gn[c], a[c], D)
+        return D, dT.transpose(0, 1), None
+
+
 def _gather_detached(x: Tensor, group) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
@@ -251,16 +285,13 @@ def _causal(phi, kfeat, V, ek, softmax: bool, group, chunk: int) -> Tensor:
     alpha = torch.exp(Pc - R)
     kfac = torch.exp(rc - R[..., None])
     T = (khc * kfac[..., None]).transpose(-1, -2) @ Vc  # (BH, n, M, E1)
-    Hs = []
-    H = prev
-    for c in range(n):
-        Hs.append(H)
-        H = alpha[:, c, None, None] * H + T[:, c]
-    Hst = torch.stack(Hs, 1)  # (BH, n, M, E1)
+    Hst = _ChunkScan.apply(prev, T, alpha)  # (BH, n, M, E1): the state before each chunk
     s = torch.exp(Pc[..., None] - rc)  # (BH, n, C)
-    tril = torch.ones(C, C, dtype=torch.bool, device=phi.device).tril()
-    E = torch.exp((rc[..., None, :] - rc[..., :, None]).clamp_max(0)).masked_fill(~tril, 0)
-    A = (phic @ khc.transpose(-1, -2)) * E
+    with torch.no_grad():  # E_ij = exp(r_j - r_i) for j <= i, else 0 (constants; built in place)
+        tril = torch.ones(C, C, dtype=torch.bool, device=phi.device).tril()
+        E = (rc[..., None, :] - rc[..., :, None]).clamp_max_(0).exp_().masked_fill_(~tril, 0)
+    # (in place: matmul does not save its output, and mul_ saves only the constant E)
+    A = (phic @ khc.transpose(-1, -2)).mul_(E)
     Y = (phic @ Hst) * s[..., None] + A @ Vc
     cum = torch.cumsum(V_p, 1) + cprev[:, None, :]
     Y = Y.reshape(BH, n * C, E1) + ek * phi_p.sum(-1, keepdim=True) * cum
