@@ -11,7 +11,7 @@ Any leading dimensions; the last is the head dim (features: the feature dim). No
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,15 +32,17 @@ def query_features(q: Tensor, W: Tensor, kernel_fn: str) -> Tensor:
     return sM * torch.relu(q @ W.t()) + RELU_EPS
 
 
-def key_features(k: Tensor, W: Tensor, kernel_fn: str, valid: Tensor) -> Tensor:
+def key_features(k: Tensor, W: Tensor, kernel_fn: str, valid: Optional[Tensor]) -> Tensor:
     """Softmax: key pre-activations ``(..., M)``, ``-inf`` at invalid keys (``valid`` bool, the
-    leading shape of ``k``); relu: the key features ``M^-1/2 relu(k W^T)``, 0 at invalid keys."""
+    leading shape of ``k``, or None: every key valid); relu: the key features
+    ``M^-1/2 relu(k W^T)``, 0 at invalid keys."""
     M, D = W.shape
     if kernel_fn == "softmax":
         xk = k * D ** -0.25
         prek = xk @ W.t() - 0.5 * (xk * xk).sum(-1, keepdim=True)
-        return prek.masked_fill(~valid[..., None], float("-inf"))
-    return (M ** -0.5) * torch.relu(k @ W.t()) * valid[..., None].to(k.dtype)
+        return prek if valid is None else prek.masked_fill(~valid[..., None], float("-inf"))
+    kf = (M ** -0.5) * torch.relu(k @ W.t())
+    return kf if valid is None else kf * valid[..., None].to(k.dtype)
 
 
 def key_eps(M: int, kernel_fn: str) -> float:

@@ -903,14 +903,14 @@ class RandMultiHeadAttention(nn.Module):
                              f"and stabiliser ({B}, {H}) in {cdt} on {x.device} for x_t of batch {B}, got kv "
                              f"{list(kv.shape)} {kv.dtype} on {kv.device}, v_sum {list(v_sum.shape)}, "
                              f"stabiliser {list(r.shape)}")
-        W = self.projection_matrix.to(cdt)
+        P = self.projection_matrix
+        W = P if P.dtype == cdt else P.to(cdt)
         q = F.linear(x, self.Wq, self.bq).reshape(B, H, 1, hd).to(cdt)
         k = F.linear(x, self.Wk, self.bk).reshape(B, H, 1, hd).to(cdt)
         v = F.linear(x, self.Wv, self.bv).reshape(B, H, 1, hd).to(cdt)
         phi = _fm.query_features(q, W, self.kernel_fn)  # (B, H, 1, M)
         V1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # (B, H, 1, hd+1)
-        valid = torch.ones(B, H, 1, dtype=torch.bool, device=x.device)
-        kf = _fm.key_features(k, W, self.kernel_fn, valid)
+        kf = _fm.key_features(k, W, self.kernel_fn, None)
         if self.kernel_fn == "softmax":
             r_new = torch.maximum(r, kf.detach().amax(-1)[..., 0])  # finite: this key is valid
             kf = (M ** -0.5) * torch.exp(kf - r_new[..., None, None])
