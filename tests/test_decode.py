@@ -145,6 +145,23 @@ def test_step_is_differentiable():
     torch.testing.assert_close(gx, gx2, rtol=1e-9, atol=1e-11)
 
 
+def test_step_in_place_compiles_without_graph_breaks():
+    """torch.compile(step_, fullgraph=True) (what reduce-overhead decoding loops need) traces in
+    one graph and updates the state as eager does."""
+    layer = make_layer()
+    x = growing_input(1, 9, seed=4)
+    with torch.no_grad():
+        _, st = layer.prefill(x[:, :6])
+        _, ref = layer.prefill(x[:, :6])
+        f = torch.compile(layer.step_, fullgraph=True, backend="eager")
+        for t in range(6, 9):
+            o = f(x[:, t:t + 1], st)
+            o_ref, ref = layer.step(x[:, t:t + 1], ref)
+            torch.testing.assert_close(o, o_ref, rtol=1e-12, atol=1e-13)
+    for a, b in zip(st, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
 def test_errors():
     nc = pr.nn.RandMultiHeadAttention(E, H, M, dtype=F64)
     with pytest.raises(ValueError, match=r"prefill: decoding needs a causal layer"):

@@ -60,7 +60,8 @@ Part "decode" (autoregressive decoding)
   key and value written into a preallocated cache, ``F.scaled_dot_product_attention`` of the one
   query over the whole cache, out nn.Linear) vs ``RandMultiHeadAttention.step_`` on the state left
   by ``prefill`` of the context (constant size). Eager, and (CUDA) each step captured once in a
-  CUDA graph and replayed. Memory per layer: the KV cache's bytes vs the decoding state's bytes
+  CUDA graph and replayed; with compiling on (not --quick), also the step of all layers
+  ``torch.compile``'d (fullgraph, default inductor mode) and then captured in a CUDA graph. Memory per layer: the KV cache's bytes vs the decoding state's bytes
   (also checked to be the same after a 16-token prefill: independent of the context length).
 
 Timing: common.time_fns (CUDA events, or perf_counter on CPU), the variants of one group measured
@@ -587,7 +588,7 @@ def _graphed(fn: Callable[[], object], device: torch.device) -> Callable[[], obj
 
 
 def bench_decode(w: Dict, context: int, device: torch.device, dtype: torch.dtype, tk: Dict, deadline: float,
-                 rows: List[Dict], table: C.Table, log: Callable[[], None]) -> None:
+                 rows: List[Dict], table: C.Table, log: Callable[[], None], compiled: bool = False) -> None:
     if time.perf_counter() > deadline:
         table.add([w["name"], str(context), "(time budget: not run)"] + ["-"] * (len(table.columns) - 3))
         return
@@ -630,13 +631,17 @@ def bench_decode(w: Dict, context: int, device: torch.device, dtype: torch.dtype
 
         fns = {k: f for k, f in (("exact", exact_step), ("rand", rand_step)) if not errors[k]}
         modes = ["eager"] + (["CUDA graph"] if device.type == "cuda" else [])
+        modes += ["compiled + CUDA graph"] if device.type == "cuda" and compiled else []
         for mode in modes:
             timed: Dict[str, C.Timing] = {}
             errs = dict(errors)
             run = {}
             for k, f in fns.items():
                 why = None
-                if mode == "CUDA graph":
+                if mode == "compiled + CUDA graph":  # inductor's fused kernels, then one graph
+                    why = _try(lambda k=k, f=f: run.__setitem__(
+                        k, _graphed(torch.compile(f, fullgraph=True), device)), device)
+                elif mode == "CUDA graph":
                     why = _try(lambda k=k, f=f: run.__setitem__(k, _graphed(f, device)), device)
                 else:
                     run[k] = f
@@ -986,7 +991,7 @@ def main(argv=None) -> int:
         bench_attention(widths, lengths, device, dtype, tk, deadline, rows, att_table, log)
     if args.which in ("decode", "all"):  # before the copy task: seconds, where the task takes the rest
         bench_decode(widths[0] if widths else ATTN_WIDTHS[0], decode_context, device, dtype, tk, deadline, rows,
-                     dec_table, log)
+                     dec_table, log, compiled=do_compile)
     if args.which in ("attention", "all"):
         task_rows = copy_task(task_w, task, device, rows, deadline)
 
