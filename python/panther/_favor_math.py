@@ -21,13 +21,17 @@ SOFTMAX_EPS = 1e-6
 RELU_EPS = 1e-3
 
 
+def softmax_preactivations(x: Tensor, W: Tensor) -> Tensor:
+    """``b = x' W^T - |x'|^2 / 2`` with ``x' = x D^-1/4``: ``(..., M)`` for ``x (..., D)``."""
+    xs = x * W.shape[1] ** -0.25
+    return xs @ W.t() - 0.5 * (xs * xs).sum(-1, keepdim=True)
+
+
 def query_features(q: Tensor, W: Tensor, kernel_fn: str) -> Tensor:
     """phi ``(..., M)`` of queries ``(..., D)``, eps included (softmax: stabilised per row)."""
-    M, D = W.shape
-    sM = M ** -0.5
+    sM = W.shape[0] ** -0.5
     if kernel_fn == "softmax":
-        xq = q * D ** -0.25
-        preq = xq @ W.t() - 0.5 * (xq * xq).sum(-1, keepdim=True)
+        preq = softmax_preactivations(q, W)
         return sM * (torch.exp(preq - preq.detach().amax(-1, keepdim=True)) + SOFTMAX_EPS)
     return sM * torch.relu(q @ W.t()) + RELU_EPS
 
@@ -36,10 +40,9 @@ def key_features(k: Tensor, W: Tensor, kernel_fn: str, valid: Optional[Tensor]) 
     """Softmax: key pre-activations ``(..., M)``, ``-inf`` at invalid keys (``valid`` bool, the
     leading shape of ``k``, or None: every key valid); relu: the key features
     ``M^-1/2 relu(k W^T)``, 0 at invalid keys."""
-    M, D = W.shape
+    M = W.shape[0]
     if kernel_fn == "softmax":
-        xk = k * D ** -0.25
-        prek = xk @ W.t() - 0.5 * (xk * xk).sum(-1, keepdim=True)
+        prek = softmax_preactivations(k, W)
         return prek if valid is None else prek.masked_fill(~valid[..., None], float("-inf"))
     kf = (M ** -0.5) * torch.relu(k @ W.t())
     return kf if valid is None else kf * valid[..., None].to(k.dtype)
@@ -60,14 +63,52 @@ def finite_or(x: Tensor, fill: float = 0.0) -> Tensor:
     return torch.where(torch.isinf(x), torch.full_like(x, fill), x)
 
 
-def causal_output(phi: Tensor, kv: Tensor, v_sum: Tensor, ek: float) -> Tensor:
-    """``[num, den]`` of queries ``phi (..., Lq, M)`` against a causal state: ``kv (..., M, E1)``
-    (sum of key features relative to the current stabiliser times ``[v, 1]``) and ``v_sum
-    (..., E1)`` (plain sum of ``[v, 1]`` over valid keys, the eps term)."""
-    return phi @ kv + ek * phi.sum(-1, keepdim=True) * v_sum.unsqueeze(-2)
-
-
 def ratio(y: Tensor, dv: int) -> Tensor:
     """``num / den`` of ``y = [num, den]`` (last dim ``dv + 1``), 0 where no key was seen."""
     num, den = y[..., :dv], y[..., dv:]
     return num / torch.where(den == 0, torch.ones_like(den), den)
+
+
+def decode_step(q: Tensor, k: Tensor, v: Tensor, W: Tensor, kernel_fn: str, kv: Tensor, v_sum: Tensor,
+                r: Tensor, inplace: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One causal position against a running state -> ``(out, kv, v_sum, r)``.
+
+    ``q, k (..., D)``, ``v (..., Dv)`` (one new position, compute dtype); state ``kv (..., M, Dv + 1)``
+    (key features relative to the stabiliser ``r (...)`` times ``[v, 1]``), ``v_sum (..., Dv + 1)``
+    (plain sum of ``[v, 1]``: the eps term). The new key joins the state first (softmax: ``r``
+    becomes ``max(r, max_m b(k))`` and ``kv`` is rescaled by ``exp(r_old - r_new)``), then the query
+    reads it: ``out = num / den`` of ``phi(q) (kv + e_k v_sum)`` (``den > 0``: the query sees at
+    least its own key and every feature is >= eps). ``inplace``: ``kv``, ``v_sum`` and ``r`` are
+    updated in place (and returned). No host synchronisation.
+    """
+    M = W.shape[0]
+    sM = M ** -0.5
+    qk = torch.stack([q, k])  # (2, ..., D): one pass of the feature map for both
+    V1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # (..., Dv+1)
+    if kernel_fn == "softmax":
+        pre = softmax_preactivations(qk, W)  # (2, ..., M)
+        c = pre.detach().amax(-1)  # (2, ...): the query row's stabiliser, the key's max exponent
+        r_new = torch.maximum(r, c[1])  # finite: the new key is valid
+        e = torch.exp(pre - torch.stack([c[0], r_new]).unsqueeze(-1))
+        phi = sM * (e[0] + SOFTMAX_EPS)
+        kf = sM * e[1]
+        alpha = torch.exp(r - r_new)[..., None, None]  # <= 1; 0 while the state is empty (r = -inf)
+        if inplace:
+            kv.mul_(alpha)
+            r.copy_(r_new)
+            r_new = r
+        else:
+            kv = alpha * kv
+    else:
+        f = sM * torch.relu(qk @ W.t())
+        phi = f[0] + RELU_EPS
+        kf = f[1]
+        r_new = r
+    if inplace:
+        kv.addcmul_(kf.unsqueeze(-1), V1.unsqueeze(-2))
+        v_sum.add_(V1)
+    else:
+        kv = torch.addcmul(kv, kf.unsqueeze(-1), V1.unsqueeze(-2))
+        v_sum = v_sum + V1
+    y = (phi.unsqueeze(-2) @ (kv + key_eps(M, kernel_fn) * v_sum.unsqueeze(-2))).squeeze(-2)  # (..., Dv+1)
+    return y[..., :-1] / y[..., -1:], kv, v_sum, r_new

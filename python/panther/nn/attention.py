@@ -875,8 +875,10 @@ class RandMultiHeadAttention(nn.Module):
         return out, state
 
     @torch.jit.unused
-    def _step_math(self, x_t: Tensor, state: FavorDecodeState, what: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(out, kv, v_sum, stabiliser) after one position; no host synchronisation."""
+    def _step_math(self, x_t: Tensor, state: FavorDecodeState, what: str,
+                   inplace: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(out, kv, v_sum, stabiliser) after one position (``inplace``: written into ``state``'s
+        tensors); no host synchronisation."""
         name = f"RandMultiHeadAttention.{what}"
         self._check_decode(what)
         check_tensor(name, "x_t", x_t)
@@ -905,28 +907,17 @@ class RandMultiHeadAttention(nn.Module):
                              f"stabiliser {list(r.shape)}")
         P = self.projection_matrix
         W = P if P.dtype == cdt else P.to(cdt)
-        q = F.linear(x, self.Wq, self.bq).reshape(B, H, 1, hd).to(cdt)
-        k = F.linear(x, self.Wk, self.bk).reshape(B, H, 1, hd).to(cdt)
-        v = F.linear(x, self.Wv, self.bv).reshape(B, H, 1, hd).to(cdt)
-        phi = _fm.query_features(q, W, self.kernel_fn)  # (B, H, 1, M)
-        V1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # (B, H, 1, hd+1)
-        kf = _fm.key_features(k, W, self.kernel_fn, None)
-        if self.kernel_fn == "softmax":
-            r_new = torch.maximum(r, kf.detach().amax(-1)[..., 0])  # finite: this key is valid
-            kf = (M ** -0.5) * torch.exp(kf - r_new[..., None, None])
-            kv_new = torch.exp(r - r_new)[..., None, None] * kv + kf.transpose(-1, -2) @ V1
-        else:
-            r_new = r
-            kv_new = kv + kf.transpose(-1, -2) @ V1
-        v_sum_new = v_sum + V1[..., 0, :]
-        y = _fm.causal_output(phi, kv_new, v_sum_new, _fm.key_eps(M, self.kernel_fn))  # (B, H, 1, hd+1)
-        ctx = _fm.ratio(y, hd).to(x.dtype).reshape(B, E)
+        q = F.linear(x, self.Wq, self.bq).reshape(B, H, hd).to(cdt)
+        k = F.linear(x, self.Wk, self.bk).reshape(B, H, hd).to(cdt)
+        v = F.linear(x, self.Wv, self.bv).reshape(B, H, hd).to(cdt)
+        ctx, kv, v_sum, r = _fm.decode_step(q, k, v, W, self.kernel_fn, kv, v_sum, r, inplace)
+        ctx = ctx.to(x.dtype).reshape(B, E)
         if self.training and self.dropout > 0:
             ctx = F.dropout(ctx, p=self.dropout, training=True)
         out = F.linear(ctx, self.W0, self.b0)
         if nd == 3:
             out = out[:, None] if self.batch_first else out[None]
-        return out, kv_new, v_sum_new, r_new
+        return out, kv, v_sum, r
 
     @torch.jit.unused
     def step(self, x_t: Tensor, state: FavorDecodeState) -> Tuple[Tensor, FavorDecodeState]:
@@ -948,7 +939,7 @@ class RandMultiHeadAttention(nn.Module):
         >>> out_t.shape, int(state.length)
         (torch.Size([2, 1, 16]), 6)
         """
-        out, kv, v_sum, r = self._step_math(x_t, state, "step")
+        out, kv, v_sum, r = self._step_math(x_t, state, "step", False)
         return out, FavorDecodeState(kv, v_sum, r, state.length + 1)
 
     @torch.jit.unused
@@ -972,10 +963,7 @@ class RandMultiHeadAttention(nn.Module):
         >>> torch.allclose(out_t, layer(x, x, x)[0][:, 3:], atol=1e-5)
         True
         """
-        out, kv, v_sum, r = self._step_math(x_t, state, "step_")
-        state.kv.copy_(kv)
-        state.v_sum.copy_(v_sum)
-        state.stabiliser.copy_(r)
+        out = self._step_math(x_t, state, "step_", True)[0]
         state.length.add_(1)
         return out
 
