@@ -297,6 +297,10 @@ def test_module_context_parallel_group_errors():
             layer(x, x, x, need_weights=True)
         with pytest.raises(ValueError, match="cannot be scripted"):
             torch.jit.script(layer)
+        # copies (e.g. nn.TransformerEncoder's layer clones) share the group, copy the rest
+        twin = __import__("copy").deepcopy(layer)
+        assert twin.context_parallel_group is layer.context_parallel_group
+        assert twin.Wq is not layer.Wq and torch.equal(twin.Wq, layer.Wq)
         # one rank: the whole sequence, equal to the plain layer
         torch.testing.assert_close(layer(x, x, x)[0], make_mha(True)(x, x, x)[0], rtol=1e-10, atol=1e-12)
     finally:

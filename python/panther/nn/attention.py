@@ -967,6 +967,18 @@ class RandMultiHeadAttention(nn.Module):
         state.length.add_(1)
         return out
 
+    @torch.jit.unused
+    def __deepcopy__(self, memo):
+        # A copy (nn.Transformer*'s layer clones, EMA models) shares the process group handle,
+        # which cannot be copied; everything else is copied as usual.
+        group = self.__dict__.get("context_parallel_group")
+        if group is not None:
+            memo[id(group)] = group
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return new
+
     def __prepare_scriptable__(self):
         # TorchScript has no keyword-only arguments: script a twin (same parameters, buffers
         # and submodules) whose forward takes the same arguments positionally.
