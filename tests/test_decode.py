@@ -20,9 +20,8 @@ F64 = torch.float64
 
 def make_layer(kernel_fn="softmax", batch_first=True, dtype=F64, device="cpu", **kw):
     layer = pr.nn.RandMultiHeadAttention(E, H, M, kernel_fn=kernel_fn, iscausal=True, batch_first=batch_first,
-                                         dtype=dtype, device=device, generator=torch.Generator().manual_seed(1),
-                                         **kw)
-    return layer.eval()
+                                         dtype=dtype, generator=torch.Generator().manual_seed(1), **kw)
+    return layer.to(device).eval()
 
 
 def growing_input(B, L, dtype=F64, device="cpu", seed=0):
