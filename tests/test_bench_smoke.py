@@ -71,6 +71,11 @@ def test_models_smoke(tmp_path, device):
         assert r["exact_train_ms"] > 0 and r["rand_train_ms"] > 0, r
         if device == "cuda":
             assert r["exact_peak_bytes"] > 0 and r["rand_peak_bytes"] > 0, r
+    dec = [r for r in rows if r["part"] == "decode"]
+    assert "## Decode step" in md and dec
+    for r in dec:
+        assert r["exact_step_ms"] > 0 and r["rand_step_ms"] > 0, r
+        assert r["rand_layer_bytes"] == r["rand_layer_bytes_16_tokens"] > 0, r
     task = [r for r in rows if r["part"] == "copy_task"]
     assert {r["attention"] for r in task} == {"exact", "rand"}
     for r in task:

@@ -71,9 +71,10 @@ def module_inputs():
     return x, gout, mask
 
 
-def make_mha(causal: bool) -> nn.Module:
+def make_mha(causal: bool, group=None) -> nn.Module:
     return pr.nn.RandMultiHeadAttention(E_MOD, num_heads=2, num_random_features=6, iscausal=causal,
-                                        dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+                                        dtype=torch.float64, generator=torch.Generator().manual_seed(3),
+                                        context_parallel_group=group)
 
 
 # ---- FSDP2 + DCP resharding -------------------------------------------------------------------
@@ -180,6 +181,15 @@ def _cp_part(rank: int, world: int, group) -> dict:
         (y * gout[:, lo:hi]).sum().backward()
         out["module"][causal] = {"y": y.detach(), "dx": xl.grad,
                                  "pgrads": {n: p.grad.clone() for n, p in layer.named_parameters()}}
+    # The layer's own option: RandMultiHeadAttention(..., context_parallel_group=group).
+    out["module_group"] = {}
+    for causal in (False, True):
+        layer = make_mha(causal, group)
+        xl = x[:, lo:hi].clone().requires_grad_(True)
+        y, _ = layer(xl, xl, xl, key_padding_mask=mask[:, lo:hi])
+        (y * gout[:, lo:hi]).sum().backward()
+        out["module_group"][causal] = {"y": y.detach(), "dx": xl.grad,
+                                       "pgrads": {n: p.grad.clone() for n, p in layer.named_parameters()}}
     return out
 
 
@@ -238,15 +248,15 @@ def _check_op(results: list[dict], world: int) -> None:
         _close(sum(c["grads"][3] for c in got), ref_grads[3], f"{tag} grad projection")
 
 
-def _check_module(results: list[dict], world: int) -> None:
+def _check_module(results: list[dict], world: int, part: str = "module") -> None:
     x, gout, mask = module_inputs()
     for causal in (False, True):
         layer = make_mha(causal)
         xr = x.clone().requires_grad_(True)
         y, _ = layer(xr, xr, xr, key_padding_mask=mask)
         (y * gout).sum().backward()
-        got = [r["module"][causal] for r in results]
-        tag = f"ContextParallel world={world} causal={causal}"
+        got = [r[part][causal] for r in results]
+        tag = f"{part} world={world} causal={causal}"
         _close(torch.cat([g["y"] for g in got], 1), y.detach(), f"{tag} output")
         _close(torch.cat([g["dx"] for g in got], 1), xr.grad, f"{tag} input grad")
         for n, p in layer.named_parameters():
@@ -264,6 +274,37 @@ def test_context_parallel_four_ranks_equals_single_process(run4):
 def test_context_parallel_module_wrapper(run2, run4):
     _check_module(run2, 2)
     _check_module(run4, 4)
+
+
+def test_module_context_parallel_group_option(run2, run4):
+    """RandMultiHeadAttention(..., context_parallel_group=group) on each rank's chunk equals the
+    single-process layer on the whole sequence: outputs, input and parameter gradients."""
+    _check_module(run2, 2, "module_group")
+    _check_module(run4, 4, "module_group")
+
+
+def test_module_context_parallel_group_errors():
+    x = torch.randn(1, 4, E_MOD, dtype=torch.float64)
+    with pytest.raises(ValueError, match="context_parallel_group must be a torch.distributed ProcessGroup"):
+        pr.nn.RandMultiHeadAttention(E_MOD, 2, 6, context_parallel_group="world")
+    rv = os.path.join(__import__("tempfile").mkdtemp(), "rendezvous")
+    dist.init_process_group("gloo", init_method="file://" + rv, rank=0, world_size=1)
+    try:
+        layer = make_mha(True, dist.group.WORLD)
+        with pytest.raises(ValueError, match="attn_mask must be None"):
+            layer(x, x, x, attn_mask=torch.ones(4, 4, dtype=torch.bool).triu(1))
+        with pytest.raises(ValueError, match="need_weights must be False"):
+            layer(x, x, x, need_weights=True)
+        with pytest.raises(ValueError, match="cannot be scripted"):
+            torch.jit.script(layer)
+        # copies (e.g. nn.TransformerEncoder's layer clones) share the group, copy the rest
+        twin = __import__("copy").deepcopy(layer)
+        assert twin.context_parallel_group is layer.context_parallel_group
+        assert twin.Wq is not layer.Wq and torch.equal(twin.Wq, layer.Wq)
+        # one rank: the whole sequence, equal to the plain layer
+        torch.testing.assert_close(layer(x, x, x)[0], make_mha(True)(x, x, x)[0], rtol=1e-10, atol=1e-12)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_fsdp2_dcp_save_on_two_ranks_resume_on_four(job):

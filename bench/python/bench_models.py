@@ -54,6 +54,16 @@ Part "attention" (long-context training)
   generator, the same sequences for both models; reported: the mean training loss of the last
   10 steps and the loss on 4 held-out sequences.
 
+Part "decode" (autoregressive decoding)
+  One decode step of 12 layers' attention (the 12 x 64 width, batch 1) with 65536 tokens of
+  context: exact attention with a KV cache of that length (per layer: fused qkv nn.Linear, the new
+  key and value written into a preallocated cache, ``F.scaled_dot_product_attention`` of the one
+  query over the whole cache, out nn.Linear) vs ``RandMultiHeadAttention.step_`` on the state left
+  by ``prefill`` of the context (constant size). Eager, and (CUDA) each step captured once in a
+  CUDA graph and replayed; with compiling on (not --quick), also the step of all layers
+  ``torch.compile``'d (fullgraph, default inductor mode) and then captured in a CUDA graph. Memory per layer: the KV cache's bytes vs the decoding state's bytes
+  (also checked to be the same after a 16-token prefill: independent of the context length).
+
 Timing: common.time_fns (CUDA events, or perf_counter on CPU), the variants of one group measured
 round-robin, median of >= 3 rounds after warm-up. Each variant first runs once on its own (that
 call also compiles), so a variant that runs out of memory prints "OOM" and the others go on.
@@ -62,10 +72,12 @@ Usage:
   python bench/python/bench_models.py --device cuda                      # everything (budget 540 s)
   python bench/python/bench_models.py --device cuda --which linear       # SKLinear part only
   python bench/python/bench_models.py --device cuda --which attention    # long-context part only
+  python bench/python/bench_models.py --device cuda --which decode       # decode-step part only
   python bench/python/bench_models.py --device cuda --quick              # < 90 s subset, eager
   python bench/python/bench_models.py --device cpu --smoke               # tiny sizes, seconds
 Options: --compile/--no-compile  --compile-scope block|model  --budget-s S  --json PATH
          --markdown PATH  --models encoder,decoder  --lengths 4096,16384  --task-steps N
+         --decode-context N
 """
 from __future__ import annotations
 
@@ -111,6 +123,9 @@ SMOKE_WIDTHS = [dict(key="hd64", name="2 x 16 (smoke)", layers=1, d=32, heads=2,
                 dict(key="hd128", name="1 x 32 (smoke)", layers=1, d=32, heads=1, ffn=64)]
 SMOKE_LENGTHS = [32, 64]
 SMOKE_TASK = dict(length=32, vocab=8, steps=2, lr=3e-4, heldout=1)
+DECODE_CONTEXT = 65536
+SMOKE_DECODE_CONTEXT = 64
+DECODE_GOAL = 10.0
 
 
 # ----------------------------------------------------------------------------- the model
@@ -528,6 +543,137 @@ ATTN_COLUMNS = ["heads x head_dim", "tokens", "exact train step ms", "RandMHA tr
                 "exact peak train mem", "RandMHA peak train mem", "mem RandMHA / exact"]
 
 
+# ----------------------------------------------------------------------------- part (c): decode
+
+
+class KVCacheAttention(nn.Module):
+    """Exact causal self-attention decoding with a preallocated KV cache of ``cache_len`` slots:
+    ``step(x_t)`` projects one token (fused qkv), writes its key and value into the last slot and
+    attends over the whole cache with ``F.scaled_dot_product_attention`` (static shapes, so a
+    CUDA graph can capture it)."""
+
+    def __init__(self, d: int, heads: int, cache_len: int, device, dtype) -> None:
+        super().__init__()
+        self.heads, self.hd = heads, d // heads
+        self.qkv = nn.Linear(d, 3 * d, device=device, dtype=dtype)
+        self.out = nn.Linear(d, d, device=device, dtype=dtype)
+        shape = (1, heads, cache_len, self.hd)
+        self.k_cache = torch.randn(shape, device=device, dtype=dtype)
+        self.v_cache = torch.randn(shape, device=device, dtype=dtype)
+
+    def step(self, x_t: torch.Tensor) -> torch.Tensor:
+        B = x_t.shape[0]
+        q, k, v = self.qkv(x_t).view(B, 1, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4)
+        self.k_cache[:, :, -1:].copy_(k)
+        self.v_cache[:, :, -1:].copy_(v)
+        ctx = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache)
+        return self.out(ctx.transpose(1, 2).reshape(B, 1, -1))
+
+    def cache_bytes(self) -> int:
+        return self.k_cache.nbytes + self.v_cache.nbytes
+
+
+def _graphed(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn`` captured in a CUDA graph (after a warm-up on a side stream); returns the replay."""
+    s = torch.cuda.Stream(device)
+    s.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def bench_decode(w: Dict, context: int, device: torch.device, dtype: torch.dtype, tk: Dict, deadline: float,
+                 rows: List[Dict], table: C.Table, log: Callable[[], None], compiled: bool = False) -> None:
+    if time.perf_counter() > deadline:
+        table.add([w["name"], str(context), "(time budget: not run)"] + ["-"] * (len(table.columns) - 3))
+        return
+    d, heads, nl = w["d"], w["heads"], w["layers"]
+    gen = torch.Generator(device="cpu").manual_seed(context)
+    x_t = torch.randn(1, 1, d, generator=gen).to(device, dtype)
+    res: Dict[str, Dict] = {}
+    with torch.no_grad():
+        torch.manual_seed(0)
+        exact: List[KVCacheAttention] = []
+        rand: List[pr.nn.RandMultiHeadAttention] = []
+        states: list = []
+        errors: Dict[str, Optional[str]] = {}
+
+        def build_exact():
+            exact.extend(KVCacheAttention(d, heads, context + 1, device, dtype) for _ in range(nl))
+
+        def build_rand():
+            prompt = torch.randn(1, context, d, generator=gen).to(device, dtype)
+            for _ in range(nl):
+                layer = pr.nn.RandMultiHeadAttention(d, heads, NUM_FEATURES, iscausal=True, device=device,
+                                                     dtype=dtype).eval()
+                rand.append(layer)
+                states.append(layer.prefill(prompt)[1])
+
+        errors["exact"] = _try(build_exact, device)
+        errors["rand"] = _try(build_rand, device)
+        short_bytes = None
+        if not errors["rand"]:
+            short = rand[0].prefill(torch.randn(1, 16, d, generator=gen).to(device, dtype))[1]
+            short_bytes = sum(t.nbytes for t in short)
+
+        def exact_step():
+            for layer in exact:
+                layer.step(x_t)
+
+        def rand_step():
+            for layer, st in zip(rand, states):
+                layer.step_(x_t, st)
+
+        fns = {k: f for k, f in (("exact", exact_step), ("rand", rand_step)) if not errors[k]}
+        modes = ["eager"] + (["CUDA graph"] if device.type == "cuda" else [])
+        modes += ["compiled + CUDA graph"] if device.type == "cuda" and compiled else []
+        for mode in modes:
+            timed: Dict[str, C.Timing] = {}
+            errs = dict(errors)
+            run = {}
+            for k, f in fns.items():
+                why = None
+                if mode == "compiled + CUDA graph":  # inductor's fused kernels, then one graph
+                    why = _try(lambda k=k, f=f: run.__setitem__(
+                        k, _graphed(torch.compile(f, fullgraph=True), device)), device)
+                elif mode == "CUDA graph":
+                    why = _try(lambda k=k, f=f: run.__setitem__(k, _graphed(f, device)), device)
+                else:
+                    run[k] = f
+                if why:
+                    errs[k] = why
+            if run:
+                why = _try(lambda: timed.update(C.time_fns(run, device, **tk)), device)
+                if why:
+                    errs.update({k: why for k in run})
+            ex_ms = timed["exact"].median_ms if "exact" in timed else None
+            ra_ms = timed["rand"].median_ms if "rand" in timed else None
+            raw = {"part": "decode", "width": w["key"], "width_name": w["name"], "layers": nl, "d": d,
+                   "heads": heads, "context": context, "mode": mode, "num_features": NUM_FEATURES,
+                   "exact_step_ms": ex_ms, "rand_step_ms": ra_ms, "speedup": ratio(ex_ms, ra_ms),
+                   "exact_layer_bytes": exact[0].cache_bytes() if exact else None,
+                   "rand_layer_bytes": sum(t.nbytes for t in states[0]) if states else None,
+                   "rand_layer_bytes_16_tokens": short_bytes,
+                   "exact_error": errs.get("exact"), "rand_error": errs.get("rand")}
+            rows.append(raw)
+            table.add([w["name"], str(context), mode, errs.get("exact") or C.fmt_ms(ex_ms),
+                       errs.get("rand") or C.fmt_ms(ra_ms), C.fmt_ratio(raw["speedup"]),
+                       C.fmt_bytes(raw["exact_layer_bytes"]), C.fmt_bytes(raw["rand_layer_bytes"])], raw=raw)
+            log()
+    del exact, rand, states
+    gc.collect()
+    C.free_cuda(device)
+
+
+DECODE_COLUMNS = ["heads x head_dim", "context tokens", "mode", "exact (KV cache) step ms", "RandMHA step ms",
+                  "speedup", "exact mem / layer", "RandMHA mem / layer"]
+
+
 class CopyModel(nn.Module):
     """Token + position embedding, a decoder Stack, a linear readout (for the copy task only)."""
 
@@ -648,6 +794,18 @@ def evaluate(rows: List[Dict], gpu: str, sketch: Tuple[int, int]) -> List[tuple]
             out.append((f"encoder {sk_name}: compiled training step no slower than eager [{gpu}]",
                         f"{C.fmt_ms(s_c['train_ms'])} vs {C.fmt_ms(s_e['train_ms'])} ms eager",
                         s_e["train_ms"] / s_c["train_ms"] >= NOT_SLOWER))
+    for r in (r for r in rows if r.get("part") == "decode"):
+        label = f"decode step, {r['layers']} layers' attention at {r['context']} tokens, {r['mode']}"
+        sp = r["speedup"]
+        out.append((f"{label}: >= {DECODE_GOAL:g}x faster than exact attention with a KV cache [{gpu}]",
+                    C.fmt_ratio(sp) if sp else (r["rand_error"] or r["exact_error"] or "-"),
+                    None if sp is None else sp >= DECODE_GOAL))
+        if r["mode"] == "eager" and r["rand_layer_bytes"] is not None:
+            same = r["rand_layer_bytes"] == r["rand_layer_bytes_16_tokens"]
+            out.append((f"{label}: decoding memory per layer independent of the context length [{gpu}]",
+                        f"{C.fmt_bytes(r['rand_layer_bytes'])} at {r['context']} and "
+                        f"{C.fmt_bytes(r['rand_layer_bytes_16_tokens'])} at 16 tokens (KV cache "
+                        f"{C.fmt_bytes(r['exact_layer_bytes'])})", same))
     att = [r for r in rows if r.get("part") == "attention"]
     lengths = sorted({r["tokens"] for r in att})
     for wkey in ("hd64", "hd128"):
@@ -691,9 +849,11 @@ def evaluate(rows: List[Dict], gpu: str, sketch: Tuple[int, int]) -> List[tuple]
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--which", choices=["linear", "attention", "all"], default="all")
+    p.add_argument("--which", choices=["linear", "attention", "decode", "all"], default="all")
     p.add_argument("--quick", action="store_true", help="< 90 s on an H100: encoder eager (dense, L=1 k=64, bound), "
-                   "attention 12 x 64 at 4k and 16k, a short copy task")
+                   "attention 12 x 64 at 4k and 16k, a short copy task, the decode step")
+    p.add_argument("--decode-context", type=int, default=None,
+                   help=f"context tokens of the decode-step rows (default {DECODE_CONTEXT})")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (seconds on a CPU): checks that the script runs")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="also torch.compile'd rows (default: on, except --quick and --smoke)")
@@ -759,6 +919,7 @@ def main(argv=None) -> int:
         lengths = [int(t) for t in args.lengths.split(",")]
     if args.task_steps is not None:
         task["steps"] = args.task_steps
+    decode_context = args.decode_context or (SMOKE_DECODE_CONTEXT if args.smoke else DECODE_CONTEXT)
     deadline = t_start + budget
     sketch_target = TARGET_SKETCH if TARGET_SKETCH in sketches else sketches[0]
 
@@ -785,9 +946,12 @@ def main(argv=None) -> int:
     if args.which in ("attention", "all"):
         notes += [f"attention rows: {w['name']}: {w['layers']} layers, d={w['d']}, {w['heads']} heads x "
                   f"{w['d'] // w['heads']}, FFN {w['ffn']}, batch 1" for w in widths]
+    if args.which in ("decode", "all"):
+        notes.append(f"decode rows: one step of {(widths or ATTN_WIDTHS)[0]['layers']} layers' attention (no MLP), "
+                     "batch 1; mem / layer: the KV cache vs the decoding state")
     head = C.header("Panther inside transformer models", device, notes) + "\n"
     rows: List[Dict] = []
-    lin_table, att_table = C.Table(LINEAR_COLUMNS), C.Table(ATTN_COLUMNS)
+    lin_table, att_table, dec_table = C.Table(LINEAR_COLUMNS), C.Table(ATTN_COLUMNS), C.Table(DECODE_COLUMNS)
     task_rows: List[List[str]] = []
     meta = {"bench": "models", "device": gpu, "commit": C.commit(), "torch": torch.__version__}
 
@@ -798,6 +962,9 @@ def main(argv=None) -> int:
         if att_table.rows:
             text += (f"\n## Long-context decoder training (batch 1, causal, RandMultiHeadAttention M={NUM_FEATURES})\n\n"
                      + att_table.markdown())
+        if dec_table.rows:
+            text += (f"\n## Decode step (batch 1, RandMultiHeadAttention M={NUM_FEATURES} step_ vs exact attention "
+                     "with a KV cache of the context)\n\n" + dec_table.markdown())
         if task_rows:
             t = C.Table(["attention", "first loss", f"train loss (last 10 of {task['steps']} steps)",
                          "held-out loss", "seconds"])
@@ -822,6 +989,10 @@ def main(argv=None) -> int:
                                lin_table, log, sketch_target, args.compile_all)
     if args.which in ("attention", "all"):
         bench_attention(widths, lengths, device, dtype, tk, deadline, rows, att_table, log)
+    if args.which in ("decode", "all"):  # before the copy task: seconds, where the task takes the rest
+        bench_decode(widths[0] if widths else ATTN_WIDTHS[0], decode_context, device, dtype, tk, deadline, rows,
+                     dec_table, log, compiled=do_compile)
+    if args.which in ("attention", "all"):
         task_rows = copy_task(task_w, task, device, rows, deadline)
 
     C.emit(report(True), args.markdown)

@@ -39,9 +39,8 @@ from torch import Tensor, nn
 
 __all__ = ["context_parallel_favor_attention", "context_parallel_attention_forward", "ContextParallel"]
 
-# Must match kFavorSoftmaxEps / kFavorReluEps in cpp/kernels/favor_attention.h.
-_SOFTMAX_EPS = 1e-6
-_RELU_EPS = 1e-3
+from ._favor_math import RELU_EPS as _RELU_EPS, SOFTMAX_EPS as _SOFTMAX_EPS  # noqa: F401
+from ._favor_math import features as _features, finite_or as _finite_or, ratio as _ratio
 _OP = "context_parallel_favor_attention"
 
 
@@ -183,33 +182,11 @@ def _check(query: Tensor, key: Tensor, value: Tensor, projection: Tensor, kernel
 # ----------------------------------------------------------------------------- the local math
 
 
-def _features(q: Tensor, k: Tensor, W: Tensor, kernel_fn: str, valid: Tensor):
-    """phi (BH, Lq, M) with eps; key pre-activations prek (BH, Lk, M) (-inf at padded keys,
-    softmax) or khat (relu); eps of the key features."""
-    M, D = W.shape
-    sM = M ** -0.5
-    if kernel_fn == "softmax":
-        s = D ** -0.25
-        xq, xk = q * s, k * s
-        preq = xq @ W.t() - 0.5 * (xq * xq).sum(-1, keepdim=True)
-        phi = sM * (torch.exp(preq - preq.detach().amax(-1, keepdim=True)) + _SOFTMAX_EPS)
-        prek = xk @ W.t() - 0.5 * (xk * xk).sum(-1, keepdim=True)
-        prek = prek.masked_fill(~valid[..., None], float("-inf"))
-        return phi, prek, _SOFTMAX_EPS * sM
-    phi = sM * torch.relu(q @ W.t()) + _RELU_EPS
-    khat = sM * torch.relu(k @ W.t()) * valid[..., None].to(k.dtype)
-    return phi, khat, _RELU_EPS
-
-
 def _max_last(x: Tensor) -> Tensor:
     """Max over the last dim; -inf where it is empty (a rank with an empty chunk)."""
     if x.shape[-1] == 0:
         return torch.full(x.shape[:-1], float("-inf"), dtype=x.dtype, device=x.device)
     return x.amax(-1)
-
-
-def _finite_or(x: Tensor, fill: float = 0.0) -> Tensor:
-    return torch.where(torch.isinf(x), torch.full_like(x, fill), x)
 
 
 def _noncausal(phi, kfeat, V, valid, ek, softmax: bool, group) -> Tensor:
@@ -376,8 +353,7 @@ def context_parallel_favor_attention(
         Y = _causal(phi, kfeat, V, ek, softmax, group, chunk_size)
     else:
         Y = _noncausal(phi, kfeat, V, valid, ek, softmax, group)
-    num, den = Y[..., :Dv], Y[..., Dv:]
-    out = num / torch.where(den == 0, torch.ones_like(den), den)
+    out = _ratio(Y, Dv)
     return out.reshape(B, H, Lq, Dv).to(out_dtype)
 
 

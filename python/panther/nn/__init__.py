@@ -1,5 +1,5 @@
 """Panther's neural-network modules."""
-from .attention import RandMultiHeadAttention, make_performer
+from .attention import FavorDecodeState, RandMultiHeadAttention, make_performer
 from .linear import SKLinear
 
-__all__ = ["SKLinear", "RandMultiHeadAttention", "make_performer"]
+__all__ = ["SKLinear", "RandMultiHeadAttention", "FavorDecodeState", "make_performer"]

@@ -1,12 +1,13 @@
 """RandMultiHeadAttention: FAVOR+ random-feature multi-head attention, linear in sequence length."""
 
 import copy
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _favor_math as _fm
 from .._checks import check_dtype, check_fits, check_int, check_tensor
 
 _KERNELS = ("softmax", "relu")
@@ -98,6 +99,40 @@ def _values_inspectable(t: Tensor) -> bool:
     return True
 
 
+class FavorDecodeState(NamedTuple):
+    r"""The running state of causal FAVOR+ attention for decoding (one layer): its size does not
+    depend on how many positions it summarises.
+
+    Fields (``B`` batch, ``H`` heads, ``M`` random features, ``Dv`` head_dim; float32 for
+    float16/bfloat16 layers, else the layer's dtype, on the layer's device):
+
+    * ``kv`` ``(B, H, M, Dv + 1)``: ``sum_j M^-1/2 exp(b_j - r) [v_j, 1]`` over the valid keys so
+      far (softmax; ``b_j`` the key pre-activations, ``r`` the stabiliser; relu: the key features
+      ``M^-1/2 relu(k_j W^T)``). ``kv[..., :Dv]`` is the numerator state (:attr:`numerator`),
+      ``kv[..., Dv]`` the denominator state (:attr:`denominator`).
+    * ``v_sum`` ``(B, H, Dv + 1)``: ``sum_j [v_j, 1]`` over the valid keys (the eps part of the
+      key features).
+    * ``stabiliser`` ``(B, H)``: ``r``, the running maximum of the key pre-activations over the
+      valid keys so far (``-inf`` before any; relu: 0). ``kv`` is rescaled when it grows.
+    * ``length`` ``()`` int64: positions consumed (prefill length plus steps).
+    """
+
+    kv: Tensor
+    v_sum: Tensor
+    stabiliser: Tensor
+    length: Tensor
+
+    @property
+    def numerator(self) -> Tensor:
+        """``(B, H, M, Dv)``: the running ``sum_j psi(k_j) v_j^T`` (a view of ``kv``)."""
+        return self.kv[..., :-1]
+
+    @property
+    def denominator(self) -> Tensor:
+        """``(B, H, M)``: the running ``sum_j psi(k_j)`` (a view of ``kv``)."""
+        return self.kv[..., -1]
+
+
 class RandMultiHeadAttention(nn.Module):
     r"""Multi-head attention with FAVOR+ random features (Performer): linear in sequence length.
 
@@ -135,6 +170,19 @@ class RandMultiHeadAttention(nn.Module):
         generator (keyword): ``torch.Generator`` for parameter init and the random features
             (default: the global generator; constructing a layer never reseeds, two layers
             differ, and ``torch.manual_seed`` reproduces a model).
+        context_parallel_group (keyword): a ``torch.distributed`` ProcessGroup, or None (default).
+            When set, each rank of the group calls the layer with its own contiguous chunk of the
+            sequence (in group-rank order; masks ``(B, chunk_len)`` for its keys) and gets its rows
+            of the output of the whole sequence: the attention core runs
+            :func:`panther.distributed.context_parallel_favor_attention` over the group. Then
+            ``attn_mask`` must be None (use ``is_causal``/``iscausal``), ``need_weights`` False,
+            masks exclude keys only, and add_bias_kv/add_zero_attn are not allowed; the layer
+            cannot be scripted. Parameter gradients are this rank's contribution (DDP over the
+            group, or all-reduce them).
+
+    Autoregressive decoding (causal self-attention): :meth:`prefill` runs a prompt and returns
+    its :class:`FavorDecodeState`, :meth:`step` / :meth:`step_` consume one position at a time
+    in constant time and memory; the outputs equal the causal forward over the whole sequence.
 
     Parameters ``Wq, W0`` ``(E, E)``, ``Wk`` ``(E, kdim)``, ``Wv`` ``(E, vdim)`` (``nn.Linear``
     layout: ``q = x Wq^T + bq``), separate tensors, and biases ``bq, bk, bv, b0`` ``(E,)``;
@@ -202,9 +250,16 @@ class RandMultiHeadAttention(nn.Module):
         device=None,
         dtype=None,
         generator: Optional[torch.Generator] = None,
+        context_parallel_group=None,
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        if context_parallel_group is not None:
+            import torch.distributed as dist  # only when asked for
+
+            if not isinstance(context_parallel_group, dist.ProcessGroup):
+                raise ValueError(f"{name}: context_parallel_group must be a torch.distributed ProcessGroup or "
+                                 f"None, got {type(context_parallel_group).__name__}")
         embed_dim = check_int(name, "embed_dim", embed_dim)
         num_heads = check_int(name, "num_heads", num_heads)
         num_random_features = check_int(name, "num_random_features", num_random_features)
@@ -256,6 +311,7 @@ class RandMultiHeadAttention(nn.Module):
         self.kdim = kdim
         self.vdim = vdim
         self.add_zero_attn = add_zero_attn
+        self.context_parallel_group = context_parallel_group
         # nn.MultiheadAttention's packed-projection attributes: there is no packed weight (q, k and
         # v have separate parameters), which also makes nn.Transformer*Layer decline its fused
         # exact-attention fast path.
@@ -560,7 +616,9 @@ class RandMultiHeadAttention(nn.Module):
     ) -> Tuple[Tensor, Optional[Tensor]]:
         same_input = False
         inspect = True
+        cp = False
         if not torch.jit.is_scripting():
+            cp = self.context_parallel_group is not None
             if not (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)
                     and (attention_mask is None or isinstance(attention_mask, Tensor))
                     and (key_padding_mask is None or isinstance(key_padding_mask, Tensor))
@@ -620,9 +678,11 @@ class RandMultiHeadAttention(nn.Module):
         key_bias: Optional[Tensor] = None
         if attention_mask is not None or key_padding_mask is not None:
             excluded, key_bias = self._normalize_masks(B, Lk, attention_mask, key_padding_mask, inspect)
+        if cp:
+            self._check_context_parallel(attn_mask, need_weights, key_bias, extra_keys)
         fused: Optional[Tensor] = None
         if not torch.jit.is_scripting():
-            if same_input and key_bias is None and not need_weights and not extra_keys:
+            if same_input and key_bias is None and not need_weights and not extra_keys and not cp:
                 fused = self._eager_self_attention(query, causal, excluded)
         weights: Optional[Tensor] = None
         if fused is not None:
@@ -642,7 +702,9 @@ class RandMultiHeadAttention(nn.Module):
                 v = torch.cat([v, torch.zeros(B, H, 1, hd, dtype=v.dtype, device=v.device)], 2)
                 excluded, key_bias = self._pad_masks(excluded, key_bias)
             P = self.projection_matrix
-            if key_bias is None:
+            if cp:
+                ctx = self._context_parallel_core(q, k, v, causal, excluded)
+            elif key_bias is None:
                 ctx = torch.ops.panther.favor_attention(q, k, v, P, self.kernel_fn, causal, excluded)
             else:
                 # Additive key scores: weight key j by f_j = exp(bias_j - max bias), folded into
@@ -682,9 +744,247 @@ class RandMultiHeadAttention(nn.Module):
             key_bias = torch.cat([key_bias, torch.zeros_like(key_bias[:, :1])], 1)
         return excluded, key_bias
 
+    @torch.jit.unused
+    def _check_context_parallel(self, attn_mask: Optional[Tensor], need_weights: bool,
+                                key_bias: Optional[Tensor], extra_keys: bool) -> None:
+        what = "RandMultiHeadAttention with context_parallel_group"
+        if attn_mask is not None:
+            raise ValueError(f"{what}: attn_mask must be None (each rank holds only a chunk of the sequence): "
+                             f"use is_causal=True or iscausal=True at construction")
+        if need_weights:
+            raise ValueError(f"{what}: need_weights must be False (the weights span every rank's keys)")
+        if key_bias is not None:
+            raise ValueError(f"{what}: masks may only exclude keys (bool, 0/1, or 0 and -inf), got a float "
+                             f"key_padding_mask with finite nonzero score biases")
+        if extra_keys:
+            raise ValueError(f"{what}: add_bias_kv and add_zero_attn are not supported")
+
+    @torch.jit.unused
+    def _context_parallel_core(self, q: Tensor, k: Tensor, v: Tensor, causal: bool,
+                               excluded: Optional[Tensor]) -> Tensor:
+        import panther.distributed as pd  # torch.distributed machinery only when asked for
+
+        return pd.context_parallel_favor_attention(q, k, v, self.projection_matrix, self.kernel_fn, causal,
+                                                   excluded, self.context_parallel_group)
+
+    # ------------------------------------------------------------------ autoregressive decoding
+
+    @torch.jit.unused
+    def _check_decode(self, what: str) -> None:
+        name = f"RandMultiHeadAttention.{what}"
+        if not self.causal:
+            raise ValueError(f"{name}: decoding needs a causal layer (iscausal=True at construction), got "
+                             f"iscausal=False")
+        if self.kdim != self.embed_dim or self.vdim != self.embed_dim:
+            raise ValueError(f"{name}: decoding is self-attention and needs kdim == vdim == embed_dim="
+                             f"{self.embed_dim}, got kdim={self.kdim}, vdim={self.vdim}")
+        if self.context_parallel_group is not None:
+            raise ValueError(f"{name}: decoding does not combine with context_parallel_group (got a group)")
+
+    @torch.jit.unused
+    def _decode_dtype(self) -> torch.dtype:
+        dt = self.Wq.dtype
+        return torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+
+    @torch.jit.unused
+    def prefill(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, FavorDecodeState]:
+        r"""Causal self-attention over a prompt, and the state that continues it.
+
+        ``x``: ``(B, P, E)`` (``(P, B, E)`` with ``batch_first=False``) or ``(P, E)`` (one
+        unbatched sequence, state of batch 1), ``P >= 1``. ``key_padding_mask``: ``(B, P)`` (or
+        ``(P,)`` unbatched), bool/0-1 True = ignore the key, or float 0 / -inf (as
+        :meth:`forward`); padded prompt keys are left out of the state for good. Returns ``(out,
+        state)``: ``out`` equals ``self(x, x, x, key_padding_mask=key_padding_mask,
+        is_causal=True)[0]`` and ``state`` is a :class:`FavorDecodeState` of ``B`` sequences
+        (its size is independent of ``P``). Differentiable (the state too).
+
+        Raises ValueError when the layer is not causal self-attention (``iscausal=False``,
+        ``kdim``/``vdim`` other than ``embed_dim``, ``context_parallel_group`` set), for bad
+        shapes, an empty prompt, or a float mask with finite nonzero score biases.
+
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <...>
+        >>> layer = RandMultiHeadAttention(16, 2, 8, iscausal=True).eval()
+        >>> x = torch.randn(3, 10, 16)
+        >>> out, state = layer.prefill(x[:, :6])
+        >>> outs = [out]
+        >>> for t in range(6, 10):
+        ...     o, state = layer.step(x[:, t], state)
+        ...     outs.append(o[:, None])
+        >>> full, _ = layer(x, x, x)
+        >>> torch.allclose(torch.cat(outs, 1), full, atol=1e-5)
+        True
+        >>> state.kv.shape, int(state.length)
+        (torch.Size([3, 2, 8, 9]), 10)
+        """
+        name = "RandMultiHeadAttention.prefill"
+        self._check_decode("prefill")
+        check_tensor(name, "x", x)
+        check_tensor(name, "key_padding_mask", key_padding_mask, optional=True)
+        E = self.embed_dim
+        if x.dim() not in (2, 3) or x.shape[-1] != E:
+            layout = "(batch, P, embed_dim)" if self.batch_first else "(P, batch, embed_dim)"
+            raise ValueError(f"{name}: x must be {layout} or (P, embed_dim) with embed_dim={E}, got "
+                             f"{list(x.shape)}")
+        batched = x.dim() == 3
+        if not batched:
+            x = x.unsqueeze(0)
+            if key_padding_mask is not None and key_padding_mask.dim() == 1:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            x = x.transpose(0, 1)
+        B, L = x.shape[0], x.shape[1]
+        if L < 1:
+            raise ValueError(f"{name}: the prompt must hold at least one position, got x of shape {list(x.shape)}")
+        excluded: Optional[Tensor] = None
+        if key_padding_mask is not None:
+            excluded, key_bias = self._normalize_masks(B, L, None, key_padding_mask, _values_inspectable(x))
+            if key_bias is not None:
+                raise ValueError(f"{name}: key_padding_mask may only exclude keys (bool, 0/1, or float 0 and "
+                                 f"-inf), got float score biases")
+        H, hd = self.num_heads, self.head_dim
+        q = F.linear(x, self.Wq, self.bq).reshape(B, L, H, hd).transpose(1, 2)
+        k = F.linear(x, self.Wk, self.bk).reshape(B, L, H, hd).transpose(1, 2)
+        v = F.linear(x, self.Wv, self.bv).reshape(B, L, H, hd).transpose(1, 2)
+        ctx = torch.ops.panther.favor_attention(q, k, v, self.projection_matrix, self.kernel_fn, True, excluded)
+        ctx = ctx.transpose(1, 2).reshape(B, L, E)
+        if self.training and self.dropout > 0:
+            ctx = F.dropout(ctx, p=self.dropout, training=True)
+        out = F.linear(ctx, self.W0, self.b0)
+        # The state: every key of the prompt relative to the running maximum at its end.
+        cdt = self._decode_dtype()
+        W = self.projection_matrix.to(cdt)
+        if excluded is None:
+            valid = torch.ones(B, 1, L, dtype=torch.bool, device=x.device).expand(B, H, L)
+        else:
+            valid = excluded.logical_not().unsqueeze(1).expand(B, H, L)
+        kc, vc = k.to(cdt), v.to(cdt)
+        V1 = torch.cat([vc, torch.ones_like(vc[..., :1])], -1) * valid.unsqueeze(-1).to(cdt)  # (B, H, L, hd+1)
+        kf = _fm.key_features(kc, W, self.kernel_fn, valid)
+        if self.kernel_fn == "softmax":
+            r = kf.detach().amax(-1).amax(-1)  # (B, H), -inf where every key is padded
+            kf = (W.shape[0] ** -0.5) * torch.exp(kf - _fm.finite_or(r)[..., None, None])
+        else:
+            r = torch.zeros(B, H, dtype=cdt, device=x.device)
+        state = FavorDecodeState(kf.transpose(-1, -2) @ V1, V1.sum(-2), r,
+                                 torch.full((), L, dtype=torch.int64, device=x.device))
+        if not batched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, state
+
+    @torch.jit.unused
+    def _step_math(self, x_t: Tensor, state: FavorDecodeState, what: str,
+                   inplace: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(out, kv, v_sum, stabiliser) after one position (``inplace``: written into ``state``'s
+        tensors); no host synchronisation."""
+        name = f"RandMultiHeadAttention.{what}"
+        self._check_decode(what)
+        check_tensor(name, "x_t", x_t)
+        if not isinstance(state, tuple) or len(state) != 4 or not all(isinstance(t, Tensor) for t in state):
+            raise ValueError(f"{name}: state must be a FavorDecodeState (from prefill or step), got "
+                             f"{type(state).__name__}")
+        E, H, hd, M = self.embed_dim, self.num_heads, self.head_dim, self.num_random_features
+        nd = x_t.dim()
+        if nd == 3:
+            x = x_t[:, 0] if self.batch_first else x_t[0]
+            ok = (x_t.shape[1] if self.batch_first else x_t.shape[0]) == 1
+        else:
+            x, ok = x_t, nd == 2
+        B = x.shape[0] if nd in (2, 3) else -1
+        if not ok or x_t.shape[-1] != E:
+            layout = "(batch, 1, embed_dim)" if self.batch_first else "(1, batch, embed_dim)"
+            raise ValueError(f"{name}: x_t must be {layout} or (batch, embed_dim) with embed_dim={E}, got "
+                             f"{list(x_t.shape)}")
+        kv, v_sum, r = state.kv, state.v_sum, state.stabiliser
+        cdt = self._decode_dtype()
+        if (list(kv.shape) != [B, H, M, hd + 1] or list(v_sum.shape) != [B, H, hd + 1]
+                or list(r.shape) != [B, H] or kv.dtype != cdt or kv.device != x.device):
+            raise ValueError(f"{name}: state must hold kv ({B}, {H}, {M}, {hd + 1}), v_sum ({B}, {H}, {hd + 1}) "
+                             f"and stabiliser ({B}, {H}) in {cdt} on {x.device} for x_t of batch {B}, got kv "
+                             f"{list(kv.shape)} {kv.dtype} on {kv.device}, v_sum {list(v_sum.shape)}, "
+                             f"stabiliser {list(r.shape)}")
+        P = self.projection_matrix
+        W = P if P.dtype == cdt else P.to(cdt)
+        q = F.linear(x, self.Wq, self.bq).reshape(B, H, hd).to(cdt)
+        k = F.linear(x, self.Wk, self.bk).reshape(B, H, hd).to(cdt)
+        v = F.linear(x, self.Wv, self.bv).reshape(B, H, hd).to(cdt)
+        ctx, kv, v_sum, r = _fm.decode_step(q, k, v, W, self.kernel_fn, kv, v_sum, r, inplace)
+        ctx = ctx.to(x.dtype).reshape(B, E)
+        if self.training and self.dropout > 0:
+            ctx = F.dropout(ctx, p=self.dropout, training=True)
+        out = F.linear(ctx, self.W0, self.b0)
+        if nd == 3:
+            out = out[:, None] if self.batch_first else out[None]
+        return out, kv, v_sum, r
+
+    @torch.jit.unused
+    def step(self, x_t: Tensor, state: FavorDecodeState) -> Tuple[Tensor, FavorDecodeState]:
+        r"""One decoding position: ``(out_t, new_state)``; ``state`` is left unchanged.
+
+        ``x_t``: ``(B, 1, E)`` (``(1, B, E)`` with ``batch_first=False``) or ``(B, E)``; ``out_t``
+        has the same shape. ``state``: a :class:`FavorDecodeState` of batch ``B`` (from
+        :meth:`prefill` or an earlier step). ``out_t`` equals the causal forward's row at this
+        position of the sequence so far (prefill keys masked out stay out). Constant time and
+        memory in the context length; differentiable; no host synchronisation. For CUDA graphs
+        use :meth:`step_`, which updates ``state`` in place.
+
+        Raises ValueError when the layer is not causal self-attention, for a bad ``x_t`` shape,
+        or a state of another batch, shape, dtype or device.
+
+        >>> layer = RandMultiHeadAttention(16, 2, 8, iscausal=True)
+        >>> out, state = layer.prefill(torch.randn(2, 5, 16))
+        >>> out_t, state = layer.step(torch.randn(2, 1, 16), state)
+        >>> out_t.shape, int(state.length)
+        (torch.Size([2, 1, 16]), 6)
+        """
+        out, kv, v_sum, r = self._step_math(x_t, state, "step", False)
+        return out, FavorDecodeState(kv, v_sum, r, state.length + 1)
+
+    @torch.jit.unused
+    def step_(self, x_t: Tensor, state: FavorDecodeState) -> Tensor:
+        r"""One decoding position, writing the new state into ``state``'s tensors: ``out_t``.
+
+        As :meth:`step`, but ``state.kv``, ``state.v_sum``, ``state.stabiliser`` and
+        ``state.length`` are updated in place (same storage), so a CUDA graph that captures
+        ``out = layer.step_(x_static, state)`` replays decoding: copy the next input into
+        ``x_static``, ``graph.replay()``, read ``out``. Nothing synchronises with the host. Use it
+        under ``torch.no_grad()`` (in-place updates of tensors that autograd saved would fail).
+
+        >>> layer = RandMultiHeadAttention(16, 2, 8, iscausal=True).eval()
+        >>> x = torch.randn(1, 4, 16)
+        >>> with torch.no_grad():
+        ...     _, state = layer.prefill(x[:, :3])
+        ...     kv = state.kv
+        ...     out_t = layer.step_(x[:, 3:], state)
+        >>> state.kv is kv, int(state.length)
+        (True, 4)
+        >>> torch.allclose(out_t, layer(x, x, x)[0][:, 3:], atol=1e-5)
+        True
+        """
+        out = self._step_math(x_t, state, "step_", True)[0]
+        state.length.add_(1)
+        return out
+
+    @torch.jit.unused
+    def __deepcopy__(self, memo):
+        # A copy (nn.Transformer*'s layer clones, EMA models) shares the process group handle,
+        # which cannot be copied; everything else is copied as usual.
+        group = self.__dict__.get("context_parallel_group")
+        if group is not None:
+            memo[id(group)] = group
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return new
+
     def __prepare_scriptable__(self):
         # TorchScript has no keyword-only arguments: script a twin (same parameters, buffers
         # and submodules) whose forward takes the same arguments positionally.
+        if self.context_parallel_group is not None:
+            raise ValueError("RandMultiHeadAttention: a layer with context_parallel_group cannot be scripted "
+                             "(torch.distributed collectives); script it with context_parallel_group=None")
         twin = copy.copy(self)
         twin.__class__ = _ScriptableRandMultiHeadAttention
         return twin
