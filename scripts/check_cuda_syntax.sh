@@ -2,7 +2,7 @@
 # Compiles every CUDA source against the CPU torch's headers with nvcc (no CUDA libraries needed:
 # cuBLAS/cuSPARSE/cuSOLVER headers are stubbed), to catch C++/CUDA errors on a machine without
 # a GPU or a CUDA build of torch. Object files are thrown away; this is a syntax/type check only.
-# Environment: CUDA_FILES (default cpp/cuda/*.cu), NVCC_ARCH (default sm_90; e.g. NVCC_ARCH=sm_80
+# Environment: CUDA_FILES (default cpp/*/*.cu), NVCC_ARCH (default sm_90; e.g. NVCC_ARCH=sm_80
 # checks the portable device code that non-Hopper GPUs run), NVCC_EXTRA (more nvcc flags).
 set -euo pipefail
 cd "$(dirname "$0")/.."
