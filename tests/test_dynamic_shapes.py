@@ -119,3 +119,29 @@ def test_export_favor_attention_op_with_dynamic_dims():
         out = ep.module()(*args)
         assert out.shape == (B, H, Lq, 3)
         torch.testing.assert_close(out, M()(*args))
+
+
+def test_saved_states_size_stays_symbolic():
+    # _favor_attention_forward's second output (the states the fused CUDA backward reuses) has a
+    # size computed from the shapes: its Meta kernel computes it on symbols, the same formula as
+    # for concrete sizes (bf16 with head_dim and features multiples of 16: the fused shapes).
+    fwd = torch.ops.panther._favor_attention_forward
+
+    def f(q, k, v, W):
+        out, saved = fwd(q, k, v, W, "softmax", True, None)
+        return out, saved
+
+    cnt = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=cnt, dynamic=True)
+    sizes = set()
+    for B, L in [(2, 5), (3, 70), (4, 130), (2, 200)]:
+        q = torch.empty(B, 6, L, 16, device="meta", dtype=torch.bfloat16)
+        v = torch.empty(B, 6, L, 8, device="meta", dtype=torch.bfloat16)
+        W = torch.empty(16, 16, device="meta", dtype=torch.bfloat16)
+        out, saved = compiled(q, q, v, W)
+        ref_out, ref_saved = f(q, q, v, W)
+        assert out.shape == ref_out.shape and out.stride() == ref_out.stride()
+        assert saved.shape == ref_saved.shape and saved.numel() > 0
+        sizes.add(saved.numel())
+    assert len(sizes) == 4 and cnt.frame_count == 1

@@ -229,6 +229,11 @@ FavorSymDims check_favor_attention_sym(const char* op, const at::Tensor& query,
                                        const std::optional<at::Tensor>& key_padding_mask) {
   // Sizes are read with sym_size and compared as SymInts: under dynamic shapes the comparisons
   // become guards relating the symbols (key batch == query batch), never a constant.
+  // (None passed for a Tensor argument arrives as an undefined tensor: TypeError, as Python's.)
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"query", &query}, {"key", &key},
+                         {"value", &value}, {"projection", &projection}}) {
+    TORCH_CHECK_TYPE(t->defined(), op, ": ", name, " must be a tensor, got None");
+  }
   FavorSymDims d{};
   if (kernel == "softmax") {
     d.kernel = FavorKernel::Softmax;
