@@ -16,8 +16,9 @@ at::Tensor favor_attention_meta(const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& projection,
                                 c10::string_view kernel, bool causal,
                                 const std::optional<at::Tensor>& key_padding_mask) {
-  const FavorSymDims d = check_favor_attention_sym("panther::favor_attention", query, key, value,
-                                            projection, kernel, causal, key_padding_mask);
+  const FavorSymDims d = check_favor_attention_sym("panther::favor_attention", query, key,
+                                                   value, projection, kernel, causal,
+                                                   key_padding_mask);
   return favor_output(d, query.options());
 }
 
@@ -25,8 +26,9 @@ std::tuple<at::Tensor, at::Tensor> favor_attention_forward_meta(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& projection, c10::string_view kernel, bool causal,
     const std::optional<at::Tensor>& key_padding_mask) {
-  const FavorSymDims d = check_favor_attention_sym("panther::_favor_attention_forward", query, key, value,
-                                            projection, kernel, causal, key_padding_mask);
+  const FavorSymDims d = check_favor_attention_sym("panther::_favor_attention_forward", query,
+                                                   key, value, projection, kernel, causal,
+                                                   key_padding_mask);
   return {favor_output(d, query.options()), favor_saved_empty(d, causal, query.options())};
 }
 
