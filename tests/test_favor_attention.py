@@ -605,3 +605,33 @@ def test_cuda_fused_projection_grad_is_flagged_nondeterministic():
             op(q, k, v, Wg, "softmax", True).sum().backward()
     finally:
         torch.use_deterministic_algorithms(prev)
+
+
+@pytest.mark.parametrize("scripted", [False, True], ids=["eager", "torchscript"])
+def test_none_for_a_required_tensor_names_the_argument(scripted):
+    q, k, v, W, _ = make_inputs(1, 2, 5, 5, 4, 3, 6)
+    fn = torch.jit.script(panther.ops.favor_attention) if scripted else panther.ops.favor_attention
+    # (TorchScript wraps the op's TypeError in its interpreter's RuntimeError.)
+    err = RuntimeError if scripted else TypeError
+    for i, name in enumerate(("query", "key", "value", "projection")):
+        args = [q, k, v, W]
+        args[i] = None
+        with pytest.raises(err, match=rf"favor_attention: {name} must be a [tT]ensor, got None"):
+            fn(*args)
+    # The op itself (torch.ops) says the same.
+    with pytest.raises(TypeError, match=r"panther::favor_attention: value must be a tensor, got None"):
+        op(q, k, None, W)
+    with pytest.raises(TypeError, match=r"projection must be a Tensor, got ndarray"):
+        panther.ops.favor_attention(q, k, v, W.numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64, torch.uint8, torch.int32])
+def test_key_padding_mask_must_be_bool(dtype):
+    # The op takes bool masks only (the module converts the other forms); never silently ignored.
+    q, k, v, W, _ = make_inputs(1, 2, 5, 5, 4, 3, 6)
+    mask = torch.zeros(1, 5, dtype=dtype)
+    for f in (op, panther.ops.favor_attention):
+        with pytest.raises(RuntimeError, match=r"favor_attention: key_padding_mask must be bool"):
+            f(q, k, v, W, "softmax", False, mask)
+    with pytest.raises(RuntimeError, match=r"key_padding_mask must be bool"):
+        op(q.to("meta"), k.to("meta"), v.to("meta"), W.to("meta"), "softmax", False, mask.to("meta"))

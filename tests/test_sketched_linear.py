@@ -921,3 +921,22 @@ def test_dense_weight_is_the_float64_weight_rounded_once(dtype):
     got = layer.dense_weight()
     assert got.dtype == dtype and got.shape == (40, 48)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("scripted", [False, True], ids=["eager", "torchscript"])
+def test_none_for_a_required_tensor_names_the_argument(scripted):
+    args = [torch.randn(3, 4), torch.randn(2, 4, 2), torch.randn(2, 2, 5), torch.randn(2, 2, 5),
+            torch.randn(2, 4, 2)]
+    fn = torch.jit.script(pr.ops.sketched_linear) if scripted else pr.ops.sketched_linear
+    # (TorchScript wraps the op's TypeError in its interpreter's RuntimeError.)
+    err = RuntimeError if scripted else TypeError
+    for i, name in enumerate(("input", "S1s", "S2s", "U1s", "U2s")):
+        a = list(args)
+        a[i] = None
+        with pytest.raises(err, match=rf"sketched_linear: {name} must be a [tT]ensor, got None"):
+            fn(*a)
+    # The op itself (torch.ops) says the same.
+    with pytest.raises(TypeError, match=r"panther::sketched_linear: U1s must be a tensor, got None"):
+        OP(args[0], args[1], args[2], None, args[4], None)
+    with pytest.raises(TypeError, match=r"input must be a Tensor, got list"):
+        pr.ops.sketched_linear([1.0, 2.0, 3.0, 4.0], *args[1:])

@@ -4,6 +4,10 @@
 // bf16 calls the fused kernels take, the per-chunk states and stabilisers of the forward
 // (_favor_attention_forward's second output, linear in length), so that the backward does not
 // compute them again. Gradients flow to query, key, value and, when it requires grad, projection.
+// When the backward itself is recorded (create_graph=True: grad mode is on inside backward), the
+// gradients come instead from autograd through a composite of the forward in ATen ops
+// (favor_forward_differentiable, same math, linear in length), so second derivatives are exact;
+// the first-order path is unchanged.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -50,11 +54,28 @@ bool keep_states(const at::Tensor& query, const at::Tensor& key, const at::Tenso
       projection.dim() != 2)
     return false;
   // (The fused kernels take either feature kernel; `causal` does not change what they take.)
+  const auto dt = query.scalar_type();
+  const c10::SymInt B = query.sym_size(0), H = query.sym_size(1), Lq = query.sym_size(2),
+                    Lk = key.sym_size(2);
+  if (B.is_heap_allocated() || H.is_heap_allocated() || Lq.is_heap_allocated() ||
+      Lk.is_heap_allocated()) {
+    // Symbolic batch, heads or lengths (tracing under dynamic shapes): the size conditions
+    // become guards, and the rest depends only on head_dim, value_dim and features.
+    if (!panther::detail::favor_fused_shapes(B * H, Lq, Lk, query.sym_size(3), value.sym_size(3),
+                                             projection.sym_size(0), dt))
+      return false;
+    const panther::detail::FavorDims d1{1, 1, 1, 1, query.size(3), value.size(3),
+                                        projection.size(0), panther::detail::FavorKernel::Softmax};
+    return fused(d1, dt, query.get_device());
+  }
   const panther::detail::FavorDims d{query.size(0), query.size(1), query.size(2), key.size(2),
                                      query.size(3), value.size(3), projection.size(0),
                                      panther::detail::FavorKernel::Softmax};
-  return fused(d, query.scalar_type(), query.get_device());
+  return fused(d, dt, query.get_device());
 }
+
+// Chunk length of the composite forward's causal scan (one recorded step per chunk).
+constexpr int64_t kDifferentiableChunk = 64;
 
 class FavorAttentionFunction : public torch::autograd::Function<FavorAttentionFunction> {
  public:
@@ -92,6 +113,26 @@ class FavorAttentionFunction : public torch::autograd::Function<FavorAttentionFu
     if (ctx->saved_data["has_mask"].toBool()) kpm = s[4];
     std::optional<at::Tensor> saved;
     if (s[5].defined()) saved = s[5];
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: differentiable gradients of the composite forward on the saved inputs.
+      const panther::detail::FavorDims d = panther::detail::check_favor_attention(
+          "panther::favor_attention", s[0], s[1], s[2], s[3], kernel, causal, kpm);
+      const at::Tensor out = panther::detail::favor_forward_differentiable(
+          d, s[0], s[1], s[2], s[3], causal, kpm, kDifferentiableChunk);
+      if (!out.requires_grad()) return result;  // no key or empty output: every gradient is 0
+      variable_list inputs;
+      std::vector<size_t> which;
+      for (size_t i = 0; i < 4; ++i) {
+        if (mask[i]) {
+          inputs.push_back(s[i]);
+          which.push_back(i);
+        }
+      }
+      auto grads = torch::autograd::grad({out}, inputs, {g}, /*retain_graph=*/true,
+                                         /*create_graph=*/true, /*allow_unused=*/true);
+      for (size_t j = 0; j < which.size(); ++j) result[which[j]] = grads[j];
+      return result;
+    }
     auto grads = bwd_op().call(g, s[0], s[1], s[2], s[3], kernel, causal, kpm, mask, saved);
     auto get = [](const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); };
     result[0] = get(std::get<0>(grads));

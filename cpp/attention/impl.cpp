@@ -48,9 +48,12 @@ struct Prepared {
   double xscale = 1.0;     // x' = xscale * x
 };
 
+// differentiable: out-of-place ops only and stabilisers detached, so that autograd can record the
+// features (the composite forward of favor_forward_differentiable); otherwise in-place
+// temporaries.
 Prepared prepare(const FavorDims& d, const at::Tensor& query, const at::Tensor& key,
                  const at::Tensor& value, const at::Tensor& projection, bool causal,
-                 const std::optional<at::Tensor>& mask) {
+                 const std::optional<at::Tensor>& mask, bool differentiable = false) {
   Prepared p;
   const auto cdt = compute_dtype(query.scalar_type());
   p.BH = d.B * d.H;
@@ -77,20 +80,32 @@ Prepared prepare(const FavorDims& d, const at::Tensor& query, const at::Tensor& 
     p.xk = K * p.xscale;
     // Queries: per-row stabiliser c_i = max_m pre_im, so the largest feature is M^-1/2 (1 + eps).
     // (in place on fresh temporaries: one buffer of (BH, Lq, M) instead of five)
-    at::Tensor u = at::matmul(p.xq, Wt);
-    u.sub_(p.xq.square().sum(-1, /*keepdim=*/true).mul_(0.5));
-    u.sub_(std::get<0>(u.max(-1, /*keepdim=*/true)));
-    p.phi = u.exp_().mul_(sM).add_(kFavorSoftmaxEps * sM);
+    at::Tensor prek;
+    if (!differentiable) {
+      at::Tensor u = at::matmul(p.xq, Wt);
+      u.sub_(p.xq.square().sum(-1, /*keepdim=*/true).mul_(0.5));
+      u.sub_(std::get<0>(u.max(-1, /*keepdim=*/true)));
+      p.phi = u.exp_().mul_(sM).add_(kFavorSoftmaxEps * sM);
+      // Keys: padded keys get pre = -inf (feature exactly 0, never part of a max).
+      prek = at::matmul(p.xk, Wt);
+      prek.sub_(p.xk.square().sum(-1, /*keepdim=*/true).mul_(0.5));
+      if (valid_b.defined()) {
+        prek.masked_fill_(valid_b.logical_not().unsqueeze(-1),
+                          -std::numeric_limits<double>::infinity());
+      }
+    } else {
+      at::Tensor u = at::matmul(p.xq, Wt) - p.xq.square().sum(-1, /*keepdim=*/true) * 0.5;
+      p.phi = (u - std::get<0>(u.detach().max(-1, /*keepdim=*/true))).exp() * sM +
+              kFavorSoftmaxEps * sM;
+      prek = at::matmul(p.xk, Wt) - p.xk.square().sum(-1, /*keepdim=*/true) * 0.5;
+      if (valid_b.defined()) {
+        prek = prek.masked_fill(valid_b.logical_not().unsqueeze(-1),
+                                -std::numeric_limits<double>::infinity());
+      }
+    }
     // d phi / d pre = M^-1/2 exp(...) = phi - M^-1/2 eps (formed by the backward when needed).
     p.phi_offset = kFavorSoftmaxEps * sM;
-    // Keys: padded keys get pre = -inf (feature exactly 0, never part of a max).
-    at::Tensor prek = at::matmul(p.xk, Wt);
-    prek.sub_(p.xk.square().sum(-1, /*keepdim=*/true).mul_(0.5));
-    if (valid_b.defined()) {
-      prek.masked_fill_(valid_b.logical_not().unsqueeze(-1),
-                        -std::numeric_limits<double>::infinity());
-    }
-    at::Tensor a = std::get<0>(prek.max(-1));  // (BH, Lk)
+    at::Tensor a = std::get<0>((differentiable ? prek.detach() : prek).max(-1));  // (BH, Lk)
     at::Tensor r = causal ? std::get<0>(at::cummax(a, 1))
                           : std::get<0>(a.max(1, /*keepdim=*/true)).expand({BH, d.Lk});
     // r = -inf where no valid key has been seen yet: those positions have only zero features;
@@ -100,7 +115,8 @@ Prepared prepare(const FavorDims& d, const at::Tensor& query, const at::Tensor& 
                            .amin(1, /*keepdim=*/true);
     first = at::where(at::isinf(first), 0.0, first);
     p.r = at::where(neg, first, r).contiguous();
-    p.khat = prek.sub_(p.r.unsqueeze(-1)).exp_().mul_(sM);
+    p.khat = differentiable ? (prek - p.r.unsqueeze(-1)).exp() * sM
+                            : prek.sub_(p.r.unsqueeze(-1)).exp_().mul_(sM);
     p.dkhat_dpre = p.khat;
     p.ek = kFavorSoftmaxEps * sM;
   } else {
@@ -206,11 +222,19 @@ const c10::TypedOperatorHandle<FavorAttentionSig>& favor_attention_op() {
   return op;
 }
 
-FavorDims check_favor_attention(const char* op, const at::Tensor& query, const at::Tensor& key,
-                                const at::Tensor& value, const at::Tensor& projection,
-                                c10::string_view kernel, bool causal,
-                                const std::optional<at::Tensor>& key_padding_mask) {
-  FavorDims d{};
+FavorSymDims check_favor_attention_sym(const char* op, const at::Tensor& query,
+                                       const at::Tensor& key, const at::Tensor& value,
+                                       const at::Tensor& projection, c10::string_view kernel,
+                                       bool causal,
+                                       const std::optional<at::Tensor>& key_padding_mask) {
+  // Sizes are read with sym_size and compared as SymInts: under dynamic shapes the comparisons
+  // become guards relating the symbols (key batch == query batch), never a constant.
+  // (None passed for a Tensor argument arrives as an undefined tensor: TypeError, as Python's.)
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"query", &query}, {"key", &key},
+                         {"value", &value}, {"projection", &projection}}) {
+    TORCH_CHECK_TYPE(t->defined(), op, ": ", name, " must be a tensor, got None");
+  }
+  FavorSymDims d{};
   if (kernel == "softmax") {
     d.kernel = FavorKernel::Softmax;
   } else if (kernel == "relu") {
@@ -219,14 +243,14 @@ FavorDims check_favor_attention(const char* op, const at::Tensor& query, const a
     TORCH_CHECK(false, op, ": kernel must be \"softmax\" or \"relu\", got \"", std::string(kernel.data(), kernel.size()), "\"");
   }
   TORCH_CHECK(query.dim() == 4, op, ": query must be 4-d (batch, heads, Lq, head_dim), got shape ",
-              shape_str(query.sizes()));
+              shape_str(query.sym_sizes()));
   TORCH_CHECK(key.dim() == 4, op, ": key must be 4-d (batch, heads, Lk, head_dim), got shape ",
-              shape_str(key.sizes()));
+              shape_str(key.sym_sizes()));
   TORCH_CHECK(value.dim() == 4, op, ": value must be 4-d (batch, heads, Lk, value_dim), got shape ",
-              shape_str(value.sizes()));
+              shape_str(value.sym_sizes()));
   TORCH_CHECK(projection.dim() == 2, op,
               ": projection must be 2-d (num_random_features, head_dim), got shape ",
-              shape_str(projection.sizes()));
+              shape_str(projection.sym_sizes()));
   const auto dt = query.scalar_type();
   TORCH_CHECK(at::isFloatingType(dt), op,
               ": query must be float64, float32, float16 or bfloat16, got ", dt);
@@ -241,38 +265,51 @@ FavorDims check_favor_attention(const char* op, const at::Tensor& query, const a
     TORCH_CHECK(t->device() == query.device(), op, ": ", name, " must be on the query's device ",
                 query.device(), ", got ", t->device());
   }
-  d.B = query.size(0);
-  d.H = query.size(1);
-  d.Lq = query.size(2);
-  d.D = query.size(3);
-  d.Lk = key.size(2);
-  d.Dv = value.size(3);
-  d.M = projection.size(0);
-  TORCH_CHECK(key.size(0) == d.B && key.size(1) == d.H && key.size(3) == d.D, op,
+  d.B = query.sym_size(0);
+  d.H = query.sym_size(1);
+  d.Lq = query.sym_size(2);
+  d.D = query.sym_size(3);
+  d.Lk = key.sym_size(2);
+  d.Dv = value.sym_size(3);
+  d.M = projection.sym_size(0);
+  TORCH_CHECK(key.sym_size(0) == d.B && key.sym_size(1) == d.H && key.sym_size(3) == d.D, op,
               ": key must have shape (batch=", d.B, ", heads=", d.H, ", Lk, head_dim=", d.D,
-              ") to match query ", shape_str(query.sizes()), ", got ", shape_str(key.sizes()));
-  TORCH_CHECK(value.size(0) == d.B && value.size(1) == d.H && value.size(2) == d.Lk, op,
-              ": value must have shape (batch=", d.B, ", heads=", d.H, ", Lk=", d.Lk,
-              ", value_dim) to match key ", shape_str(key.sizes()), ", got ",
-              shape_str(value.sizes()));
-  TORCH_CHECK(d.D >= 1, op, ": head_dim must be >= 1, got query shape ", shape_str(query.sizes()));
-  TORCH_CHECK(d.M >= 1 && projection.size(1) == d.D, op,
+              ") to match query ", shape_str(query.sym_sizes()), ", got ",
+              shape_str(key.sym_sizes()));
+  TORCH_CHECK(value.sym_size(0) == d.B && value.sym_size(1) == d.H && value.sym_size(2) == d.Lk,
+              op, ": value must have shape (batch=", d.B, ", heads=", d.H, ", Lk=", d.Lk,
+              ", value_dim) to match key ", shape_str(key.sym_sizes()), ", got ",
+              shape_str(value.sym_sizes()));
+  TORCH_CHECK(d.D >= 1, op, ": head_dim must be >= 1, got query shape ",
+              shape_str(query.sym_sizes()));
+  TORCH_CHECK(d.M >= 1 && projection.sym_size(1) == d.D, op,
               ": projection must have shape (num_random_features >= 1, head_dim=", d.D, "), got ",
-              shape_str(projection.sizes()));
+              shape_str(projection.sym_sizes()));
   TORCH_CHECK(!causal || d.Lq == d.Lk, op,
               ": causal=True needs equal query and key lengths, got Lq=", d.Lq, " and Lk=", d.Lk);
   if (key_padding_mask.has_value() && key_padding_mask->defined()) {
     const at::Tensor& m = *key_padding_mask;
     TORCH_CHECK(m.scalar_type() == at::kBool, op,
                 ": key_padding_mask must be bool (True = padded key, ignored), got ", m.scalar_type());
-    TORCH_CHECK(m.dim() == 2 && m.size(0) == d.B && m.size(1) == d.Lk, op,
+    TORCH_CHECK(m.dim() == 2 && m.sym_size(0) == d.B && m.sym_size(1) == d.Lk, op,
                 ": key_padding_mask must have shape (batch=", d.B, ", Lk=", d.Lk, "), got ",
-                shape_str(m.sizes()));
+                shape_str(m.sym_sizes()));
     TORCH_CHECK(m.device() == query.device(), op,
                 ": key_padding_mask must be on the query's device ", query.device(), ", got ",
                 m.device());
   }
   return d;
+}
+
+FavorDims check_favor_attention(const char* op, const at::Tensor& query, const at::Tensor& key,
+                                const at::Tensor& value, const at::Tensor& projection,
+                                c10::string_view kernel, bool causal,
+                                const std::optional<at::Tensor>& key_padding_mask) {
+  // (Real kernels see concrete sizes.)
+  const FavorSymDims s = check_favor_attention_sym(op, query, key, value, projection, kernel,
+                                                   causal, key_padding_mask);
+  return {s.B.expect_int(), s.H.expect_int(),  s.Lq.expect_int(), s.Lk.expect_int(),
+          s.D.expect_int(), s.Dv.expect_int(), s.M.expect_int(),  s.kernel};
 }
 
 at::Tensor chunk_scan_generic(const at::Tensor& x, const at::Tensor& a, bool reverse) {
@@ -291,6 +328,18 @@ at::Tensor chunk_scan_generic(const at::Tensor& x, const at::Tensor& a, bool rev
     }
   }
   return out;
+}
+
+at::Tensor chunk_scan_differentiable(const at::Tensor& x, const at::Tensor& a, bool reverse) {
+  const int64_t n = x.size(1);
+  std::vector<at::Tensor> out(static_cast<size_t>(n));
+  at::Tensor acc = at::zeros_like(x.select(1, 0));
+  for (int64_t step = 0; step < n; ++step) {
+    const int64_t c = reverse ? n - 1 - step : step;
+    out[static_cast<size_t>(c)] = acc;
+    acc = acc * a.select(1, c).unsqueeze(-1) + x.select(1, c);
+  }
+  return at::stack(out, 1);
 }
 
 at::Tensor chunk_scan_cpu(const at::Tensor& x_in, const at::Tensor& a_in, bool reverse) {
@@ -350,6 +399,30 @@ at::Tensor favor_forward(const FavorDims& d, const at::Tensor& query, const at::
   at::Tensor res = favor_output(d, query.options());
   res.copy_((num / at::where(den == 0, 1.0, den)).reshape({d.B, d.H, d.Lq, d.Dv}));
   return res;
+}
+
+at::Tensor favor_forward_differentiable(const FavorDims& d, const at::Tensor& query,
+                                        const at::Tensor& key, const at::Tensor& value,
+                                        const at::Tensor& projection, bool causal,
+                                        const std::optional<at::Tensor>& key_padding_mask,
+                                        int64_t chunk) {
+  if (d.B * d.H * d.Lq * d.Dv == 0 || d.Lk == 0) {
+    return at::zeros({d.B, d.H, d.Lq, d.Dv}, query.options());
+  }
+  Prepared p = prepare(d, query, key, value, projection, causal, key_padding_mask,
+                       /*differentiable=*/true);
+  at::Tensor Y;
+  if (causal) {
+    CausalState st;
+    Y = causal_forward(d, p, chunk, &chunk_scan_differentiable, st);
+  } else {
+    at::Tensor Kf, KV;
+    Y = noncausal_forward(p, Kf, KV);
+  }
+  at::Tensor num = Y.narrow(-1, 0, d.Dv), den = Y.narrow(-1, d.Dv, 1);
+  at::Tensor none = den == 0;
+  at::Tensor res = (num / at::where(none, 1.0, den)).masked_fill(none, 0);
+  return res.reshape({d.B, d.H, d.Lq, d.Dv}).to(query.scalar_type());
 }
 
 FavorGrads favor_backward(const FavorDims& d, const at::Tensor& grad_output,

@@ -36,12 +36,16 @@ struct FavorDims {
 // The fused CUDA kernels (favor_kernels.cuh) work in chunks of this many positions, with the
 // value dimension plus the denominator column padded to a multiple of 16 (e1p).
 constexpr int64_t kFavorFusedChunk = 64;
-inline int64_t favor_fused_e1p(int64_t Dv) { return (Dv + 1 + 15) / 16 * 16; }
+// (Sizes here are templates on the integer type: int64_t for the kernels, c10::SymInt for the Meta
+// kernels under dynamic shapes, so that both compute the same sizes from one formula.)
+template <class I>
+inline I favor_fused_e1p(const I& Dv) { return (Dv + 1 + 15) / 16 * 16; }
 
 // Whether the fused CUDA kernels take these shapes and this dtype (bf16, head_dim and features
 // multiples of 16, e1p <= 256); the device's shared memory is checked on top (fused::supported).
-inline bool favor_fused_shapes(int64_t BH, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
-                               int64_t M, at::ScalarType dt) {
+template <class I>
+inline bool favor_fused_shapes(const I& BH, const I& Lq, const I& Lk, const I& D, const I& Dv,
+                               const I& M, at::ScalarType dt) {
   if (dt != at::kBFloat16) return false;
   if (D % 16 != 0 || M % 16 != 0 || favor_fused_e1p(Dv) > 256) return false;
   if (BH > 65535 || BH * Dv == 0 || Lq < 1 || Lk < 1) return false;
@@ -61,21 +65,24 @@ inline bool favor_fused_shapes(int64_t BH, int64_t Lq, int64_t Lk, int64_t D, in
 // the fused kernels do not take. Shapes only: the Meta kernel returns the same size as the CUDA
 // one.
 constexpr int64_t kFavorSavedOutMaxDv = 64;  // (the backward stages C x Dv fp32 in 16 KB)
-struct FavorSaved {
-  int64_t hs = 0, ph = 0, kf = 0, sa = 0, yo = 0, r = 0, ps = 0, dn = 0, hx = 0, cs = 0, total = 0;
+template <class I>
+struct FavorSavedT {
+  I hs = 0, ph = 0, kf = 0, sa = 0, yo = 0, r = 0, ps = 0, dn = 0, hx = 0, cs = 0, total = 0;
 };
+using FavorSaved = FavorSavedT<int64_t>;
 // (features = false: the same without the per-chunk features, A', output and denominators, for
 // the fused kernels' own workspace.)
-inline FavorSaved favor_saved_layout(int64_t BH, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
-                                     int64_t M, bool causal, at::ScalarType dt,
-                                     bool features = true) {
-  FavorSaved s;
+template <class I>
+inline FavorSavedT<I> favor_saved_layout(const I& BH, const I& Lq, const I& Lk, const I& D,
+                                         const I& Dv, const I& M, bool causal, at::ScalarType dt,
+                                         bool features = true) {
+  FavorSavedT<I> s;
   if (!favor_fused_shapes(BH, Lq, Lk, D, Dv, M, dt)) return s;
-  const int64_t nk = (Lk + kFavorFusedChunk - 1) / kFavorFusedChunk, nst = causal ? nk : 1;
-  const int64_t rows = causal ? BH * nk * kFavorFusedChunk : 0;  // causal: Lq == Lk
-  const int64_t frows = features ? rows : 0;
-  const int64_t yrows = Dv <= kFavorSavedOutMaxDv ? frows : 0;
-  const int64_t e1p = favor_fused_e1p(Dv);
+  const I nk = (Lk + kFavorFusedChunk - 1) / kFavorFusedChunk, nst = causal ? nk : I(1);
+  const I rows = causal ? BH * nk * kFavorFusedChunk : I(0);  // causal: Lq == Lk
+  const I frows = features ? rows : I(0);
+  const I yrows = Dv <= kFavorSavedOutMaxDv ? frows : I(0);
+  const I e1p = favor_fused_e1p(Dv);
   s.hs = 0;
   s.ph = s.hs + BH * nst * M * e1p * 2;
   s.kf = s.ph + frows * M * 2;
@@ -97,6 +104,20 @@ inline FavorSaved favor_saved_layout(int64_t BH, int64_t Lq, int64_t Lk, int64_t
 using FavorFusedQuery = bool (*)(const FavorDims& d, at::ScalarType dtype, int device);
 FavorFusedQuery& favor_fused_query();
 
+// FavorDims in SymInts: the Meta kernels' view of a call under dynamic shapes (torch.compile's
+// automatic dynamic shapes, torch.export Dims), where batch, heads and lengths stay symbolic.
+struct FavorSymDims {
+  c10::SymInt B, H, Lq, Lk, D, Dv, M;
+  FavorKernel kernel;
+};
+
+// check_favor_attention on symbolic sizes: the same checks, no size specialised to a constant.
+FavorSymDims check_favor_attention_sym(const char* op, const at::Tensor& query,
+                                       const at::Tensor& key, const at::Tensor& value,
+                                       const at::Tensor& projection, c10::string_view kernel,
+                                       bool causal,
+                                       const std::optional<at::Tensor>& key_padding_mask);
+
 // Validates shapes, dtypes, devices, the kernel string, the mask and causal's Lq == Lk.
 FavorDims check_favor_attention(const char* op, const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& projection,
@@ -109,6 +130,8 @@ FavorDims check_favor_attention(const char* op, const at::Tensor& query, const a
 using ChunkScanFn = at::Tensor (*)(const at::Tensor& x, const at::Tensor& a, bool reverse);
 // Any device: one ATen step per chunk (never per token).
 at::Tensor chunk_scan_generic(const at::Tensor& x, const at::Tensor& a, bool reverse);
+// Any device, out-of-place steps that autograd can record (one per chunk).
+at::Tensor chunk_scan_differentiable(const at::Tensor& x, const at::Tensor& a, bool reverse);
 // CPU: one pass of plain loops, parallel over (batch*head, state entries).
 at::Tensor chunk_scan_cpu(const at::Tensor& x, const at::Tensor& a, bool reverse);
 
@@ -126,11 +149,25 @@ inline at::Tensor favor_output(const FavorDims& d, const at::TensorOptions& opti
   return at::empty({d.B, d.Lq, d.H, d.Dv}, options).transpose(1, 2);
 }
 
+inline at::Tensor favor_output(const FavorSymDims& d, const at::TensorOptions& options) {
+  return at::empty_symint({d.B, d.Lq, d.H, d.Dv}, options).transpose(1, 2);
+}
+
 // Output (B, H, Lq, Dv) in the query's dtype (fp16/bf16 computed in fp32), as favor_output.
 at::Tensor favor_forward(const FavorDims& d, const at::Tensor& query, const at::Tensor& key,
                          const at::Tensor& value, const at::Tensor& projection, bool causal,
                          const std::optional<at::Tensor>& key_padding_mask, int64_t chunk,
                          ChunkScanFn scan);
+
+// The same output as favor_forward (any layout), computed with out-of-place ATen ops only and
+// stabilisers detached, so that autograd records it: its autograd gradient is the op's gradient,
+// and differentiating that gradient again gives exact second derivatives (the autograd kernel
+// uses it for backward passes run with create_graph=True). Linear in length, like the op.
+at::Tensor favor_forward_differentiable(const FavorDims& d, const at::Tensor& query,
+                                        const at::Tensor& key, const at::Tensor& value,
+                                        const at::Tensor& projection, bool causal,
+                                        const std::optional<at::Tensor>& key_padding_mask,
+                                        int64_t chunk);
 
 inline FavorSaved favor_saved_layout(const FavorDims& d, bool causal, at::ScalarType dt,
                                      bool features = true) {
@@ -144,6 +181,13 @@ inline at::Tensor favor_saved_empty(const FavorDims& d, bool causal,
   const int64_t bytes =
       favor_saved_layout(d, causal, query_options.dtype().toScalarType()).total;
   return at::empty({bytes}, query_options.dtype(at::kByte));
+}
+inline at::Tensor favor_saved_empty(const FavorSymDims& d, bool causal,
+                                    const at::TensorOptions& query_options) {
+  const c10::SymInt bytes = favor_saved_layout(d.B * d.H, d.Lq, d.Lk, d.D, d.Dv, d.M, causal,
+                                               query_options.dtype().toScalarType())
+                                .total;
+  return at::empty_symint({bytes}, query_options.dtype(at::kByte));
 }
 
 using FavorGrads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>,

@@ -1,6 +1,8 @@
 // Meta (shape-only) kernels of panther::favor_attention, _favor_attention_forward and
 // _favor_attention_backward, used by torch.compile, torch.export and FakeTensor tracing. They run
-// the same checks as the real kernels.
+// the same checks as the real kernels, on symbolic sizes (sym_size, empty_symint): under dynamic
+// shapes (torch.compile's automatic dynamic shapes, torch.export Dims) batch, heads and lengths
+// stay symbols instead of being specialised to the example's sizes.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -14,8 +16,9 @@ at::Tensor favor_attention_meta(const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& projection,
                                 c10::string_view kernel, bool causal,
                                 const std::optional<at::Tensor>& key_padding_mask) {
-  const FavorDims d = check_favor_attention("panther::favor_attention", query, key, value,
-                                            projection, kernel, causal, key_padding_mask);
+  const FavorSymDims d = check_favor_attention_sym("panther::favor_attention", query, key,
+                                                   value, projection, kernel, causal,
+                                                   key_padding_mask);
   return favor_output(d, query.options());
 }
 
@@ -23,8 +26,9 @@ std::tuple<at::Tensor, at::Tensor> favor_attention_forward_meta(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& projection, c10::string_view kernel, bool causal,
     const std::optional<at::Tensor>& key_padding_mask) {
-  const FavorDims d = check_favor_attention("panther::_favor_attention_forward", query, key, value,
-                                            projection, kernel, causal, key_padding_mask);
+  const FavorSymDims d = check_favor_attention_sym("panther::_favor_attention_forward", query,
+                                                   key, value, projection, kernel, causal,
+                                                   key_padding_mask);
   return {favor_output(d, query.options()), favor_saved_empty(d, causal, query.options())};
 }
 
@@ -35,8 +39,8 @@ FavorGrads favor_attention_backward_meta(const at::Tensor& grad_output, const at
                                          const std::optional<at::Tensor>& key_padding_mask,
                                          std::array<bool, 4> output_mask,
                                          const std::optional<at::Tensor>& /*saved*/) {
-  check_favor_attention("panther::_favor_attention_backward", query, key, value, projection,
-                        kernel, causal, key_padding_mask);
+  check_favor_attention_sym("panther::_favor_attention_backward", query, key, value, projection,
+                            kernel, causal, key_padding_mask);
   FavorGrads out;
   if (output_mask[0]) std::get<0>(out) = at::empty_like(query, at::MemoryFormat::Contiguous);
   if (output_mask[1]) std::get<1>(out) = at::empty_like(key, at::MemoryFormat::Contiguous);

@@ -30,6 +30,11 @@ void check_same(const char* op, const char* name, const at::Tensor& t, const at:
 SketchDims check_sketched_linear(const char* op, const at::Tensor& input, const at::Tensor& S1s,
                                  const at::Tensor& S2s, const at::Tensor& U1s,
                                  const at::Tensor& U2s, const std::optional<at::Tensor>& bias) {
+  // (None passed for a Tensor argument arrives as an undefined tensor: TypeError, as Python's.)
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"input", &input}, {"S1s", &S1s},
+                         {"S2s", &S2s}, {"U1s", &U1s}, {"U2s", &U2s}}) {
+    TORCH_CHECK_TYPE(t->defined(), op, ": ", name, " must be a tensor, got None");
+  }
   TORCH_CHECK(input.dim() >= 1, op, ": input must have at least 1 dimension (..., d_in), got a 0-d tensor");
   TORCH_CHECK(at::isFloatingType(input.scalar_type()), op,
               ": input must be float64, float32, float16 or bfloat16, got ", input.scalar_type());

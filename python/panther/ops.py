@@ -6,6 +6,17 @@ import torch
 from torch import Tensor
 
 
+def _require_tensor(op: str, name: str, value: Optional[Tensor]) -> None:
+    # A None (or a non-tensor in eager Python) for a required tensor argument is a TypeError that
+    # names the argument, instead of the dispatcher's message. TorchScript checks the annotated
+    # types itself before calling, so this is a no-op there.
+    if value is None:
+        raise TypeError(f"panther.ops.{op}: {name} must be a Tensor, got None")
+    if not torch.jit.is_scripting():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"panther.ops.{op}: {name} must be a Tensor, got {type(value).__name__}")
+
+
 def sketched_linear(
     input: Tensor,
     S1s: Tensor,
@@ -18,8 +29,24 @@ def sketched_linear(
 
     Shapes: input ``(..., d_in)``, S1s ``(L, d_in, k)``, S2s ``(L, k, d_out)``,
     U1s ``(L, k, d_out)``, U2s ``(L, d_in, k)``, bias ``(d_out,)`` or None -> ``(..., d_out)``.
-    Differentiable in every tensor; all tensors must share dtype and device.
+    Differentiable in every tensor (second derivatives included); all tensors must share dtype
+    and device.
+
+    Raises TypeError when a required tensor is None (the message names the argument), and
+    RuntimeError naming the op and the argument for a wrong shape, dtype or device.
+
+    >>> import torch, panther
+    >>> x = torch.randn(3, 4)
+    >>> S1s, U2s = torch.randn(2, 4, 2), torch.randn(2, 4, 2)
+    >>> S2s, U1s = torch.randn(2, 2, 5), torch.randn(2, 2, 5)
+    >>> panther.ops.sketched_linear(x, S1s, S2s, U1s, U2s).shape
+    torch.Size([3, 5])
     """
+    _require_tensor("sketched_linear", "input", input)
+    _require_tensor("sketched_linear", "S1s", S1s)
+    _require_tensor("sketched_linear", "S2s", S2s)
+    _require_tensor("sketched_linear", "U1s", U1s)
+    _require_tensor("sketched_linear", "U2s", U2s)
     return torch.ops.panther.sketched_linear(input, S1s, S2s, U1s, U2s, bias)
 
 
@@ -48,8 +75,24 @@ def favor_attention(
     max over keys up to the position (causal) or the max over all unpadded keys (non-causal), so
     no output depends on a later position. A query that sees no unpadded key outputs 0.
     fp16/bf16 inputs are computed in fp32. Differentiable in query, key, value and projection
-    (stabilisers are treated as constants, exact up to O(eps)).
+    (stabilisers are treated as constants, exact up to O(eps)), second derivatives included
+    (``create_graph=True``). Batch, heads and lengths may be dynamic under ``torch.compile`` and
+    ``torch.export``.
+
+    Raises TypeError when a required tensor is None (the message names the argument), and
+    RuntimeError naming the op and the argument for a wrong shape, dtype (key_padding_mask must
+    be bool) or device, an unknown ``kernel`` or ``causal=True`` with ``Lq != Lk``.
+
+    >>> import torch, panther
+    >>> q, k, v = torch.randn(2, 4, 10, 8), torch.randn(2, 4, 10, 8), torch.randn(2, 4, 10, 8)
+    >>> W = panther.nn.attention.orthogonal_gaussian_projection(16, 8)
+    >>> panther.ops.favor_attention(q, k, v, W, "softmax", causal=True).shape
+    torch.Size([2, 4, 10, 8])
     """
+    _require_tensor("favor_attention", "query", query)
+    _require_tensor("favor_attention", "key", key)
+    _require_tensor("favor_attention", "value", value)
+    _require_tensor("favor_attention", "projection", projection)
     return torch.ops.panther.favor_attention(query, key, value, projection, kernel, causal, key_padding_mask)
 
 
