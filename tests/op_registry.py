@@ -365,8 +365,6 @@ _FAVOR_PRIVATE_DTYPES = dict(dtypes=(torch.float32, torch.bfloat16), opcheck_dty
 # the registry
 # ---------------------------------------------------------------------------------------------
 
-_GRADGRAD_XFAIL = ("{op}: double backward through the native backward op is not implemented yet "
-                   "(its backward has no autograd kernel); remove this marker once it is")
 
 REGISTRY: List[OpEntry] = [
     OpEntry(
@@ -380,8 +378,6 @@ REGISTRY: List[OpEntry] = [
         error_inputs=sketched_linear_error_inputs,
         script_module=SketchedLinearScript,
         autocast_dtypes={"cpu": torch.bfloat16, "cuda": torch.float16},
-        xfail={"gradgradcheck": _GRADGRAD_XFAIL.format(op="sketched_linear")
-               + " (today it returns WRONG second derivatives: Jacobian mismatch)"},
     ),
     OpEntry(
         name="favor_attention",
@@ -399,14 +395,6 @@ REGISTRY: List[OpEntry] = [
         script_module=FavorAttentionScript,
         autocast_dtypes={"cpu": torch.bfloat16, "cuda": torch.float16},
         arg_spellings={"kernel_fn": ("kernel",)},  # the Python wrapper's (and the messages') spelling
-        xfail={
-            "gradgradcheck": _GRADGRAD_XFAIL.format(op="favor_attention")
-            + " (today it raises: a saved tensor is modified in place)",
-            "compile_dynamic": "favor_attention: the Meta kernel specialises batch and length "
-                               "(one recompile per size); remove once it is SymInt-clean",
-            "export_dynamic": "favor_attention: the Meta kernel specialises batch and length, so "
-                              "torch.export rejects dynamic dims; remove once it is SymInt-clean",
-        },
     ),
     _private("_sketched_linear_fwd", "sketched_linear", _sketched_linear_fwd_sample_inputs),
     _private("_sketched_linear_backward", "sketched_linear", _sketched_linear_backward_sample_inputs),
