@@ -8,7 +8,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include "kernels/sketched_linear.h"
+#include "linear/impl.h"
 
 namespace panther::autograd {
 namespace {
