@@ -55,3 +55,10 @@ from . import ops  # noqa: E402
 from . import nn  # noqa: E402
 
 __all__ = ["nn", "ops", "build_info", "library_path", "__version__"]
+
+# Model conversion (one call: sketched linear layers, FAVOR+ attention, report, way back).
+from .convert import (  # noqa: E402
+    Budget, PerformerConfig, SketchConfig, conversion_report, convert, unconvert,
+)
+
+__all__ += ["convert", "unconvert", "conversion_report", "SketchConfig", "PerformerConfig", "Budget"]
