@@ -456,9 +456,12 @@ def _plan(model: nn.Module, config, filter_fn) -> Tuple[List[Tuple[str, nn.Modul
         if kind == "mha":
             converted_prefixes.append(name)
     warns = []
+    convertible = [n for n, mm in modules.items() if _kind(mm) is not None]
     for key in list(exact) + [k for k, _, _ in regex]:
         if key in used:
             continue
+        if key.startswith("re:") and any(re.fullmatch(key[3:], n) for n in convertible):
+            continue  # it matches, but an exact name or an earlier pattern took precedence
         if key.startswith("re:"):
             # Compare the pattern's literal text with the convertible modules' names.
             probe = _regex_literal(key[3:])
