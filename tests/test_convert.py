@@ -90,6 +90,24 @@ def test_full_rank_reproduces_the_layer(d_in, d_out, L):
     assert panther.conversion_report(nn.Sequential(sk))[0]["weight_error"] < 1e-5
 
 
+def test_same_shape_layers_are_batched_and_each_optimal(device):
+    """Layers of one shape share one batched SVD; each still meets its own bound."""
+    net = nn.Sequential(*[nn.Linear(40, 56, device=device) for _ in range(3)], nn.Linear(56, 40, device=device))
+    for i, kind in enumerate(["gaussian", "slow", "fast"]):
+        with torch.no_grad():
+            net[i].weight.copy_(_spectrum_matrix(56, 40, kind, device=device))
+    for method in ("exact", "randomized"):
+        out = panther.convert(net, panther.SketchConfig(num_terms=2, low_rank=2, svd=method))
+        for i in range(4):
+            W64 = net[i].weight.detach().double()
+            opt = torch.linalg.svdvals(W64)[8:].norm()
+            assert (_weff64(out[i]) - W64).norm() <= 1.01 * opt + 1e-5 * W64.norm()
+    full = panther.convert(net, panther.SketchConfig(low_rank=1.0, skip_if_larger=False))
+    x = torch.randn(3, 40, device=device)
+    for i in range(3):  # (a ModuleList in a Sequential: the layers are not chained)
+        torch.testing.assert_close(full[i](x), net[i](x), atol=2e-6, rtol=1e-5)
+
+
 def test_svd_init_far_better_than_sketch_init():
     """On a low-rank 256x256 weight at L=1, k=8 the unbiased random init is off by O(1); the SVD
     init of the same rank is exact to rounding."""

@@ -233,16 +233,16 @@ def _randomized_svd(W: Tensor, r: int, oversample: int, niter: int) -> Tuple[Ten
     """Top-``r`` SVD of ``W`` by a randomized range finder (Halko, Martinsson, Tropp 2011):
     ``l = r + oversample`` Gaussian probes, ``niter`` power iterations re-orthonormalised by QR
     after every product (stable in fp32), then an exact SVD of the small ``(l, n)`` projection.
-    Returns U ``(m, r)``, S ``(r,)``, V ``(n, r)``."""
-    m, n = W.shape
+    Batched over leading dims. Returns U ``(..., m, r)``, S ``(..., r)``, V ``(..., n, r)``."""
+    m, n = W.shape[-2:]
     ell = min(r + oversample, m, n)
-    omega = torch.randn(n, ell, dtype=W.dtype, device=W.device)
+    omega = torch.randn(*W.shape[:-2], n, ell, dtype=W.dtype, device=W.device)
     Q = torch.linalg.qr(W @ omega).Q
     for _ in range(niter):
         Z = torch.linalg.qr(W.mT @ Q).Q
         Q = torch.linalg.qr(W @ Z).Q
     Ub, S, Vh = torch.linalg.svd(Q.mT @ W, full_matrices=False)
-    return (Q @ Ub)[:, :r], S[:r], Vh[:r].mT
+    return (Q @ Ub)[..., :r], S[..., :r], Vh[..., :r, :].mT
 
 
 def _svd_method(method: str, r: int, m: int, n: int) -> str:
@@ -255,14 +255,14 @@ def _svd_method(method: str, r: int, m: int, n: int) -> str:
 
 
 def _truncated_svd(W: Tensor, r: int, method: str) -> Tuple[Tensor, Tensor, Tensor, str]:
-    m, n = W.shape
+    m, n = W.shape[-2:]
     r = min(r, m, n)
     method = _svd_method(method, r, m, n)
     if method == "randomized" and r < min(m, n):
         U, S, V = _randomized_svd(W, r, oversample=max(r, 8), niter=4)
         return U, S, V, "randomized"
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    return U[:, :r], S[:r], Vh[:r].mT, "exact"
+    return U[..., :r], S[..., :r], Vh[..., :r, :].mT, "exact"
 
 
 def _pad_cols(t: Tensor, cols: int) -> Tensor:
@@ -295,13 +295,18 @@ def sketch_factors_from_weight(
     Computed in float32 (float64 for float64 weights; the whitened path in float64).
 
     Args:
-        W: ``(d_out, d_in)`` weight. num_terms, low_rank: ``L``, ``k``.
+        W: ``(d_out, d_in)`` weight, or a batch ``(B, d_out, d_in)`` of equally shaped weights
+            (without ``gram``; :func:`convert` batches layers of one shape).
+        num_terms, low_rank: ``L``, ``k``.
         gram: optional ``(d_in, d_in)`` input second moment. svd: ``"auto"|"exact"|"randomized"``.
 
     Returns:
         dict with ``S1s (L, d_in, k)``, ``S2s (L, k, d_out)``, ``U1s (L, k, d_out)``,
-        ``U2s (L, d_in, k)`` (in the working dtype) and ``svd`` (the method used).
-        Ranks beyond ``min(d_in, d_out)`` are zero-padded.
+        ``U2s (L, d_in, k)`` (with the batch dim first for a batch; in the working dtype) and
+        ``svd`` (the method used). Ranks beyond ``min(d_in, d_out)`` are zero-padded.
+
+    Raises:
+        ValueError: ``gram`` with a batch of weights, or of the wrong shape.
 
     >>> W = torch.randn(6, 8, dtype=torch.float64)
     >>> f = sketch_factors_from_weight(W, 1, 3)
@@ -310,7 +315,16 @@ def sketch_factors_from_weight(
     True
     """
     L, k = num_terms, low_rank
-    d_out, d_in = W.shape
+    if W.dim() not in (2, 3) or (gram is not None and W.dim() != 2):
+        raise ValueError(
+            f"sketch_factors_from_weight: W must be (d_out, d_in) (or (B, d_out, d_in) without gram), "
+            f"got shape {list(W.shape)}"
+        )
+    d_out, d_in = W.shape[-2:]
+    if gram is not None and tuple(gram.shape) != (d_in, d_in):
+        raise ValueError(f"sketch_factors_from_weight: gram must be (d_in, d_in) = ({d_in}, {d_in}), "
+                         f"got {list(gram.shape)}")
+    batch = tuple(W.shape[:-2])
     r = 2 * L * k
     work = torch.float64 if (W.dtype == torch.float64 or gram is not None) else torch.float32
     Wf = W.detach().to(work)
@@ -330,15 +344,15 @@ def sketch_factors_from_weight(
     Pin = _pad_cols(Pin, r)
     Lk = L * k
     twoL = float(2 * L)
-    U1s = U[:, :Lk].mT.reshape(L, k, d_out)
-    S1s = (twoL * Pin[:, :Lk] * S[:Lk]).reshape(d_in, L, k).permute(1, 0, 2)
-    Uh = U[:, Lk:].mT.reshape(L, k, d_out)
-    Sh = S[Lk:].reshape(L, k, 1)
+    U1s = U[..., :Lk].mT.reshape(*batch, L, k, d_out)
+    S1s = (twoL * Pin[..., :Lk] * S[..., None, :Lk]).reshape(*batch, d_in, L, k).transpose(-3, -2)
+    Uh = U[..., Lk:].mT.reshape(*batch, L, k, d_out)
+    Sh = S[..., Lk:].reshape(*batch, L, k, 1)
     if orth_in:
-        U2s = Pin[:, Lk:].reshape(d_in, L, k).permute(1, 0, 2)
+        U2s = Pin[..., Lk:].reshape(*batch, d_in, L, k).transpose(-3, -2)
         S2s = twoL * Sh * Uh
     else:
-        M = (Pin[:, Lk:] * S[Lk:]).reshape(d_in, L, k).permute(1, 0, 2)  # (L, d_in, k)
+        M = (Pin[..., Lk:] * S[..., None, Lk:]).reshape(d_in, L, k).permute(1, 0, 2)  # (L, d_in, k)
         Q, R = torch.linalg.qr(M)  # Q (L, d_in, k) orthonormal columns, R (L, k, k)
         U2s = Q
         S2s = twoL * (R @ Uh)
@@ -572,7 +586,8 @@ def _calibrate(model: nn.Module, targets: Dict[str, nn.Module], calibration, ver
 # ----------------------------------------------------------------------------------------------
 
 
-def _build_sklinear(name, m, kind, cfg: SketchConfig, k: int, init: str, gram: Optional[Tensor]) -> SKLinear:
+def _build_sklinear(name, m, kind, cfg: SketchConfig, k: int, init: str, gram: Optional[Tensor],
+                    factors: Optional[Dict[str, Any]] = None) -> SKLinear:
     d_in, d_out = _dims(m, kind)
     W = _dense_weight_of(m, kind)
     dtype, device = W.dtype, W.device
@@ -596,7 +611,7 @@ def _build_sklinear(name, m, kind, cfg: SketchConfig, k: int, init: str, gram: O
             for t in (layer.S1s, layer.S2s, layer.U1s, layer.U2s):
                 t.zero_()
         elif init == "svd":
-            f = sketch_factors_from_weight(W, L, k, gram=gram, svd=cfg.svd)
+            f = factors if factors is not None else sketch_factors_from_weight(W, L, k, gram=gram, svd=cfg.svd)
             for key in ("S1s", "S2s", "U1s", "U2s"):
                 getattr(layer, key).copy_(f[key])
             record["svd"] = f["svd"]
@@ -616,6 +631,35 @@ def _build_sklinear(name, m, kind, cfg: SketchConfig, k: int, init: str, gram: O
     layer.train(m.training)
     setattr(layer, _RECORD, record)
     return layer
+
+
+_BATCH_BYTES = 256 * 2**20  # stacked weights per batched SVD
+
+
+def _batched_factors(sketch_jobs, ranks, eff_init, grams) -> Dict[str, Dict[str, Any]]:
+    """SVD-init factors of layers that share a shape (and L, k, dtype, device), computed as
+    batches: one batched range finder / SVD per shape instead of one call per layer (on a GPU,
+    small factorisations are bound by launches and solver set-up, not arithmetic)."""
+    groups: Dict[Any, List[Tuple[str, Tensor]]] = {}
+    for n, m, kind, cfg in sketch_jobs:
+        if eff_init[n] != "svd" or n in grams:
+            continue
+        W = _dense_weight_of(m, kind)
+        key = (tuple(W.shape), W.dtype, W.device, cfg.num_terms, ranks[n], cfg.svd)
+        groups.setdefault(key, []).append((n, W))
+    out: Dict[str, Dict[str, Any]] = {}
+    for (shape, _, _, L, k, svd), items in groups.items():
+        chunk = max(1, _BATCH_BYTES // (4 * shape[0] * shape[1]))
+        for i in range(0, len(items), chunk):
+            part = items[i:i + chunk]
+            if len(part) < 2:
+                continue
+            with torch.no_grad():
+                f = sketch_factors_from_weight(torch.stack([w.detach() for _, w in part]), L, k, svd=svd)
+            for j, (n, _) in enumerate(part):
+                out[n] = {key: f[key][j] for key in ("S1s", "S2s", "U1s", "U2s")}
+                out[n]["svd"] = f["svd"]
+    return out
 
 
 def _effective_weight(layer: SKLinear, work: torch.dtype) -> Tensor:
@@ -771,6 +815,7 @@ def convert(
         from . import _hf_attention
 
         _hf_attention.register()
+    factors = _batched_factors(sketch_jobs, ranks, eff_init, grams)
     # Replace, innermost last does not matter: plan entries never nest inside a replaced module.
     n_jobs = len(plan)
     for i, (name, m, kind, cfg) in enumerate(plan):
@@ -779,7 +824,8 @@ def convert(
             if k is None:
                 continue
             g = grams.get(name)
-            new = _build_sklinear(name, m, kind, cfg, k, eff_init[name], g[0] if g is not None else None)
+            new = _build_sklinear(name, m, kind, cfg, k, eff_init[name], g[0] if g is not None else None,
+                                  factors.pop(name, None))
         elif kind == "mha":
             new = _build_performer(name, m, cfg)
         else:
