@@ -105,7 +105,7 @@ def test_same_shape_layers_are_batched_and_each_optimal(device):
     full = panther.convert(net, panther.SketchConfig(low_rank=1.0, skip_if_larger=False))
     x = torch.randn(3, 40, device=device)
     for i in range(3):  # (a ModuleList in a Sequential: the layers are not chained)
-        torch.testing.assert_close(full[i](x), net[i](x), atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(full[i](x), net[i](x), atol=5e-5, rtol=1e-5)
 
 
 def test_svd_init_far_better_than_sketch_init():
