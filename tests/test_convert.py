@@ -305,6 +305,15 @@ def test_errors_before_anything_is_modified():
         assert torch.equal(v, snapshot[k])
 
 
+def test_unsupported_attention_fails_before_changes():
+    net = nn.Sequential(nn.Linear(16, 16))
+    net.add_module("attn", nn.MultiheadAttention(16, 2, add_bias_kv=True))
+    with pytest.raises(ValueError, match="attn"):
+        panther.convert(net, {"0": panther.SketchConfig(low_rank=2), "attn": panther.PerformerConfig()},
+                        inplace=True)
+    assert isinstance(net[0], nn.Linear)
+
+
 def test_mha_out_proj_never_converted_on_its_own():
     net = nn.Sequential(nn.Linear(16, 16))
     net.add_module("attn", nn.MultiheadAttention(16, 2))
@@ -362,9 +371,10 @@ def test_mha_to_performer_and_back(batch_first):
     x = torch.randn(3, 6, 32)
     y = out(x)
     assert y.shape == x.shape
-    xb = x if batch_first else x.transpose(0, 1)
+    native = batch_first or not getattr(rand[0], "batch_first", True)  # takes x's layout itself
+    xb = x if native else x.transpose(0, 1)
     yb = rand[0](xb, xb, xb)[0]
-    yb = out.fc(yb if batch_first else yb.transpose(0, 1))
+    yb = out.fc(yb if native else yb.transpose(0, 1))
     torch.testing.assert_close(y, yb)
     back = panther.unconvert(out)
     assert isinstance(back.attn, nn.MultiheadAttention) and back.attn.batch_first == batch_first

@@ -528,8 +528,13 @@ def _resolve_rank(name: str, m: nn.Module, kind: str, cfg: SketchConfig) -> Tupl
 # ----------------------------------------------------------------------------------------------
 
 
-def _progress(msg: str, end: bool = False) -> None:
-    sys.stderr.write("\r" + msg + ("\n" if end else ""))
+def _progress(msg: str, end: bool = False, done: int = 0, total: int = 0) -> None:
+    """One stderr line, rewritten in place: ``msg [#####.....] done/total``."""
+    bar = ""
+    if total:
+        filled = int(20 * done / total)
+        bar = f" [{'#' * filled}{'.' * (20 - filled)}] {done}/{total}"
+    sys.stderr.write("\r" + msg + bar + ("\n" if end else ""))
     sys.stderr.flush()
 
 
@@ -557,6 +562,7 @@ def _calibrate(model: nn.Module, targets: Dict[str, nn.Module], calibration, ver
             if callable(calibration) and not isinstance(calibration, (Tensor, list, tuple)):
                 calibration(model)
             else:
+                total = len(calibration) if hasattr(calibration, "__len__") else 0
                 for i, batch in enumerate(calibration):
                     if isinstance(batch, dict):
                         model(**batch)
@@ -565,9 +571,9 @@ def _calibrate(model: nn.Module, targets: Dict[str, nn.Module], calibration, ver
                     else:
                         model(batch)
                     if verbose:
-                        _progress(f"panther.convert: calibration batch {i + 1}")
+                        _progress(f"panther.convert: calibration batch {i + 1}", done=i + 1, total=total)
                 if verbose:
-                    _progress("panther.convert: calibration done", end=True)
+                    _progress(" done", end=True)
     finally:
         for h in handles:
             h.remove()
@@ -700,7 +706,9 @@ def _build_performer(name, m: nn.MultiheadAttention, cfg: PerformerConfig) -> nn
     before = sum(p.numel() for p in m.parameters())
     after = sum(p.numel() for p in layer.parameters()) + layer.projection_matrix.numel()
     new: nn.Module = layer
-    if not getattr(m, "batch_first", False) and not getattr(layer, "batch_first", False):
+    # RandMultiHeadAttention takes (batch, seq, embed) unless it says otherwise (batch_first):
+    # adapt it when the converted module took (seq, batch, embed).
+    if not getattr(m, "batch_first", False) and getattr(layer, "batch_first", True):
         new = _SeqFirstAttention(layer)
     setattr(new, _RECORD, {
         "name": name, "old_type": type(m).__name__, "new_type": "RandMultiHeadAttention",
@@ -791,6 +799,10 @@ def convert(
     ranks: Dict[str, Optional[int]] = {}
     skipped: List[Dict[str, Any]] = []
     for name, m, kind, cfg in plan:
+        if kind == "mha":
+            # Build (and drop) the replacement once now, so an attention module it cannot convert
+            # fails before anything is modified.
+            _build_performer(name, m, cfg)
         if isinstance(cfg, SketchConfig):
             k, reason = _resolve_rank(name, m, kind, cfg)
             ranks[name] = k
@@ -838,7 +850,7 @@ def convert(
         else:
             target = new
         if verbose and n_jobs > 20:
-            _progress(f"panther.convert: {i + 1}/{n_jobs} layers", end=i + 1 == n_jobs)
+            _progress("panther.convert: layers", end=i + 1 == n_jobs, done=i + 1, total=n_jobs)
     prev = list(getattr(target, _SKIPPED, []))
     try:
         object.__setattr__(target, _SKIPPED, prev + skipped)
