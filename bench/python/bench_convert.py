@@ -100,6 +100,7 @@ def main(argv=None):
                             f"median of {reps}; deep copy included, calibration excluded"])]
     lines.append("| weights | conversion | time (s) | x target | max err / optimal | mean err / optimal | target |")
     lines.append("|---|---|---:|---:|---:|---:|---|")
+    print("\n".join(lines), flush=True)
     for spectrum in ("random init", "powerlaw"):
         model = encoder(args.layers, "powerlaw" if spectrum == "powerlaw" else "init", device)
         n_lin = sum(isinstance(m, nn.Linear) for m in model.modules())
@@ -127,9 +128,9 @@ def main(argv=None):
             meth = f" [{'/'.join(sorted(methods))}]" if methods else ""
             lines.append(f"| {spectrum} ({n_lin} Linear) | {label}{meth} | {t:.2f} | {t / target:.2f} | {mx} | "
                          f"{mean} | <= {target:g} s{', <= 1.01x' if ratios else ''}: {ok} |")
+            print(lines[-1], flush=True)
         del model
-    text = "\n".join(lines)
-    common.emit(text, args.markdown)
+    common.write_markdown(args.markdown, "\n".join(lines))
 
 
 if __name__ == "__main__":
