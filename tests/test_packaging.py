@@ -61,11 +61,11 @@ def test_extras_mirror_requirements_dev():
     extras = PYPROJECT["project"]["optional-dependencies"]
     pins = requirements_dev()
     assert any(r.startswith("matplotlib==") for r in extras["demo"])
-    for extra in ("demo", "test", "docs"):
+    for extra in ("demo", "test", "docs", "safetensors", "hf", "examples"):
         for req in extras[extra]:
             name = req.split("==")[0].lower()
             assert pins.get(name) == req, f"extra {extra!r}: {req} vs requirements-dev.txt {pins.get(name)}"
-    assert set(extras["dev"]) == {"torch-panther[test,docs]"}
+    assert set(extras["dev"]) == {"torch-panther[test,docs,safetensors,hf,examples]"}
     assert "torch" not in {r.split("==")[0] for e in extras.values() for r in e}
 
 

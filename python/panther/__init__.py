@@ -141,3 +141,10 @@ __all__ = [
     "set_portable_kernels",
     "__version__",
 ]
+
+# Model conversion (one call: sketched linear layers, FAVOR+ attention, report, way back).
+from .convert import (  # noqa: E402
+    Budget, PerformerConfig, SketchConfig, conversion_report, convert, unconvert,
+)
+
+__all__ += ["convert", "unconvert", "conversion_report", "SketchConfig", "PerformerConfig", "Budget"]

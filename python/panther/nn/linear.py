@@ -237,3 +237,55 @@ class SKLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"num_terms={self.num_terms}, low_rank={self.low_rank}, bias={self.bias is not None}"
         )
+
+    # -- Conversion helpers (used by panther.convert / panther.unconvert) -------------------------
+
+    def to_linear(self) -> nn.Linear:
+        """A dense ``nn.Linear`` computing the same function (for deploying without Panther).
+
+        Its weight is :meth:`dense_weight` (summed in float64, rounded once to the layer's dtype),
+        its bias a copy; dtype, device and train/eval mode are kept. Nothing is shared.
+
+        >>> import torch
+        >>> from panther.nn import SKLinear
+        >>> sk = SKLinear(16, 8, num_terms=1, low_rank=4)
+        >>> lin = sk.to_linear()
+        >>> x = torch.randn(3, 16)
+        >>> torch.allclose(lin(x), sk(x), atol=1e-5)
+        True
+        """
+        W = self.dense_weight().detach()
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        dtype=W.dtype, device=W.device)
+        with torch.no_grad():
+            lin.weight.copy_(W)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        lin.train(self.training)
+        return lin
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Return the layer to random initialisation, in place (shapes, dtype and device kept).
+
+        A layer converted from a trained weight with the SVD init holds orthonormal singular bases,
+        not random signs, in ``U1s``/``U2s``; this draws fresh ``+-1/sqrt(k)`` signs and sketches
+        a fresh random weight, exactly as the constructor does without ``W_init``.
+
+        >>> from panther.nn import SKLinear
+        >>> sk = SKLinear(16, 8, num_terms=1, low_rank=4)
+        >>> sk.reset_parameters()
+        >>> bool((sk.U1s.abs() == 0.5).all())
+        True
+        """
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fresh = SKLinear(self.in_features, self.out_features, self.num_terms, self.low_rank,
+                             bias=self.bias is not None, dtype=self.S1s.dtype, device=self.S1s.device,
+                             generator=generator)
+        with torch.no_grad():
+            for key in ("S1s", "S2s", "U1s", "U2s", "bias"):
+                t = getattr(self, key)
+                if t is not None:
+                    t.copy_(getattr(fresh, key))
+        if hasattr(self, "_panther_conversion"):
+            del self._panther_conversion
