@@ -59,7 +59,7 @@ endif()
 # A100 (8.0), RTX 30xx/A10/A40 (8.6), L4/L40/RTX 40xx (8.9) and H100/H200 (9.0a), and PTX of 8.9
 # that newer GPUs compile at load time (the PTX of an "a" architecture runs on that GPU only).
 # Device code compiled for 8.x uses the portable copy paths (no Hopper-only instructions, see
-# cpp/cuda/mma.cuh); the kernels need 8.0 at least (bf16 mma.sync, ldmatrix, cp.async).
+# cpp/common/mma.cuh); the kernels need 8.0 at least (bf16 mma.sync, ldmatrix, cp.async).
 set(PANTHER_DEFAULT_CUDA_ARCH_LIST "8.0;8.6;8.9+PTX;9.0a")
 set(PANTHER_CUDA_ARCH_LIST "")
 if(PANTHER_CUDA)

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-# Must match kFavorSoftmaxEps / kFavorReluEps in cpp/kernels/favor_attention.h.
+# Must match kFavorSoftmaxEps / kFavorReluEps in cpp/attention/impl.h.
 SOFTMAX_EPS = 1e-6
 RELU_EPS = 1e-3
 

@@ -11,7 +11,7 @@ from .. import _favor_math as _fm
 from .._checks import check_dtype, check_fits, check_int, check_tensor
 
 _KERNELS = ("softmax", "relu")
-# Must match kFavorSoftmaxEps / kFavorReluEps in cpp/kernels/favor_attention.h.
+# Must match kFavorSoftmaxEps / kFavorReluEps in cpp/attention/impl.h.
 _SOFTMAX_EPS = 1e-6
 _RELU_EPS = 1e-3
 

@@ -149,7 +149,10 @@ class SKLinear(nn.Module):
         (default: a fresh random ``W`` with ``nn.Linear``'s scale) and ``nn.Linear``'s bias init.
 
         Same shapes, dtypes, devices and tensor objects (so optimizers and shared memory keep
-        them). Used by the constructor, and after meta-device construction plus ``to_empty``:
+        them). Used by the constructor, and after meta-device construction plus ``to_empty``. A
+        layer converted from a trained weight with the SVD init (:func:`panther.convert`) holds
+        orthonormal singular bases, not random signs, in ``U1s``/``U2s``: this returns it to
+        random initialisation and drops its conversion record.
 
         >>> layer = SKLinear(16, 8, 1, 2, device="meta").to_empty(device="cpu")
         >>> layer.reset_parameters()
@@ -181,6 +184,8 @@ class SKLinear(nn.Module):
             if self.bias is not None:
                 bound = 1.0 / math.sqrt(in_features)
                 self.bias.uniform_(-bound, bound, generator=generator)
+        if hasattr(self, "_panther_conversion"):
+            del self._panther_conversion
 
     @classmethod
     def from_linear(
@@ -263,29 +268,3 @@ class SKLinear(nn.Module):
                 lin.bias.copy_(self.bias)
         lin.train(self.training)
         return lin
-
-    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
-        """Return the layer to random initialisation, in place (shapes, dtype and device kept).
-
-        A layer converted from a trained weight with the SVD init holds orthonormal singular bases,
-        not random signs, in ``U1s``/``U2s``; this draws fresh ``+-1/sqrt(k)`` signs and sketches
-        a fresh random weight, exactly as the constructor does without ``W_init``.
-
-        >>> from panther.nn import SKLinear
-        >>> sk = SKLinear(16, 8, num_terms=1, low_rank=4)
-        >>> sk.reset_parameters()
-        >>> bool((sk.U1s.abs() == 0.5).all())
-        True
-        """
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fresh = SKLinear(self.in_features, self.out_features, self.num_terms, self.low_rank,
-                             bias=self.bias is not None, dtype=self.S1s.dtype, device=self.S1s.device,
-                             generator=generator)
-        with torch.no_grad():
-            for key in ("S1s", "S2s", "U1s", "U2s", "bias"):
-                t = getattr(self, key)
-                if t is not None:
-                    t.copy_(getattr(fresh, key))
-        if hasattr(self, "_panther_conversion"):
-            del self._panther_conversion
