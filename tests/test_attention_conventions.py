@@ -96,7 +96,7 @@ def test_projection_drawn_on_cuda_generator():
     assert w.device.type == "cuda"
     w = w.double().reshape(nb, d, d)
     assert (w.mean(0).abs() / (w.std(0) / math.sqrt(nb))).max() < 4
-    est = torch.exp(w @ torch.eye(d, dtype=F64)[0] - 0.5).mean(1)
+    est = torch.exp(w @ torch.eye(d, dtype=F64, device=w.device)[0] - 0.5).mean(1)
     assert abs(est.mean().item() - 1) < 4 * est.std().item() / math.sqrt(nb)
 
 

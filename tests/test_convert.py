@@ -306,12 +306,26 @@ def test_errors_before_anything_is_modified():
 
 
 def test_unsupported_attention_fails_before_changes():
+    # A key every query sees (add_bias_kv) cannot be made causal: the error comes before any change.
     net = nn.Sequential(nn.Linear(16, 16))
     net.add_module("attn", nn.MultiheadAttention(16, 2, add_bias_kv=True))
     with pytest.raises(ValueError, match="attn"):
-        panther.convert(net, {"0": panther.SketchConfig(low_rank=2), "attn": panther.PerformerConfig()},
+        panther.convert(net, {"0": panther.SketchConfig(low_rank=2), "attn": panther.PerformerConfig(causal=True)},
                         inplace=True)
     assert isinstance(net[0], nn.Linear)
+
+
+@pytest.mark.parametrize("kw", [dict(add_bias_kv=True), dict(kdim=8, vdim=12), dict(add_zero_attn=True)])
+def test_mha_variants_to_performer_and_back(kw):
+    net = nn.Sequential()
+    net.add_module("attn", nn.MultiheadAttention(16, 2, batch_first=True, **kw))
+    out = panther.convert(net, {"attn": panther.PerformerConfig(num_random_features=8)})
+    assert isinstance(out.attn, RandMultiHeadAttention)
+    back = panther.unconvert(out).attn
+    assert isinstance(back, nn.MultiheadAttention)
+    for name, p in net.attn.named_parameters():
+        torch.testing.assert_close(dict(back.named_parameters())[name], p)
+    assert back.add_zero_attn == net.attn.add_zero_attn and back.batch_first
 
 
 def test_mha_out_proj_never_converted_on_its_own():

@@ -225,7 +225,7 @@ def rand_multihead_attention_reference(
     q = split(lin(query, layer.Wq, layer.bq))
     k = split(lin(key, layer.Wk, layer.bk))
     v = split(lin(value, layer.Wv, layer.bv))
-    padded = torch.zeros(B, Lk, dtype=torch.bool)
+    padded = torch.zeros(B, Lk, dtype=torch.bool, device=query.device)
     bias = None
     if attention_mask is not None:
         padded = padded | (attention_mask == 0)

@@ -950,7 +950,7 @@ def unconvert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         elif isinstance(m, _SeqFirstAttention):
             replace.append((name, _to_mha(m.attn, batch_first=False)))
         elif isinstance(m, RandMultiHeadAttention) and isinstance(getattr(m, _RECORD, None), dict):
-            replace.append((name, _to_mha(m, batch_first=True)))
+            replace.append((name, _to_mha(m, batch_first=bool(getattr(m, "batch_first", True)))))
         elif hasattr(m, "panther_favor_projection"):
             from . import _hf_attention
 
@@ -970,13 +970,26 @@ def unconvert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
 def _to_mha(layer: RandMultiHeadAttention, batch_first: bool) -> nn.MultiheadAttention:
     E = layer.embed_dim
+    kdim, vdim = getattr(layer, "kdim", E), getattr(layer, "vdim", E)
+    bias_k = getattr(layer, "bias_k", None)
     mha = nn.MultiheadAttention(E, layer.num_heads, dropout=layer.dropout, bias=layer.bias,
-                                batch_first=batch_first, device=layer.Wq.device, dtype=layer.Wq.dtype)
+                                add_bias_kv=bias_k is not None,
+                                add_zero_attn=bool(getattr(layer, "add_zero_attn", False)),
+                                kdim=kdim, vdim=vdim, batch_first=batch_first,
+                                device=layer.Wq.device, dtype=layer.Wq.dtype)
     with torch.no_grad():
-        mha.in_proj_weight.copy_(torch.cat([layer.Wq, layer.Wk, layer.Wv]))
+        if mha._qkv_same_embed_dim:
+            mha.in_proj_weight.copy_(torch.cat([layer.Wq, layer.Wk, layer.Wv]))
+        else:
+            mha.q_proj_weight.copy_(layer.Wq)
+            mha.k_proj_weight.copy_(layer.Wk)
+            mha.v_proj_weight.copy_(layer.Wv)
         mha.out_proj.weight.copy_(layer.W0)
         if layer.bias:
             mha.in_proj_bias.copy_(torch.cat([layer.bq, layer.bk, layer.bv]))
             mha.out_proj.bias.copy_(layer.b0)
+        if bias_k is not None:
+            mha.bias_k.copy_(bias_k.reshape(mha.bias_k.shape))
+            mha.bias_v.copy_(layer.bias_v.reshape(mha.bias_v.shape))
     mha.train(layer.training)
     return mha
