@@ -132,12 +132,15 @@ at::Tensor orthogonal_gaussian_projection(int64_t num_features, int64_t dim,
   at::NoGradGuard no_grad;
   const auto f64 = at::TensorOptions().dtype(at::kDouble);
   const int64_t nblocks = (num_features + dim - 1) / dim;
-  std::vector<at::Tensor> blocks;
-  for (int64_t b = 0; b < nblocks; ++b) {
-    at::Tensor g = at::randn({dim, dim}, f64);
-    blocks.push_back(std::get<0>(at::linalg_qr(g)).t());
-  }
-  at::Tensor rows = at::cat(blocks, 0).narrow(0, 0, num_features);
+  // One Gaussian (dim, dim) block per `dim` rows, drawn at once (the same draws as Python's
+  // panther.nn.attention.orthogonal_gaussian_projection on the CPU). Each column j of Q is
+  // multiplied by sign(R_jj), which makes Q Haar-distributed, so every row is marginally N(0, I).
+  at::Tensor g = at::randn({nblocks, dim, dim}, f64);
+  auto [qmat, rmat] = at::linalg_qr(g);
+  at::Tensor signs = at::diagonal(rmat, 0, -2, -1).sign();
+  signs = at::where(signs == 0, at::ones_like(signs), signs);
+  qmat = qmat * signs.unsqueeze(-2);
+  at::Tensor rows = qmat.transpose(-1, -2).reshape({nblocks * dim, dim}).narrow(0, 0, num_features);
   at::Tensor norms = at::randn({num_features, dim}, f64).norm(2, {1}, /*keepdim=*/true);
   return (rows * norms).to(options.device(), dtype_of(options)).contiguous();
 }
