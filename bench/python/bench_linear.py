@@ -90,16 +90,6 @@ def reference64(x: torch.Tensor, sk: "pr.nn.SKLinear") -> torch.Tensor:
     return y
 
 
-def two_gemm_operands(sk: "pr.nn.SKLinear") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A (d_in, 2Lk), B (2Lk, d_out) pre-scaled by 1/(2L), bias: leaf tensors of the layer's dtype."""
-    L, k = sk.num_terms, sk.low_rank
-    with torch.no_grad():
-        S1 = sk.S1s.permute(1, 0, 2).reshape(sk.in_features, L * k)
-        U2 = sk.U2s.permute(1, 0, 2).reshape(sk.in_features, L * k)
-        A = torch.cat([S1, U2], dim=1).contiguous()
-        B = (torch.cat([sk.U1s.reshape(L * k, -1), sk.S2s.reshape(L * k, -1)], dim=0) / (2 * L)).contiguous()
-        b = sk.bias.detach().clone()
-    return A, B, b
 
 
 def floors(cfg: Config, dtype: torch.dtype, hw: C.Hardware) -> Tuple[float, float]:
@@ -123,7 +113,7 @@ def bench_one(cfg: Config, dtype: torch.dtype, device: torch.device, hw: C.Hardw
     with torch.no_grad():
         dense.weight.copy_(copy.deepcopy(sk).double().dense_weight().to(dtype))
         dense.bias.copy_(sk.bias)
-    A, B, b = two_gemm_operands(sk)
+    A, B, b = C.two_gemm_operands(sk)
 
     x = torch.randn(N, d, dtype=dtype, device=device)
     gy = torch.randn(N, d, dtype=dtype, device=device)

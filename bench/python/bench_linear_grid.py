@@ -115,16 +115,6 @@ def parse_ints(s: Optional[str]) -> Optional[List[int]]:
 # ----------------------------------------------------------------------------- one row
 
 
-def two_gemm_operands(sk: "pr.nn.SKLinear") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A (d_in, 2Lk), B (2Lk, d_out) pre-scaled by 1/(2L), bias: tensors of the layer's dtype."""
-    L, k = sk.num_terms, sk.low_rank
-    with torch.no_grad():
-        S1 = sk.S1s.permute(1, 0, 2).reshape(sk.in_features, L * k)
-        U2 = sk.U2s.permute(1, 0, 2).reshape(sk.in_features, L * k)
-        A = torch.cat([S1, U2], dim=1).contiguous()
-        B = (torch.cat([sk.U1s.reshape(L * k, -1), sk.S2s.reshape(L * k, -1)], dim=0) / (2 * L)).contiguous()
-        b = sk.bias.detach().clone()
-    return A, B, b
 
 
 def floors(d_in: int, d_out: int, N: int, L: int, k: int, dtype: torch.dtype, hw: C.Hardware) -> Tuple[float, float]:
@@ -197,7 +187,7 @@ def bench_row(kind: str, d_in: int, d_out: int, N: int, L: int, k: int, dtype: t
     with torch.no_grad():
         dense.weight.copy_(copy.deepcopy(sk).double().dense_weight().to(dtype))
         dense.bias.copy_(sk.bias)
-    A, B, b = two_gemm_operands(sk)
+    A, B, b = C.two_gemm_operands(sk)
     x = torch.randn(N, d_in, dtype=dtype, device=device)
     gy = torch.randn(N, d_out, dtype=dtype, device=device)
     row: Dict = {"kind": kind, "d_in": d_in, "d_out": d_out, "tokens": N, "L": L, "k": k,

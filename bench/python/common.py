@@ -539,3 +539,19 @@ def strip_option(argv: Sequence[str], *names: str) -> List[str]:
             continue
         out.append(a)
     return out
+
+
+# ----------------------------------------------------------------------------- sketched layers
+
+
+def two_gemm_operands(sk) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
+    """An SKLinear as the plain two-GEMM product ``addmm(b, x @ A, B)``: A ``(d_in, 2Lk)``,
+    B ``(2Lk, d_out)`` pre-scaled by 1/(2L), bias; leaf tensors of the layer's dtype."""
+    L, k = sk.num_terms, sk.low_rank
+    with torch.no_grad():
+        S1 = sk.S1s.permute(1, 0, 2).reshape(sk.in_features, L * k)
+        U2 = sk.U2s.permute(1, 0, 2).reshape(sk.in_features, L * k)
+        A = torch.cat([S1, U2], dim=1).contiguous()
+        B = (torch.cat([sk.U1s.reshape(L * k, -1), sk.S2s.reshape(L * k, -1)], dim=0) / (2 * L)).contiguous()
+        b = sk.bias.detach().clone()
+    return A, B, b
