@@ -115,6 +115,14 @@ class FavorDecodeState(NamedTuple):
     * ``stabiliser`` ``(B, H)``: ``r``, the running maximum of the key pre-activations over the
       valid keys so far (``-inf`` before any; relu: 0). ``kv`` is rescaled when it grows.
     * ``length`` ``()`` int64: positions consumed (prefill length plus steps).
+
+    Made by :meth:`RandMultiHeadAttention.prefill`; :meth:`RandMultiHeadAttention.step` and
+    ``step_`` raise ValueError for a state whose shapes do not match the layer.
+
+    >>> attn = RandMultiHeadAttention(16, 2, 8, iscausal=True)
+    >>> _, state = attn.prefill(torch.randn(1, 5, 16))
+    >>> state.kv.shape, int(state.length)
+    (torch.Size([1, 2, 8, 9]), 5)
     """
 
     kv: Tensor

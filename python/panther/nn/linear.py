@@ -83,7 +83,23 @@ class SKLinear(nn.Module):
         generator: ``torch.Generator`` for the random draws (default: the global generator;
             constructing a layer never reseeds anything).
 
-    Shape: input ``(..., in_features)`` -> output ``(..., out_features)``.
+    Shape: input ``(..., in_features)`` -> output ``(..., out_features)``, in the layer's dtype
+    (fp32, fp64, fp16 or bf16; low precision accumulates in fp32).
+
+    Raises:
+        ValueError: a size that is not a positive integer, a layer that cannot fit in the memory
+            the process may use, a ``W_init`` of the wrong shape, or (at call time) an input
+            whose last dim is not ``in_features``.
+        TypeError: a ``dtype`` that is not a floating-point ``torch.dtype``, or a ``W_init`` that
+            is not a tensor.
+
+    A ``UserWarning`` says when the sketch holds more numbers than the dense layer it replaces.
+
+    >>> layer = SKLinear(64, 32, num_terms=1, low_rank=4)
+    >>> layer(torch.randn(5, 64)).shape
+    torch.Size([5, 32])
+    >>> (layer.S1s.shape, layer.U1s.shape)
+    (torch.Size([1, 64, 4]), torch.Size([1, 4, 32]))
     """
 
     __constants__ = ["in_features", "out_features", "num_terms", "low_rank"]
