@@ -2,7 +2,9 @@
 
 ``import panther as pr`` loads the native operator library (``torch.ops.panther.*``) and offers
 ``pr.nn.SKLinear`` (a sketched, randomized low-rank replacement for ``nn.Linear``) and
-``pr.nn.RandMultiHeadAttention`` (FAVOR+ random-feature attention).
+``pr.nn.RandMultiHeadAttention`` (FAVOR+ random-feature attention), and converts a trained model
+in one call (``pr.convert``, ``pr.unconvert``, ``pr.conversion_report``). Context parallelism lives
+in ``panther.distributed`` (imported explicitly).
 """
 from __future__ import annotations
 
