@@ -1,11 +1,8 @@
 // Autocast kernels of panther::favor_attention (CPU and CUDA): query, key and value are cast to
-// the autocast dtype (fp16/bf16; float64 is left alone), like aten::matmul. The projection keeps
-// its own dtype (a module keeps it fp32): the kernels compute features in at least fp32 anyway,
-// so casting it would only add rounding.
-#include <ATen/autocast_mode.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/library.h>
-
+// the autocast dtype (fp16/bf16; float64 is left alone), like aten::matmul (common/autocast.h).
+// The projection keeps its own dtype (a module keeps it fp32): the kernels compute features in
+// at least fp32 anyway, so casting it would only add rounding.
+#include "common/autocast.h"
 #include "panther/ops.h"
 
 namespace panther::autocast {
@@ -16,9 +13,7 @@ at::Tensor favor_attention_autocast(const at::Tensor& query, const at::Tensor& k
                                     const at::Tensor& value, const at::Tensor& projection,
                                     c10::string_view kernel, bool causal,
                                     const std::optional<at::Tensor>& key_padding_mask) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const auto dt = at::autocast::get_autocast_dtype(device);
-  auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(dt, t, device); };
+  const ToAutocastDtype<device> cast;
   return panther::favor_attention(cast(query), cast(key), cast(value), projection,
                                   std::string(kernel.data(), kernel.size()), causal, key_padding_mask);
 }
@@ -26,9 +21,4 @@ at::Tensor favor_attention_autocast(const at::Tensor& query, const at::Tensor& k
 }  // namespace
 }  // namespace panther::autocast
 
-TORCH_LIBRARY_IMPL(panther, AutocastCPU, m) {
-  m.impl("favor_attention", &panther::autocast::favor_attention_autocast<c10::DeviceType::CPU>);
-}
-TORCH_LIBRARY_IMPL(panther, AutocastCUDA, m) {
-  m.impl("favor_attention", &panther::autocast::favor_attention_autocast<c10::DeviceType::CUDA>);
-}
+PANTHER_AUTOCAST_IMPL("favor_attention", panther::autocast::favor_attention_autocast)
