@@ -15,6 +15,7 @@
 #include <string>
 
 #include "attention/impl.h"
+#include "common/autograd.h"
 
 namespace panther::autograd {
 namespace {
@@ -102,11 +103,10 @@ class FavorAttentionFunction : public torch::autograd::Function<FavorAttentionFu
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     auto s = ctx->get_saved_variables();
-    std::array<bool, 4> mask;
-    for (size_t i = 0; i < 4; ++i) mask[i] = ctx->needs_input_grad(i);
+    const std::array<bool, 4> mask = grad_mask<4>(ctx);
     at::Tensor g = grad_outputs[0];
     variable_list result(7);
-    if (!g.defined() || !(mask[0] || mask[1] || mask[2] || mask[3])) return result;
+    if (!g.defined() || !any(mask)) return result;
     const std::string kernel = ctx->saved_data["kernel"].toStringRef();
     const bool causal = ctx->saved_data["causal"].toBool();
     std::optional<at::Tensor> kpm;
@@ -134,11 +134,10 @@ class FavorAttentionFunction : public torch::autograd::Function<FavorAttentionFu
       return result;
     }
     auto grads = bwd_op().call(g, s[0], s[1], s[2], s[3], kernel, causal, kpm, mask, saved);
-    auto get = [](const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); };
-    result[0] = get(std::get<0>(grads));
-    result[1] = get(std::get<1>(grads));
-    result[2] = get(std::get<2>(grads));
-    result[3] = get(std::get<3>(grads));
+    result[0] = grad_or_undefined(std::get<0>(grads));
+    result[1] = grad_or_undefined(std::get<1>(grads));
+    result[2] = grad_or_undefined(std::get<2>(grads));
+    result[3] = grad_or_undefined(std::get<3>(grads));
     return result;
   }
 };
@@ -147,10 +146,7 @@ at::Tensor favor_attention_autograd(const at::Tensor& query, const at::Tensor& k
                                     const at::Tensor& value, const at::Tensor& projection,
                                     c10::string_view kernel, bool causal,
                                     const std::optional<at::Tensor>& key_padding_mask) {
-  const bool any_grad = at::GradMode::is_enabled() &&
-                        (query.requires_grad() || key.requires_grad() || value.requires_grad() ||
-                         projection.requires_grad());
-  if (!any_grad) {
+  if (!records_grad(query, key, value, projection)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return panther::detail::favor_attention_op().call(query, key, value, projection, kernel,
                                                       causal, key_padding_mask);

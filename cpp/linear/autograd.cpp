@@ -8,6 +8,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "common/autograd.h"
 #include "linear/impl.h"
 
 namespace panther::autograd {
@@ -106,30 +107,22 @@ class SketchedLinearFunction : public torch::autograd::Function<SketchedLinearFu
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     auto s = ctx->get_saved_variables();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    std::array<bool, 6> mask;
-    for (size_t i = 0; i < 5; ++i) mask[i] = ctx->needs_input_grad(i);
-    mask[5] = has_bias && ctx->needs_input_grad(5);
+    const std::array<bool, 6> mask = grad_mask<6>(ctx, has_bias ? 6 : 5);
     at::Tensor g = grad_outputs[0];
-    if (!g.defined() || !(mask[0] || mask[1] || mask[2] || mask[3] || mask[4] || mask[5])) {
-      return variable_list(6);
-    }
+    if (!g.defined() || !any(mask)) return variable_list(6);
     // Grad mode is on inside backward only when the backward is recorded (create_graph=True).
     if (at::GradMode::is_enabled()) return differentiable_grads(g, s[0], s[2], s[3], s[4], s[5], mask);
     auto grads = bwd_op().call(g, s[0], s[1], s[2], s[3], s[4], s[5], mask);
-    auto get = [](const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); };
-    return {get(std::get<0>(grads)), get(std::get<1>(grads)), get(std::get<2>(grads)),
-            get(std::get<3>(grads)), get(std::get<4>(grads)), get(std::get<5>(grads))};
+    return {grad_or_undefined(std::get<0>(grads)), grad_or_undefined(std::get<1>(grads)),
+            grad_or_undefined(std::get<2>(grads)), grad_or_undefined(std::get<3>(grads)),
+            grad_or_undefined(std::get<4>(grads)), grad_or_undefined(std::get<5>(grads))};
   }
 };
 
 at::Tensor sketched_linear_autograd(const at::Tensor& input, const at::Tensor& S1s,
                                     const at::Tensor& S2s, const at::Tensor& U1s,
                                     const at::Tensor& U2s, const std::optional<at::Tensor>& bias) {
-  const bool any_grad = at::GradMode::is_enabled() &&
-                        (input.requires_grad() || S1s.requires_grad() || S2s.requires_grad() ||
-                         U1s.requires_grad() || U2s.requires_grad() ||
-                         (bias.has_value() && bias->defined() && bias->requires_grad()));
-  if (!any_grad) {
+  if (!records_grad(input, S1s, S2s, U1s, U2s, bias)) {
     // Inference: no intermediate is kept.
     at::AutoDispatchBelowADInplaceOrView guard;
     return plain_op().call(input, S1s, S2s, U1s, U2s, bias);
