@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
 import statistics
 import sys
@@ -280,16 +279,6 @@ def format_row(r: Dict, small: bool) -> List[str]:
 def failed_cells(kind: str, d_in, d_out, N, L, k, dt: str, why: str, small: bool) -> List[str]:
     n = len(COLUMNS) + (1 if small else 0)
     return [f"{d_in}x{d_out}", str(N), f"{L}, {k}", dt, why] + ["-"] * (n - 5)
-
-
-def write_json_lines(path: Optional[str], rows: Sequence[Dict], meta: Dict) -> None:
-    """One JSON object per row (the row's raw numbers plus the run's metadata)."""
-    if not path:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps({**meta, **r}, default=str) + "\n")
 
 
 # ----------------------------------------------------------------------------- targets
@@ -531,7 +520,7 @@ def main(argv=None) -> int:
 
     text = report(True)
     C.emit(text, args.markdown)
-    write_json_lines(args.json, rows, meta)
+    C.write_json_lines(args.json, rows, meta)
     if args.csv:
         t = C.Table(COLUMNS)
         t.raw = grid_table.raw + small_table.raw

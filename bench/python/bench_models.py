@@ -85,7 +85,6 @@ import argparse
 import contextlib
 import copy
 import gc
-import json
 import math
 import os
 import sys
@@ -369,16 +368,6 @@ def first_calls(variants: List[Variant], which: str, device: torch.device, compi
         if why is not None:
             problems[v.name] = why
     return problems
-
-
-def write_json_lines(path: Optional[str], rows: Sequence[Dict], meta: Dict) -> None:
-    """One JSON object per row (the row's raw numbers plus the run's metadata)."""
-    if not path:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps({**meta, **r}, default=str) + "\n")
 
 
 def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -996,7 +985,7 @@ def main(argv=None) -> int:
         task_rows = copy_task(task_w, task, device, rows, deadline)
 
     C.emit(report(True), args.markdown)
-    write_json_lines(args.json, rows, meta)
+    C.write_json_lines(args.json, rows, meta)
     print(f"(total {time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
     failed = [r for r in rows if r.get("error") and r["error"] != "OOM"]
     return 1 if failed else 0

@@ -555,3 +555,17 @@ def two_gemm_operands(sk) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
         B = (torch.cat([sk.U1s.reshape(L * k, -1), sk.S2s.reshape(L * k, -1)], dim=0) / (2 * L)).contiguous()
         b = sk.bias.detach().clone()
     return A, B, b
+
+
+def write_json_lines(path: Optional[str], rows: Sequence[Dict], meta: Dict) -> None:
+    """One JSON object per row (the row's raw numbers plus the run's metadata), for scripts that
+    keep their own row dicts (bench_linear_grid.py, bench_models.py); ResultWriter writes the
+    fixed-column records bench/compare.py reads."""
+    import json
+
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps({**meta, **r}, default=str) + "\n")
