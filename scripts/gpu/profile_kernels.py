@@ -1,8 +1,11 @@
 """Kernel profile (developer tool, not part of the suite): GPU time per kernel, and host submit vs
 total time, of the calls whose targets are missed: SKLinear bf16 forward at 8192 tokens,
 SKLinear bf16 forward+backward at 64 tokens, causal favor_attention forward+backward at 16k
-(bf16, 12 x 64 heads, M=256) and the RandMultiHeadAttention forward at 1k.
-Usage: python3 scripts/gpu/profile_kernels.py [linear] [attention] [module]   (default: all three)"""
+(bf16, 12 x 64 heads, M=256) and the RandMultiHeadAttention forward at 1k. ``shapes``: kernels of
+SKLinear, nn.Linear and the plain two-GEMM fwd+bwd at transformer widths (PROBE_SHAPES, entries
+d_in x d_out x tokens, default 768x768x4096,768x768x16384,4096x4096x16384; L=1 k=64).
+Usage: python3 scripts/gpu/profile_kernels.py [linear] [attention] [module] [shapes]
+(default: linear attention module)"""
 import os
 import sys
 import time
@@ -88,6 +91,29 @@ if "linear" in SECTIONS:
         latency("nn.Linear fwd N=64", lambda: lin(x64))
         kernels("SKLinear fwd N=64", lambda: sk(x64))
     kernels("SKLinear fwd+bwd N=64", fb_sk)
+
+if "shapes" in SECTIONS:
+    spec = os.environ.get("PROBE_SHAPES", "768x768x4096,768x768x16384,4096x4096x16384")
+    for item in spec.split(","):
+        d_in, d_out, n = (int(t) for t in item.split("x"))
+        sk = pr.nn.SKLinear(d_in, d_out, 1, 64, device=dev, dtype=dt)
+        lin = torch.nn.Linear(d_in, d_out, device=dev, dtype=dt)
+        A = torch.randn(d_in, 128, device=dev, dtype=dt, requires_grad=True)
+        B = torch.randn(128, d_out, device=dev, dtype=dt, requires_grad=True)
+        b = torch.zeros(d_out, device=dev, dtype=dt, requires_grad=True)
+        x = torch.randn(n, d_in, device=dev, dtype=dt, requires_grad=True)
+        g = torch.randn(n, d_out, device=dev, dtype=dt)
+        cases = {
+            "SKLinear": (lambda: sk(x), [x, *sk.parameters()]),
+            "nn.Linear": (lambda: lin(x), [x, *lin.parameters()]),
+            "two-GEMM": (lambda: torch.addmm(b, x @ A, B), [x, A, B, b]),
+        }
+        for name, (f, params) in cases.items():
+            fb = lambda f=f, params=params: torch.autograd.grad(f(), params, g)  # noqa: E731
+            with torch.no_grad():
+                latency(f"{name} fwd {item}", f)
+            latency(f"{name} fwd+bwd {item}", fb)
+            kernels(f"{name} fwd+bwd {item}", fb)
 
 op = torch.ops.panther.favor_attention
 if "attention" in SECTIONS:
