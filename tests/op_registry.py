@@ -301,7 +301,7 @@ def _detached(args):
     return tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
 
 
-def _sketched_linear_fwd_sample_inputs(device, dtype):
+def _sketched_linear_forward_sample_inputs(device, dtype):
     return [Sample(s.desc, _detached(s.args)) for s in sketched_linear_sample_inputs(device, dtype)[:5]]
 
 
@@ -309,7 +309,7 @@ def _sketched_linear_backward_sample_inputs(device, dtype):
     out = []
     for s in sketched_linear_sample_inputs(device, dtype)[:5]:
         args = _detached(s.args)
-        y, saved = torch.ops.panther._sketched_linear_fwd(*args)
+        y, saved = torch.ops.panther._sketched_linear_forward(*args)
         g = torch.randn(y.shape, generator=_gen(1), dtype=torch.float64).to(device=device, dtype=dtype)
         mask = [a is not None and a.requires_grad for a in s.args]
         out.append(Sample(s.desc, (g, args[0], saved, *args[1:5], mask)))
@@ -396,7 +396,7 @@ REGISTRY: List[OpEntry] = [
         autocast_dtypes={"cpu": torch.bfloat16, "cuda": torch.float16},
         arg_spellings={"kernel_fn": ("kernel",)},  # the Python wrapper's (and the messages') spelling
     ),
-    _private("_sketched_linear_fwd", "sketched_linear", _sketched_linear_fwd_sample_inputs),
+    _private("_sketched_linear_forward", "sketched_linear", _sketched_linear_forward_sample_inputs),
     _private("_sketched_linear_backward", "sketched_linear", _sketched_linear_backward_sample_inputs),
     _private("_favor_attention_forward", "favor_attention", _favor_attention_forward_sample_inputs,
              devices_=("cuda",), **_FAVOR_PRIVATE_DTYPES),  # the fused CUDA forward; no CPU kernel

@@ -45,7 +45,7 @@ import panther as pr
 from panther._reference import sketched_linear_dense_weight_reference, sketched_linear_reference
 
 OP = torch.ops.panther.sketched_linear.default
-FWD_OP = torch.ops.panther._sketched_linear_fwd.default
+FWD_OP = torch.ops.panther._sketched_linear_forward.default
 BWD_OP = torch.ops.panther._sketched_linear_backward.default
 ARG_NAMES = ("input", "S1s", "S2s", "U1s", "U2s", "bias")
 LOWP = (torch.float16, torch.bfloat16)
