@@ -65,7 +65,7 @@ def inductor_cache():
     """Runs the test with an inductor cache directory private to this build of libpanther_ops.
 
     Inductor's on-disk caches do not key on custom ops' C++ code: a graph cached with an earlier
-    build (e.g. one whose internal ``_sketched_linear_fwd`` saved a different shape) would be
+    build (e.g. one whose internal ``_sketched_linear_forward`` saved a different shape) would be
     reused after a rebuild. A directory named after the library's hash keeps the cache (fast
     reruns) without that hazard.
     """

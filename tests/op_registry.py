@@ -301,7 +301,7 @@ def _detached(args):
     return tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
 
 
-def _sketched_linear_fwd_sample_inputs(device, dtype):
+def _sketched_linear_forward_sample_inputs(device, dtype):
     return [Sample(s.desc, _detached(s.args)) for s in sketched_linear_sample_inputs(device, dtype)[:5]]
 
 
@@ -309,7 +309,7 @@ def _sketched_linear_backward_sample_inputs(device, dtype):
     out = []
     for s in sketched_linear_sample_inputs(device, dtype)[:5]:
         args = _detached(s.args)
-        y, saved = torch.ops.panther._sketched_linear_fwd(*args)
+        y, saved = torch.ops.panther._sketched_linear_forward(*args)
         g = torch.randn(y.shape, generator=_gen(1), dtype=torch.float64).to(device=device, dtype=dtype)
         mask = [a is not None and a.requires_grad for a in s.args]
         out.append(Sample(s.desc, (g, args[0], saved, *args[1:5], mask)))
@@ -357,6 +357,10 @@ def _private(name, public, factory, runs=("opcheck", "meta"), devices_=None, why
                    devices=devices_ or devices(), dtypes=dtypes, opcheck_dtypes=opcheck_dtypes)
 
 
+# The low-precision sketched linear saves its intermediate split in two ([hi | lo]), another shape
+# than in float32/64: its halves are also checked in bf16 and fp16.
+_SKETCHED_PRIVATE_DTYPES = dict(dtypes=(torch.float64, torch.float32, torch.bfloat16, torch.float16),
+                                opcheck_dtypes=(torch.float32, torch.bfloat16, torch.float16))
 # The fused CUDA kernels of FAVOR+ take bf16 only: the attention halves are also checked in bf16.
 _FAVOR_PRIVATE_DTYPES = dict(dtypes=(torch.float32, torch.bfloat16), opcheck_dtypes=(torch.float32, torch.bfloat16))
 
@@ -375,6 +379,8 @@ REGISTRY: List[OpEntry] = [
         tol={torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)},
         dynamic_samples=sketched_linear_dynamic_samples,
         dynamic_dims=({0: "batch", 1: "tokens"}, None, None, None, None, None),
+        # bf16 too: the low-precision path keeps its own (split) intermediate.
+        opcheck_dtypes=(torch.float32, torch.bfloat16),
         error_inputs=sketched_linear_error_inputs,
         script_module=SketchedLinearScript,
         autocast_dtypes={"cpu": torch.bfloat16, "cuda": torch.float16},
@@ -396,8 +402,10 @@ REGISTRY: List[OpEntry] = [
         autocast_dtypes={"cpu": torch.bfloat16, "cuda": torch.float16},
         arg_spellings={"kernel_fn": ("kernel",)},  # the Python wrapper's (and the messages') spelling
     ),
-    _private("_sketched_linear_fwd", "sketched_linear", _sketched_linear_fwd_sample_inputs),
-    _private("_sketched_linear_backward", "sketched_linear", _sketched_linear_backward_sample_inputs),
+    _private("_sketched_linear_forward", "sketched_linear", _sketched_linear_forward_sample_inputs,
+             **_SKETCHED_PRIVATE_DTYPES),
+    _private("_sketched_linear_backward", "sketched_linear", _sketched_linear_backward_sample_inputs,
+             **_SKETCHED_PRIVATE_DTYPES),
     _private("_favor_attention_forward", "favor_attention", _favor_attention_forward_sample_inputs,
              devices_=("cuda",), **_FAVOR_PRIVATE_DTYPES),  # the fused CUDA forward; no CPU kernel
     _private("_favor_attention_backward", "favor_attention", _favor_attention_backward_sample_inputs,

@@ -136,6 +136,30 @@ def test_self_attention_op_matches_module_math(bias, causal):
     torch.library.opcheck(op.default, args)
 
 
+def test_self_attention_op_errors_use_the_op_format():
+    """panther::_rand_mha_self_attention words its argument errors as every op does:
+    ``panther::<op>: <argument> must ..., got ...`` (a None tensor is a TypeError)."""
+    layer = small_layer(dtype=torch.float64)
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    op = torch.ops.panther._rand_mha_self_attention
+
+    def call(x, num_heads=layer.num_heads, bq=layer.bq):
+        return op(x, layer.Wq, layer.Wk, layer.Wv, bq, layer.bk, layer.bv, layer.W0, layer.b0,
+                  layer.projection_matrix, num_heads, layer.kernel_fn, False, None)
+
+    with pytest.raises(RuntimeError, match=r"^panther::_rand_mha_self_attention: x must be 3-d "
+                                           r"\(batch, seq, embed_dim\), got shape \(9, 32\)"):
+        call(x[0])
+    with pytest.raises(RuntimeError, match=r"^panther::_rand_mha_self_attention: num_heads must "
+                                           r"divide embed_dim=32, got 5"):
+        call(x, num_heads=5)
+    with pytest.raises(RuntimeError, match=r"^panther::_rand_mha_self_attention: bq, bk and bv must "
+                                           r"all be given or all be None"):
+        call(x, bq=None)
+    with pytest.raises(TypeError, match=r"^panther::_rand_mha_self_attention: x must be a tensor, got None"):
+        call(None)
+
+
 def test_mask_conventions_agree():
     torch.manual_seed(1)
     layer = small_layer(dtype=torch.float64)

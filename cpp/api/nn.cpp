@@ -10,6 +10,7 @@
 
 #include <cmath>
 
+#include "common/checks.h"
 #include "panther/ops.h"
 
 namespace panther::nn {
@@ -18,14 +19,14 @@ namespace {
 // panther::favor_attention through the dispatcher, looked up on first use (so this file does not
 // depend on the op being in the same build: the module's forward throws a c10::Error without it).
 at::Tensor call_favor_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& projection, const std::string& kernel,
+                                const at::Tensor& projection, const std::string& kernel_fn,
                                 bool causal, const std::optional<at::Tensor>& key_padding_mask) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("panther::favor_attention", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, c10::string_view, bool,
                                          const std::optional<at::Tensor>&)>();
-  return op.call(q, k, v, projection, kernel, causal, key_padding_mask);
+  return op.call(q, k, v, projection, kernel_fn, causal, key_padding_mask);
 }
 
 at::ScalarType dtype_of(const c10::TensorOptions& o) {
@@ -41,15 +42,17 @@ SKLinearImpl::SKLinearImpl(const SKLinearOptions& options_, const std::optional<
 
 void SKLinearImpl::reset() {
   const auto& o = options;
-  TORCH_CHECK(o.in_features() > 0, "SKLinear: in_features must be a positive integer, got ", o.in_features());
-  TORCH_CHECK(o.out_features() > 0, "SKLinear: out_features must be a positive integer, got ", o.out_features());
-  TORCH_CHECK(o.num_terms() > 0, "SKLinear: num_terms must be a positive integer, got ", o.num_terms());
-  TORCH_CHECK(o.low_rank() > 0, "SKLinear: low_rank must be a positive integer, got ", o.low_rank());
+  const char* name = "SKLinear";
+  checks::positive(name, "in_features", o.in_features());
+  checks::positive(name, "out_features", o.out_features());
+  checks::positive(name, "num_terms", o.num_terms());
+  checks::positive(name, "low_rank", o.low_rank());
   if (W_init.has_value() && W_init->defined()) {
-    TORCH_CHECK(W_init->dim() == 2 && W_init->size(0) == o.out_features() &&
-                    W_init->size(1) == o.in_features(),
-                "SKLinear: W_init must have shape (out_features=", o.out_features(),
-                ", in_features=", o.in_features(), ") (nn.Linear layout), got ", W_init->sizes());
+    PANTHER_CHECK_ARG(W_init->dim() == 2 && W_init->size(0) == o.out_features() &&
+                          W_init->size(1) == o.in_features(),
+                      name, "W_init", "have shape (out_features=", o.out_features(),
+                      ", in_features=", o.in_features(), ") (nn.Linear layout), got ",
+                      W_init->sizes());
   }
   const int64_t L = o.num_terms(), k = o.low_rank(), in = o.in_features(), out = o.out_features();
   const auto topt = o.tensor_options();
@@ -100,10 +103,9 @@ void SKLinearImpl::reset() {
 }
 
 at::Tensor SKLinearImpl::forward(const at::Tensor& input) {
-  TORCH_CHECK(input.dim() >= 1,
-              "SKLinear: input must have at least 1 dimension (..., in_features), got a 0-d tensor");
-  TORCH_CHECK(input.size(-1) == options.in_features(), "SKLinear: input last dim must be in_features=",
-              options.in_features(), ", got ", input.size(-1));
+  checks::min_dim("SKLinear", "input", input, 1, "(..., in_features)");
+  PANTHER_CHECK_ARG(input.size(-1) == options.in_features(), "SKLinear", "input last dim",
+                    "be in_features=", options.in_features(), ", got ", input.size(-1));
   std::optional<at::Tensor> b;
   if (bias.defined()) b = bias;
   return panther::sketched_linear(input, S1s, S2s, U1s, U2s, b);
@@ -153,17 +155,15 @@ RandMultiHeadAttentionImpl::RandMultiHeadAttentionImpl(const RandMultiHeadAttent
 void RandMultiHeadAttentionImpl::reset() {
   const auto& o = options;
   const char* name = "RandMultiHeadAttention";
-  TORCH_CHECK(o.embed_dim() > 0, name, ": embed_dim must be a positive integer, got ", o.embed_dim());
-  TORCH_CHECK(o.num_heads() > 0, name, ": num_heads must be a positive integer, got ", o.num_heads());
-  TORCH_CHECK(o.num_random_features() > 0, name, ": num_random_features must be a positive integer, got ",
-              o.num_random_features());
-  TORCH_CHECK(o.embed_dim() % o.num_heads() == 0, name,
-              ": embed_dim must be divisible by num_heads, got embed_dim=", o.embed_dim(),
-              ", num_heads=", o.num_heads());
-  TORCH_CHECK(o.dropout() >= 0.0 && o.dropout() < 1.0, name, ": dropout must be in [0, 1), got ",
-              o.dropout());
-  TORCH_CHECK(o.kernel_fn() == "softmax" || o.kernel_fn() == "relu", name,
-              ": kernel_fn must be 'softmax' or 'relu', got '", o.kernel_fn(), "'");
+  checks::positive(name, "embed_dim", o.embed_dim());
+  checks::positive(name, "num_heads", o.num_heads());
+  checks::positive(name, "num_random_features", o.num_random_features());
+  PANTHER_CHECK_ARG(o.embed_dim() % o.num_heads() == 0, name, "embed_dim",
+                    "be divisible by num_heads, got embed_dim=", o.embed_dim(),
+                    ", num_heads=", o.num_heads());
+  PANTHER_CHECK_ARG(o.dropout() >= 0.0 && o.dropout() < 1.0, name, "dropout",
+                    "be in [0, 1), got ", o.dropout());
+  checks::one_of(name, "kernel_fn", o.kernel_fn(), {"softmax", "relu"}, '\'');
   const int64_t E = o.embed_dim(), hd = E / o.num_heads();
   const auto opts = at::TensorOptions().dtype(dtype_of(o.tensor_options())).device(o.tensor_options().device());
 

@@ -19,9 +19,9 @@ at::Tensor sketched_linear(const at::Tensor& input, const at::Tensor& S1s, const
 }
 
 at::Tensor favor_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                           const at::Tensor& projection, const std::string& kernel, bool causal,
+                           const at::Tensor& projection, const std::string& kernel_fn, bool causal,
                            const std::optional<at::Tensor>& key_padding_mask) {
-  return detail::favor_attention_op().call(query, key, value, projection, kernel, causal,
+  return detail::favor_attention_op().call(query, key, value, projection, kernel_fn, causal,
                                           key_padding_mask);
 }
 

@@ -11,11 +11,12 @@ namespace {
 template <c10::DeviceType device>
 at::Tensor favor_attention_autocast(const at::Tensor& query, const at::Tensor& key,
                                     const at::Tensor& value, const at::Tensor& projection,
-                                    c10::string_view kernel, bool causal,
+                                    c10::string_view kernel_fn, bool causal,
                                     const std::optional<at::Tensor>& key_padding_mask) {
   const ToAutocastDtype<device> cast;
   return panther::favor_attention(cast(query), cast(key), cast(value), projection,
-                                  std::string(kernel.data(), kernel.size()), causal, key_padding_mask);
+                                  std::string(kernel_fn.data(), kernel_fn.size()), causal,
+                                  key_padding_mask);
 }
 
 }  // namespace

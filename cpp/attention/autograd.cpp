@@ -35,7 +35,7 @@ const auto& bwd_op() {
   return op;
 }
 
-const auto& fwd_saved_op() {
+const auto& forward_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("panther::_favor_attention_forward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(
@@ -82,20 +82,20 @@ class FavorAttentionFunction : public torch::autograd::Function<FavorAttentionFu
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
                             const at::Tensor& value, const at::Tensor& projection,
-                            const std::string& kernel, bool causal,
+                            const std::string& kernel_fn, bool causal,
                             const std::optional<at::Tensor>& key_padding_mask) {
     at::AutoDispatchBelowADInplaceOrView guard;
     at::Tensor out, saved;
     if (keep_states(query, key, value, projection))
       std::tie(out, saved) =
-          fwd_saved_op().call(query, key, value, projection, kernel, causal, key_padding_mask);
+          forward_op().call(query, key, value, projection, kernel_fn, causal, key_padding_mask);
     else
-      out = panther::detail::favor_attention_op().call(query, key, value, projection, kernel,
+      out = panther::detail::favor_attention_op().call(query, key, value, projection, kernel_fn,
                                                         causal, key_padding_mask);
     const bool has_mask = key_padding_mask.has_value() && key_padding_mask->defined();
     ctx->save_for_backward({query, key, value, projection,
                             has_mask ? *key_padding_mask : at::Tensor(), saved});
-    ctx->saved_data["kernel"] = kernel;
+    ctx->saved_data["kernel_fn"] = kernel_fn;
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["has_mask"] = has_mask;
     return out;
@@ -107,7 +107,7 @@ class FavorAttentionFunction : public torch::autograd::Function<FavorAttentionFu
     at::Tensor g = grad_outputs[0];
     variable_list result(7);
     if (!g.defined() || !any(mask)) return result;
-    const std::string kernel = ctx->saved_data["kernel"].toStringRef();
+    const std::string kernel_fn = ctx->saved_data["kernel_fn"].toStringRef();
     const bool causal = ctx->saved_data["causal"].toBool();
     std::optional<at::Tensor> kpm;
     if (ctx->saved_data["has_mask"].toBool()) kpm = s[4];
@@ -116,7 +116,7 @@ class FavorAttentionFunction : public torch::autograd::Function<FavorAttentionFu
     if (at::GradMode::is_enabled()) {
       // create_graph=True: differentiable gradients of the composite forward on the saved inputs.
       const panther::detail::FavorDims d = panther::detail::check_favor_attention(
-          "panther::favor_attention", s[0], s[1], s[2], s[3], kernel, causal, kpm);
+          "panther::favor_attention", s[0], s[1], s[2], s[3], kernel_fn, causal, kpm);
       const at::Tensor out = panther::detail::favor_forward_differentiable(
           d, s[0], s[1], s[2], s[3], causal, kpm, kDifferentiableChunk);
       if (!out.requires_grad()) return result;  // no key or empty output: every gradient is 0
@@ -133,7 +133,7 @@ class FavorAttentionFunction : public torch::autograd::Function<FavorAttentionFu
       for (size_t j = 0; j < which.size(); ++j) result[which[j]] = grads[j];
       return result;
     }
-    auto grads = bwd_op().call(g, s[0], s[1], s[2], s[3], kernel, causal, kpm, mask, saved);
+    auto grads = bwd_op().call(g, s[0], s[1], s[2], s[3], kernel_fn, causal, kpm, mask, saved);
     result[0] = grad_or_undefined(std::get<0>(grads));
     result[1] = grad_or_undefined(std::get<1>(grads));
     result[2] = grad_or_undefined(std::get<2>(grads));
@@ -144,14 +144,15 @@ class FavorAttentionFunction : public torch::autograd::Function<FavorAttentionFu
 
 at::Tensor favor_attention_autograd(const at::Tensor& query, const at::Tensor& key,
                                     const at::Tensor& value, const at::Tensor& projection,
-                                    c10::string_view kernel, bool causal,
+                                    c10::string_view kernel_fn, bool causal,
                                     const std::optional<at::Tensor>& key_padding_mask) {
   if (!records_grad(query, key, value, projection)) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return panther::detail::favor_attention_op().call(query, key, value, projection, kernel,
+    return panther::detail::favor_attention_op().call(query, key, value, projection, kernel_fn,
                                                       causal, key_padding_mask);
   }
-  return FavorAttentionFunction::apply(query, key, value, projection, std::string(kernel.data(), kernel.size()), causal,
+  return FavorAttentionFunction::apply(query, key, value, projection,
+                                       std::string(kernel_fn.data(), kernel_fn.size()), causal,
                                        key_padding_mask);
 }
 

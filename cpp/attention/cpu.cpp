@@ -63,10 +63,10 @@ std::optional<at::Tensor> slice_mask(const std::optional<at::Tensor>& m, int64_t
 
 at::Tensor favor_attention_cpu(const at::Tensor& query, const at::Tensor& key,
                                const at::Tensor& value, const at::Tensor& projection,
-                               c10::string_view kernel, bool causal,
+                               c10::string_view kernel_fn, bool causal,
                                const std::optional<at::Tensor>& key_padding_mask) {
   const FavorDims d = check_favor_attention("panther::favor_attention", query, key, value,
-                                            projection, kernel, causal, key_padding_mask);
+                                            projection, kernel_fn, causal, key_padding_mask);
   const Slices s = slices_of(d);
   if (s.count <= 1)
     return favor_forward(d, query, key, value, projection, causal, key_padding_mask, kCpuChunk,
@@ -85,13 +85,13 @@ at::Tensor favor_attention_cpu(const at::Tensor& query, const at::Tensor& key,
 
 FavorGrads favor_attention_backward_cpu(const at::Tensor& grad_output, const at::Tensor& query,
                                         const at::Tensor& key, const at::Tensor& value,
-                                        const at::Tensor& projection, c10::string_view kernel,
+                                        const at::Tensor& projection, c10::string_view kernel_fn,
                                         bool causal,
                                         const std::optional<at::Tensor>& key_padding_mask,
                                         std::array<bool, 4> output_mask,
                                         const std::optional<at::Tensor>& /*saved: CUDA only*/) {
   const FavorDims d = check_favor_attention("panther::_favor_attention_backward", query, key,
-                                            value, projection, kernel, causal, key_padding_mask);
+                                            value, projection, kernel_fn, causal, key_padding_mask);
   const Slices s = slices_of(d);
   if (s.count <= 1)
     return favor_backward(d, grad_output, query, key, value, projection, causal,

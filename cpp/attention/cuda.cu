@@ -82,49 +82,56 @@ const bool kRegistered = [] {
   return true;
 }();
 
+// The forward of favor_attention (`op`) on CUDA; keep_saved: also the states and stabilisers
+// that the fused backward reuses (_favor_attention_forward's second output).
+std::tuple<at::Tensor, at::Tensor> forward_cuda(const char* op, const at::Tensor& query,
+                                                const at::Tensor& key, const at::Tensor& value,
+                                                const at::Tensor& projection,
+                                                c10::string_view kernel_fn, bool causal,
+                                                const std::optional<at::Tensor>& key_padding_mask,
+                                                bool keep_saved) {
+  const FavorDims d = check_favor_attention(op, query, key, value, projection, kernel_fn, causal,
+                                            key_padding_mask);
+  const c10::cuda::CUDAGuard guard(query.device());
+  if (use_fused(d, query)) {
+    at::Tensor saved;
+    at::Tensor out = fused::forward<__nv_bfloat16>(d, query, key, value, projection, causal,
+                                                   key_padding_mask,
+                                                   keep_saved ? &saved : nullptr);
+    return {out, saved};
+  }
+  at::Tensor out = favor_forward(d, query, key, value, projection, causal, key_padding_mask,
+                                 kCudaChunk, &chunk_scan_cuda);
+  // The backward on this device does not take the fused path either: it never reads this one.
+  return {out, keep_saved ? favor_saved_empty(d, causal, query.options()) : at::Tensor()};
+}
+
 at::Tensor favor_attention_cuda(const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& projection,
-                                c10::string_view kernel, bool causal,
+                                c10::string_view kernel_fn, bool causal,
                                 const std::optional<at::Tensor>& key_padding_mask) {
-  const FavorDims d = check_favor_attention("panther::favor_attention", query, key, value,
-                                            projection, kernel, causal, key_padding_mask);
-  const c10::cuda::CUDAGuard guard(query.device());
-  if (use_fused(d, query))
-    return fused::forward<__nv_bfloat16>(d, query, key, value, projection, causal,
-                                         key_padding_mask);
-  return favor_forward(d, query, key, value, projection, causal, key_padding_mask, kCudaChunk,
-                       &chunk_scan_cuda);
+  return std::get<0>(forward_cuda("panther::favor_attention", query, key, value, projection,
+                                  kernel_fn, causal, key_padding_mask, /*keep_saved=*/false));
 }
 
 // favor_attention plus, for the fused path, the states and stabilisers the backward reuses.
 std::tuple<at::Tensor, at::Tensor> favor_attention_forward_cuda(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& projection, c10::string_view kernel, bool causal,
+    const at::Tensor& projection, c10::string_view kernel_fn, bool causal,
     const std::optional<at::Tensor>& key_padding_mask) {
-  const FavorDims d = check_favor_attention("panther::_favor_attention_forward", query, key, value,
-                                            projection, kernel, causal, key_padding_mask);
-  const c10::cuda::CUDAGuard guard(query.device());
-  if (use_fused(d, query)) {
-    at::Tensor saved;
-    at::Tensor out = fused::forward<__nv_bfloat16>(d, query, key, value, projection, causal,
-                                                   key_padding_mask, &saved);
-    return {out, saved};
-  }
-  // The backward on this device does not take the fused path either: it never reads this one.
-  return {favor_forward(d, query, key, value, projection, causal, key_padding_mask, kCudaChunk,
-                        &chunk_scan_cuda),
-          favor_saved_empty(d, causal, query.options())};
+  return forward_cuda("panther::_favor_attention_forward", query, key, value, projection,
+                      kernel_fn, causal, key_padding_mask, /*keep_saved=*/true);
 }
 
 FavorGrads favor_attention_backward_cuda(const at::Tensor& grad_output, const at::Tensor& query,
                                          const at::Tensor& key, const at::Tensor& value,
-                                         const at::Tensor& projection, c10::string_view kernel,
+                                         const at::Tensor& projection, c10::string_view kernel_fn,
                                          bool causal,
                                          const std::optional<at::Tensor>& key_padding_mask,
                                          std::array<bool, 4> output_mask,
                                          const std::optional<at::Tensor>& saved) {
   const FavorDims d = check_favor_attention("panther::_favor_attention_backward", query, key,
-                                            value, projection, kernel, causal, key_padding_mask);
+                                            value, projection, kernel_fn, causal, key_padding_mask);
   const c10::cuda::CUDAGuard guard(query.device());
   if (use_fused(d, query) && grad_output.scalar_type() == query.scalar_type()) {
     // The projection gradient is summed with float atomics across chunks: raise (or warn) like

@@ -7,16 +7,11 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/device.cuh"
 #include "common/mma.cuh"
 
-#ifdef PANTHER_CUDA_EMU
-#include "cuda_emu.h"
-#else
-#include <cuda_bf16.h>
-#include <mma.h>
-#ifndef PANTHER_DYNAMIC_SMEM
-#define PANTHER_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
-#endif
+#ifndef PANTHER_CUDA_EMU
+#include <mma.h>  // WMMA (the emulator has its own)
 #endif
 
 namespace panther::fused {

@@ -19,10 +19,9 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
-#include "common/format.h"
+#include "common/checks.h"
 #include <cmath>
 #include <limits>
-#include <sstream>
 
 namespace panther::detail {
 namespace {
@@ -224,47 +223,29 @@ const c10::TypedOperatorHandle<FavorAttentionSig>& favor_attention_op() {
 
 FavorSymDims check_favor_attention_sym(const char* op, const at::Tensor& query,
                                        const at::Tensor& key, const at::Tensor& value,
-                                       const at::Tensor& projection, c10::string_view kernel,
+                                       const at::Tensor& projection, c10::string_view kernel_fn,
                                        bool causal,
                                        const std::optional<at::Tensor>& key_padding_mask) {
   // Sizes are read with sym_size and compared as SymInts: under dynamic shapes the comparisons
   // become guards relating the symbols (key batch == query batch), never a constant.
-  // (None passed for a Tensor argument arrives as an undefined tensor: TypeError, as Python's.)
-  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"query", &query}, {"key", &key},
-                         {"value", &value}, {"projection", &projection}}) {
-    TORCH_CHECK_TYPE(t->defined(), op, ": ", name, " must be a tensor, got None");
-  }
+  checks::defined(op,
+                  {{"query", query}, {"key", key}, {"value", value}, {"projection", projection}});
   FavorSymDims d{};
-  if (kernel == "softmax") {
-    d.kernel = FavorKernel::Softmax;
-  } else if (kernel == "relu") {
-    d.kernel = FavorKernel::Relu;
-  } else {
-    TORCH_CHECK(false, op, ": kernel must be \"softmax\" or \"relu\", got \"", std::string(kernel.data(), kernel.size()), "\"");
-  }
-  TORCH_CHECK(query.dim() == 4, op, ": query must be 4-d (batch, heads, Lq, head_dim), got shape ",
-              shape_str(query.sym_sizes()));
-  TORCH_CHECK(key.dim() == 4, op, ": key must be 4-d (batch, heads, Lk, head_dim), got shape ",
-              shape_str(key.sym_sizes()));
-  TORCH_CHECK(value.dim() == 4, op, ": value must be 4-d (batch, heads, Lk, value_dim), got shape ",
-              shape_str(value.sym_sizes()));
-  TORCH_CHECK(projection.dim() == 2, op,
-              ": projection must be 2-d (num_random_features, head_dim), got shape ",
-              shape_str(projection.sym_sizes()));
-  const auto dt = query.scalar_type();
-  TORCH_CHECK(at::isFloatingType(dt), op,
-              ": query must be float64, float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(key.scalar_type() == dt, op, ": key must have the query's dtype ", dt, ", got ",
-              key.scalar_type());
-  TORCH_CHECK(value.scalar_type() == dt, op, ": value must have the query's dtype ", dt, ", got ",
-              value.scalar_type());
-  TORCH_CHECK(at::isFloatingType(projection.scalar_type()), op,
-              ": projection must be a floating-point tensor, got ", projection.scalar_type());
-  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"key", &key},
-                         {"value", &value}, {"projection", &projection}}) {
-    TORCH_CHECK(t->device() == query.device(), op, ": ", name, " must be on the query's device ",
-                query.device(), ", got ", t->device());
-  }
+  // (The message names the Python wrapper's keyword, `kernel`: docs/compatibility.md.)
+  d.kernel = checks::one_of(op, "kernel", kernel_fn, {"softmax", "relu"}) == 0
+                 ? FavorKernel::Softmax
+                 : FavorKernel::Relu;
+  checks::dim(op, "query", query, 4, "(batch, heads, Lq, head_dim)");
+  checks::dim(op, "key", key, 4, "(batch, heads, Lk, head_dim)");
+  checks::dim(op, "value", value, 4, "(batch, heads, Lk, value_dim)");
+  checks::dim(op, "projection", projection, 2, "(num_random_features, head_dim)");
+  checks::floating(op, "query", query);
+  checks::same_dtype(op, "key", key, "query", query);
+  checks::same_dtype(op, "value", value, "query", query);
+  checks::floating(op, "projection", projection, "a floating-point tensor");
+  checks::same_device(op, "key", key, "query", query);
+  checks::same_device(op, "value", value, "query", query);
+  checks::same_device(op, "projection", projection, "query", query);
   d.B = query.sym_size(0);
   d.H = query.sym_size(1);
   d.Lq = query.sym_size(2);
@@ -272,41 +253,39 @@ FavorSymDims check_favor_attention_sym(const char* op, const at::Tensor& query,
   d.Lk = key.sym_size(2);
   d.Dv = value.sym_size(3);
   d.M = projection.sym_size(0);
-  TORCH_CHECK(key.sym_size(0) == d.B && key.sym_size(1) == d.H && key.sym_size(3) == d.D, op,
-              ": key must have shape (batch=", d.B, ", heads=", d.H, ", Lk, head_dim=", d.D,
-              ") to match query ", shape_str(query.sym_sizes()), ", got ",
-              shape_str(key.sym_sizes()));
-  TORCH_CHECK(value.sym_size(0) == d.B && value.sym_size(1) == d.H && value.sym_size(2) == d.Lk,
-              op, ": value must have shape (batch=", d.B, ", heads=", d.H, ", Lk=", d.Lk,
-              ", value_dim) to match key ", shape_str(key.sym_sizes()), ", got ",
-              shape_str(value.sym_sizes()));
-  TORCH_CHECK(d.D >= 1, op, ": head_dim must be >= 1, got query shape ",
-              shape_str(query.sym_sizes()));
-  TORCH_CHECK(d.M >= 1 && projection.sym_size(1) == d.D, op,
-              ": projection must have shape (num_random_features >= 1, head_dim=", d.D, "), got ",
-              shape_str(projection.sym_sizes()));
+  PANTHER_CHECK_ARG(key.sym_size(0) == d.B && key.sym_size(1) == d.H && key.sym_size(3) == d.D,
+                    op, "key", "have shape (batch=", d.B, ", heads=", d.H, ", Lk, head_dim=", d.D,
+                    ") to match query ", shape_str(query.sym_sizes()), ", got ",
+                    shape_str(key.sym_sizes()));
+  PANTHER_CHECK_ARG(
+      value.sym_size(0) == d.B && value.sym_size(1) == d.H && value.sym_size(2) == d.Lk, op,
+      "value", "have shape (batch=", d.B, ", heads=", d.H, ", Lk=", d.Lk,
+      ", value_dim) to match key ", shape_str(key.sym_sizes()), ", got ",
+      shape_str(value.sym_sizes()));
+  PANTHER_CHECK_ARG(d.D >= 1, op, "head_dim", "be >= 1, got query shape ",
+                    shape_str(query.sym_sizes()));
+  PANTHER_CHECK_ARG(d.M >= 1 && projection.sym_size(1) == d.D, op, "projection",
+                    "have shape (num_random_features >= 1, head_dim=", d.D, "), got ",
+                    shape_str(projection.sym_sizes()));
   TORCH_CHECK(!causal || d.Lq == d.Lk, op,
               ": causal=True needs equal query and key lengths, got Lq=", d.Lq, " and Lk=", d.Lk);
   if (key_padding_mask.has_value() && key_padding_mask->defined()) {
     const at::Tensor& m = *key_padding_mask;
-    TORCH_CHECK(m.scalar_type() == at::kBool, op,
-                ": key_padding_mask must be bool (True = padded key, ignored), got ", m.scalar_type());
-    TORCH_CHECK(m.dim() == 2 && m.sym_size(0) == d.B && m.sym_size(1) == d.Lk, op,
-                ": key_padding_mask must have shape (batch=", d.B, ", Lk=", d.Lk, "), got ",
-                shape_str(m.sym_sizes()));
-    TORCH_CHECK(m.device() == query.device(), op,
-                ": key_padding_mask must be on the query's device ", query.device(), ", got ",
-                m.device());
+    checks::dtype(op, "key_padding_mask", m, at::kBool, "bool (True = padded key, ignored)");
+    PANTHER_CHECK_ARG(m.dim() == 2 && m.sym_size(0) == d.B && m.sym_size(1) == d.Lk, op,
+                      "key_padding_mask", "have shape (batch=", d.B, ", Lk=", d.Lk, "), got ",
+                      shape_str(m.sym_sizes()));
+    checks::same_device(op, "key_padding_mask", m, "query", query);
   }
   return d;
 }
 
 FavorDims check_favor_attention(const char* op, const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& projection,
-                                c10::string_view kernel, bool causal,
+                                c10::string_view kernel_fn, bool causal,
                                 const std::optional<at::Tensor>& key_padding_mask) {
   // (Real kernels see concrete sizes.)
-  const FavorSymDims s = check_favor_attention_sym(op, query, key, value, projection, kernel,
+  const FavorSymDims s = check_favor_attention_sym(op, query, key, value, projection, kernel_fn,
                                                    causal, key_padding_mask);
   return {s.B.expect_int(), s.H.expect_int(),  s.Lq.expect_int(), s.Lk.expect_int(),
           s.D.expect_int(), s.Dv.expect_int(), s.M.expect_int(),  s.kernel};

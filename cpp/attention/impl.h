@@ -114,14 +114,14 @@ struct FavorSymDims {
 // check_favor_attention on symbolic sizes: the same checks, no size specialised to a constant.
 FavorSymDims check_favor_attention_sym(const char* op, const at::Tensor& query,
                                        const at::Tensor& key, const at::Tensor& value,
-                                       const at::Tensor& projection, c10::string_view kernel,
+                                       const at::Tensor& projection, c10::string_view kernel_fn,
                                        bool causal,
                                        const std::optional<at::Tensor>& key_padding_mask);
 
-// Validates shapes, dtypes, devices, the kernel string, the mask and causal's Lq == Lk.
+// Validates shapes, dtypes, devices, kernel_fn, the mask and causal's Lq == Lk.
 FavorDims check_favor_attention(const char* op, const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& projection,
-                                c10::string_view kernel, bool causal,
+                                c10::string_view kernel_fn, bool causal,
                                 const std::optional<at::Tensor>& key_padding_mask);
 
 // Exclusive scan over chunk states: x (BH, n, E), a (BH, n), both contiguous, same dtype.

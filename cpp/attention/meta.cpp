@@ -14,33 +14,33 @@ using namespace panther::detail;
 
 at::Tensor favor_attention_meta(const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& projection,
-                                c10::string_view kernel, bool causal,
+                                c10::string_view kernel_fn, bool causal,
                                 const std::optional<at::Tensor>& key_padding_mask) {
   const FavorSymDims d = check_favor_attention_sym("panther::favor_attention", query, key,
-                                                   value, projection, kernel, causal,
+                                                   value, projection, kernel_fn, causal,
                                                    key_padding_mask);
   return favor_output(d, query.options());
 }
 
 std::tuple<at::Tensor, at::Tensor> favor_attention_forward_meta(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& projection, c10::string_view kernel, bool causal,
+    const at::Tensor& projection, c10::string_view kernel_fn, bool causal,
     const std::optional<at::Tensor>& key_padding_mask) {
   const FavorSymDims d = check_favor_attention_sym("panther::_favor_attention_forward", query,
-                                                   key, value, projection, kernel, causal,
+                                                   key, value, projection, kernel_fn, causal,
                                                    key_padding_mask);
   return {favor_output(d, query.options()), favor_saved_empty(d, causal, query.options())};
 }
 
 FavorGrads favor_attention_backward_meta(const at::Tensor& grad_output, const at::Tensor& query,
                                          const at::Tensor& key, const at::Tensor& value,
-                                         const at::Tensor& projection, c10::string_view kernel,
+                                         const at::Tensor& projection, c10::string_view kernel_fn,
                                          bool causal,
                                          const std::optional<at::Tensor>& key_padding_mask,
                                          std::array<bool, 4> output_mask,
                                          const std::optional<at::Tensor>& /*saved*/) {
   check_favor_attention_sym("panther::_favor_attention_backward", query, key, value, projection,
-                            kernel, causal, key_padding_mask);
+                            kernel_fn, causal, key_padding_mask);
   FavorGrads out;
   if (output_mask[0]) std::get<0>(out) = at::empty_like(query, at::MemoryFormat::Contiguous);
   if (output_mask[1]) std::get<1>(out) = at::empty_like(key, at::MemoryFormat::Contiguous);

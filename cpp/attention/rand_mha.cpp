@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "attention/impl.h"
+#include "common/checks.h"
 
 namespace panther::kernels {
 namespace {
@@ -25,15 +26,17 @@ at::Tensor rand_mha_self_attention(const at::Tensor& x, const at::Tensor& Wq, co
                                    c10::string_view kernel_fn, bool causal,
                                    const std::optional<at::Tensor>& key_padding_mask) {
   constexpr const char* op = "panther::_rand_mha_self_attention";
-  TORCH_CHECK(x.dim() == 3, op, ": x must be (batch, seq, embed_dim), got ", x.dim(), " dims");
+  checks::defined(op, {{"x", x}, {"Wq", Wq}, {"Wk", Wk}, {"Wv", Wv}, {"W0", W0},
+                       {"projection", projection}});
+  checks::dim(op, "x", x, 3, "(batch, seq, embed_dim)");
   const int64_t B = x.size(0), L = x.size(1), E = x.size(2);
-  TORCH_CHECK(num_heads >= 1 && E % num_heads == 0, op, ": num_heads must divide embed_dim=", E,
-              ", got ", num_heads);
+  PANTHER_CHECK_ARG(num_heads >= 1 && E % num_heads == 0, op, "num_heads", "divide embed_dim=", E,
+                    ", got ", num_heads);
   const int64_t H = num_heads, hd = E / H;
   const bool has_bias = bq.has_value() && bq->defined();
-  TORCH_CHECK(has_bias == (bk.has_value() && bk->defined()) &&
-                  has_bias == (bv.has_value() && bv->defined()),
-              op, ": bq, bk and bv must all be given or all be None");
+  PANTHER_CHECK_ARG(has_bias == (bk.has_value() && bk->defined()) &&
+                        has_bias == (bv.has_value() && bv->defined()),
+                    op, "bq, bk and bv", "all be given or all be None");
   at::Tensor q, k, v;
   auto is_ee = [&](const at::Tensor& W) {
     return W.dim() == 2 && W.size(0) == E && W.size(1) == E && W.scalar_type() == Wq.scalar_type() &&

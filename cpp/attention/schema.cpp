@@ -5,7 +5,7 @@
 
 TORCH_LIBRARY_FRAGMENT(panther, m) {
   // query (B, H, Lq, D), key (B, H, Lk, D), value (B, H, Lk, Dv), projection (M, D) shared by the
-  // heads; kernel "softmax" or "relu"; causal needs Lq == Lk; key_padding_mask (B, Lk) bool,
+  // heads; kernel_fn "softmax" or "relu"; causal needs Lq == Lk; key_padding_mask (B, Lk) bool,
   // True = padded key (removed from numerator and denominator). Returns (B, H, Lq, Dv) in the
   // query's dtype, laid out as (B, Lq, H, Dv) in memory. Non-causal O(L M D); causal chunked,
   // time and memory linear in length.

@@ -54,13 +54,11 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/device.cuh"
+
 #ifdef PANTHER_CUDA_EMU
-#include "cuda_emu.h"
 #include <deque>
 #include <vector>
-#else
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #endif
 
 namespace panther::mma {

@@ -1,5 +1,5 @@
 // Autograd kernel of panther::sketched_linear: a C++ autograd::Function whose forward calls
-// _sketched_linear_fwd below autograd (keeping the small (N, 2Lk) intermediate) and whose
+// _sketched_linear_forward below autograd (keeping the small (N, 2Lk) intermediate) and whose
 // backward calls _sketched_linear_backward, computing gradients only for inputs that need them.
 // When the backward itself is recorded (create_graph=True: grad mode is on inside backward), the
 // gradients are computed instead with differentiable ATen GEMMs on the packed operands, so that a
@@ -20,9 +20,9 @@ using Grads6 = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>,
                           std::optional<at::Tensor>, std::optional<at::Tensor>,
                           std::optional<at::Tensor>, std::optional<at::Tensor>>;
 
-const auto& fwd_op() {
+const auto& forward_op() {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("panther::_sketched_linear_fwd", "")
+                       .findSchemaOrThrow("panther::_sketched_linear_forward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>();
@@ -98,7 +98,7 @@ class SketchedLinearFunction : public torch::autograd::Function<SketchedLinearFu
                             const at::Tensor& S2s, const at::Tensor& U1s, const at::Tensor& U2s,
                             const std::optional<at::Tensor>& bias) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, saved] = fwd_op().call(input, S1s, S2s, U1s, U2s, bias);
+    auto [y, saved] = forward_op().call(input, S1s, S2s, U1s, U2s, bias);
     ctx->save_for_backward({input, saved, S1s, S2s, U1s, U2s});
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return y;

@@ -1,4 +1,4 @@
-// CPU kernels of panther::sketched_linear, _sketched_linear_fwd and _sketched_linear_backward.
+// CPU kernels of panther::sketched_linear, _sketched_linear_forward and _sketched_linear_backward.
 // fp32/fp64 run the two-GEMM path in their own precision; fp16/bf16 are computed in fp32 and
 // rounded once at the end (fp32 accumulation, no intermediate rounding).
 #include <ATen/ATen.h>
@@ -21,10 +21,9 @@ std::optional<at::Tensor> cast_opt(const std::optional<at::Tensor>& t, at::Scala
   return std::nullopt;
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd_impl(const at::Tensor& input, const at::Tensor& S1s,
-                                            const at::Tensor& S2s, const at::Tensor& U1s,
-                                            const at::Tensor& U2s,
-                                            const std::optional<at::Tensor>& bias) {
+std::tuple<at::Tensor, at::Tensor> sketched_linear_forward_cpu(
+    const at::Tensor& input, const at::Tensor& S1s, const at::Tensor& S2s, const at::Tensor& U1s,
+    const at::Tensor& U2s, const std::optional<at::Tensor>& bias) {
   const SketchDims d = check_sketched_linear(kOp, input, S1s, S2s, U1s, U2s, bias);
   const auto dt = input.scalar_type(), cdt = compute_dtype(dt);
   const double scale = 1.0 / (2.0 * static_cast<double>(d.L));
@@ -79,6 +78,6 @@ Grads6 backward_cpu(const at::Tensor& grad_out, const at::Tensor& input, const a
 
 TORCH_LIBRARY_IMPL(panther, CPU, m) {
   m.impl("sketched_linear", &panther::cpu::sketched_linear_cpu);
-  m.impl("_sketched_linear_fwd", &panther::cpu::fwd_impl);
+  m.impl("_sketched_linear_forward", &panther::cpu::sketched_linear_forward_cpu);
   m.impl("_sketched_linear_backward", &panther::cpu::backward_cpu);
 }

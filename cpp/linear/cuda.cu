@@ -1,4 +1,4 @@
-// CUDA kernels of panther::sketched_linear, _sketched_linear_fwd and _sketched_linear_backward.
+// CUDA kernels of panther::sketched_linear, _sketched_linear_forward and _sketched_linear_backward.
 // fp32/fp64: the two cuBLAS GEMMs of the rank-2Lk factorisation (cpp/linear/impl.cpp).
 // fp16/bf16: both GEMMs accumulate in fp32; the (N, 2Lk) intermediate T stays fp32 and enters
 // the second GEMM as an exact split T = hi + lo ([hi | lo] against [B; B]), so the only rounding
@@ -359,10 +359,9 @@ at::Tensor sketched_linear_cuda(const at::Tensor& input, const at::Tensor& S1s, 
   return forward_cuda(input, S1s, S2s, U1s, U2s, bias, /*want_saved=*/false).y;
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& input, const at::Tensor& S1s,
-                                            const at::Tensor& S2s, const at::Tensor& U1s,
-                                            const at::Tensor& U2s,
-                                            const std::optional<at::Tensor>& bias) {
+std::tuple<at::Tensor, at::Tensor> sketched_linear_forward_cuda(
+    const at::Tensor& input, const at::Tensor& S1s, const at::Tensor& S2s, const at::Tensor& U1s,
+    const at::Tensor& U2s, const std::optional<at::Tensor>& bias) {
   auto f = forward_cuda(input, S1s, S2s, U1s, U2s, bias, /*want_saved=*/true);
   return {f.y, f.saved};
 }
@@ -430,6 +429,6 @@ Grads6 backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const 
 
 TORCH_LIBRARY_IMPL(panther, CUDA, m) {
   m.impl("sketched_linear", &panther::cuda::sketched_linear_cuda);
-  m.impl("_sketched_linear_fwd", &panther::cuda::fwd_cuda);
+  m.impl("_sketched_linear_forward", &panther::cuda::sketched_linear_forward_cuda);
   m.impl("_sketched_linear_backward", &panther::cuda::backward_cuda);
 }

@@ -4,62 +4,49 @@
 
 #include <c10/util/Exception.h>
 
-#include "common/format.h"
-#include <sstream>
+#include "common/checks.h"
 
 namespace panther::detail {
+
 namespace {
+// The sketch tensors and the bias must match the input's dtype and device.
+constexpr const char* kCastHint =
+    " (cast the input or the layer, e.g. layer.to(dtype); under autocast this is automatic)";
 
-void check_shape(const char* op, const char* name, const at::Tensor& t,
-                 std::initializer_list<int64_t> want, const char* want_str) {
-  std::vector<int64_t> w(want);
-  TORCH_CHECK(t.sizes().vec() == w, op, ": ", name, " must have shape ", want_str, " = ",
-              shape_str(w), ", got ", shape_str(t.sizes()));
+void check_like_input(const char* op, const char* name, const at::Tensor& t,
+                      const at::Tensor& input) {
+  checks::same_dtype(op, name, t, "input", input, kCastHint);
+  checks::same_device(op, name, t, "input", input);
 }
-
-void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
-  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": ", name, " must have the input's dtype ",
-              input.scalar_type(), ", got ", t.scalar_type(),
-              " (cast the input or the layer, e.g. layer.to(dtype); under autocast this is automatic)");
-  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " must be on the input's device ",
-              input.device(), ", got ", t.device());
-}
-
 }  // namespace
 
 SketchDims check_sketched_linear(const char* op, const at::Tensor& input, const at::Tensor& S1s,
                                  const at::Tensor& S2s, const at::Tensor& U1s,
                                  const at::Tensor& U2s, const std::optional<at::Tensor>& bias) {
-  // (None passed for a Tensor argument arrives as an undefined tensor: TypeError, as Python's.)
-  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"input", &input}, {"S1s", &S1s},
-                         {"S2s", &S2s}, {"U1s", &U1s}, {"U2s", &U2s}}) {
-    TORCH_CHECK_TYPE(t->defined(), op, ": ", name, " must be a tensor, got None");
-  }
-  TORCH_CHECK(input.dim() >= 1, op, ": input must have at least 1 dimension (..., d_in), got a 0-d tensor");
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()), op,
-              ": input must be float64, float32, float16 or bfloat16, got ", input.scalar_type());
-  TORCH_CHECK(S1s.dim() == 3, op, ": S1s must be 3-d (num_terms, d_in, low_rank), got shape ",
-              shape_str(S1s.sizes()));
+  checks::defined(op, {{"input", input}, {"S1s", S1s}, {"S2s", S2s}, {"U1s", U1s}, {"U2s", U2s}});
+  checks::min_dim(op, "input", input, 1, "(..., d_in)");
+  checks::floating(op, "input", input);
+  checks::dim(op, "S1s", S1s, 3, "(num_terms, d_in, low_rank)");
   const int64_t L = S1s.size(0), d_in = S1s.size(1), k = S1s.size(2);
-  TORCH_CHECK(S2s.dim() == 3, op, ": S2s must be 3-d (num_terms, low_rank, d_out), got shape ",
-              shape_str(S2s.sizes()));
+  checks::dim(op, "S2s", S2s, 3, "(num_terms, low_rank, d_out)");
   const int64_t d_out = S2s.size(2);
-  TORCH_CHECK(L >= 1 && k >= 1, op, ": num_terms and low_rank must be >= 1, got S1s of shape ",
-              shape_str(S1s.sizes()));
-  check_shape(op, "S2s", S2s, {L, k, d_out}, "(num_terms, low_rank, d_out)");
-  check_shape(op, "U1s", U1s, {L, k, d_out}, "(num_terms, low_rank, d_out)");
-  check_shape(op, "U2s", U2s, {L, d_in, k}, "(num_terms, d_in, low_rank)");
+  PANTHER_CHECK_ARG(L >= 1 && k >= 1, op, "num_terms and low_rank", "be >= 1, got S1s of shape ",
+                    shape_str(S1s.sizes()));
+  checks::shape(op, "S2s", S2s, {L, k, d_out}, "(num_terms, low_rank, d_out)");
+  checks::shape(op, "U1s", U1s, {L, k, d_out}, "(num_terms, low_rank, d_out)");
+  checks::shape(op, "U2s", U2s, {L, d_in, k}, "(num_terms, d_in, low_rank)");
   // sym_size: under dynamic shapes (torch.export Dim, torch.compile(dynamic=True)) the Meta
   // kernels see symbolic sizes; only the last dim is checked, leading dims stay symbolic.
-  TORCH_CHECK(input.sym_size(-1) == d_in, op, ": input last dim must be d_in=", d_in,
-              " (from S1s), got ", input.size(-1), " (input shape ", shape_str(input.sizes()), ")");
-  check_same(op, "S1s", S1s, input);
-  check_same(op, "S2s", S2s, input);
-  check_same(op, "U1s", U1s, input);
-  check_same(op, "U2s", U2s, input);
+  PANTHER_CHECK_ARG(input.sym_size(-1) == d_in, op, "input last dim", "be d_in=", d_in,
+                    " (from S1s), got ", input.size(-1), " (input shape ", shape_str(input.sizes()),
+                    ")");
+  check_like_input(op, "S1s", S1s, input);
+  check_like_input(op, "S2s", S2s, input);
+  check_like_input(op, "U1s", U1s, input);
+  check_like_input(op, "U2s", U2s, input);
   if (bias.has_value() && bias->defined()) {
-    check_shape(op, "bias", *bias, {d_out}, "(d_out,)");
-    check_same(op, "bias", *bias, input);
+    checks::shape(op, "bias", *bias, {d_out}, "(d_out,)");
+    check_like_input(op, "bias", *bias, input);
   }
   // N = product of the leading dims; -1 when they are symbolic (Meta kernels under dynamic
   // shapes compute their own symbolic row count; real kernels always see concrete sizes).

@@ -30,10 +30,9 @@ at::Tensor sketched_linear_meta(const at::Tensor& input, const at::Tensor& S1s,
   return at::empty_symint(sym_output_shape(input, d.d_out), input.options());
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd_meta(const at::Tensor& input, const at::Tensor& S1s,
-                                            const at::Tensor& S2s, const at::Tensor& U1s,
-                                            const at::Tensor& U2s,
-                                            const std::optional<at::Tensor>& bias) {
+std::tuple<at::Tensor, at::Tensor> sketched_linear_forward_meta(
+    const at::Tensor& input, const at::Tensor& S1s, const at::Tensor& S2s, const at::Tensor& U1s,
+    const at::Tensor& U2s, const std::optional<at::Tensor>& bias) {
   const SketchDims d = check_sketched_linear("panther::sketched_linear", input, S1s, S2s, U1s, U2s, bias);
   at::Tensor y = at::empty_symint(sym_output_shape(input, d.d_out), input.options());
   const int64_t cols = saved_core_cols(input.scalar_type(), d.L * d.k) + kSavedPad;
@@ -60,6 +59,6 @@ Grads6 backward_meta(const at::Tensor& grad_out, const at::Tensor& input, const 
 
 TORCH_LIBRARY_IMPL(panther, Meta, m) {
   m.impl("sketched_linear", &panther::meta::sketched_linear_meta);
-  m.impl("_sketched_linear_fwd", &panther::meta::fwd_meta);
+  m.impl("_sketched_linear_forward", &panther::meta::sketched_linear_forward_meta);
   m.impl("_sketched_linear_backward", &panther::meta::backward_meta);
 }

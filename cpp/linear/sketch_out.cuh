@@ -27,13 +27,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/device.cuh"
 #include "common/mma.cuh"
-
-#ifndef PANTHER_CUDA_EMU
-#ifndef PANTHER_DYNAMIC_SMEM
-#define PANTHER_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
-#endif
-#endif
 
 #include <ATen/ATen.h>
 

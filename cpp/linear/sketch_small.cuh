@@ -22,15 +22,7 @@
 #pragma once
 #include <cstdint>
 
-#ifdef PANTHER_CUDA_EMU
-#include "cuda_emu.h"
-#else
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#ifndef PANTHER_DYNAMIC_SMEM
-#define PANTHER_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
-#endif
-#endif
+#include "common/device.cuh"
 
 namespace panther::sketch {
 

@@ -80,7 +80,7 @@ def favor_attention_reference(
     k: Tensor,
     v: Tensor,
     projection: Tensor,
-    kernel: str = "softmax",
+    kernel_fn: str = "softmax",
     causal: bool = False,
     key_padding_mask: Optional[Tensor] = None,
     key_bias: Optional[Tensor] = None,
@@ -121,7 +121,7 @@ def favor_attention_reference(
         factor = torch.exp(kb - torch.where(torch.isinf(top), torch.zeros_like(top), top))  # (B, H, Lk)
         valid = valid & (factor > 0)  # keys whose weight underflows to 0 are padded
     tril = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
-    if kernel == "softmax":
+    if kernel_fn == "softmax":
         s = D ** -0.25
         xq, xk = q * s, k * s
         preq = xq @ W.T - 0.5 * (xq * xq).sum(-1, keepdim=True)
@@ -141,14 +141,14 @@ def favor_attention_reference(
         expo = expo.masked_fill(~see[..., None], float("-inf"))
         psi = sM * (torch.exp(expo) + FAVOR_SOFTMAX_EPS) * see[..., None]
         A = torch.einsum("bhim,bhijm->bhij", phi, psi)
-    elif kernel == "relu":
+    elif kernel_fn == "relu":
         phi = sM * torch.relu(q @ W.T) + FAVOR_RELU_EPS
         psi = (sM * torch.relu(k @ W.T) + FAVOR_RELU_EPS) * valid[..., None]
         A = phi @ psi.transpose(-1, -2)
         if causal:
             A = A * tril
     else:
-        raise ValueError(f"favor_attention_reference: kernel must be 'softmax' or 'relu', got {kernel!r}")
+        raise ValueError(f"favor_attention_reference: kernel_fn must be 'softmax' or 'relu', got {kernel_fn!r}")
     if factor is not None:
         A = A * factor[:, :, None, :]
     den = A.sum(-1, keepdim=True)

@@ -360,7 +360,7 @@ def context_parallel_favor_attention(
 # ----------------------------------------------------------------------------- the module wrapper
 
 _MHA_ATTRS = ("Wq", "Wk", "Wv", "bq", "bk", "bv", "W0", "b0", "projection_matrix", "num_heads",
-              "head_dim", "kernel_fn", "causal", "dropout")
+              "head_dim", "kernel_fn", "causal", "dropout", "_project_heads", "_project_output")
 
 
 def _key_padding(batch: int, lk: int, attention_mask: Optional[Tensor],
@@ -398,20 +398,14 @@ def context_parallel_attention_forward(
     Runs the module's input projections, :func:`context_parallel_favor_attention` over ``group``,
     dropout (in training) and the output projection -> ``(B, Lq_r, E)``.
     """
-    B, Lq, E = query.shape
-    Lk = key.shape[1]
-    H, hd = int(module.num_heads), int(module.head_dim)
     if causal is None:
         causal = bool(module.causal)
-    q = F.linear(query, module.Wq, module.bq).view(B, Lq, H, hd).transpose(1, 2)
-    k = F.linear(key, module.Wk, module.bk).view(B, Lk, H, hd).transpose(1, 2)
-    v = F.linear(value, module.Wv, module.bv).view(B, Lk, H, hd).transpose(1, 2)
+    q = module._project_heads(query, module.Wq, module.bq)
+    k = module._project_heads(key, module.Wk, module.bk)
+    v = module._project_heads(value, module.Wv, module.bv)
     ctx = context_parallel_favor_attention(q, k, v, module.projection_matrix, module.kernel_fn, causal,
                                            key_padding_mask, group, chunk_size=chunk_size)
-    ctx = ctx.transpose(1, 2).reshape(B, Lq, E)
-    if module.training and module.dropout > 0:
-        ctx = F.dropout(ctx, p=module.dropout, training=True)
-    return F.linear(ctx, module.W0, module.b0)
+    return module._project_output(ctx)
 
 
 class ContextParallel(nn.Module):

@@ -90,7 +90,8 @@ struct RandMultiHeadAttentionOptions {
   TORCH_ARG(bool, bias) = true;
   /// "softmax" (positive random features) or "relu".
   TORCH_ARG(std::string, kernel_fn) = "softmax";
-  /// Position i attends to positions <= i only (needs equal query/key lengths).
+  /// Position i attends to positions <= i only (needs equal query/key lengths). Panther's
+  /// spelling, as the Python constructor's; forward's argument and the op say `causal`.
   TORCH_ARG(bool, iscausal) = false;
   /// dtype/device of parameters and buffers (default: float32 on CPU).
   TORCH_ARG(c10::TensorOptions, tensor_options) = c10::TensorOptions();

@@ -18,10 +18,10 @@ at::Tensor sketched_linear(const at::Tensor& input, const at::Tensor& S1s, const
 
 /// FAVOR+ random-feature attention (Performer), linear in sequence length.
 /// query (B, H, Lq, D); key (B, H, Lk, D); value (B, H, Lk, Dv); projection (M, D) shared by the
-/// heads; kernel "softmax" or "relu"; causal needs Lq == Lk; key_padding_mask (B, Lk) bool with
+/// heads; kernel_fn "softmax" or "relu"; causal needs Lq == Lk; key_padding_mask (B, Lk) bool with
 /// true = padded key (ignored). Returns (B, H, Lq, Dv) in the query's dtype.
 at::Tensor favor_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                           const at::Tensor& projection, const std::string& kernel = "softmax",
+                           const at::Tensor& projection, const std::string& kernel_fn = "softmax",
                            bool causal = false,
                            const std::optional<at::Tensor>& key_padding_mask = std::nullopt);
 

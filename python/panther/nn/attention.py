@@ -377,6 +377,21 @@ class RandMultiHeadAttention(nn.Module):
                 nn.init.xavier_normal_(self.bias_k, generator=generator)
                 nn.init.xavier_normal_(self.bias_v, generator=generator)
 
+    def _project_heads(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """An input projection split into heads: x ``(B, L, *)`` -> ``(B, H, L, head_dim)``."""
+        B, L = x.shape[0], x.shape[1]
+        return F.linear(x, weight, bias).reshape(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _project_output(self, ctx: Tensor) -> Tensor:
+        """The attention output ``(B, H, L, head_dim)`` -> ``(B, L, embed_dim)``: heads merged (a
+        view where the op lays its output out as ``(B, L, H, head_dim)``), dropout in training,
+        output projection."""
+        B, L = ctx.shape[0], ctx.shape[2]
+        ctx = ctx.transpose(1, 2).reshape(B, L, self.embed_dim)
+        if self.training and self.dropout > 0:  # (p = 0 would still cost a launch)
+            ctx = F.dropout(ctx, p=self.dropout, training=True)
+        return F.linear(ctx, self.W0, self.b0)
+
     @torch.jit.unused
     def _eager_self_attention(self, x: Tensor, causal: bool, kpm: Optional[Tensor]) -> Optional[Tensor]:
         """The whole forward as one native call (panther::_rand_mha_self_attention, a composition
@@ -697,9 +712,9 @@ class RandMultiHeadAttention(nn.Module):
             out = fused
         else:
             H, hd = self.num_heads, self.head_dim
-            q = F.linear(query, self.Wq, self.bq).reshape(B, Lq, H, hd).transpose(1, 2)
-            k = F.linear(key, self.Wk, self.bk).reshape(B, Lk, H, hd).transpose(1, 2)
-            v = F.linear(value, self.Wv, self.bv).reshape(B, Lk, H, hd).transpose(1, 2)
+            q = self._project_heads(query, self.Wq, self.bq)
+            k = self._project_heads(key, self.Wk, self.bk)
+            v = self._project_heads(value, self.Wv, self.bv)
             bias_k, bias_v = self.bias_k, self.bias_v
             if bias_k is not None and bias_v is not None:
                 k = torch.cat([k, bias_k.to(k.dtype).reshape(1, H, 1, hd).expand(B, H, 1, hd)], 2)
@@ -733,11 +748,7 @@ class RandMultiHeadAttention(nn.Module):
                     weights = weights.mean(1)
                 if not batched:
                     weights = weights.squeeze(0)
-            # A view, not a copy, where the op lays its (B, H, Lq, hd) output out as (B, Lq, H, hd).
-            ctx = ctx.transpose(1, 2).reshape(B, Lq, E)
-            if self.training and self.dropout > 0:  # (p = 0 would still cost a launch)
-                ctx = F.dropout(ctx, p=self.dropout, training=True)
-            out = F.linear(ctx, self.W0, self.b0)
+            out = self._project_output(ctx)
         if not batched:
             out = out.squeeze(0)
         elif not self.batch_first:
@@ -850,15 +861,12 @@ class RandMultiHeadAttention(nn.Module):
             if key_bias is not None:
                 raise ValueError(f"{name}: key_padding_mask may only exclude keys (bool, 0/1, or float 0 and "
                                  f"-inf), got float score biases")
-        H, hd = self.num_heads, self.head_dim
-        q = F.linear(x, self.Wq, self.bq).reshape(B, L, H, hd).transpose(1, 2)
-        k = F.linear(x, self.Wk, self.bk).reshape(B, L, H, hd).transpose(1, 2)
-        v = F.linear(x, self.Wv, self.bv).reshape(B, L, H, hd).transpose(1, 2)
+        H = self.num_heads
+        q = self._project_heads(x, self.Wq, self.bq)
+        k = self._project_heads(x, self.Wk, self.bk)
+        v = self._project_heads(x, self.Wv, self.bv)
         ctx = torch.ops.panther.favor_attention(q, k, v, self.projection_matrix, self.kernel_fn, True, excluded)
-        ctx = ctx.transpose(1, 2).reshape(B, L, E)
-        if self.training and self.dropout > 0:
-            ctx = F.dropout(ctx, p=self.dropout, training=True)
-        out = F.linear(ctx, self.W0, self.b0)
+        out = self._project_output(ctx)
         # The state: every key of the prompt relative to the running maximum at its end.
         cdt = self._decode_dtype()
         W = self.projection_matrix.to(cdt)
