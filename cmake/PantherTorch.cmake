@@ -91,7 +91,9 @@ if(PANTHER_CUDA)
         "compute capability 8.0 or newer (bf16 tensor cores, cp.async)")
     endif()
   endforeach()
-  set(PANTHER_CUDA_ARCH_LIST "${TORCH_CUDA_ARCH_LIST}")
+  # Space-separated: the value becomes a string compile definition, and a ";" in it would split
+  # the definition into two broken compiler arguments.
+  string(REPLACE ";" " " PANTHER_CUDA_ARCH_LIST "${TORCH_CUDA_ARCH_LIST}")
   message(STATUS "Panther: CUDA architectures ${PANTHER_CUDA_ARCH_LIST} (from ${_panther_arch_from})")
   # Architecture flags come from torch's config (CMAKE_CUDA_FLAGS); CMake adds none of its own
   # (OFF), and is unset while torch's config runs, which would otherwise warn that it ignores it.

@@ -22,11 +22,12 @@ same (already rounded) input values:
   ``nerr(ours) <= 2 * max(nerr(F.linear grad_input), nerr(F.linear grad_weight)) + u``, with
   ``u = eps(dtype) / 2`` the unit roundoff: a result rounded once to the dtype is within ``u``.
   That is the acceptance rule. It is lenient at test sizes, so a second, elementwise check pins
-  down "fp32 accumulation, one rounding, no silent downcast": every entry of the output and of
-  every gradient must be the float64 result rounded once,
-  ``|ours - ref| <= u * |ref| + (2 * K * u_fp32 + 4 * u**2) * mag`` (the first term is the
-  final rounding; the second the fp32 arithmetic and the ``hi + lo`` split of the saved
-  intermediate). Rounding the ``(N, 2Lk)`` intermediate to fp16/bf16 breaks it.
+  down "fp32 accumulation, no silent downcast": every entry of the output and of every gradient
+  must be the float64 result up to one rounding of the ``(N, 2Lk)`` intermediate to the dtype
+  and one rounding of the result,
+  ``|ours - ref| <= u * |ref| + (2 * K * u_fp32 + 2 * u) * mag`` (the first term is the final
+  rounding; the second the fp32 arithmetic and the rounded intermediate, whose error is at most
+  ``u`` times the products it enters). Accumulating in fp16/bf16 breaks it.
 
 The checks every op gets (opcheck, Meta vs real, torch.compile, torch.export, TorchScript of the
 op, autocast, the error format) run in tests/test_conformance.py on the op's registry entry
@@ -220,21 +221,21 @@ def rounding_bound(sample: Sample, mag: torch.Tensor) -> torch.Tensor:
     return 2 * K * u * mag + torch.finfo(sample.dtype).tiny
 
 
-def rounded_once_bound(sample: Sample, ref: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
+def rounded_bound(sample: Sample, ref: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
     c = sample.case
     K = c.d_in + c.d_out + 2 * c.L * c.k + c.N + 8
     u = torch.finfo(sample.dtype).eps / 2
     u32 = torch.finfo(torch.float32).eps / 2
-    return u * ref.abs() + (2 * K * u32 + 4 * u * u) * mag + torch.finfo(sample.dtype).tiny
+    return u * ref.abs() + (2 * K * u32 + 2 * u) * mag + torch.finfo(sample.dtype).tiny
 
 
 def assert_within_rounding(sample: Sample, ours: torch.Tensor, ref: torch.Tensor, mag: torch.Tensor, what: str):
-    """float64/float32: ``rounding_bound``; fp16/bf16: ``rounded_once_bound`` (module docstring)."""
+    """float64/float32: ``rounding_bound``; fp16/bf16: ``rounded_bound`` (module docstring)."""
     assert ours.dtype == sample.dtype, f"{what}: dtype {ours.dtype}, expected {sample.dtype}"
     assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)}, expected {tuple(ref.shape)}"
     err = (ours.detach().to("cpu", torch.float64) - ref).abs()
     if sample.dtype in LOWP:
-        bound = rounded_once_bound(sample, ref, mag)
+        bound = rounded_bound(sample, ref, mag)
     else:
         bound = rounding_bound(sample, mag)
     bad = err > bound
@@ -728,12 +729,13 @@ CUDA_CASES = CASES + [
     Case("cuda_tokens", (4, 128), 512, 512, 1, 16),
     Case("cuda_wide_3d_nobias", (2, 33), 1000, 300, 3, 7, bias=False),
     Case("cuda_transposed_big", (200,), 384, 256, 2, 24, layout="transposed"),
-    # more than 128 tokens with d_out % 8 != 0: [B; B] by concatenation, not by the split kernel
+    # more than 128 tokens (cuBLAS path) with an odd d_out, C = 2Lk = 64 with no bias, 3-d input
     Case("cuda_many_odd_out", (150,), 96, 100, 2, 5),
-    # fp16/bf16 output GEMM from registers (cpp/linear/sketch_out.cuh): C = 2Lk = 64 with a row
-    # tail inside a 128-row tile and a last column block of 8 columns, and C = 16, 3-d, narrow
-    Case("cuda_out_c64_nobias", (300,), 64, 520, 2, 16, bias=False),
-    Case("cuda_out_c16_3d", (3, 70), 40, 24, 1, 8),
+    Case("cuda_c64_nobias", (300,), 64, 520, 2, 16, bias=False),
+    Case("cuda_c16_3d", (3, 70), 40, 24, 1, 8),
+    # enough tokens for the weight-gradient GEMMs to split the token dimension (cuda.cu)
+    Case("cuda_split_tokens", (4, 512), 192, 160, 1, 8),
+    Case("cuda_split_transposed", (2048,), 64, 96, 2, 8, layout="transposed"),
 ]
 
 
@@ -760,8 +762,8 @@ class TestCUDA:
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
     def test_forward_same_with_and_without_autograd(self, dtype):
-        """The many-token forward writes autograd's [hi | lo] copy only when a backward needs it;
-        the output must not depend on that."""
+        """The many-token forward keeps the intermediate only when a backward needs it; the
+        output must not depend on that."""
         layer = pr.nn.SKLinear(256, 512, 1, 16, device="cuda", dtype=dtype)
         x = torch.randn(3, 100, 256, device="cuda", dtype=dtype)
         with torch.no_grad():

@@ -1,6 +1,7 @@
 // CPU kernels of panther::sketched_linear, _sketched_linear_forward and _sketched_linear_backward.
 // fp32/fp64 run the two-GEMM path in their own precision; fp16/bf16 are computed in fp32 and
-// rounded once at the end (fp32 accumulation, no intermediate rounding).
+// the output is rounded once (fp32 accumulation, no intermediate rounding). The intermediate
+// kept for the backward is stored in the input dtype, as on every device (impl.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -31,15 +32,7 @@ std::tuple<at::Tensor, at::Tensor> sketched_linear_forward_cpu(
   at::Tensor A = pack_A(S1s, U2s).to(cdt), B = pack_B(U1s, S2s).to(cdt);
   auto [y, Ts] = forward_exact(x2, A, B, cast_opt(bias, cdt), scale);
   y = y.to(dt).reshape(sketched_output_shape(input, d.d_out));
-  if (is_low_precision(dt)) {
-    // Saved in the device-independent compact form: [hi | lo | pad] in the input dtype.
-    const int64_t C = 2 * d.L * d.k;
-    at::Tensor T32 = Ts.narrow(1, 0, C);
-    at::Tensor hi = T32.to(dt);
-    at::Tensor lo = (T32 - hi.to(at::kFloat)).to(dt);
-    Ts = at::cat({hi, lo, Ts.narrow(1, C, kSavedPad).to(dt)}, 1);
-  }
-  return {y, Ts};
+  return {y, Ts.to(dt)};
 }
 
 at::Tensor sketched_linear_cpu(const at::Tensor& input, const at::Tensor& S1s, const at::Tensor& S2s,
@@ -61,11 +54,7 @@ Grads6 backward_cpu(const at::Tensor& grad_out, const at::Tensor& input, const a
                                              U1s, U2s, std::nullopt);
   const auto dt = input.scalar_type(), cdt = compute_dtype(dt);
   const double scale = 1.0 / (2.0 * static_cast<double>(d.L));
-  const int64_t Lk2 = 2 * d.L * d.k;
   at::Tensor Ts = saved.to(cdt);
-  if (is_low_precision(dt)) {  // [hi | lo | pad] -> [hi + lo | pad]
-    Ts = at::cat({Ts.narrow(1, 0, Lk2) + Ts.narrow(1, Lk2, Lk2), Ts.narrow(1, 2 * Lk2, kSavedPad)}, 1);
-  }
   at::Tensor G2 = grad_out.reshape({d.N, d.d_out}).to(cdt);
   at::Tensor x2 = input.reshape({d.N, d.d_in}).to(cdt);
   PackedGrads g = backward_exact(G2, x2, Ts, pack_A(S1s, U2s).to(cdt), pack_B(U1s, S2s).to(cdt),

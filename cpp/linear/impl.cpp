@@ -78,12 +78,12 @@ std::tuple<at::Tensor, at::Tensor> forward_exact(const at::Tensor& x2, const at:
                                                  const at::Tensor& B,
                                                  const std::optional<at::Tensor>& bias,
                                                  double scale) {
-  // The 1/(2L) scale is folded into the small (N, 2Lk) intermediate, never into the output.
+  // The 1/(2L) scale is folded into the small (N, 2Lk) intermediate (the GEMM's alpha, applied
+  // before its one rounding), never into the output. beta = 0: the uninitialised buffer is not read.
   const int64_t C = A.size(1);
   at::Tensor saved = at::empty({x2.size(0), C + kSavedPad}, x2.options().dtype(A.scalar_type()));
   at::Tensor Ts = saved.narrow(1, 0, C);
-  at::mm_out(Ts, x2, A);
-  Ts.mul_(scale);
+  Ts.addmm_(x2, A, /*beta=*/0, /*alpha=*/scale);
   saved.narrow(1, C, kSavedPad).zero_().select(1, 0).fill_(1);
   at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, Ts, B) : at::mm(Ts, B);
   return {y, saved};
@@ -91,20 +91,20 @@ std::tuple<at::Tensor, at::Tensor> forward_exact(const at::Tensor& x2, const at:
 
 PackedGrads backward_exact(const at::Tensor& G2, const at::Tensor& x2, const at::Tensor& saved,
                            const at::Tensor& A, const at::Tensor& B, double scale,
-                           const std::array<bool, 6>& mask) {
+                           const std::array<bool, 6>& mask, TransposedMm tn) {
   // y = Ts B + b with Ts = s x A:  dB = Ts^T G,  db = 1^T G,  dTs = G B^T,  dA = s x^T dTs,
   // dx = s dTs A^T. dB and db come from one GEMM against the padded saved intermediate.
   PackedGrads g;
   const int64_t C = A.size(1);
   const bool need_x = mask[0], need_A = mask[1] || mask[4], need_B = mask[2] || mask[3];
   if (need_x || need_A) {
-    at::Tensor gT = at::mm(G2, B.t());
-    gT.mul_(scale);
+    at::Tensor gT = at::empty({G2.size(0), C}, G2.options());
+    gT.addmm_(G2, B.t(), /*beta=*/0, /*alpha=*/scale);
     if (need_x) g.gx = at::mm(gT, A.t());
-    if (need_A) g.gA = at::mm(x2.t(), gT);
+    if (need_A) g.gA = tn(x2, gT);
   }
   if (need_B || mask[5]) {
-    at::Tensor gBext = at::mm(saved.t(), G2);  // (C + pad, d_out)
+    at::Tensor gBext = tn(saved, G2);  // (C + pad, d_out)
     if (need_B) g.gB = gBext.narrow(0, 0, C);
     if (mask[5]) g.gb = gBext.select(0, C);
   }

@@ -25,15 +25,13 @@ std::vector<int64_t> sketched_output_shape(const at::Tensor& input, int64_t d_ou
 // gradient) in the same pass over grad_output, instead of a separate reduction.
 constexpr int64_t kSavedPad = 8;
 
-// Columns of the saved intermediate before the pad: 2Lk (fp32/fp64) or 4Lk ([hi | lo], fp16/bf16).
-inline int64_t saved_core_cols(at::ScalarType t, int64_t Lk);
+// The saved intermediate is (N, 2Lk + kSavedPad) in the input dtype on every device (the Meta
+// kernel cannot know the device): fp16/bf16 keep T rounded to the input dtype, which the
+// backward's GEMMs read as the dense layer's backward reads its input.
+inline int64_t saved_cols(int64_t Lk) { return 2 * Lk + kSavedPad; }
 
 inline bool is_low_precision(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16;
-}
-
-inline int64_t saved_core_cols(at::ScalarType t, int64_t Lk) {
-  return (is_low_precision(t) ? 4 : 2) * Lk;
 }
 
 // A = [S1_1 .. S1_L | U2_1 .. U2_L]  (d_in, 2Lk)
@@ -69,10 +67,16 @@ struct PackedGrads {
   at::Tensor gx, gA, gB, gb;
 };
 
+// a^T b for a (N, m), b (N, n): the weight-gradient GEMMs, whose reduction runs over the tokens.
+// A device may pass its own (the CUDA kernels split the token dimension when the m x n output
+// is too small to fill the GPU).
+using TransposedMm = at::Tensor (*)(const at::Tensor& a, const at::Tensor& b);
+inline at::Tensor mm_tn(const at::Tensor& a, const at::Tensor& b) { return at::mm(a.t(), b); }
+
 // saved: (N, 2Lk + kSavedPad) as returned by forward_exact.
 PackedGrads backward_exact(const at::Tensor& G2, const at::Tensor& x2, const at::Tensor& saved,
                            const at::Tensor& A, const at::Tensor& B, double scale,
-                           const std::array<bool, 6>& mask);
+                           const std::array<bool, 6>& mask, TransposedMm tn = &mm_tn);
 
 // Splits packed gradients back into the per-argument layout and dtype.
 Grads6 unpack_grads(const PackedGrads& g, const SketchDims& d, const at::Tensor& input,

@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> sketched_linear_forward_meta(
     const at::Tensor& U2s, const std::optional<at::Tensor>& bias) {
   const SketchDims d = check_sketched_linear("panther::sketched_linear", input, S1s, S2s, U1s, U2s, bias);
   at::Tensor y = at::empty_symint(sym_output_shape(input, d.d_out), input.options());
-  const int64_t cols = saved_core_cols(input.scalar_type(), d.L * d.k) + kSavedPad;
+  const int64_t cols = saved_cols(d.L * d.k);
   at::Tensor saved = at::empty_symint({sym_rows(input), c10::SymInt(cols)}, input.options());
   return {y, saved};
 }

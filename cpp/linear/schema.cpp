@@ -7,9 +7,9 @@ TORCH_LIBRARY_FRAGMENT(panther, m) {
   // input (..., d_in), S1s (L, d_in, k), S2s (L, k, d_out), U1s (L, k, d_out), U2s (L, d_in, k),
   // bias (d_out) or None. Differentiable in every tensor argument.
   m.def("sketched_linear(Tensor input, Tensor S1s, Tensor S2s, Tensor U1s, Tensor U2s, Tensor? bias) -> Tensor");
-  // Forward for training: also returns the (tokens x 2Lk) intermediate that backward reuses, in a
-  // compact form ("saved"): for fp32/fp64 it is T = x [S1 | U2] / (2L) of shape (N, 2Lk); for
-  // fp16/bf16 it is T split as [hi | lo] (N, 4Lk) in the input dtype, hi + lo = T to ~fp32.
+  // Forward for training: also returns the (tokens x 2Lk) intermediate that backward reuses
+  // ("saved"): T = x [S1 | U2] / (2L) in the input dtype, followed by 8 columns [1, 0, .., 0]
+  // (N, 2Lk + 8), whose column of ones yields the bias gradient in the same GEMM as dB.
   m.def("_sketched_linear_forward(Tensor input, Tensor S1s, Tensor S2s, Tensor U1s, Tensor U2s, Tensor? bias) -> (Tensor, Tensor)");
   // Gradients of sketched_linear for (input, S1s, S2s, U1s, U2s, bias); None where the mask is false.
   m.def("_sketched_linear_backward(Tensor grad_output, Tensor input, Tensor saved, Tensor S1s, Tensor S2s, Tensor U1s, Tensor U2s, bool[6] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");

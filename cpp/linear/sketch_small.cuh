@@ -1,8 +1,8 @@
 // Direct few-token kernels of panther::sketched_linear (N <= kSmallTokens rows of input).
 //
 // With a handful of tokens the GEMMs of the rank-2Lk factorisation are tiny and the cost is the
-// host's: packing the operands, each cuBLAS call, the hi/lo split and the unpacking of the
-// gradients each cost a launch and tens of microseconds of CPU. These kernels read the four
+// host's: packing the operands, each cuBLAS call and the unpacking of the gradients each cost
+// a launch and tens of microseconds of CPU. These kernels read the four
 // sketch tensors in their own layouts, accumulate in fp32 and round each result once.
 //
 // Notation (cpp/linear/impl.h): C = 2Lk columns, s = 1 / (2L),
@@ -10,8 +10,8 @@
 //   B (C, d_out) = [U1_1; ..; U1_L; S2_1; ..; S2_L]    row c:    U1s/S2s[l, j, :]
 //   forward:  T = s x A (N, C), y = T B + bias
 //   backward: dT = g B^T, dx = s dT A^T, dA = s x^T dT, dB = T^T g, dbias = sum_n g
-// T comes from the forward's saved intermediate: [T | 1 0..] (fp32) or [hi | lo | 1 0..] with
-// T = hi + lo (fp16/bf16), so its "1" column yields dbias as one more column of dB.
+// T comes from the forward's saved intermediate [T | 1 0..] (in the input dtype), so its "1"
+// column yields dbias as one more column of dB.
 //
 // Backward, two launches:
 //   small_bwd1_kernel: split-K partials P[z] of g B^T (blocks [0, red_blocks)), and dB, dbias;
@@ -68,7 +68,6 @@ struct SmallBwd {
   float* P;        // (splits, N, C) partials of g B^T
   int64_t N, d_in, d_out, C, ld, splits, slice;
   int red_blocks, db_blocks, dx_blocks;
-  bool split;      // saved holds [hi | lo] (fp16/bf16)
   float scale;
 };
 
@@ -173,16 +172,10 @@ __global__ void __launch_bounds__(kThreads) small_bwd1_kernel(SmallBwd<T> p) {
   const int64_t c0 = ct * kColTile, cleft = p.C + 1 - c0;
   const int ncols = static_cast<int>(cleft < kColTile ? cleft : kColTile);
   float* Ts = reinterpret_cast<float*>(smem);
-  const int64_t core = p.split ? 2 * p.C : p.C;
   for (int64_t e = threadIdx.x; e < p.N * kColTile; e += kThreads) {
     const int64_t n = e / kColTile, c = e - n * kColTile, cc = c0 + c;
     const T* row = p.saved + n * p.ld;
-    float v = 0.f;
-    if (c < ncols) {
-      if (cc == p.C) v = to_f(row[core]);  // the "1" column
-      else v = to_f(row[cc]) + (p.split ? to_f(row[p.C + cc]) : 0.f);
-    }
-    Ts[e] = v;
+    Ts[e] = c < ncols ? to_f(row[cc]) : 0.f;  // (cc == C: the "1" column)
   }
   __syncthreads();
   outer_block(p.g, p.N, p.d_out, Ts, rt * kThreads, c0, ncols, p.dB, p.dbias, p.C);
@@ -310,7 +303,6 @@ detail::Grads6 small_backward(const at::Tensor& grad_out, const at::Tensor& inpu
   p.dbias = ptr(gb);
   p.dx = ptr(dx);
   p.N = d.N, p.d_in = d.d_in, p.d_out = d.d_out, p.C = C, p.ld = sv.size(1);
-  p.split = detail::is_low_precision(input.scalar_type());
   p.scale = static_cast<float>(1.0 / (2.0 * static_cast<double>(d.L)));
 
   const bool need_dT = mask[0] || mask[1] || mask[4];
