@@ -733,9 +733,9 @@ CUDA_CASES = CASES + [
     Case("cuda_many_odd_out", (150,), 96, 100, 2, 5),
     Case("cuda_c64_nobias", (300,), 64, 520, 2, 16, bias=False),
     Case("cuda_c16_3d", (3, 70), 40, 24, 1, 8),
-    # enough tokens for the weight-gradient GEMMs to split the token dimension (cuda.cu)
-    Case("cuda_split_tokens", (4, 512), 192, 160, 1, 8),
-    Case("cuda_split_transposed", (2048,), 64, 96, 2, 8, layout="transposed"),
+    # many tokens, a 3-d batch and a transposed input on the cuBLAS path
+    Case("cuda_tokens_3d", (4, 512), 192, 160, 1, 8),
+    Case("cuda_tokens_transposed", (2048,), 64, 96, 2, 8, layout="transposed"),
 ]
 
 

@@ -43,7 +43,7 @@ at::Tensor sketched_linear_cpu(const at::Tensor& input, const at::Tensor& S1s, c
   const double scale = 1.0 / (2.0 * static_cast<double>(d.L));
   at::Tensor x2 = input.reshape({d.N, d.d_in}).to(cdt);
   auto [y, Ts] = forward_exact(x2, pack_A(S1s, U2s).to(cdt), pack_B(U1s, S2s).to(cdt),
-                               cast_opt(bias, cdt), scale);
+                               cast_opt(bias, cdt), scale, /*want_saved=*/false);
   return y.to(dt).reshape(sketched_output_shape(input, d.d_out));
 }
 
@@ -57,9 +57,8 @@ Grads6 backward_cpu(const at::Tensor& grad_out, const at::Tensor& input, const a
   at::Tensor Ts = saved.to(cdt);
   at::Tensor G2 = grad_out.reshape({d.N, d.d_out}).to(cdt);
   at::Tensor x2 = input.reshape({d.N, d.d_in}).to(cdt);
-  PackedGrads g = backward_exact(G2, x2, Ts, pack_A(S1s, U2s).to(cdt), pack_B(U1s, S2s).to(cdt),
-                                 scale, mask);
-  return unpack_grads(g, d, input, dt, mask);
+  return backward_exact(G2, x2, Ts, pack_A(S1s, U2s).to(cdt), pack_B(U1s, S2s).to(cdt), scale, d,
+                        input.sizes(), dt, mask);
 }
 
 }  // namespace

@@ -10,9 +10,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <string>
-
 #include "linear/sketch_small.cuh"
 #include "linear/impl.h"
 
@@ -65,46 +62,9 @@ std::tuple<at::Tensor, at::Tensor> pack_operands(const at::Tensor& S1s, const at
   return {A, B};
 }
 
-// ---- Weight gradients: the token dimension split ----------------------------------------
-// The weight-gradient GEMMs a^T b (a (N, m), b (N, n)) reduce over the N tokens into a small
-// m x n result: x^T dT is d_in x 2Lk, T^T g is (2Lk + pad) x d_out. With 128 x 128 output tiles
-// such a GEMM has a dozen tiles for a GPU of 132 SMs, so one GEMM over all N leaves most of the
-// GPU idle. Splitting N into S slices (a batched GEMM over slices, fp32 partial results summed
-// and rounded once) gives S times the tiles. S divides N, keeps at least kMinSplitRows tokens
-// per slice and aims at two tiles per SM. PANTHER_LINEAR_SPLITK=0 turns the split off (for
-// comparisons).
-constexpr int64_t kMinSplitRows = 512;
-
-bool split_k_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("PANTHER_LINEAR_SPLITK");
-    return !(e && std::string(e) == "0");
-  }();
-  return on;
-}
-
-at::Tensor mm_tn_split(const at::Tensor& a, const at::Tensor& b) {
-  const int64_t N = a.size(0), m = a.size(1), n = b.size(1);
-  const auto dt = a.scalar_type();
-  const int64_t tiles = ((m + 127) / 128) * ((n + 127) / 128);
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t want = std::min<int64_t>(N / kMinSplitRows, (2 * sms + tiles - 1) / tiles);
-  int64_t S = 1;
-  for (int64_t s = want; s >= 2; --s) {
-    if (N % s == 0) {
-      S = s;
-      break;
-    }
-  }
-  if (S < 2 || dt == at::kDouble || !split_k_enabled()) return at::mm(a.t(), b);
-  const at::Tensor as = a.view({S, N / S, m}).transpose(1, 2), bs = b.view({S, N / S, n});
-  const at::Tensor parts = dt == at::kFloat ? at::bmm(as, bs) : at::bmm(as, bs, at::kFloat);
-  return parts.sum(0).to(dt);
-}
-
 // ---- Few-token forward (decode-sized batches) ---------------------------------------------
 // With a handful of tokens the GEMMs are tiny and the cost is the host's: packing, two cuBLAS
-// calls and the split each cost a launch and tens of microseconds of CPU. Two direct kernels read
+// calls and the pack kernel each cost a launch and tens of microseconds of CPU. Two direct kernels read
 // the sketches in their own layout instead, accumulate in fp32 and round the output once: the
 // split-K partials of x A (sketch::reduce_block, shared with the few-token backward in
 // sketch_small.cuh) and small_tb_kernel.
@@ -239,7 +199,8 @@ Fwd forward_cuda(const at::Tensor& input, const at::Tensor& S1s, const at::Tenso
     return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
   }
   auto [A, B] = pack_operands(S1s, U2s, U1s, S2s);
-  auto [y, saved] = forward_exact(x2, A, B, bias, scale);
+  auto [y, saved] = forward_exact(x2, A, B, bias, scale, want_saved);
+  if (!want_saved) saved = at::Tensor();
   return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
 }
 
@@ -274,8 +235,7 @@ Grads6 backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const 
   at::Tensor G2 = grad_out.reshape({d.N, d.d_out});
   at::Tensor x2 = input.reshape({d.N, d.d_in});
   auto [A, B] = pack_operands(S1s, U2s, U1s, S2s);
-  return unpack_grads(backward_exact(G2, x2, saved, A, B, scale, mask, &mm_tn_split), d, input,
-                      input.scalar_type(), mask);
+  return backward_exact(G2, x2, saved, A, B, scale, d, input.sizes(), input.scalar_type(), mask);
 }
 
 }  // namespace

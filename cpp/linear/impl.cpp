@@ -77,62 +77,71 @@ at::Tensor pack_B(const at::Tensor& U1s, const at::Tensor& S2s) {
 std::tuple<at::Tensor, at::Tensor> forward_exact(const at::Tensor& x2, const at::Tensor& A,
                                                  const at::Tensor& B,
                                                  const std::optional<at::Tensor>& bias,
-                                                 double scale) {
+                                                 double scale, bool want_saved) {
   // The 1/(2L) scale is folded into the small (N, 2Lk) intermediate (the GEMM's alpha, applied
   // before its one rounding), never into the output. beta = 0: the uninitialised buffer is not read.
   const int64_t C = A.size(1);
   at::Tensor saved = at::empty({x2.size(0), C + kSavedPad}, x2.options().dtype(A.scalar_type()));
   at::Tensor Ts = saved.narrow(1, 0, C);
   Ts.addmm_(x2, A, /*beta=*/0, /*alpha=*/scale);
-  saved.narrow(1, C, kSavedPad).zero_().select(1, 0).fill_(1);
+  if (want_saved) saved.narrow(1, C, kSavedPad).zero_().select(1, 0).fill_(1);
   at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, Ts, B) : at::mm(Ts, B);
   return {y, saved};
 }
 
-PackedGrads backward_exact(const at::Tensor& G2, const at::Tensor& x2, const at::Tensor& saved,
-                           const at::Tensor& A, const at::Tensor& B, double scale,
-                           const std::array<bool, 6>& mask, TransposedMm tn) {
+Grads6 backward_exact(const at::Tensor& G2, const at::Tensor& x2, const at::Tensor& saved,
+                      const at::Tensor& A, const at::Tensor& B, double scale, const SketchDims& d,
+                      at::IntArrayRef input_sizes, at::ScalarType dtype,
+                      const std::array<bool, 6>& mask) {
   // y = Ts B + b with Ts = s x A:  dB = Ts^T G,  db = 1^T G,  dTs = G B^T,  dA = s x^T dTs,
-  // dx = s dTs A^T. dB and db come from one GEMM against the padded saved intermediate.
-  PackedGrads g;
-  const int64_t C = A.size(1);
-  const bool need_x = mask[0], need_A = mask[1] || mask[4], need_B = mask[2] || mask[3];
-  if (need_x || need_A) {
+  // dx = s dTs A^T. Columns [0, Lk) of A and Ts belong to S1s, [Lk, 2Lk) to U2s; rows [0, Lk)
+  // of B to U1s, [Lk, 2Lk) to S2s; column 2Lk of saved is the "1" column. A module's U1s and
+  // U2s are fixed buffers, so usually only the S1s columns of dA and the S2s rows of dB (plus
+  // the bias row, from the same GEMM) are formed.
+  const int64_t Lk = d.L * d.k, C = 2 * Lk;
+  Grads6 out;
+  // Outputs must not share storage (the schema promises fresh tensors) and must look like the
+  // Meta kernel's (contiguous, storage offset 0): the first such view of a GEMM result is kept
+  // as is, other views are copied.
+  auto own = [](at::Tensor t, bool& taken) {
+    if (taken || t.storage_offset() != 0 || !t.is_contiguous()) {
+      return t.clone(at::MemoryFormat::Contiguous);
+    }
+    taken = true;
+    return t;
+  };
+  auto per_term_in = [&](const at::Tensor& cols, bool& taken) {  // (d_in, Lk) -> (L, d_in, k)
+    at::Tensor t = cols.reshape({d.d_in, d.L, d.k}).permute({1, 0, 2});
+    return t.scalar_type() != dtype ? t.to(dtype).contiguous() : own(t, taken);
+  };
+  auto per_term_out = [&](const at::Tensor& rows, bool& taken) {  // (Lk, d_out) -> (L, k, d_out)
+    at::Tensor t = rows.reshape({d.L, d.k, d.d_out});
+    return t.scalar_type() != dtype ? t.to(dtype) : own(t, taken);
+  };
+  if (mask[0] || mask[1] || mask[4]) {
     at::Tensor gT = at::empty({G2.size(0), C}, G2.options());
     gT.addmm_(G2, B.t(), /*beta=*/0, /*alpha=*/scale);
-    if (need_x) g.gx = at::mm(gT, A.t());
-    if (need_A) g.gA = tn(x2, gT);
+    if (mask[0]) std::get<0>(out) = at::mm(gT, A.t()).to(dtype).reshape(input_sizes);
+    if (mask[1] || mask[4]) {
+      const int64_t c0 = mask[1] ? 0 : Lk, c1 = mask[4] ? C : Lk;
+      const at::Tensor gA = at::mm(x2.t(), gT.narrow(1, c0, c1 - c0));  // (d_in, c1 - c0)
+      bool taken = false;
+      if (mask[1]) std::get<1>(out) = per_term_in(gA.narrow(1, 0, Lk), taken);
+      if (mask[4]) std::get<4>(out) = per_term_in(gA.narrow(1, c1 - c0 - Lk, Lk), taken);
+    }
   }
-  if (need_B || mask[5]) {
-    at::Tensor gBext = tn(saved, G2);  // (C + pad, d_out)
-    if (need_B) g.gB = gBext.narrow(0, 0, C);
-    if (mask[5]) g.gb = gBext.select(0, C);
+  if (mask[2] || mask[3] || mask[5]) {
+    const int64_t r0 = mask[3] ? 0 : mask[2] ? Lk : C;
+    const int64_t r1 = mask[5] ? C + 1 : mask[2] ? C : Lk;
+    const at::Tensor gB = at::mm(saved.narrow(1, r0, r1 - r0).t(), G2);  // rows [r0, r1) of dB, db
+    bool taken = false;
+    if (mask[2]) std::get<2>(out) = per_term_out(gB.narrow(0, Lk - r0, Lk), taken);
+    if (mask[3]) std::get<3>(out) = per_term_out(gB.narrow(0, 0, Lk), taken);
+    if (mask[5]) {
+      at::Tensor gb = gB.select(0, C - r0);
+      std::get<5>(out) = gb.scalar_type() != dtype ? gb.to(dtype) : own(gb, taken);
+    }
   }
-  return g;
-}
-
-Grads6 unpack_grads(const PackedGrads& g, const SketchDims& d, const at::Tensor& input,
-                    at::ScalarType dtype, const std::array<bool, 6>& mask) {
-  const int64_t Lk = d.L * d.k;
-  auto per_term_in = [&](const at::Tensor& cols) {  // (d_in, Lk) -> (L, d_in, k)
-    return cols.reshape({d.d_in, d.L, d.k}).permute({1, 0, 2}).to(dtype).contiguous();
-  };
-  auto per_term_out = [&](const at::Tensor& rows) {  // (Lk, d_out) -> (L, k, d_out)
-    return rows.reshape({d.L, d.k, d.d_out}).to(dtype).contiguous();
-  };
-  // Every output must own its memory: the schema promises fresh tensors, and views of one packed
-  // GEMM result (the S2s and U1s rows of gB, the S1s and U2s columns of gA when d_in == 1, a bias
-  // row of gB) would alias each other. Copy where the dtype conversion did not already.
-  auto own = [](at::Tensor t, const at::Tensor& packed) {
-    return t.is_alias_of(packed) ? t.clone(at::MemoryFormat::Contiguous) : t;
-  };
-  Grads6 out;
-  if (mask[0]) std::get<0>(out) = g.gx.to(dtype).reshape(input.sizes());
-  if (mask[1]) std::get<1>(out) = own(per_term_in(g.gA.narrow(1, 0, Lk)), g.gA);
-  if (mask[2]) std::get<2>(out) = own(per_term_out(g.gB.narrow(0, Lk, Lk)), g.gB);
-  if (mask[3]) std::get<3>(out) = own(per_term_out(g.gB.narrow(0, 0, Lk)), g.gB);
-  if (mask[4]) std::get<4>(out) = own(per_term_in(g.gA.narrow(1, Lk, Lk)), g.gA);
-  if (mask[5]) std::get<5>(out) = own(g.gb.to(dtype), g.gb);
   return out;
 }
 

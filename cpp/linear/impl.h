@@ -39,12 +39,13 @@ at::Tensor pack_A(const at::Tensor& S1s, const at::Tensor& U2s);
 // B = [U1_1; ..; U1_L; S2_1; ..; S2_L]  (2Lk, d_out)
 at::Tensor pack_B(const at::Tensor& U1s, const at::Tensor& S2s);
 
-// Exact-precision path (fp32/fp64, any device): returns (y2d, saved) with
-// saved = [x A / (2L) | 1 | 0...] of shape (N, 2Lk + kSavedPad).
+// The two-GEMM forward in the operands' dtype (any device): returns (y2d, saved) with
+// saved = [x A / (2L) | 1 | 0...] of shape (N, 2Lk + kSavedPad); without want_saved the pad
+// columns are left unwritten (inference never reads them).
 std::tuple<at::Tensor, at::Tensor> forward_exact(const at::Tensor& x2, const at::Tensor& A,
                                                  const at::Tensor& B,
                                                  const std::optional<at::Tensor>& bias,
-                                                 double scale);
+                                                 double scale, bool want_saved = true);
 
 using Grads6 = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>,
                           std::optional<at::Tensor>, std::optional<at::Tensor>,
@@ -62,24 +63,12 @@ inline Grads6 select_grads(const std::array<bool, 6>& mask, const std::array<at:
   return out;
 }
 
-// Raw gradients of the two GEMM operands: gx (N, d_in), gA (d_in, 2Lk), gB (2Lk, d_out), gb (d_out).
-struct PackedGrads {
-  at::Tensor gx, gA, gB, gb;
-};
-
-// a^T b for a (N, m), b (N, n): the weight-gradient GEMMs, whose reduction runs over the tokens.
-// A device may pass its own (the CUDA kernels split the token dimension when the m x n output
-// is too small to fill the GPU).
-using TransposedMm = at::Tensor (*)(const at::Tensor& a, const at::Tensor& b);
-inline at::Tensor mm_tn(const at::Tensor& a, const at::Tensor& b) { return at::mm(a.t(), b); }
-
-// saved: (N, 2Lk + kSavedPad) as returned by forward_exact.
-PackedGrads backward_exact(const at::Tensor& G2, const at::Tensor& x2, const at::Tensor& saved,
-                           const at::Tensor& A, const at::Tensor& B, double scale,
-                           const std::array<bool, 6>& mask, TransposedMm tn = &mm_tn);
-
-// Splits packed gradients back into the per-argument layout and dtype.
-Grads6 unpack_grads(const PackedGrads& g, const SketchDims& d, const at::Tensor& input,
-                    at::ScalarType dtype, const std::array<bool, 6>& mask);
+// The gradients mask asks for, each GEMM reading only the columns / rows it needs, in the per-term
+// layouts and the dtype `dtype` (x: the input's shape). saved: (N, 2Lk + kSavedPad) as returned
+// by forward_exact; A, B as packed by pack_A / pack_B (any dtype the GEMMs run in).
+Grads6 backward_exact(const at::Tensor& G2, const at::Tensor& x2, const at::Tensor& saved,
+                      const at::Tensor& A, const at::Tensor& B, double scale, const SketchDims& d,
+                      at::IntArrayRef input_sizes, at::ScalarType dtype,
+                      const std::array<bool, 6>& mask);
 
 }  // namespace panther::detail
