@@ -2,14 +2,16 @@
 // Every dtype runs the two GEMMs of the rank-2Lk factorisation on cuBLAS (cpp/linear/impl.cpp),
 // accumulating in fp32; fp16/bf16 round the (N, 2Lk) intermediate T once to the input dtype (the
 // error this adds is of the size of the output's own rounding: the layer's error stays within
-// about 1.5x of a dense fp16/bf16 nn.Linear's, as the model-shape benchmark measures). Up to
-// kSmallTokens tokens, forward and backward use direct kernels instead (sketch_small.cuh and
-// small_tb_kernel below), which keep T in fp32 for the output.
+// 2x of a dense fp16/bf16 nn.Linear's, as the model-shape benchmark measures). Exceptions:
+// up to kSmallTokens tokens, forward and backward use direct kernels (sketch_small.cuh and
+// small_tb_kernel below); with 2Lk <= 64 the fp16/bf16 forward's second GEMM is out_kernel
+// (sketch_out.cuh). Both keep T in fp32 for the output.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "linear/sketch_out.cuh"
 #include "linear/sketch_small.cuh"
 #include "linear/impl.h"
 
@@ -197,6 +199,29 @@ Fwd forward_cuda(const at::Tensor& input, const at::Tensor& S1s, const at::Tenso
   if (d.N <= kSmallTokens && d.d_out > 0 && dt != at::kDouble && 2 * Lk <= 1024) {
     auto [y, saved] = forward_small(x2, S1s, S2s, U1s, U2s, bias, d, scale, want_saved);
     return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
+  }
+  const int64_t C = 2 * Lk;
+  if (is_low_precision(dt) && C % 16 == 0 && C <= sketch_out::kMaxCols && d.d_out % 8 == 0) {
+    // Narrow sketches (2Lk <= 64): T in fp32 and the output GEMM from registers (sketch_out.cuh),
+    // which splits s T exactly and writes y at close to the bandwidth of the write. Autograd's
+    // copy of T (rounded once to the input dtype) is written only when a backward needs it.
+    auto terms = [&](const at::Tensor& t) { return t.permute({1, 0, 2}).reshape({d.d_in, Lk}); };
+    const at::Tensor T32 = at::mm(x2, at::cat({terms(S1s), terms(U2s)}, 1), at::kFloat);
+    const at::Tensor u1 = U1s.contiguous(), s2 = S2s.contiguous();
+    if (sketch_out::out_applies(T32, u1, s2, bias, /*min_rows=*/kSmallTokens + 1)) {
+      at::Tensor y, saved;
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "panther_out_gemm", [&] {
+        y = sketch_out::out_gemm<scalar_t>(T32, u1, s2, bias, scale);
+      });
+      if (want_saved) {
+        saved = at::empty({d.N, saved_cols(Lk)}, x2.options());
+        // fp32 product, one rounding to the input dtype on the way out.
+        at::Tensor Ts = saved.narrow(1, 0, C);
+        at::mul_out(Ts, T32, at::scalar_tensor(scale, at::kFloat));
+        saved.narrow(1, C, kSavedPad).zero_().select(1, 0).fill_(1);
+      }
+      return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
+    }
   }
   auto [A, B] = pack_operands(S1s, U2s, U1s, S2s);
   auto [y, saved] = forward_exact(x2, A, B, bias, scale, want_saved);

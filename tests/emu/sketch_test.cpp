@@ -3,6 +3,7 @@
 // dT = g B^T, dx = s dT A^T, dA = s x^T dT, dB = T^T g, dbias = sum_n g. fp32 and bf16, partial
 // column tiles, several terms, gradients requested selectively. Built by scripts/emu_test.sh.
 #include "cuda_emu.h"
+#include "linear/sketch_out.cuh"
 #include "linear/sketch_small.cuh"
 
 #include <ATen/ATen.h>
@@ -82,6 +83,45 @@ bool run(const Case& c) {
   std::printf(" -> %s\n", ok ? "PASS" : "FAIL");
   return ok;
 }
+// The many-token output GEMM (cpp/linear/sketch_out.cuh): y = s T [U1; S2] + bias from the fp32 T,
+// split in the kernel. Reference: the same split done here (hi = lowp(s T), lo = lowp(s T - hi))
+// and (hi + lo) B + bias in float64: every output within half an ulp of the dtype plus fp32
+// accumulation, nearly all exactly the rounded float64 value. Row tails inside a tile, several
+// row groups, partial column blocks, C = 16..64.
+struct OutCase {
+  int64_t N, L, k, d_out;
+  bool bias;
+  at::ScalarType dt;
+};
+
+bool run_out(const OutCase& c) {
+  const int64_t Lk = c.L * c.k;
+  auto r = [&](at::IntArrayRef s) { return at::randn(s).to(c.dt); };
+  at::Tensor T32 = at::randn({c.N, 2 * Lk}) * 7;
+  at::Tensor U1 = r({c.L, c.k, c.d_out}), S2 = r({c.L, c.k, c.d_out});
+  std::optional<at::Tensor> bias;
+  if (c.bias) bias = r({c.d_out});
+  const double s = 1.0 / (2.0 * c.L);
+  at::Tensor v = T32 * static_cast<float>(s);  // fp32, as the kernel scales
+  at::Tensor hi = v.to(c.dt), lo = (v - hi.to(at::kFloat)).to(c.dt);
+  auto D = [](const at::Tensor& t) { return t.to(at::kDouble); };
+  at::Tensor B = at::cat({D(U1).reshape({Lk, c.d_out}), D(S2).reshape({Lk, c.d_out})}, 0);
+  at::Tensor ref = (D(hi) + D(lo)).mm(B);
+  if (c.bias) ref = ref + D(*bias);
+  const bool applies = panther::sketch_out::out_applies(T32, U1, S2, bias, 1);
+  at::Tensor y = c.dt == at::kHalf ? panther::sketch_out::out_gemm<c10::Half>(T32, U1, S2, bias, s)
+                                   : panther::sketch_out::out_gemm<c10::BFloat16>(T32, U1, S2, bias, s);
+  const double ulp = c.dt == at::kHalf ? 1.0 / 1024 : 1.0 / 128;  // relative spacing, upper bound
+  const double mag = (D(v).abs().mm(B.abs())).max().item<double>();
+  at::Tensor err = (D(y) - ref).abs();
+  const bool within = (err <= ref.abs() * ulp * 0.5 + mag * 1e-6).all().item<bool>();
+  const double exact = at::eq(y, ref.to(c.dt)).to(at::kDouble).mean().item<double>();
+  const bool ok = applies && within && exact > 0.99;
+  std::printf("out N=%lld C=%lld d_out=%lld bias=%d %s: exact %.4f within %d -> %s\n",
+              (long long)c.N, (long long)(2 * Lk), (long long)c.d_out, c.bias,
+              c.dt == at::kHalf ? "fp16" : "bf16", exact, within, ok ? "PASS" : "FAIL");
+  return ok;
+}
 }  // namespace
 
 int main() {
@@ -96,7 +136,14 @@ int main() {
   };
   int fails = 0;
   for (const Case& c : cases) fails += !run(c);
-  const size_t n = sizeof(cases) / sizeof(cases[0]);
+  const OutCase out_cases[] = {
+      {150, 1, 16, 520, true, at::kBFloat16},  // C = 32, row tail, two row groups, 8-column block
+      {300, 1, 8, 64, false, at::kHalf},       // C = 16, three tiles in one group, narrow output
+      {40, 2, 16, 1032, true, at::kHalf},      // C = 64, two terms, three column blocks
+      {20, 3, 8, 24, false, at::kBFloat16},    // C = 48, three terms
+  };
+  for (const OutCase& c : out_cases) fails += !run_out(c);
+  const size_t n = sizeof(cases) / sizeof(cases[0]) + sizeof(out_cases) / sizeof(out_cases[0]);
   std::printf("%d of %zu cases failed\n", fails, n);
   return fails ? 1 : 0;
 }
