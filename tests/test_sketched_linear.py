@@ -729,12 +729,14 @@ CUDA_CASES = CASES + [
     Case("cuda_tokens", (4, 128), 512, 512, 1, 16),
     Case("cuda_wide_3d_nobias", (2, 33), 1000, 300, 3, 7, bias=False),
     Case("cuda_transposed_big", (200,), 384, 256, 2, 24, layout="transposed"),
-    # more than 128 tokens (cuBLAS path) with an odd d_out, C = 2Lk = 64 with no bias, 3-d input
+    # more than 128 tokens. cuBLAS output GEMM: an odd d_out, or C = 2Lk > 64 (3-d batch).
     Case("cuda_many_odd_out", (150,), 96, 100, 2, 5),
+    Case("cuda_tokens_3d", (4, 512), 192, 160, 1, 40),
+    # fp16/bf16 register output kernel (cpp/linear/sketch_out.cuh: C = 2Lk <= 64, d_out % 8 == 0):
+    # C = 64 with a row tail inside a 128-row tile and a last column block of 8 columns, no bias;
+    # C = 16, 3-d and narrow; C = 32 with a transposed input
     Case("cuda_c64_nobias", (300,), 64, 520, 2, 16, bias=False),
     Case("cuda_c16_3d", (3, 70), 40, 24, 1, 8),
-    # many tokens, a 3-d batch and a transposed input on the cuBLAS path
-    Case("cuda_tokens_3d", (4, 512), 192, 160, 1, 8),
     Case("cuda_tokens_transposed", (2048,), 64, 96, 2, 8, layout="transposed"),
 ]
 
