@@ -386,6 +386,35 @@ def test_op_errors_name_the_argument(index, bad, pattern):
         OP(*args)
 
 
+@pytest.mark.parametrize("what,pattern", [
+    ("saved_rows", r"saved must have shape \(tokens, 2Lk \+ 8\) = \(4, 20\), got \(3, 20\)"),
+    ("saved_cols", r"saved must have shape .* got \(4, 14\)"),
+    ("saved_dtype", r"saved must have the input's dtype"),
+    ("grad_transposed", r"grad_output must have the output's shape \(4, 5\), got \(5, 4\)"),
+    ("grad_dtype", r"grad_output must have the input's dtype"),
+    ("grad_device", r"grad_output must be on the input's device"),
+])
+def test_backward_op_checks_its_own_arguments(what, pattern):
+    """The private backward op validates grad_output and saved (a transposed gradient of the
+    same size would otherwise give gradients of the wrong rows)."""
+    x, S1s, S2s, U1s, U2s, b = (torch.randn(4, 7), torch.randn(2, 7, 3), torch.randn(2, 3, 5),
+                                torch.randn(2, 3, 5), torch.randn(2, 7, 3), torch.randn(5))
+    _, saved = FWD_OP(x, S1s, S2s, U1s, U2s, b)
+    g = torch.randn(4, 5)
+    bad = {
+        "saved_rows": dict(saved=saved[:3]),
+        "saved_cols": dict(saved=torch.zeros(4, 14)),
+        "saved_dtype": dict(saved=saved.double()),
+        "grad_transposed": dict(g=g.t().contiguous()),
+        "grad_dtype": dict(g=g.double()),
+        "grad_device": dict(g=g.to("meta")),
+    }[what]
+    args = {"g": g, "saved": saved, **bad}
+    with pytest.raises(RuntimeError, match=r"panther::_sketched_linear_backward: " + pattern):
+        BWD_OP(args["g"], x, args["saved"], S1s, S2s, U1s, U2s, [True] * 6)
+    assert all(t is not None for t in BWD_OP(g, x, saved, S1s, S2s, U1s, U2s, [True] * 6))
+
+
 def test_op_error_leaves_no_partial_state():
     layer = quiet_layer(7, 5, 1, 2)
     before = {k: v.clone() for k, v in layer.state_dict().items()}

@@ -52,6 +52,7 @@ Grads6 backward_cpu(const at::Tensor& grad_out, const at::Tensor& input, const a
                     const at::Tensor& U2s, std::array<bool, 6> mask) {
   const SketchDims d = check_sketched_linear("panther::_sketched_linear_backward", input, S1s, S2s,
                                              U1s, U2s, std::nullopt);
+  check_sketched_linear_backward("panther::_sketched_linear_backward", grad_out, saved, input, d);
   const auto dt = input.scalar_type(), cdt = compute_dtype(dt);
   const double scale = 1.0 / (2.0 * static_cast<double>(d.L));
   at::Tensor Ts = saved.to(cdt);

@@ -247,6 +247,7 @@ Grads6 backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const 
                      const at::Tensor& U2s, std::array<bool, 6> mask) {
   const SketchDims d = check_sketched_linear("panther::_sketched_linear_backward", input, S1s, S2s,
                                              U1s, U2s, std::nullopt);
+  check_sketched_linear_backward("panther::_sketched_linear_backward", grad_out, saved, input, d);
   const c10::cuda::CUDAGuard guard(input.device());
   if (sketch::small_backward_applies(d, input.scalar_type())) {
     Grads6 out;

@@ -55,6 +55,33 @@ SketchDims check_sketched_linear(const char* op, const at::Tensor& input, const 
   return {L, k, d_in, d_out, rows.maybe_as_int().value_or(-1)};
 }
 
+void check_sketched_linear_backward(const char* op, const at::Tensor& grad_output,
+                                    const at::Tensor& saved, const at::Tensor& input,
+                                    const SketchDims& d) {
+  checks::defined(op, {{"grad_output", grad_output}, {"saved", saved}});
+  // Symbolic sizes (the Meta kernel under dynamic shapes): the comparisons become guards.
+  const int64_t nd = input.dim();
+  bool same = grad_output.dim() == nd && grad_output.sym_size(-1) == d.d_out;
+  c10::SymInt rows = 1;
+  for (int64_t i = 0; i + 1 < nd; ++i) {
+    rows *= input.sym_size(i);
+    same = same && grad_output.sym_size(i) == input.sym_size(i);
+  }
+  std::vector<c10::SymInt> want_g(input.sym_sizes().begin(), input.sym_sizes().end());
+  want_g.back() = d.d_out;
+  PANTHER_CHECK_ARG(same, op, "grad_output", "have the output's shape ", shape_str(want_g),
+                    ", got ", shape_str(grad_output.sym_sizes()));
+  checks::same_dtype(op, "grad_output", grad_output, "input", input);
+  checks::same_device(op, "grad_output", grad_output, "input", input);
+  const std::vector<c10::SymInt> want_s{rows, c10::SymInt(saved_cols(d.L * d.k))};
+  PANTHER_CHECK_ARG(saved.dim() == 2 && saved.sym_size(0) == want_s[0] &&
+                        saved.sym_size(1) == want_s[1],
+                    op, "saved", "have shape (tokens, 2Lk + 8) = ", shape_str(want_s), ", got ",
+                    shape_str(saved.sym_sizes()));
+  checks::same_dtype(op, "saved", saved, "input", input);
+  checks::same_device(op, "saved", saved, "input", input);
+}
+
 std::vector<int64_t> sketched_output_shape(const at::Tensor& input, int64_t d_out) {
   auto s = input.sizes().vec();
   s.back() = d_out;

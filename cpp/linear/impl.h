@@ -17,6 +17,14 @@ SketchDims check_sketched_linear(const char* op, const at::Tensor& input, const 
                                  const at::Tensor& S2s, const at::Tensor& U1s,
                                  const at::Tensor& U2s, const std::optional<at::Tensor>& bias);
 
+// The backward's own arguments, for a call whose tensors passed check_sketched_linear (sizes
+// compared as SymInts, so the Meta kernel runs it under dynamic shapes too): grad_output (..., d_out) with the input's leading dims, saved
+// (N, 2Lk + kSavedPad), both of the input's dtype and device. Autograd always passes them right;
+// a direct call of the private op gets an error instead of gradients of the wrong rows.
+void check_sketched_linear_backward(const char* op, const at::Tensor& grad_output,
+                                    const at::Tensor& saved, const at::Tensor& input,
+                                    const SketchDims& d);
+
 // Output shape (..., d_out) for an input (..., d_in).
 std::vector<int64_t> sketched_output_shape(const at::Tensor& input, int64_t d_out);
 

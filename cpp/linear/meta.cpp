@@ -43,7 +43,9 @@ std::tuple<at::Tensor, at::Tensor> sketched_linear_forward_meta(
 Grads6 backward_meta(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& saved,
                      const at::Tensor& S1s, const at::Tensor& S2s, const at::Tensor& U1s,
                      const at::Tensor& U2s, std::array<bool, 6> mask) {
-  check_sketched_linear("panther::_sketched_linear_backward", input, S1s, S2s, U1s, U2s, std::nullopt);
+  const SketchDims d = check_sketched_linear("panther::_sketched_linear_backward", input, S1s, S2s,
+                                             U1s, U2s, std::nullopt);
+  check_sketched_linear_backward("panther::_sketched_linear_backward", grad_out, saved, input, d);
   Grads6 out;
   if (mask[0]) std::get<0>(out) = at::empty_like(input, at::MemoryFormat::Contiguous);
   if (mask[1]) std::get<1>(out) = at::empty_like(S1s, at::MemoryFormat::Contiguous);
