@@ -604,3 +604,23 @@ def test_key_padding_mask_must_be_bool(dtype):
             f(q, k, v, W, "softmax", False, mask)
     with pytest.raises(RuntimeError, match=r"key_padding_mask must be bool"):
         op(q.to("meta"), k.to("meta"), v.to("meta"), W.to("meta"), "softmax", False, mask.to("meta"))
+
+
+@pytest.mark.parametrize("bad,pattern", [
+    ("transposed", r"grad_output must have the output's shape \(batch, heads, Lq, value_dim\) = \(2, 3, 10, 5\), got \(2, 10, 3, 5\)"),
+    ("short", r"grad_output must have the output's shape .* got \(2, 3, 9, 5\)"),
+    ("int", r"grad_output must be float64, float32, float16 or bfloat16"),
+    ("device", r"grad_output must be on the query's device"),
+])
+def test_backward_op_checks_grad_output(bad, pattern):
+    """The private backward validates grad_output: one of the output's size but another shape
+    would otherwise be reshaped (or, on CUDA, indexed by the expected strides)."""
+    q, k, v = torch.randn(2, 3, 10, 4), torch.randn(2, 3, 10, 4), torch.randn(2, 3, 10, 5)
+    W = torch.randn(6, 4)
+    g = torch.randn(2, 3, 10, 5)
+    g_bad = {"transposed": g.transpose(1, 2).contiguous(), "short": g[:, :, :9],
+             "int": g.long(), "device": g.to("meta")}[bad]
+    bwd = torch.ops.panther._favor_attention_backward
+    with pytest.raises(RuntimeError, match=r"panther::_favor_attention_backward: " + pattern):
+        bwd(g_bad, q, k, v, W, "softmax", True, None, [True] * 4)
+    assert all(t is not None for t in bwd(g, q, k, v, W, "softmax", True, None, [True] * 4))

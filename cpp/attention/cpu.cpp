@@ -92,6 +92,7 @@ FavorGrads favor_attention_backward_cpu(const at::Tensor& grad_output, const at:
                                         const std::optional<at::Tensor>& /*saved: CUDA only*/) {
   const FavorDims d = check_favor_attention("panther::_favor_attention_backward", query, key,
                                             value, projection, kernel_fn, causal, key_padding_mask);
+  check_favor_attention_grad("panther::_favor_attention_backward", grad_output, query, value);
   const Slices s = slices_of(d);
   if (s.count <= 1)
     return favor_backward(d, grad_output, query, key, value, projection, causal,

@@ -132,6 +132,7 @@ FavorGrads favor_attention_backward_cuda(const at::Tensor& grad_output, const at
                                          const std::optional<at::Tensor>& saved) {
   const FavorDims d = check_favor_attention("panther::_favor_attention_backward", query, key,
                                             value, projection, kernel_fn, causal, key_padding_mask);
+  check_favor_attention_grad("panther::_favor_attention_backward", grad_output, query, value);
   const c10::cuda::CUDAGuard guard(query.device());
   if (use_fused(d, query) && grad_output.scalar_type() == query.scalar_type()) {
     // The projection gradient is summed with float atomics across chunks: raise (or warn) like

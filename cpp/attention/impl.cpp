@@ -280,6 +280,19 @@ FavorSymDims check_favor_attention_sym(const char* op, const at::Tensor& query,
   return d;
 }
 
+void check_favor_attention_grad(const char* op, const at::Tensor& grad_output,
+                                const at::Tensor& query, const at::Tensor& value) {
+  checks::defined(op, {{"grad_output", grad_output}});
+  const std::vector<c10::SymInt> want{query.sym_size(0), query.sym_size(1), query.sym_size(2),
+                                      value.sym_size(3)};
+  bool same = grad_output.dim() == 4;
+  for (int64_t i = 0; same && i < 4; ++i) same = grad_output.sym_size(i) == want[i];
+  PANTHER_CHECK_ARG(same, op, "grad_output", "have the output's shape (batch, heads, Lq, value_dim) = ",
+                    shape_str(want), ", got ", shape_str(grad_output.sym_sizes()));
+  checks::floating(op, "grad_output", grad_output);
+  checks::same_device(op, "grad_output", grad_output, "query", query);
+}
+
 FavorDims check_favor_attention(const char* op, const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& projection,
                                 c10::string_view kernel_fn, bool causal,

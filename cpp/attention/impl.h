@@ -118,6 +118,12 @@ FavorSymDims check_favor_attention_sym(const char* op, const at::Tensor& query,
                                        bool causal,
                                        const std::optional<at::Tensor>& key_padding_mask);
 
+// The backward's grad_output: (B, H, Lq, Dv) as the output, floating, on the query's device
+// (sizes compared as SymInts, for the Meta kernel under dynamic shapes). Autograd always passes
+// it right; a direct call of the private op with another shape gets an error, not a misread.
+void check_favor_attention_grad(const char* op, const at::Tensor& grad_output,
+                                const at::Tensor& query, const at::Tensor& value);
+
 // Validates shapes, dtypes, devices, kernel_fn, the mask and causal's Lq == Lk.
 FavorDims check_favor_attention(const char* op, const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& projection,

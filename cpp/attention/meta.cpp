@@ -41,6 +41,7 @@ FavorGrads favor_attention_backward_meta(const at::Tensor& grad_output, const at
                                          const std::optional<at::Tensor>& /*saved*/) {
   check_favor_attention_sym("panther::_favor_attention_backward", query, key, value, projection,
                             kernel_fn, causal, key_padding_mask);
+  check_favor_attention_grad("panther::_favor_attention_backward", grad_output, query, value);
   FavorGrads out;
   if (output_mask[0]) std::get<0>(out) = at::empty_like(query, at::MemoryFormat::Contiguous);
   if (output_mask[1]) std::get<1>(out) = at::empty_like(key, at::MemoryFormat::Contiguous);
