@@ -205,8 +205,7 @@ Fwd forward_cuda(const at::Tensor& input, const at::Tensor& S1s, const at::Tenso
     // Narrow sketches (2Lk <= 64): T in fp32 and the output GEMM from registers (sketch_out.cuh),
     // which splits s T exactly and writes y at close to the bandwidth of the write. Autograd's
     // copy of T (rounded once to the input dtype) is written only when a backward needs it.
-    auto terms = [&](const at::Tensor& t) { return t.permute({1, 0, 2}).reshape({d.d_in, Lk}); };
-    const at::Tensor T32 = at::mm(x2, at::cat({terms(S1s), terms(U2s)}, 1), at::kFloat);
+    const at::Tensor T32 = at::mm(x2, pack_A(S1s, U2s), at::kFloat);
     const at::Tensor u1 = U1s.contiguous(), s2 = S2s.contiguous();
     if (sketch_out::out_applies(T32, u1, s2, bias, /*min_rows=*/kSmallTokens + 1)) {
       at::Tensor y, saved;
@@ -218,7 +217,7 @@ Fwd forward_cuda(const at::Tensor& input, const at::Tensor& S1s, const at::Tenso
         // fp32 product, one rounding to the input dtype on the way out.
         at::Tensor Ts = saved.narrow(1, 0, C);
         at::mul_out(Ts, T32, at::scalar_tensor(scale, at::kFloat));
-        saved.narrow(1, C, kSavedPad).zero_().select(1, 0).fill_(1);
+        write_saved_pad(saved, C);
       }
       return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
     }

@@ -111,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor> forward_exact(const at::Tensor& x2, const at:
   at::Tensor saved = at::empty({x2.size(0), C + kSavedPad}, x2.options().dtype(A.scalar_type()));
   at::Tensor Ts = saved.narrow(1, 0, C);
   Ts.addmm_(x2, A, /*beta=*/0, /*alpha=*/scale);
-  if (want_saved) saved.narrow(1, C, kSavedPad).zero_().select(1, 0).fill_(1);
+  if (want_saved) write_saved_pad(saved, C);
   at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, Ts, B) : at::mm(Ts, B);
   return {y, saved};
 }

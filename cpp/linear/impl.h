@@ -42,6 +42,11 @@ inline bool is_low_precision(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16;
 }
 
+// Writes the pad columns [1, 0, ..., 0] after the first `core` columns of a saved intermediate.
+inline void write_saved_pad(at::Tensor& saved, int64_t core) {
+  saved.narrow(1, core, kSavedPad).zero_().select(1, 0).fill_(1);
+}
+
 // A = [S1_1 .. S1_L | U2_1 .. U2_L]  (d_in, 2Lk)
 at::Tensor pack_A(const at::Tensor& S1s, const at::Tensor& U2s);
 // B = [U1_1; ..; U1_L; S2_1; ..; S2_L]  (2Lk, d_out)
