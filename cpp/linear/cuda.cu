@@ -22,35 +22,44 @@ using namespace panther::detail;
 constexpr const char* kOp = "panther::sketched_linear";
 
 // Packs the four sketch tensors into the GEMM operands in one launch:
-//   A (d_in, 2Lk) = [S1_1 .. S1_L | U2_1 .. U2_L],  B (2Lk, d_out) = [U1_1; ..; U1_L; S2_1; ..; S2_L].
+//   A (d_in, 2Lk) = [S1_1 .. S1_L | U2_1 .. U2_L],  B (2Lk, d_out) = [U1_1; ..; U1_L; S2_1; ..; S2_L],
+// and, when `pad` is given, writes the pad columns [1, 0, ..., 0] of the saved intermediate
+// (rows of pad_ld elements; the pad starts at column 2Lk) in the same launch.
 template <typename T>
 __global__ void pack_operands_kernel(const T* __restrict__ S1, const T* __restrict__ U2,
                                      const T* __restrict__ U1, const T* __restrict__ S2,
                                      T* __restrict__ A, T* __restrict__ B, int64_t L, int64_t d_in,
-                                     int64_t k, int64_t d_out) {
+                                     int64_t k, int64_t d_out, T* __restrict__ pad, int64_t pad_rows,
+                                     int64_t pad_ld) {
   const int64_t Lk = L * k, colsA = 2 * Lk, nA = d_in * colsA;
-  const int64_t per = Lk * d_out, nB = 2 * per;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < nA + nB;
+  const int64_t per = Lk * d_out, nB = 2 * per, nP = pad != nullptr ? pad_rows * kSavedPad : 0;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < nA + nB + nP;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     if (i < nA) {
       const int64_t r = i / colsA, c = i - r * colsA;
       const bool second = c >= Lk;
       const int64_t cc = second ? c - Lk : c, l = cc / k, j = cc - l * k;
       A[i] = (second ? U2 : S1)[(l * d_in + r) * k + j];
-    } else {
+    } else if (i < nA + nB) {
       const int64_t b = i - nA;
       B[b] = (b >= per ? S2 : U1)[b >= per ? b - per : b];
+    } else {
+      const int64_t e = i - nA - nB, n = e / kSavedPad, q = e - n * kSavedPad;
+      pad[n * pad_ld + colsA + q] = static_cast<T>(q == 0 ? 1.f : 0.f);
     }
   }
 }
 
+// A and B as above; with `saved` (N, 2Lk + kSavedPad) also its pad columns.
 std::tuple<at::Tensor, at::Tensor> pack_operands(const at::Tensor& S1s, const at::Tensor& U2s,
-                                                 const at::Tensor& U1s, const at::Tensor& S2s) {
+                                                 const at::Tensor& U1s, const at::Tensor& S2s,
+                                                 at::Tensor* saved = nullptr) {
   const int64_t L = S1s.size(0), d_in = S1s.size(1), k = S1s.size(2), d_out = S2s.size(2);
   auto s1 = S1s.contiguous(), u2 = U2s.contiguous(), u1 = U1s.contiguous(), s2 = S2s.contiguous();
   at::Tensor A = at::empty({d_in, 2 * L * k}, S1s.options());
   at::Tensor B = at::empty({2 * L * k, d_out}, S1s.options());
-  const int64_t total = A.numel() + B.numel();
+  const int64_t pad_rows = saved != nullptr ? saved->size(0) : 0;
+  const int64_t total = A.numel() + B.numel() + pad_rows * kSavedPad;
   if (total == 0) return {A, B};
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 4096);
@@ -58,10 +67,24 @@ std::tuple<at::Tensor, at::Tensor> pack_operands(const at::Tensor& S1s, const at
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, S1s.scalar_type(), "panther_pack", [&] {
     pack_operands_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
         s1.data_ptr<scalar_t>(), u2.data_ptr<scalar_t>(), u1.data_ptr<scalar_t>(),
-        s2.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(), L, d_in, k, d_out);
+        s2.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(), L, d_in, k, d_out,
+        pad_rows > 0 ? saved->data_ptr<scalar_t>() : nullptr, pad_rows,
+        pad_rows > 0 ? saved->stride(0) : 0);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {A, B};
+}
+
+// saved (N, C + kSavedPad) = [s T32 | 1 0 .. 0], rounded once to the saved dtype, in one launch.
+template <typename T>
+__global__ void write_saved_kernel(const float* __restrict__ T32, T* __restrict__ saved, int64_t N,
+                                   int64_t C, float scale) {
+  const int64_t ld = C + kSavedPad, total = N * ld;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = i / ld, c = i - n * ld;
+    saved[i] = static_cast<T>(c < C ? scale * T32[n * C + c] : (c == C ? 1.f : 0.f));
+  }
 }
 
 // ---- Few-token forward (decode-sized batches) ---------------------------------------------
@@ -214,16 +237,22 @@ Fwd forward_cuda(const at::Tensor& input, const at::Tensor& S1s, const at::Tenso
       });
       if (want_saved) {
         saved = at::empty({d.N, saved_cols(Lk)}, x2.options());
-        // fp32 product, one rounding to the input dtype on the way out.
-        at::Tensor Ts = saved.narrow(1, 0, C);
-        at::mul_out(Ts, T32, at::scalar_tensor(scale, at::kFloat));
-        write_saved_pad(saved, C);
+        const int64_t total = saved.numel(), threads = 256;
+        const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 4096);
+        AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "panther_write_saved", [&] {
+          write_saved_kernel<scalar_t><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              T32.data_ptr<float>(), saved.data_ptr<scalar_t>(), d.N, C, static_cast<float>(scale));
+        });
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
     }
   }
-  auto [A, B] = pack_operands(S1s, U2s, U1s, S2s);
-  auto [y, saved] = forward_exact(x2, A, B, bias, scale, want_saved);
+  // T is written into the saved buffer (its pad columns by the packing launch) even when no
+  // backward needs it: the buffer is then only the GEMMs' intermediate.
+  at::Tensor saved = at::empty({d.N, saved_cols(Lk)}, x2.options());
+  auto [A, B] = pack_operands(S1s, U2s, U1s, S2s, want_saved ? &saved : nullptr);
+  at::Tensor y = forward_exact_into(x2, A, B, bias, scale, saved);
   if (!want_saved) saved = at::Tensor();
   return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
 }

@@ -101,18 +101,24 @@ at::Tensor pack_B(const at::Tensor& U1s, const at::Tensor& S2s) {
   return at::cat({U1s.reshape({L * k, d_out}), S2s.reshape({L * k, d_out})}, 0);
 }
 
+at::Tensor forward_exact_into(const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B,
+                              const std::optional<at::Tensor>& bias, double scale,
+                              const at::Tensor& saved) {
+  // The 1/(2L) scale is folded into the small (N, 2Lk) intermediate (the GEMM's alpha, applied
+  // before its one rounding), never into the output. beta = 0: the uninitialised buffer is not read.
+  at::Tensor Ts = saved.narrow(1, 0, A.size(1));
+  Ts.addmm_(x2, A, /*beta=*/0, /*alpha=*/scale);
+  return (bias.has_value() && bias->defined()) ? at::addmm(*bias, Ts, B) : at::mm(Ts, B);
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_exact(const at::Tensor& x2, const at::Tensor& A,
                                                  const at::Tensor& B,
                                                  const std::optional<at::Tensor>& bias,
                                                  double scale, bool want_saved) {
-  // The 1/(2L) scale is folded into the small (N, 2Lk) intermediate (the GEMM's alpha, applied
-  // before its one rounding), never into the output. beta = 0: the uninitialised buffer is not read.
   const int64_t C = A.size(1);
   at::Tensor saved = at::empty({x2.size(0), C + kSavedPad}, x2.options().dtype(A.scalar_type()));
-  at::Tensor Ts = saved.narrow(1, 0, C);
-  Ts.addmm_(x2, A, /*beta=*/0, /*alpha=*/scale);
+  at::Tensor y = forward_exact_into(x2, A, B, bias, scale, saved);
   if (want_saved) write_saved_pad(saved, C);
-  at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, Ts, B) : at::mm(Ts, B);
   return {y, saved};
 }
 

@@ -55,6 +55,12 @@ at::Tensor pack_B(const at::Tensor& U1s, const at::Tensor& S2s);
 // The two-GEMM forward in the operands' dtype (any device): returns (y2d, saved) with
 // saved = [x A / (2L) | 1 | 0...] of shape (N, 2Lk + kSavedPad); without want_saved the pad
 // columns are left unwritten (inference never reads them).
+// The same forward into a given saved buffer (N, 2Lk + kSavedPad) of A's dtype: writes its
+// first 2Lk columns (x A / (2L)), leaves the pad columns alone and returns y.
+at::Tensor forward_exact_into(const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B,
+                              const std::optional<at::Tensor>& bias, double scale,
+                              const at::Tensor& saved);
+
 std::tuple<at::Tensor, at::Tensor> forward_exact(const at::Tensor& x2, const at::Tensor& A,
                                                  const at::Tensor& B,
                                                  const std::optional<at::Tensor>& bias,
