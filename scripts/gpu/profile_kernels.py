@@ -3,7 +3,8 @@ total time, of the calls whose targets are missed: SKLinear bf16 forward at 8192
 SKLinear bf16 forward+backward at 64 tokens, causal favor_attention forward+backward at 16k
 (bf16, 12 x 64 heads, M=256) and the RandMultiHeadAttention forward at 1k. ``shapes``: kernels of
 SKLinear, nn.Linear and the plain two-GEMM fwd+bwd at transformer widths (PROBE_SHAPES, entries
-d_in x d_out x tokens, default 768x768x4096,768x768x16384,4096x4096x16384; L=1 k=64).
+d_in x d_out x tokens, default 768x768x4096,768x768x16384,4096x4096x16384; L=1 k=64), with the
+latency of one call on an idle GPU and the host submit / total time of 200 back-to-back calls.
 Usage: python3 scripts/gpu/profile_kernels.py [linear] [attention] [module] [shapes]
 (default: linear attention module)"""
 import os
@@ -112,7 +113,9 @@ if "shapes" in SECTIONS:
             fb = lambda f=f, params=params: torch.autograd.grad(f(), params, g)  # noqa: E731
             with torch.no_grad():
                 latency(f"{name} fwd {item}", f)
+                timing(f"{name} fwd {item}", f, n=200)
             latency(f"{name} fwd+bwd {item}", fb)
+            timing(f"{name} fwd+bwd {item}", fb, n=200)
             kernels(f"{name} fwd+bwd {item}", fb)
 
 op = torch.ops.panther.favor_attention
