@@ -118,3 +118,31 @@ def test_installed_distribution_agrees():
     assert f"torch=={TORCH_MINOR}.*" in (dist.requires or [])
     assert dist.metadata["License-Expression"] == "MIT"
     assert {"demo", "test", "docs", "dev"} <= set(dist.metadata.get_all("Provides-Extra") or [])
+
+
+def test_cpp_messages_never_format_numbers_with_iostreams():
+    """Error and repr text in cpp/ is built by format.h's message() (std::to_string, snprintf):
+    a library built against another libstdc++ than the process's can carry its own copy of the
+    iostream number formatting, whose locale facets then do not match the process's, and crash
+    exactly when a check fails. So every TORCH_CHECK / TORCH_INTERNAL_ASSERT passes at most one
+    message argument (several would be streamed by c10::str), and nothing uses a stringstream."""
+    root = Path(__file__).resolve().parents[1] / "cpp"
+    bad = []
+    for path in sorted(root.rglob("*")):
+        if path.suffix not in (".h", ".cpp", ".cu", ".cuh"):
+            continue
+        text = path.read_text()
+        flat = re.sub(r"\s+", " ", re.sub(r"//[^\n]*", "", text))
+        for m in re.finditer(r"\b(?:TORCH_CHECK(?:_TYPE|_INDEX|_VALUE)?|TORCH_INTERNAL_ASSERT)\((.*?)\);", flat):
+            depth, pieces, in_str = 0, 1, False
+            for ch in re.sub(r"\\.", "", m.group(1)):  # escapes dropped; commas in literals skipped
+                in_str ^= ch == '"'
+                if not in_str:
+                    depth += ch in "([{"
+                    depth -= ch in ")]}"
+                    pieces += ch == "," and depth == 0
+            if pieces > 2:
+                bad.append(f"{path.relative_to(root)}: {m.group(0)[:100]}")
+        if "stringstream" in text:
+            bad.append(f"{path.relative_to(root)}: uses a stringstream")
+    assert not bad, "build messages with panther::detail::message() (cpp/common/format.h):\n" + "\n".join(bad)

@@ -52,7 +52,7 @@ void SKLinearImpl::reset() {
                           W_init->size(1) == o.in_features(),
                       name, "W_init", "have shape (out_features=", o.out_features(),
                       ", in_features=", o.in_features(), ") (nn.Linear layout), got ",
-                      W_init->sizes());
+                      detail::shape_str(W_init->sizes()));
   }
   const int64_t L = o.num_terms(), k = o.low_rank(), in = o.in_features(), out = o.out_features();
   const auto topt = o.tensor_options();
@@ -118,10 +118,11 @@ at::Tensor SKLinearImpl::dense_weight() const {
 }
 
 void SKLinearImpl::pretty_print(std::ostream& stream) const {
-  stream << "panther::nn::SKLinear(in_features=" << options.in_features()
-         << ", out_features=" << options.out_features() << ", num_terms=" << options.num_terms()
-         << ", low_rank=" << options.low_rank() << ", bias=" << (options.bias() ? "true" : "false")
-         << ")";
+  // Built as a string (format.h: numbers never go through an iostream of this library).
+  stream << detail::message("panther::nn::SKLinear(in_features=", options.in_features(),
+                            ", out_features=", options.out_features(),
+                            ", num_terms=", options.num_terms(), ", low_rank=", options.low_rank(),
+                            ", bias=", options.bias(), ")");
 }
 
 // ---------------------------------------------------------------- RandMultiHeadAttention
@@ -129,8 +130,8 @@ void SKLinearImpl::pretty_print(std::ostream& stream) const {
 at::Tensor orthogonal_gaussian_projection(int64_t num_features, int64_t dim,
                                           const c10::TensorOptions& options) {
   TORCH_CHECK(num_features > 0 && dim > 0,
-              "orthogonal_gaussian_projection: num_features and dim must be positive, got ",
-              num_features, " and ", dim);
+              detail::message("orthogonal_gaussian_projection: num_features and dim must be "
+                              "positive, got ", num_features, " and ", dim));
   at::NoGradGuard no_grad;
   const auto f64 = at::TensorOptions().dtype(at::kDouble);
   const int64_t nblocks = (num_features + dim - 1) / dim;
@@ -201,20 +202,23 @@ at::Tensor RandMultiHeadAttentionImpl::forward(const at::Tensor& query, const at
                                                const std::optional<at::Tensor>& key_padding_mask,
                                                bool causal) {
   const char* name = "RandMultiHeadAttention";
-  TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && value.dim() == 3, name,
-              ": query, key and value must be 3-d (batch, seq, embed_dim), got ", query.sizes(), ", ",
-              key.sizes(), ", ", value.sizes());
+  TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && value.dim() == 3,
+              detail::message(name, ": query, key and value must be 3-d (batch, seq, embed_dim), got ",
+                              detail::shape_str(query.sizes()), ", ", detail::shape_str(key.sizes()), ", ",
+                              detail::shape_str(value.sizes())));
   const int64_t E = options.embed_dim(), H = options.num_heads(), hd = E / H;
-  TORCH_CHECK(query.size(2) == E && key.size(2) == E && value.size(2) == E, name,
-              ": last dim of query, key and value must be embed_dim=", E, ", got ", query.size(2),
-              ", ", key.size(2), ", ", value.size(2));
+  TORCH_CHECK(query.size(2) == E && key.size(2) == E && value.size(2) == E,
+              detail::message(name, ": last dim of query, key and value must be embed_dim=", E,
+                              ", got ", query.size(2), ", ", key.size(2), ", ", value.size(2)));
   const int64_t B = query.size(0), Lq = query.size(1), Lk = key.size(1);
-  TORCH_CHECK(key.size(0) == B && value.size(0) == B && value.size(1) == Lk, name,
-              ": key and value must have shape (batch=", B, ", key_len, ", E,
-              ") with the same key_len, got ", key.sizes(), " and ", value.sizes());
+  TORCH_CHECK(key.size(0) == B && value.size(0) == B && value.size(1) == Lk,
+              detail::message(name, ": key and value must have shape (batch=", B, ", key_len, ", E,
+                              ") with the same key_len, got ", detail::shape_str(key.sizes()), " and ",
+                              detail::shape_str(value.sizes())));
   causal = causal || options.iscausal();
-  TORCH_CHECK(!causal || Lq == Lk, name, ": causal attention needs equal query and key lengths, got ",
-              Lq, " and ", Lk);
+  TORCH_CHECK(!causal || Lq == Lk,
+              detail::message(name, ": causal attention needs equal query and key lengths, got ",
+                              Lq, " and ", Lk));
   auto opt = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
   at::Tensor q = at::linear(query, Wq, opt(bq)).view({B, Lq, H, hd}).transpose(1, 2);
   at::Tensor k = at::linear(key, Wk, opt(bk)).view({B, Lk, H, hd}).transpose(1, 2);
@@ -227,12 +231,12 @@ at::Tensor RandMultiHeadAttentionImpl::forward(const at::Tensor& query, const at
 }
 
 void RandMultiHeadAttentionImpl::pretty_print(std::ostream& stream) const {
-  stream << "panther::nn::RandMultiHeadAttention(embed_dim=" << options.embed_dim()
-         << ", num_heads=" << options.num_heads()
-         << ", num_random_features=" << options.num_random_features()
-         << ", dropout=" << options.dropout() << ", bias=" << (options.bias() ? "true" : "false")
-         << ", kernel_fn='" << options.kernel_fn() << "', iscausal=" << (options.iscausal() ? "true" : "false")
-         << ")";
+  stream << detail::message("panther::nn::RandMultiHeadAttention(embed_dim=", options.embed_dim(),
+                            ", num_heads=", options.num_heads(),
+                            ", num_random_features=", options.num_random_features(),
+                            ", dropout=", options.dropout(), ", bias=", options.bias(),
+                            ", kernel_fn='", options.kernel_fn(), "', iscausal=", options.iscausal(),
+                            ")");
 }
 
 }  // namespace panther::nn

@@ -267,8 +267,9 @@ FavorSymDims check_favor_attention_sym(const char* op, const at::Tensor& query,
   PANTHER_CHECK_ARG(d.M >= 1 && projection.sym_size(1) == d.D, op, "projection",
                     "have shape (num_random_features >= 1, head_dim=", d.D, "), got ",
                     shape_str(projection.sym_sizes()));
-  TORCH_CHECK(!causal || d.Lq == d.Lk, op,
-              ": causal=True needs equal query and key lengths, got Lq=", d.Lq, " and Lk=", d.Lk);
+  TORCH_CHECK(!causal || d.Lq == d.Lk,
+              detail::message(op, ": causal=True needs equal query and key lengths, got Lq=", d.Lq,
+                              " and Lk=", d.Lk));
   if (key_padding_mask.has_value() && key_padding_mask->defined()) {
     const at::Tensor& m = *key_padding_mask;
     checks::dtype(op, "key_padding_mask", m, at::kBool, "bool (True = padded key, ignored)");

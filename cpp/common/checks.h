@@ -25,8 +25,10 @@
 
 #include "common/format.h"
 
-// TORCH_CHECK(cond, "<op>: <name> must ", ...): the free-form check of the format above.
-#define PANTHER_CHECK_ARG(cond, op, name, ...) TORCH_CHECK(cond, op, ": ", name, " must ", __VA_ARGS__)
+// TORCH_CHECK(cond, "<op>: <name> must ", ...): the free-form check of the format above. The
+// message is built (by format.h's message(), without iostreams) only when the check fails.
+#define PANTHER_CHECK_ARG(cond, op, name, ...) \
+  TORCH_CHECK(cond, ::panther::detail::message(op, ": ", name, " must ", __VA_ARGS__))
 
 namespace panther::checks {
 
@@ -42,7 +44,8 @@ struct Arg {
 // arrives as an undefined tensor.
 inline void defined(const char* op, std::initializer_list<Arg> args) {
   for (const Arg& a : args)
-    TORCH_CHECK_TYPE(a.tensor.defined(), op, ": ", a.name, " must be a tensor, got None");
+    TORCH_CHECK_TYPE(a.tensor.defined(),
+                     ::panther::detail::message(op, ": ", a.name, " must be a tensor, got None"));
 }
 
 // "<op>: <name> must be float64, float32, float16 or bfloat16, got <dtype>" (or `what` in place

@@ -282,7 +282,7 @@ at::Tensor out_gemm(const at::Tensor& T32, const at::Tensor& U1s, const at::Tens
     case 2: { auto* k = &out_kernel<T, 2>; PANTHER_LAUNCH(k, grid, block, (Smem<T, 32>::total), p); break; }
     case 3: { auto* k = &out_kernel<T, 3>; PANTHER_LAUNCH(k, grid, block, (Smem<T, 48>::total), p); break; }
     case 4: { auto* k = &out_kernel<T, 4>; PANTHER_LAUNCH(k, grid, block, (Smem<T, 64>::total), p); break; }
-    default: TORCH_INTERNAL_ASSERT(false, "out_gemm: C = ", C);
+    default: TORCH_INTERNAL_ASSERT(false, "out_gemm: C is not 16, 32, 48 or 64");
   }
   return y;
 }
