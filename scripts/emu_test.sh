@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds and runs hand-written CUDA kernels on the CPU emulator (tests/emu), comparing them with
-# the ATen implementations: the fused FAVOR+ kernels (favor_fused_test) and sketched_linear's
-# few-token backward (sketch_test); selftest checks the emulator itself and the emulated PTX
-# primitives of cpp/common/mma.cuh (mma.sync/ldmatrix lane mapping). No GPU or CUDA toolkit needed.
+# the ATen implementations: the fused FAVOR+ kernels (favor_fused_test), the fused decoding step
+# (decode_test) and sketched_linear's few-token backward (sketch_test); selftest checks the
+# emulator itself and the emulated PTX primitives of cpp/common/mma.cuh (mma.sync/ldmatrix lane
+# mapping). No GPU or CUDA toolkit needed.
 # Usage: scripts/emu_test.sh [quick]   (quick: one FAVOR+ case)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,9 @@ build() {  # name, sources...
 build favor_fused_test tests/emu/favor_fused_test.cpp cpp/attention/impl.cpp &
 build sketch_test tests/emu/sketch_test.cpp &
 build selftest tests/emu/selftest.cpp &
-wait %1 && wait %2 && wait %3
+build decode_test tests/emu/decode_test.cpp cpp/attention/impl.cpp &
+wait %1 && wait %2 && wait %3 && wait %4
 "$out/selftest"
 "$out/sketch_test"
+"$out/decode_test"
 "$out/favor_fused_test" "$@"

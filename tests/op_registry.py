@@ -346,6 +346,34 @@ def _rand_mha_sample_inputs(device, dtype):
     return out
 
 
+def _favor_decode_step_sample_inputs(device, dtype):
+    """States from empty and after a few steps (made on CPU in float64 by the op itself), a
+    non-contiguous state, no leading dims, an empty batch."""
+    out = []
+    for i, (desc, lead, D, Dv, M, kernel, steps, strided) in enumerate([
+            ("softmax, empty state", (2, 3), 4, 3, 5, "softmax", 0, False),
+            ("softmax, after steps", (2, 3), 5, 3, 7, "softmax", 2, False),
+            ("relu, strided state", (3,), 6, 4, 7, "relu", 2, True),
+            ("no leading dims", (), 4, 3, 5, "softmax", 1, False),
+            ("empty batch", (0, 2), 4, 3, 5, "softmax", 0, False)]):
+        g = _gen(i)
+        r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+        W = r(M, D)
+        if strided:  # (M, ..., Dv+1) memory seen as (..., M, Dv+1)
+            kv = torch.zeros(M, *lead, Dv + 1, dtype=torch.float64).movedim(0, -2)
+        else:
+            kv = torch.zeros(*lead, M, Dv + 1, dtype=torch.float64)
+        vs = torch.zeros(*lead, Dv + 1, dtype=torch.float64)
+        st = torch.full(lead, float("-inf") if kernel == "softmax" else 0.0, dtype=torch.float64)
+        for _ in range(steps + 1):
+            q, k, v = r(*lead, D), r(*lead, D), r(*lead, Dv)
+            if _ < steps:
+                torch.ops.panther._favor_decode_step_(q, k, v, W, kernel, kv, vs, st)
+        t = lambda x: _leaf(x, device, dtype, False)
+        out.append(Sample(desc, (t(q), t(k), t(v), t(W), kernel, t(kv), t(vs), t(st))))
+    return out
+
+
 _INTERNAL = ("internal op: reached only through {public}, whose entry runs this check "
              "(the check needs the public op's semantics)")
 
@@ -410,6 +438,11 @@ REGISTRY: List[OpEntry] = [
              devices_=("cuda",), **_FAVOR_PRIVATE_DTYPES),  # the fused CUDA forward; no CPU kernel
     _private("_favor_attention_backward", "favor_attention", _favor_attention_backward_sample_inputs,
              **_FAVOR_PRIVATE_DTYPES),
+    # In place and inference only (no autograd kernel): the module's decoding tests
+    # (tests/test_decode.py) compare it with the Python math and the causal forward.
+    _private("_favor_decode_step_", "pr.nn.RandMultiHeadAttention.step_", _favor_decode_step_sample_inputs,
+             why="in-place decoding step of {public}, inference only (no autograd, float32/float64 "
+                 "state): tests/test_decode.py checks its values against the Python math"),
     _private("_rand_mha_self_attention", "pr.nn.RandMultiHeadAttention", _rand_mha_sample_inputs,
              why="CompositeImplicitAutograd: decomposes into aten ops and panther::favor_attention "
                  "(checked by its own entry); the module's tests cover {public}"),

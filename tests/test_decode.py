@@ -221,3 +221,163 @@ def test_step_in_place_under_cuda_graph(kernel_fn):
     assert int(state.length) == L
     full, _ = layer(x, x, x)
     torch.testing.assert_close(torch.cat(got, 1), full[:, P:], rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ the fused step op
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from panther import _favor_math as fm  # noqa: E402
+
+STEP_OP = torch.ops.panther._favor_decode_step_
+
+
+class OpLog(TorchDispatchMode):
+    """Records the names of the ops dispatched under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def empty_state(lead, M, Dv, kernel_fn, dtype=F64, device="cpu"):
+    r = torch.full(lead, float("-inf") if kernel_fn == "softmax" else 0.0, dtype=dtype, device=device)
+    return (torch.zeros(*lead, M, Dv + 1, dtype=dtype, device=device),
+            torch.zeros(*lead, Dv + 1, dtype=dtype, device=device), r)
+
+
+def step_inputs(lead, D, Dv, t, seed, dtype=F64):
+    """One position's q, k, v; their scale grows with t, so the key stabiliser rises."""
+    g = torch.Generator().manual_seed(1000 * seed + t)
+    s = 0.5 + 0.6 * t
+    return (torch.randn(*lead, D, generator=g, dtype=F64).to(dtype) * s,
+            torch.randn(*lead, D, generator=g, dtype=F64).to(dtype) * s,
+            torch.randn(*lead, Dv, generator=g, dtype=F64).to(dtype))
+
+
+STEP_SHAPES = [(lead, M, D, Dv) for lead in ((1,), (2, 3)) for M in (3, 256, 300) for D in (4, 64)
+               for Dv in (3, 64)]
+
+
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+@pytest.mark.parametrize("lead,M,D,Dv", STEP_SHAPES)
+def test_step_op_equals_python_math(kernel_fn, lead, M, D, Dv):
+    """The op (CPU, float64) updates the state and reads it out as decode_step's Python math, from
+    an empty state on, step after step."""
+    W = torch.randn(M, D, generator=torch.Generator().manual_seed(7), dtype=F64)
+    state = empty_state(lead, M, Dv, kernel_fn)
+    ref = tuple(t.clone() for t in state)
+    for t in range(4):
+        q, k, v = step_inputs(lead, D, Dv, t, seed=M + D + Dv)
+        want, *ref = fm.decode_step(q, k, v, W, kernel_fn, *ref, inplace=False)
+        ptrs = [s.data_ptr() for s in state]
+        got = STEP_OP(q, k, v, W, kernel_fn, *state)
+        assert [s.data_ptr() for s in state] == ptrs
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+        for s, r in zip(state, ref):
+            torch.testing.assert_close(s, r, rtol=1e-12, atol=1e-13)
+    if kernel_fn == "softmax":
+        assert bool(torch.isfinite(state[2]).all())
+
+
+def test_step_op_errors():
+    lead, M, D, Dv = (2, 3), 5, 4, 3
+    W = torch.randn(M, D, dtype=F64)
+    q, k, v = step_inputs(lead, D, Dv, 0, seed=1)
+    kv, vs, r = empty_state(lead, M, Dv, "softmax")
+    ok = (q, k, v, W, "softmax", kv, vs, r)
+
+    def call(**kw):
+        names = ("query", "key", "value", "projection", "kernel_fn", "kv", "v_sum", "stabiliser")
+        return STEP_OP(*[kw.get(n, a) for n, a in zip(names, ok)])
+
+    bad = [
+        (dict(kernel_fn="gelu"), r"kernel must be \"softmax\" or \"relu\", got \"gelu\""),
+        (dict(key=k[..., :3]), r"key must have the query's shape \(\.\.\., head_dim\) = \(2, 3, 4\), got \(2, 3, 3\)"),
+        (dict(value=v[:1]), r"value must have the query's leading dims"),
+        (dict(projection=W[:, :3]), r"projection must have shape \(num_random_features >= 1, head_dim=4\)"),
+        (dict(kv=kv[..., :3]), r"kv must have shape \(\.\.\., num_random_features, value_dim \+ 1\) = \(2, 3, 5, 4\)"),
+        (dict(v_sum=vs[0]), r"v_sum must have shape \(\.\.\., value_dim \+ 1\) = \(2, 3, 4\), got \(3, 4\)"),
+        (dict(stabiliser=r[:, :1]), r"stabiliser must have the query's leading shape"),
+        (dict(kv=kv.float()), r"kv must have the query's dtype Double, got Float"),
+        (dict(query=q.half(), key=k.half(), value=v.half(), projection=W.half(), kv=kv.half(),
+              v_sum=vs.half(), stabiliser=r.half()), r"query must be float32 or float64"),
+        (dict(projection=W.to("meta")), r"projection must be on the query's device cpu, got meta"),
+        (dict(query=q[0, 0, 0]), r"query must have at least 1 dimension|key must have the query's shape"),
+        (dict(value=v.clone().requires_grad_()), r"value must not require grad .*torch.no_grad"),
+    ]
+    for kw, match in bad:
+        with pytest.raises(RuntimeError, match=r"^panther::_favor_decode_step_: " + match):
+            call(**kw)
+    with pytest.raises(TypeError, match=r"kv must be a tensor, got None"):
+        call(kv=None)
+    # requires_grad is fine without grad mode (nothing to record)
+    with torch.no_grad():
+        call(value=v.clone().requires_grad_())
+
+
+def test_step_op_meta_shapes():
+    lead, M, D, Dv = (2, 3), 5, 4, 3
+    args = [t.to("meta") for t in step_inputs(lead, D, Dv, 0, seed=1)]
+    out = STEP_OP(*args, torch.empty(M, D, device="meta", dtype=F64), "relu",
+                  *empty_state(lead, M, Dv, "relu", device="meta"))
+    assert out.shape == (2, 3, Dv) and out.device.type == "meta" and out.dtype == F64
+
+
+def test_step_in_place_on_cpu_keeps_python_math():
+    """On CPU step_ runs the Python math (the op is for CUDA)."""
+    layer = make_layer()
+    x = growing_input(1, 4)
+    with torch.no_grad():
+        _, state = layer.prefill(x[:, :3])
+        with OpLog() as log:
+            layer.step_(x[:, 3:], state)
+    assert "panther._favor_decode_step_" not in log.names
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+@pytest.mark.parametrize("lead,M,D,Dv", STEP_SHAPES)
+def test_step_op_cuda_equals_cpu_math(kernel_fn, lead, M, D, Dv, dtype):
+    """The fused CUDA kernel equals the float64 math on the same (rounded) inputs."""
+    W = torch.randn(M, D, generator=torch.Generator().manual_seed(7), dtype=F64).to(dtype).double()
+    ref = empty_state(lead, M, Dv, kernel_fn)
+    state = tuple(t.to("cuda", dtype) for t in ref)
+    # fp32: pre-activations near -20 carry ~2e-6 absolute rounding into every feature
+    tol = dict(rtol=1e-4, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-12)
+    for t in range(4):
+        q, k, v = (x.to(dtype).double() for x in step_inputs(lead, D, Dv, t, seed=M + D + Dv))
+        want = STEP_OP(q, k, v, W, kernel_fn, *ref)
+        got = STEP_OP(*(x.to("cuda", dtype) for x in (q, k, v, W)), kernel_fn, *state)
+        torch.testing.assert_close(got.double().cpu(), want, **tol)
+        for s, r in zip(state, ref):
+            torch.testing.assert_close(s.double().cpu(), r, **tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+def test_step_in_place_cuda_equals_full_causal_forward(kernel_fn, dtype):
+    """prefill + step_ on CUDA runs the fused op, and equals the causal forward position by
+    position."""
+    layer = make_layer(kernel_fn, dtype=dtype, device="cuda")
+    B, P, L = 3, 5, 14
+    x = growing_input(B, L, dtype=dtype, device="cuda")
+    with torch.no_grad():
+        full, _ = layer(x, x, x)
+        out, state = layer.prefill(x[:, :P])
+        outs = [out]
+        with OpLog() as log:
+            for t in range(P, L):
+                outs.append(layer.step_(x[:, t:t + 1], state))
+        assert log.names.count("panther._favor_decode_step_") == L - P
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=tol, atol=tol)
+    assert int(state.length) == L

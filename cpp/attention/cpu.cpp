@@ -1,4 +1,5 @@
-// CPU kernels of panther::favor_attention and _favor_attention_backward. fp32/fp64 compute in
+// CPU kernels of panther::favor_attention, _favor_attention_backward and _favor_decode_step_
+// (the latter: the ATen math of impl.cpp). fp32/fp64 compute in
 // their own precision; fp16/bf16 compute features, states and sums in fp32 and round once at the
 // end. Causal mode runs in chunks of kCpuChunk positions (cpp/attention/impl.cpp).
 #include <ATen/ATen.h>
@@ -128,10 +129,20 @@ FavorGrads favor_attention_backward_cpu(const at::Tensor& grad_output, const at:
   return out;
 }
 
+at::Tensor favor_decode_step_cpu(const at::Tensor& query, const at::Tensor& key,
+                                 const at::Tensor& value, const at::Tensor& projection,
+                                 c10::string_view kernel_fn, const at::Tensor& kv,
+                                 const at::Tensor& v_sum, const at::Tensor& stabiliser) {
+  const DecodeDims d = check_favor_decode_step("panther::_favor_decode_step_", query, key, value,
+                                               projection, kernel_fn, kv, v_sum, stabiliser);
+  return favor_decode_step_aten(d, query, key, value, projection, kv, v_sum, stabiliser);
+}
+
 }  // namespace
 }  // namespace panther::cpu
 
 TORCH_LIBRARY_IMPL(panther, CPU, m) {
   m.impl("favor_attention", &panther::cpu::favor_attention_cpu);
   m.impl("_favor_attention_backward", &panther::cpu::favor_attention_backward_cpu);
+  m.impl("_favor_decode_step_", &panther::cpu::favor_decode_step_cpu);
 }

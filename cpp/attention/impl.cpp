@@ -305,6 +305,120 @@ FavorDims check_favor_attention(const char* op, const at::Tensor& query, const a
           s.D.expect_int(), s.Dv.expect_int(), s.M.expect_int(),  s.kernel};
 }
 
+std::vector<c10::SymInt> check_favor_decode_step_sym(
+    const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& projection, c10::string_view kernel_fn, const at::Tensor& kv,
+    const at::Tensor& v_sum, const at::Tensor& stabiliser) {
+  checks::defined(op, {{"query", query}, {"key", key}, {"value", value}, {"projection", projection},
+                       {"kv", kv}, {"v_sum", v_sum}, {"stabiliser", stabiliser}});
+  // (The message names favor_attention's keyword, `kernel`, as that op's does.)
+  checks::one_of(op, "kernel", kernel_fn, {"softmax", "relu"});
+  checks::min_dim(op, "query", query, 1, "(..., head_dim)");
+  // The decode state is kept in fp32 for fp32/fp16/bf16 layers, fp64 for fp64 ones.
+  PANTHER_CHECK_ARG(query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble, op,
+                    "query", "be float32 or float64 (the decode state's dtype), got ",
+                    query.scalar_type());
+  const std::initializer_list<checks::Arg> rest = {{"key", key},   {"value", value},
+                                                   {"projection", projection}, {"kv", kv},
+                                                   {"v_sum", v_sum}, {"stabiliser", stabiliser}};
+  for (const checks::Arg& a : rest) checks::same_dtype(op, a.name, a.tensor, "query", query);
+  for (const checks::Arg& a : rest) checks::same_device(op, a.name, a.tensor, "query", query);
+  // In place and without an autograd kernel: a call that autograd would have to record is an
+  // error rather than a silently wrong gradient.
+  const bool grad = at::GradMode::is_enabled();
+  for (const checks::Arg& a : {checks::Arg{"query", query}, checks::Arg{"key", key},
+                               checks::Arg{"value", value}, checks::Arg{"projection", projection},
+                               checks::Arg{"kv", kv}, checks::Arg{"v_sum", v_sum},
+                               checks::Arg{"stabiliser", stabiliser}})
+    PANTHER_CHECK_ARG(!(grad && a.tensor.requires_grad()), op, a.name,
+                      "not require grad (an in-place inference op: call it under torch.no_grad()), "
+                      "got a tensor that requires grad");
+  const auto qs = query.sym_sizes();
+  const std::vector<c10::SymInt> lead(qs.begin(), qs.end() - 1);
+  const c10::SymInt D = qs.back();
+  auto with = [&](std::initializer_list<c10::SymInt> tail) {
+    std::vector<c10::SymInt> w = lead;
+    w.insert(w.end(), tail.begin(), tail.end());
+    return w;
+  };
+  auto has_shape = [](const at::Tensor& t, const std::vector<c10::SymInt>& want) {
+    if (t.dim() != static_cast<int64_t>(want.size())) return false;
+    for (size_t i = 0; i < want.size(); ++i)
+      if (t.sym_size(static_cast<int64_t>(i)) != want[i]) return false;
+    return true;
+  };
+  PANTHER_CHECK_ARG(D >= 1, op, "query", "have head_dim >= 1, got shape ", shape_str(qs));
+  const auto wk = with({D});
+  PANTHER_CHECK_ARG(has_shape(key, wk), op, "key", "have the query's shape (..., head_dim) = ",
+                    shape_str(wk), ", got ", shape_str(key.sym_sizes()));
+  bool vok = value.dim() == query.dim();
+  for (int64_t i = 0; vok && i + 1 < value.dim(); ++i) vok = value.sym_size(i) == lead[i];
+  PANTHER_CHECK_ARG(vok, op, "value", "have the query's leading dims (..., value_dim) = ",
+                    shape_str(with({})), " + (value_dim,), got ", shape_str(value.sym_sizes()));
+  const c10::SymInt Dv = value.sym_size(-1);
+  checks::dim(op, "projection", projection, 2, "(num_random_features, head_dim)");
+  const c10::SymInt M = projection.sym_size(0);
+  PANTHER_CHECK_ARG(M >= 1 && projection.sym_size(1) == D, op, "projection",
+                    "have shape (num_random_features >= 1, head_dim=", D, "), got ",
+                    shape_str(projection.sym_sizes()));
+  const auto wkv = with({M, Dv + 1}), wvs = with({Dv + 1});
+  PANTHER_CHECK_ARG(has_shape(kv, wkv), op, "kv",
+                    "have shape (..., num_random_features, value_dim + 1) = ", shape_str(wkv),
+                    ", got ", shape_str(kv.sym_sizes()));
+  PANTHER_CHECK_ARG(has_shape(v_sum, wvs), op, "v_sum", "have shape (..., value_dim + 1) = ",
+                    shape_str(wvs), ", got ", shape_str(v_sum.sym_sizes()));
+  PANTHER_CHECK_ARG(has_shape(stabiliser, lead), op, "stabiliser",
+                    "have the query's leading shape (...) = ", shape_str(lead), ", got ",
+                    shape_str(stabiliser.sym_sizes()));
+  return with({Dv});
+}
+
+DecodeDims check_favor_decode_step(const char* op, const at::Tensor& query, const at::Tensor& key,
+                                   const at::Tensor& value, const at::Tensor& projection,
+                                   c10::string_view kernel_fn, const at::Tensor& kv,
+                                   const at::Tensor& v_sum, const at::Tensor& stabiliser) {
+  check_favor_decode_step_sym(op, query, key, value, projection, kernel_fn, kv, v_sum, stabiliser);
+  const FavorKernel kernel =
+      kernel_fn == c10::string_view("softmax") ? FavorKernel::Softmax : FavorKernel::Relu;
+  return {query.numel() / query.size(-1), query.size(-1), value.size(-1), projection.size(0),
+          kernel};
+}
+
+at::Tensor favor_decode_step_aten(const DecodeDims& d, const at::Tensor& query,
+                                  const at::Tensor& key, const at::Tensor& value,
+                                  const at::Tensor& projection, const at::Tensor& kv,
+                                  const at::Tensor& v_sum, const at::Tensor& stabiliser) {
+  const double sM = 1.0 / std::sqrt(static_cast<double>(d.M));
+  const at::Tensor Wt = projection.t();
+  const at::Tensor V1 = at::constant_pad_nd(value, {0, 1}, 1.0);  // [v, 1]
+  at::Tensor phi, kf;
+  double ek;
+  if (d.kernel == FavorKernel::Softmax) {
+    const double xscale = std::pow(static_cast<double>(d.D), -0.25);
+    auto pre = [&](const at::Tensor& x) {
+      const at::Tensor xs = x * xscale;
+      return at::matmul(xs, Wt) - 0.5 * (xs * xs).sum(-1, /*keepdim=*/true);
+    };
+    const at::Tensor pq = pre(query), pk = pre(key);
+    const at::Tensor r_new = at::maximum(stabiliser, pk.amax(-1));
+    phi = sM * ((pq - pq.amax(-1, /*keepdim=*/true)).exp() + kFavorSoftmaxEps);
+    kf = sM * (pk - r_new.unsqueeze(-1)).exp();
+    // alpha = exp(r - r_new) <= 1; 0 while the state is empty (r = -inf).
+    kv.mul_((stabiliser - r_new).exp().unsqueeze(-1).unsqueeze(-1));
+    stabiliser.copy_(r_new);
+    ek = kFavorSoftmaxEps * sM;
+  } else {
+    phi = sM * at::relu(at::matmul(query, Wt)) + kFavorReluEps;
+    kf = sM * at::relu(at::matmul(key, Wt));
+    ek = kFavorReluEps;
+  }
+  kv.addcmul_(kf.unsqueeze(-1), V1.unsqueeze(-2));
+  v_sum.add_(V1);
+  const at::Tensor y =
+      at::matmul(phi.unsqueeze(-2), kv + ek * v_sum.unsqueeze(-2)).squeeze(-2);  // (..., Dv+1)
+  return (y.narrow(-1, 0, d.Dv) / y.narrow(-1, d.Dv, 1)).contiguous();
+}
+
 at::Tensor chunk_scan_generic(const at::Tensor& x, const at::Tensor& a, bool reverse) {
   const int64_t n = x.size(1);
   at::Tensor out = at::zeros_like(x);

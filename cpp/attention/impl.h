@@ -18,6 +18,7 @@
 #include <optional>
 #include <c10/util/string_view.h>
 #include <tuple>
+#include <vector>
 
 namespace panther::detail {
 
@@ -123,6 +124,33 @@ FavorSymDims check_favor_attention_sym(const char* op, const at::Tensor& query,
 // it right; a direct call of the private op with another shape gets an error, not a misread.
 void check_favor_attention_grad(const char* op, const at::Tensor& grad_output,
                                 const at::Tensor& query, const at::Tensor& value);
+
+// _favor_decode_step_ (one decoding position of causal FAVOR+ against a running state, in place;
+// see schema.cpp): rows R = the product of the leading dims, head_dim D, value_dim Dv, M features.
+struct DecodeDims {
+  int64_t R, D, Dv, M;
+  FavorKernel kernel;
+};
+
+// Validates the decode step's arguments (shapes, dtypes float32/float64, devices, kernel_fn, and
+// that no tensor requires grad under grad mode: the op is in place and has no autograd kernel).
+// Returns the output's sizes (the query's leading dims, then Dv); symbolic for the Meta kernel.
+std::vector<c10::SymInt> check_favor_decode_step_sym(
+    const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& projection, c10::string_view kernel_fn, const at::Tensor& kv,
+    const at::Tensor& v_sum, const at::Tensor& stabiliser);
+DecodeDims check_favor_decode_step(const char* op, const at::Tensor& query, const at::Tensor& key,
+                                   const at::Tensor& value, const at::Tensor& projection,
+                                   c10::string_view kernel_fn, const at::Tensor& kv,
+                                   const at::Tensor& v_sum, const at::Tensor& stabiliser);
+
+// The decode step in ATen ops, any device (the CPU kernel, and CUDA calls the fused kernel does
+// not take): the math of panther._favor_math.decode_step(..., inplace=True). Updates kv, v_sum and
+// stabiliser in place; returns out (..., Dv) in the query's dtype.
+at::Tensor favor_decode_step_aten(const DecodeDims& d, const at::Tensor& query,
+                                  const at::Tensor& key, const at::Tensor& value,
+                                  const at::Tensor& projection, const at::Tensor& kv,
+                                  const at::Tensor& v_sum, const at::Tensor& stabiliser);
 
 // Validates shapes, dtypes, devices, kernel_fn, the mask and causal's Lq == Lk.
 FavorDims check_favor_attention(const char* op, const at::Tensor& query, const at::Tensor& key,

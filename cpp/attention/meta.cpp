@@ -1,5 +1,6 @@
-// Meta (shape-only) kernels of panther::favor_attention, _favor_attention_forward and
-// _favor_attention_backward, used by torch.compile, torch.export and FakeTensor tracing. They run
+// Meta (shape-only) kernels of panther::favor_attention, _favor_attention_forward,
+// _favor_attention_backward and _favor_decode_step_ (its output only: the state it updates in
+// place keeps its shape), used by torch.compile, torch.export and FakeTensor tracing. They run
 // the same checks as the real kernels, on symbolic sizes (sym_size, empty_symint): under dynamic
 // shapes (torch.compile's automatic dynamic shapes, torch.export Dims) batch, heads and lengths
 // stay symbols instead of being specialised to the example's sizes.
@@ -50,6 +51,16 @@ FavorGrads favor_attention_backward_meta(const at::Tensor& grad_output, const at
   return out;
 }
 
+at::Tensor favor_decode_step_meta(const at::Tensor& query, const at::Tensor& key,
+                                  const at::Tensor& value, const at::Tensor& projection,
+                                  c10::string_view kernel_fn, const at::Tensor& kv,
+                                  const at::Tensor& v_sum, const at::Tensor& stabiliser) {
+  const std::vector<c10::SymInt> out = check_favor_decode_step_sym(
+      "panther::_favor_decode_step_", query, key, value, projection, kernel_fn, kv, v_sum,
+      stabiliser);
+  return at::empty_symint(out, query.options());
+}
+
 }  // namespace
 }  // namespace panther::meta
 
@@ -57,4 +68,5 @@ TORCH_LIBRARY_IMPL(panther, Meta, m) {
   m.impl("favor_attention", &panther::meta::favor_attention_meta);
   m.impl("_favor_attention_forward", &panther::meta::favor_attention_forward_meta);
   m.impl("_favor_attention_backward", &panther::meta::favor_attention_backward_meta);
+  m.impl("_favor_decode_step_", &panther::meta::favor_decode_step_meta);
 }

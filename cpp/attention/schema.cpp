@@ -1,5 +1,6 @@
 // Schemas of the FAVOR+ random-feature attention ops (favor_attention, its private
-// forward/backward pair, and RandMultiHeadAttention's fused self-attention forward). The
+// forward/backward pair, RandMultiHeadAttention's fused self-attention forward and its in-place
+// decoding step). The
 // namespace itself is declared once, in cpp/library.cpp; every family adds its ops with a fragment.
 #include <torch/library.h>
 
@@ -29,5 +30,14 @@ TORCH_LIBRARY_FRAGMENT(panther, m) {
   // concatenation of Wq, Wk, Wv when no gradient is recorded), favor_attention, output
   // projection. A composition of
   // at::linear and favor_attention (CompositeImplicitAutograd). x (B, L, E) -> (B, L, E).
+  // One causal decoding position against a running state, in place (RandMultiHeadAttention.step_
+  // on CUDA: one fused kernel instead of a few dozen small ones; the math of
+  // panther._favor_math.decode_step). query, key (..., D), value (..., Dv), projection (M, D);
+  // state kv (..., M, Dv+1), v_sum (..., Dv+1), stabiliser (...); all float32 or float64, one
+  // dtype and device. The new key joins the state (softmax: stabiliser rises to the key's max
+  // pre-activation and kv is rescaled), then the query reads it. Returns out (..., Dv); kv, v_sum
+  // and stabiliser are updated. Inference only: no autograd kernel, so tensors that require grad
+  // under grad mode are an error.
+  m.def("_favor_decode_step_(Tensor query, Tensor key, Tensor value, Tensor projection, str kernel_fn, Tensor(a!) kv, Tensor(b!) v_sum, Tensor(c!) stabiliser) -> Tensor");
   m.def("_rand_mha_self_attention(Tensor x, Tensor Wq, Tensor Wk, Tensor Wv, Tensor? bq, Tensor? bk, Tensor? bv, Tensor W0, Tensor? b0, Tensor projection, int num_heads, str kernel_fn, bool causal, Tensor? key_padding_mask) -> Tensor");
 }

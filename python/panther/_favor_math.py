@@ -69,6 +69,10 @@ def ratio(y: Tensor, dv: int) -> Tensor:
     return num / torch.where(den == 0, torch.ones_like(den), den)
 
 
+def _any_requires_grad(*ts: Tensor) -> bool:
+    return any(t.requires_grad for t in ts)
+
+
 def decode_step(q: Tensor, k: Tensor, v: Tensor, W: Tensor, kernel_fn: str, kv: Tensor, v_sum: Tensor,
                 r: Tensor, inplace: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """One causal position against a running state -> ``(out, kv, v_sum, r)``.
@@ -80,7 +84,15 @@ def decode_step(q: Tensor, k: Tensor, v: Tensor, W: Tensor, kernel_fn: str, kv: 
     reads it: ``out = num / den`` of ``phi(q) (kv + e_k v_sum)`` (``den > 0``: the query sees at
     least its own key and every feature is >= eps). ``inplace``: ``kv``, ``v_sum`` and ``r`` are
     updated in place (and returned). No host synchronisation.
+
+    On CUDA, ``inplace`` float32/float64 calls with nothing for autograd to record run as one fused kernel
+    (``torch.ops.panther._favor_decode_step_``, the same math); the code below is the reference,
+    and the path of CPU tensors, of ``inplace=False`` and of calls autograd records.
     """
+    if (inplace and q.is_cuda and q.dtype in (torch.float32, torch.float64)
+            and not (torch.is_grad_enabled() and _any_requires_grad(q, k, v, W, kv, v_sum, r))):
+        out = torch.ops.panther._favor_decode_step_(q, k, v, W, kernel_fn, kv, v_sum, r)
+        return out, kv, v_sum, r
     M = W.shape[0]
     sM = M ** -0.5
     qk = torch.stack([q, k])  # (2, ..., D): one pass of the feature map for both

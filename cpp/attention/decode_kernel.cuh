@@ -1,0 +1,290 @@
+// The fused decoding step of causal FAVOR+ (panther::_favor_decode_step_ on CUDA): one thread
+// block per row (batch*head) does the whole step that panther._favor_math.decode_step spells in a
+// few dozen small ATen ops: both feature maps, the key stabiliser, the state's rescale, the
+// outer-product update and the readout. Decoding is latency-bound (one position, a few kB of
+// state per head), so the win is one launch instead of many, not bandwidth.
+//
+// Per row (sM = M^-1/2; x' = x D^-1/4 for softmax, x for relu):
+//   pre_x[m] = x' . W[m] (- |x'|^2/2 softmax)                    warp per feature m, smem q', k'
+//   softmax: c_q = max pre_q, r_new = max(r, max pre_k)           block max (shuffles + smem)
+//            phi = sM (exp(pre_q - c_q) + eps), kf = sM exp(pre_k - r_new), alpha = exp(r - r_new)
+//   relu:    phi = sM relu(pre_q) + eps, kf = sM relu(pre_k), alpha = 1
+//   v_sum += [v, 1];  kv[m] = alpha kv[m] + kf[m] [v, 1]          warp per row m of kv (coalesced)
+//   y[j] = sum_m phi[m] (kv[m, j] + e_k v_sum[j]); out = y[:Dv] / y[Dv]   per-warp partial sums
+// Accumulation in T (float or double). No allocation but the output, no host synchronisation
+// (CUDA graph capture works). The file compiles as CUDA and, with PANTHER_CUDA_EMU, as host C++
+// against tests/emu/cuda_emu.h (tests/emu/decode_test.cpp).
+#pragma once
+#include "common/device.cuh"
+
+#include <ATen/ATen.h>
+#include <climits>
+#include <cstdint>
+
+#include "attention/impl.h"
+#include "common/launch.cuh"
+
+namespace panther::decode {
+
+constexpr int kThreads = 256, kWarps = kThreads / 32;
+// Columns of kv per lane in the update/readout loop: value_dim + 1 <= 32 kCols.
+constexpr int kCols = 9;
+// Rows (features) a warp works on at once.
+constexpr int kRows = 4;
+constexpr int64_t kMaxDv = 256;
+static_assert(kMaxDv + 1 <= 32 * kCols, "kv row must fit the lanes' columns");
+
+template <class T>
+struct Params {
+  const T* q;
+  const T* k;
+  const T* v;
+  const T* W;
+  T* kv;
+  T* v_sum;
+  T* r;
+  T* out;
+  int D, Dv, M;
+  bool softmax;
+  T xscale, sM, eps, ek;  // eps: of the query features; ek: of the key features
+};
+
+template <class T>
+__device__ __forceinline__ T warp_sum(T x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+template <class T>
+__device__ __forceinline__ T exp_t(T x) {
+  if constexpr (sizeof(T) == 4) return expf(x);
+  else return exp(x);
+}
+
+template <class T>
+__device__ __forceinline__ T max_t(T a, T b) { return a > b ? a : b; }
+
+// Shared memory (elements of T): q', k' (D each), [v, 1] and the new v_sum (E1 each), the
+// pre-activations then features of the query and key (M each), the warps' maxima (2 kWarps) and
+// partial readouts (kWarps E1).
+inline int64_t smem_elems(int64_t D, int64_t Dv, int64_t M) {
+  const int64_t E1 = Dv + 1;
+  return 2 * D + 2 * E1 + 2 * M + 2 * kWarps + kWarps * E1;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) decode_step_kernel(const Params<T> p) {
+  PANTHER_DYNAMIC_SMEM(smem_raw);
+  const int D = p.D, Dv = p.Dv, E1 = Dv + 1, M = p.M;
+  T* sq = reinterpret_cast<T*>(smem_raw);
+  T* sk = sq + D;
+  T* sv = sk + D;
+  T* svs = sv + E1;
+  T* sfq = svs + E1;
+  T* sfk = sfq + M;
+  T* smax = sfk + M;
+  T* syp = smax + 2 * kWarps;
+  const int64_t row = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const T* q = p.q + row * D;
+  const T* k = p.k + row * D;
+  const T* v = p.v + row * Dv;
+  T* kv = p.kv + row * M * E1;
+  T* vs = p.v_sum + row * E1;
+
+  // 1. Stage the inputs; v_sum += [v, 1] (one thread per entry). Every thread reads the old
+  //    stabiliser here, before the barrier after which thread 0 overwrites it.
+  for (int i = tid; i < D; i += kThreads) {
+    sq[i] = q[i] * p.xscale;
+    sk[i] = k[i] * p.xscale;
+  }
+  for (int j = tid; j < E1; j += kThreads) {
+    const T vj = j < Dv ? v[j] : T(1);
+    sv[j] = vj;
+    const T s = vs[j] + vj;
+    vs[j] = s;
+    svs[j] = s;
+  }
+  const T r_old = p.softmax ? p.r[row] : T(0);
+  __syncthreads();
+
+  // 2. Pre-activations, one warp per feature (W's row read once, coalesced, for q and k).
+  T hq = 0, hk = 0;  // |x'|^2 / 2 (softmax)
+  if (p.softmax) {
+    for (int d = lane; d < D; d += 32) {
+      hq += sq[d] * sq[d];
+      hk += sk[d] * sk[d];
+    }
+    hq = warp_sum(hq) * T(0.5);
+    hk = warp_sum(hk) * T(0.5);
+  }
+  // kRows features per warp at a time: independent loads and shuffle chains to overlap.
+  T mq = -INFINITY, mk = -INFINITY;
+  for (int m0 = warp * kRows; m0 < M; m0 += kWarps * kRows) {
+    T aq[kRows], ak[kRows];
+#pragma unroll
+    for (int u = 0; u < kRows; ++u) {
+      aq[u] = 0;
+      ak[u] = 0;
+      if (m0 + u < M) {
+        const T* w = p.W + static_cast<int64_t>(m0 + u) * D;
+        for (int d = lane; d < D; d += 32) {
+          const T wd = w[d];
+          aq[u] += sq[d] * wd;
+          ak[u] += sk[d] * wd;
+        }
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+      for (int u = 0; u < kRows; ++u) {
+        aq[u] += __shfl_xor_sync(0xffffffffu, aq[u], o);
+        ak[u] += __shfl_xor_sync(0xffffffffu, ak[u], o);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kRows; ++u) {
+      if (m0 + u < M) {
+        aq[u] -= hq;
+        ak[u] -= hk;
+        mq = max_t(mq, aq[u]);
+        mk = max_t(mk, ak[u]);
+        if (lane == 0) {
+          sfq[m0 + u] = aq[u];
+          sfk[m0 + u] = ak[u];
+        }
+      }
+    }
+  }
+  if (lane == 0) {
+    smax[warp] = mq;
+    smax[kWarps + warp] = mk;
+  }
+  __syncthreads();
+
+  // 3. Stabilisers and features (in place of the pre-activations).
+  T alpha = 1, cq = 0, r_new = r_old;
+  if (p.softmax) {
+    cq = smax[0];
+    T ck = smax[kWarps];
+    for (int w = 1; w < kWarps; ++w) {
+      cq = max_t(cq, smax[w]);
+      ck = max_t(ck, smax[kWarps + w]);
+    }
+    r_new = max_t(r_old, ck);
+    alpha = exp_t(r_old - r_new);  // <= 1; 0 for an empty state (r_old = -inf)
+  }
+  for (int m = tid; m < M; m += kThreads) {
+    if (p.softmax) {
+      sfq[m] = p.sM * (exp_t(sfq[m] - cq) + p.eps);
+      sfk[m] = p.sM * exp_t(sfk[m] - r_new);
+    } else {
+      sfq[m] = p.sM * max_t(sfq[m], T(0)) + p.eps;
+      sfk[m] = p.sM * max_t(sfk[m], T(0));
+    }
+  }
+  if (p.softmax && tid == 0) p.r[row] = r_new;
+  __syncthreads();
+
+  // 4. State update and readout, one warp per row of kv, lanes along its columns.
+  T acc[kCols];
+#pragma unroll
+  for (int i = 0; i < kCols; ++i) acc[i] = 0;
+  // kRows rows of kv per warp at a time, all loaded before any is stored: the loads overlap.
+  for (int m0 = warp * kRows; m0 < M; m0 += kWarps * kRows) {
+    T x[kRows][kCols];
+#pragma unroll
+    for (int u = 0; u < kRows; ++u) {
+#pragma unroll
+      for (int i = 0; i < kCols; ++i) {
+        const int j = lane + 32 * i;
+        x[u][i] = m0 + u < M && j < E1 ? kv[static_cast<int64_t>(m0 + u) * E1 + j] : T(0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kRows; ++u) {
+      if (m0 + u < M) {
+        const T ph = sfq[m0 + u], kf = sfk[m0 + u];
+        T* kvr = kv + static_cast<int64_t>(m0 + u) * E1;
+#pragma unroll
+        for (int i = 0; i < kCols; ++i) {
+          const int j = lane + 32 * i;
+          if (j < E1) {
+            const T nkv = alpha * x[u][i] + kf * sv[j];
+            kvr[j] = nkv;
+            acc[i] += ph * (nkv + p.ek * svs[j]);
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kCols; ++i) {
+    const int j = lane + 32 * i;
+    if (j < E1) syp[warp * E1 + j] = acc[i];
+  }
+  __syncthreads();
+
+  // 5. out = num / den (den > 0: the query sees at least its own key, every feature >= eps).
+  T den = 0;
+  for (int w = 0; w < kWarps; ++w) den += syp[w * E1 + Dv];
+  T* out = p.out + row * Dv;
+  for (int j = tid; j < Dv; j += kThreads) {
+    T num = 0;
+    for (int w = 0; w < kWarps; ++w) num += syp[w * E1 + j];
+    out[j] = num / den;
+  }
+}
+
+// Whether the kernel takes a call: value_dim <= kMaxDv (the lanes' columns), sizes in int, and the
+// shared memory fits `max_smem` bytes. Others run the ATen math.
+inline bool takes(const detail::DecodeDims& d, at::ScalarType dt, int64_t max_smem) {
+  if (dt != at::kFloat && dt != at::kDouble) return false;
+  if (d.Dv > kMaxDv || d.R > INT_MAX || d.D > INT_MAX / 2 || d.M > INT_MAX / 2) return false;
+  if (d.M * (d.Dv + 1) > INT_MAX) return false;
+  return smem_elems(d.D, d.Dv, d.M) * static_cast<int64_t>(at::elementSize(dt)) <= max_smem;
+}
+
+// Runs the step on the kernel (the caller checked the arguments and `takes`; on CUDA it also set
+// the device). The inputs are made contiguous (the module's already are); a non-contiguous state
+// goes through contiguous copies written back.
+template <class T>
+at::Tensor step(const detail::DecodeDims& d, const at::Tensor& query, const at::Tensor& key,
+                const at::Tensor& value, const at::Tensor& projection, const at::Tensor& kv,
+                const at::Tensor& v_sum, const at::Tensor& stabiliser) {
+  std::vector<int64_t> osize = query.sizes().vec();
+  osize.back() = d.Dv;
+  at::Tensor out = at::empty(osize, query.options());
+  if (d.R == 0) return out;
+  const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous(),
+                   W = projection.contiguous();
+  const at::Tensor kvc = kv.contiguous(), vsc = v_sum.contiguous(), rc = stabiliser.contiguous();
+  Params<T> p{};
+  p.q = q.data_ptr<T>();
+  p.k = k.data_ptr<T>();
+  p.v = v.data_ptr<T>();
+  p.W = W.data_ptr<T>();
+  p.kv = kvc.data_ptr<T>();
+  p.v_sum = vsc.data_ptr<T>();
+  p.r = rc.data_ptr<T>();
+  p.out = out.data_ptr<T>();
+  p.D = static_cast<int>(d.D);
+  p.Dv = static_cast<int>(d.Dv);
+  p.M = static_cast<int>(d.M);
+  p.softmax = d.kernel == detail::FavorKernel::Softmax;
+  const double sM = 1.0 / std::sqrt(static_cast<double>(d.M));
+  p.sM = static_cast<T>(sM);
+  p.xscale = p.softmax ? static_cast<T>(std::pow(static_cast<double>(d.D), -0.25)) : T(1);
+  p.eps = static_cast<T>(p.softmax ? detail::kFavorSoftmaxEps : detail::kFavorReluEps);
+  p.ek = static_cast<T>(p.softmax ? detail::kFavorSoftmaxEps * sM : detail::kFavorReluEps);
+  const size_t smem = static_cast<size_t>(smem_elems(d.D, d.Dv, d.M)) * sizeof(T);
+  auto* kernel = &decode_step_kernel<T>;
+  PANTHER_LAUNCH(kernel, dim3(static_cast<unsigned>(d.R)), dim3(kThreads), smem, p);
+  if (!kvc.is_same(kv)) kv.copy_(kvc);
+  if (!vsc.is_same(v_sum)) v_sum.copy_(vsc);
+  if (!rc.is_same(stabiliser)) stabiliser.copy_(rc);
+  return out;
+}
+
+}  // namespace panther::decode

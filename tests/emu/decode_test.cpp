@@ -1,0 +1,109 @@
+// Runs the fused decoding-step kernel (cpp/attention/decode_kernel.cuh) on the CPU emulator and
+// compares it, step after step, with the ATen math of cpp/attention/impl.cpp
+// (favor_decode_step_aten, the CPU kernel): output, kv, v_sum and stabiliser. Softmax and relu,
+// float32 and float64, from an empty state (kv = 0, v_sum = 0, stabiliser = -inf) with inputs
+// growing in scale (the stabiliser rises and the state is rescaled), fewer features than warps,
+// features not a multiple of the block, value_dim at the kernel's limit, a non-contiguous state.
+// Built and run by scripts/emu_test.sh.
+#include "cuda_emu.h"
+#include "attention/decode_kernel.cuh"
+
+#include <ATen/ATen.h>
+#include <cstdio>
+#include <limits>
+#include <string>
+
+#include "attention/impl.h"
+
+namespace {
+using panther::detail::DecodeDims;
+
+double rel_err(const at::Tensor& got, const at::Tensor& ref) {
+  const at::Tensor g = got.to(at::kDouble), r = ref.to(at::kDouble);
+  const at::Tensor fin = at::isfinite(r);
+  if (!at::equal(fin, at::isfinite(g))) return 1e30;
+  if (!at::equal(r.masked_select(fin.logical_not()), g.masked_select(fin.logical_not()))) return 1e30;
+  const double scale = r.masked_select(fin).abs().max().item<double>() + 1e-12;
+  return (g - r).masked_select(fin).abs().max().item<double>() / scale;
+}
+
+struct Case {
+  int64_t B, H, D, Dv, M;
+  bool softmax;
+  at::ScalarType dt;
+  bool strided_state;  // kv, v_sum, stabiliser as non-contiguous views
+  int steps;
+};
+
+bool run(const Case& c) {
+  const auto dt = c.dt;
+  const auto o = at::TensorOptions().dtype(dt);
+  const std::string kern = c.softmax ? "softmax" : "relu";
+  at::Tensor W = at::randn({c.M, c.D}, o);
+  // Two copies of the state: one for the kernel, one for the ATen math.
+  auto empty_state = [&] {
+    at::Tensor kv, vs, r;
+    if (c.strided_state) {  // (H, B, ...) memory seen as (B, H, ...)
+      kv = at::zeros({c.H, c.B, c.M, c.Dv + 1}, o).transpose(0, 1);
+      vs = at::zeros({c.H, c.B, c.Dv + 1}, o).transpose(0, 1);
+      r = at::full({c.H, c.B}, c.softmax ? -std::numeric_limits<double>::infinity() : 0.0, o)
+              .transpose(0, 1);
+    } else {
+      kv = at::zeros({c.B, c.H, c.M, c.Dv + 1}, o);
+      vs = at::zeros({c.B, c.H, c.Dv + 1}, o);
+      r = at::full({c.B, c.H}, c.softmax ? -std::numeric_limits<double>::infinity() : 0.0, o);
+    }
+    return std::make_tuple(kv, vs, r);
+  };
+  auto [kv, vs, r] = empty_state();
+  auto [kv_ref, vs_ref, r_ref] = empty_state();
+  const double tol = dt == at::kFloat ? 2e-5 : 1e-12;
+  double worst = 0;
+  bool ok = true;
+  const DecodeDims d = panther::detail::check_favor_decode_step(
+      "test", at::empty({c.B, c.H, c.D}, o), at::empty({c.B, c.H, c.D}, o),
+      at::empty({c.B, c.H, c.Dv}, o), W, kern, kv, vs, r);
+  ok = ok && panther::decode::takes(d, dt, panther::max_smem_optin(0));
+  for (int t = 0; t < c.steps; ++t) {
+    const double scale = 0.5 + 0.6 * t;  // growing: the key stabiliser rises
+    at::Tensor q = at::randn({c.B, c.H, c.D}, o) * scale, k = at::randn({c.B, c.H, c.D}, o) * scale;
+    at::Tensor v = at::randn({c.B, c.H, c.Dv}, o);
+    const at::Tensor r_before = r_ref.clone();
+    at::Tensor ref =
+        panther::detail::favor_decode_step_aten(d, q, k, v, W, kv_ref, vs_ref, r_ref);
+    at::Tensor out = dt == at::kFloat
+                         ? panther::decode::step<float>(d, q, k, v, W, kv, vs, r)
+                         : panther::decode::step<double>(d, q, k, v, W, kv, vs, r);
+    for (const auto& [got, want] : {std::make_pair(out, ref), std::make_pair(kv, kv_ref),
+                                    std::make_pair(vs, vs_ref), std::make_pair(r, r_ref)}) {
+      const double e = rel_err(got, want);
+      worst = std::max(worst, e);
+      ok = ok && e < tol && got.sizes() == want.sizes();
+    }
+    if (c.softmax && t > 0 && t + 1 == c.steps)  // the rescale was exercised
+      ok = ok && (r_ref > r_before).any().item<bool>();
+  }
+  std::printf("B=%lld H=%lld D=%lld Dv=%lld M=%lld %s %s%s, %d steps: max rel err %.1e -> %s\n",
+              (long long)c.B, (long long)c.H, (long long)c.D, (long long)c.Dv, (long long)c.M,
+              kern.c_str(), dt == at::kFloat ? "fp32" : "fp64",
+              c.strided_state ? " strided state" : "", c.steps, worst, ok ? "PASS" : "FAIL");
+  return ok;
+}
+}  // namespace
+
+int main() {
+  at::manual_seed(0);
+  const Case cases[] = {
+      {1, 1, 4, 3, 3, true, at::kDouble, false, 3},     // fewer features than warps
+      {2, 3, 64, 64, 256, true, at::kFloat, false, 3},  // the common Performer head
+      {2, 3, 4, 3, 300, false, at::kFloat, false, 3},   // relu, features not a block multiple
+      {2, 3, 64, 3, 300, true, at::kDouble, true, 3},   // non-contiguous state
+      {1, 2, 16, 256, 40, true, at::kFloat, false, 2},  // value_dim at the limit (9 columns/lane)
+      {2, 1, 33, 64, 256, false, at::kDouble, false, 2},
+  };
+  int fails = 0;
+  for (const Case& c : cases) fails += !run(c);
+  const size_t n = sizeof(cases) / sizeof(cases[0]);
+  std::printf("%d of %zu decode cases failed\n", fails, n);
+  return fails ? 1 : 0;
+}
