@@ -610,13 +610,13 @@ def bench_decode(w: Dict, context: int, device: torch.device, dtype: torch.dtype
             short = rand[0].prefill(torch.randn(1, 16, d, generator=gen).to(device, dtype))[1]
             short_bytes = sum(t.nbytes for t in short)
 
+        # Both return their layers' outputs: a compiled step that returned nothing would keep only
+        # the in-place cache/state writes and drop the attention readout as dead code.
         def exact_step():
-            for layer in exact:
-                layer.step(x_t)
+            return [layer.step(x_t) for layer in exact]
 
         def rand_step():
-            for layer, st in zip(rand, states):
-                layer.step_(x_t, st)
+            return [layer.step_(x_t, st) for layer, st in zip(rand, states)]
 
         fns = {k: f for k, f in (("exact", exact_step), ("rand", rand_step)) if not errors[k]}
         modes = ["eager"] + (["CUDA graph"] if device.type == "cuda" else [])
