@@ -146,3 +146,19 @@ def test_cpp_messages_never_format_numbers_with_iostreams():
         if "stringstream" in text:
             bad.append(f"{path.relative_to(root)}: uses a stringstream")
     assert not bad, "build messages with panther::detail::message() (cpp/common/format.h):\n" + "\n".join(bad)
+
+
+def test_compile_caches_are_keyed_by_this_build(monkeypatch):
+    """torch.compile's on-disk caches must not serve graphs compiled against another build of the
+    operator library (a renamed private op would fail, a changed one would be wrong): import
+    mixes the library's content hash into torch.compiler.config.cache_key_tag, keeping any tag
+    the user set, once."""
+    import hashlib
+    import torch.compiler.config as cc
+    with open(panther.library_path(), "rb") as f:
+        digest = hashlib.blake2b(f.read(), digest_size=8).hexdigest()
+    assert f"panther-{digest}" in cc.cache_key_tag.split("+")
+    monkeypatch.setattr(cc, "cache_key_tag", "mine")
+    panther._salt_compile_caches()
+    panther._salt_compile_caches()
+    assert cc.cache_key_tag == f"mine+panther-{digest}"

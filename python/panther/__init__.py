@@ -129,7 +129,36 @@ def _load_ops() -> None:
         ) from e
 
 
+def _library_digest() -> str:
+    """A short content hash of the operator library: changes whenever the build does."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    with open(library_path(), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _salt_compile_caches() -> None:
+    # torch.compile's on-disk caches (inductor's FX graph cache, AOTAutograd's cache) key a graph
+    # by its code and inputs, not by the custom ops' implementation: after an upgrade or rebuild
+    # they would serve graphs that call a private op that was renamed or changed its outputs.
+    # torch mixes compiler.config.cache_key_tag into every such key; add this build's digest.
+    try:
+        import torch.compiler.config as cc
+    except ImportError:  # pragma: no cover - older torch without the option
+        return
+    current = getattr(cc, "cache_key_tag", None)
+    if not isinstance(current, str):  # pragma: no cover - older torch without the option
+        return
+    piece = f"panther-{_library_digest()}"
+    if piece not in current.split("+"):
+        cc.cache_key_tag = f"{current}+{piece}" if current else piece
+
+
 _load_ops()
+_salt_compile_caches()
 
 from . import ops  # noqa: E402
 from . import nn  # noqa: E402
