@@ -42,25 +42,20 @@ inline bool is_low_precision(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16;
 }
 
-// Writes the pad columns [1, 0, ..., 0] after the first `core` columns of a saved intermediate.
-inline void write_saved_pad(at::Tensor& saved, int64_t core) {
-  saved.narrow(1, core, kSavedPad).zero_().select(1, 0).fill_(1);
-}
-
 // A = [S1_1 .. S1_L | U2_1 .. U2_L]  (d_in, 2Lk)
 at::Tensor pack_A(const at::Tensor& S1s, const at::Tensor& U2s);
 // B = [U1_1; ..; U1_L; S2_1; ..; S2_L]  (2Lk, d_out)
 at::Tensor pack_B(const at::Tensor& U1s, const at::Tensor& S2s);
 
-// The two-GEMM forward in the operands' dtype (any device): returns (y2d, saved) with
-// saved = [x A / (2L) | 1 | 0...] of shape (N, 2Lk + kSavedPad); without want_saved the pad
-// columns are left unwritten (inference never reads them).
-// The same forward into a given saved buffer (N, 2Lk + kSavedPad) of A's dtype: writes its
+// The two-GEMM forward into a given saved buffer (N, 2Lk + kSavedPad) of A's dtype: writes its
 // first 2Lk columns (x A / (2L)), leaves the pad columns alone and returns y.
 at::Tensor forward_exact_into(const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B,
                               const std::optional<at::Tensor>& bias, double scale,
                               const at::Tensor& saved);
 
+// The same forward in the operands' dtype (any device), allocating the buffer: returns
+// (y2d, saved) with saved = [x A / (2L) | 1 | 0...] of shape (N, 2Lk + kSavedPad); without
+// want_saved the pad columns are left unwritten (inference never reads them).
 std::tuple<at::Tensor, at::Tensor> forward_exact(const at::Tensor& x2, const at::Tensor& A,
                                                  const at::Tensor& B,
                                                  const std::optional<at::Tensor>& bias,
