@@ -355,6 +355,7 @@ def _favor_decode_step_sample_inputs(device, dtype):
             ("softmax, after steps", (2, 3), 5, 3, 7, "softmax", 2, False),
             ("relu, strided state", (3,), 6, 4, 7, "relu", 2, True),
             ("no leading dims", (), 4, 3, 5, "softmax", 1, False),
+            ("fused projection views", (2, 3), 4, 4, 5, "softmax", 1, False),
             ("empty batch", (0, 2), 4, 3, 5, "softmax", 0, False)]):
         g = _gen(i)
         r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
@@ -371,6 +372,13 @@ def _favor_decode_step_sample_inputs(device, dtype):
                 torch.ops.panther._favor_decode_step_(q, k, v, W, kernel, kv, vs, st)
         t = lambda x: _leaf(x, device, dtype, False)
         out.append(Sample(desc, (t(q), t(k), t(v), t(W), kernel, t(kv), t(vs), t(st))))
+        if dtype == torch.float32 and steps > 0:
+            # The module's call: bf16 query, key and value (views of one fused projection) on a
+            # float32 state, the projection in bf16.
+            lo = lambda x: _leaf(x, device, torch.bfloat16, False)
+            qkv = torch.stack([q, k, v], 1) if D == Dv and q.dim() > 1 else None
+            qkv_args = tuple(qkv.to(device, torch.bfloat16).unbind(1)) if qkv is not None else (lo(q), lo(k), lo(v))
+            out.append(Sample(desc + ", bf16 inputs", (*qkv_args, lo(W), kernel, t(kv), t(vs), t(st))))
     return out
 
 

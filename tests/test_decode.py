@@ -303,9 +303,15 @@ def test_step_op_errors():
         (dict(kv=kv[..., :3]), r"kv must have shape \(\.\.\., num_random_features, value_dim \+ 1\) = \(2, 3, 5, 4\)"),
         (dict(v_sum=vs[0]), r"v_sum must have shape \(\.\.\., value_dim \+ 1\) = \(2, 3, 4\), got \(3, 4\)"),
         (dict(stabiliser=r[:, :1]), r"stabiliser must have the query's leading shape"),
-        (dict(kv=kv.float()), r"kv must have the query's dtype Double, got Float"),
+        (dict(kv=kv.float()), r"kv must have dtype Double \(the decode state's for Double queries\), got Float"),
         (dict(query=q.half(), key=k.half(), value=v.half(), projection=W.half(), kv=kv.half(),
-              v_sum=vs.half(), stabiliser=r.half()), r"query must be float32 or float64"),
+              v_sum=vs.half(), stabiliser=r.half()),
+         r"kv must have dtype Float \(the decode state's for Half queries\), got Half"),
+        (dict(query=q.int(), key=k.int(), value=v.int()), r"query must be float16, bfloat16, float32 or float64, got Int"),
+        (dict(key=k.float()), r"key must have the query's dtype Double, got Float"),
+        (dict(v_sum=vs.float()), r"v_sum must have the kv's dtype Double, got Float"),
+        (dict(query=q.bfloat16(), key=k.bfloat16(), value=v.bfloat16(), kv=kv.float(), v_sum=vs.float(),
+              stabiliser=r.float()), r"projection must have the query's dtype BFloat16 or the state's Float, got Double"),
         (dict(projection=W.to("meta")), r"projection must be on the query's device cpu, got meta"),
         (dict(query=q[0, 0, 0]), r"query must have at least 1 dimension|key must have the query's shape"),
         (dict(value=v.clone().requires_grad_()), r"value must not require grad .*torch.no_grad"),
@@ -318,6 +324,47 @@ def test_step_op_errors():
     # requires_grad is fine without grad mode (nothing to record)
     with torch.no_grad():
         call(value=v.clone().requires_grad_())
+
+
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("w_state", [True, False])
+def test_step_op_low_precision_inputs(in_dtype, w_state):
+    """bf16/fp16 query, key and value (views of one fused projection, as the module passes them)
+    on a float32 state: the op computes in float32 and returns the query's dtype; it equals the
+    float64 math on the same rounded inputs, to float32 accuracy in the state."""
+    lead, M, D = (2, 3), 40, 8
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(M, D, generator=g, dtype=F64).to(torch.float32 if w_state else in_dtype)
+    state = empty_state(lead, M, D, "softmax", dtype=torch.float32)
+    ref = empty_state(lead, M, D, "softmax")
+    for t in range(3):
+        qkv = (torch.randn(lead[0], 3, lead[1], D, generator=g, dtype=F64) * (0.5 + 0.6 * t)).to(in_dtype)
+        q, k, v = qkv.unbind(1)
+        assert not q.is_contiguous()
+        got = STEP_OP(q, k, v, W, "softmax", *state)
+        want = STEP_OP(q.double(), k.double(), v.double(), W.double(), "softmax", *ref)
+        assert got.dtype == in_dtype and got.shape == (*lead, D)
+        tol = 1e-2 if in_dtype == torch.bfloat16 else 2e-3
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+        for s_, r_ in zip(state, ref):
+            torch.testing.assert_close(s_.double(), r_, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_qkv_weights_follow_the_parameters():
+    """The decoding step's concatenated q/k/v weights are kept between calls and formed again
+    after an in-place change of any of them."""
+    layer = make_layer()
+    W1, b1 = layer._decode_qkv_weights()
+    W2, b2 = layer._decode_qkv_weights()
+    assert W2 is W1 and b2 is b1
+    torch.testing.assert_close(W1, torch.cat([layer.Wq, layer.Wk, layer.Wv]), rtol=0, atol=0)
+    with torch.no_grad():
+        layer.Wk.mul_(2)
+        layer.bv.add_(1)
+    W3, b3 = layer._decode_qkv_weights()
+    assert W3 is not W1
+    torch.testing.assert_close(W3, torch.cat([layer.Wq, layer.Wk, layer.Wv]), rtol=0, atol=0)
+    torch.testing.assert_close(b3, torch.cat([layer.bq, layer.bk, layer.bv]), rtol=0, atol=0)
 
 
 def test_step_op_meta_shapes():
@@ -358,6 +405,28 @@ def test_step_op_cuda_equals_cpu_math(kernel_fn, lead, M, D, Dv, dtype):
         torch.testing.assert_close(got.double().cpu(), want, **tol)
         for s, r in zip(state, ref):
             torch.testing.assert_close(s.double().cpu(), r, **tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+def test_step_op_cuda_low_precision_inputs(kernel_fn, in_dtype):
+    """The fused kernel with bf16/fp16 inputs read in place from one fused projection (strided
+    rows) and a float32 state equals the CPU math on the same inputs."""
+    lead, M, D = (2, 3), 256, 64
+    g = torch.Generator().manual_seed(5)
+    for W in (torch.randn(M, D, generator=g), torch.randn(M, D, generator=g).to(in_dtype)):
+        ref = empty_state(lead, M, D, kernel_fn, dtype=torch.float32)
+        state = tuple(t.cuda() for t in ref)
+        for t in range(4):
+            qkv = (torch.randn(lead[0], 3, lead[1], D, generator=g) * (0.5 + 0.6 * t)).to(in_dtype)
+            want = STEP_OP(*qkv.unbind(1), W, kernel_fn, *ref)
+            got = STEP_OP(*qkv.cuda().unbind(1), W.cuda(), kernel_fn, *state)
+            assert got.dtype == in_dtype
+            torch.testing.assert_close(got.cpu().float(), want.float(), rtol=1e-2, atol=1e-2)
+            for s, r in zip(state, ref):
+                torch.testing.assert_close(s.cpu(), r, rtol=1e-4, atol=2e-5)
 
 
 @pytest.mark.cuda

@@ -19,11 +19,9 @@ at::Tensor favor_decode_step_cuda(const at::Tensor& query, const at::Tensor& key
   const DecodeDims d = check_favor_decode_step("panther::_favor_decode_step_", query, key, value,
                                                projection, kernel_fn, kv, v_sum, stabiliser);
   const c10::cuda::CUDAGuard guard(query.device());
-  if (!decode::takes(d, query.scalar_type(), ::panther::max_smem_optin(query.get_device())))
+  if (!decode::takes(d, kv.scalar_type(), ::panther::max_smem_optin(query.get_device())))
     return favor_decode_step_aten(d, query, key, value, projection, kv, v_sum, stabiliser);
-  if (query.scalar_type() == at::kDouble)
-    return decode::step<double>(d, query, key, value, projection, kv, v_sum, stabiliser);
-  return decode::step<float>(d, query, key, value, projection, kv, v_sum, stabiliser);
+  return decode::run_step(d, query, key, value, projection, kv, v_sum, stabiliser);
 }
 
 }  // namespace

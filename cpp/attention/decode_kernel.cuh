@@ -11,8 +11,11 @@
 //   relu:    phi = sM relu(pre_q) + eps, kf = sM relu(pre_k), alpha = 1
 //   v_sum += [v, 1];  kv[m] = alpha kv[m] + kf[m] [v, 1]          warp per row m of kv (coalesced)
 //   y[j] = sum_m phi[m] (kv[m, j] + e_k v_sum[j]); out = y[:Dv] / y[Dv]   per-warp partial sums
-// Accumulation in T (float or double). No allocation but the output, no host synchronisation
-// (CUDA graph capture works). The file compiles as CUDA and, with PANTHER_CUDA_EMU, as host C++
+// Accumulation in T (float or double, the state's dtype); the query, key and value come in I (the
+// layer's dtype: T, half or bfloat16) and the projection in I or T, each converted to T on load,
+// and the output is written in I. The rows of q, k and v may be strided (RowLayout: the query,
+// key and value views of one fused projection need no copies). No allocation but the output, no
+// host synchronisation (CUDA graph capture works). The file compiles as CUDA and, with PANTHER_CUDA_EMU, as host C++
 // against tests/emu/cuda_emu.h (tests/emu/decode_test.cpp).
 #pragma once
 #include "common/device.cuh"
@@ -20,6 +23,8 @@
 #include <ATen/ATen.h>
 #include <climits>
 #include <cstdint>
+#include <optional>
+#include <type_traits>
 
 #include "attention/impl.h"
 #include "common/launch.cuh"
@@ -34,20 +39,45 @@ constexpr int kRows = 4;
 constexpr int64_t kMaxDv = 256;
 static_assert(kMaxDv + 1 <= 32 * kCols, "kv row must fit the lanes' columns");
 
-template <class T>
+// Where row `row` (of R = outer x inner rows) of a (..., n) input starts: the rows of a tensor
+// whose leading dims collapse to (outer, inner) with strides (so, si) and unit last stride.
+struct RowLayout {
+  int64_t inner, si, so;
+  __host__ __device__ int64_t offset(int64_t row) const {
+    const int64_t o = row / inner;
+    return o * so + (row - o * inner) * si;
+  }
+};
+
+template <class T, class I, class WT>
 struct Params {
-  const T* q;
-  const T* k;
-  const T* v;
-  const T* W;
+  const I* q;
+  const I* k;
+  const I* v;
+  const WT* W;
+  RowLayout lq, lk, lv;
   T* kv;
   T* v_sum;
   T* r;
-  T* out;
+  I* out;
   int D, Dv, M;
   bool softmax;
   T xscale, sM, eps, ek;  // eps: of the query features; ek: of the key features
 };
+
+// A value of I (float, double, half or bfloat16) as T, and back (rounded to nearest).
+template <class T, class I>
+__device__ __forceinline__ T load_as(const I* p) {
+  if constexpr (std::is_same_v<I, __half>) return static_cast<T>(__half2float(p[0]));
+  else if constexpr (std::is_same_v<I, __nv_bfloat16>) return static_cast<T>(__bfloat162float(p[0]));
+  else return static_cast<T>(p[0]);
+}
+template <class I, class T>
+__device__ __forceinline__ I store_as(T x) {
+  if constexpr (std::is_same_v<I, __half>) return __float2half_rn(static_cast<float>(x));
+  else if constexpr (std::is_same_v<I, __nv_bfloat16>) return __float2bfloat16_rn(static_cast<float>(x));
+  else return static_cast<I>(x);
+}
 
 template <class T>
 __device__ __forceinline__ T warp_sum(T x) {
@@ -72,8 +102,8 @@ inline int64_t smem_elems(int64_t D, int64_t Dv, int64_t M) {
   return 2 * D + 2 * E1 + 2 * M + 2 * kWarps + kWarps * E1;
 }
 
-template <class T>
-__global__ void __launch_bounds__(kThreads) decode_step_kernel(const Params<T> p) {
+template <class T, class I, class WT>
+__global__ void __launch_bounds__(kThreads) decode_step_kernel(const Params<T, I, WT> p) {
   PANTHER_DYNAMIC_SMEM(smem_raw);
   const int D = p.D, Dv = p.Dv, E1 = Dv + 1, M = p.M;
   T* sq = reinterpret_cast<T*>(smem_raw);
@@ -86,20 +116,20 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(const Params<T> p
   T* syp = smax + 2 * kWarps;
   const int64_t row = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const T* q = p.q + row * D;
-  const T* k = p.k + row * D;
-  const T* v = p.v + row * Dv;
+  const I* q = p.q + p.lq.offset(row);
+  const I* k = p.k + p.lk.offset(row);
+  const I* v = p.v + p.lv.offset(row);
   T* kv = p.kv + row * M * E1;
   T* vs = p.v_sum + row * E1;
 
   // 1. Stage the inputs; v_sum += [v, 1] (one thread per entry). Every thread reads the old
   //    stabiliser here, before the barrier after which thread 0 overwrites it.
   for (int i = tid; i < D; i += kThreads) {
-    sq[i] = q[i] * p.xscale;
-    sk[i] = k[i] * p.xscale;
+    sq[i] = load_as<T>(q + i) * p.xscale;
+    sk[i] = load_as<T>(k + i) * p.xscale;
   }
   for (int j = tid; j < E1; j += kThreads) {
-    const T vj = j < Dv ? v[j] : T(1);
+    const T vj = j < Dv ? load_as<T>(v + j) : T(1);
     sv[j] = vj;
     const T s = vs[j] + vj;
     vs[j] = s;
@@ -127,9 +157,9 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(const Params<T> p
       aq[u] = 0;
       ak[u] = 0;
       if (m0 + u < M) {
-        const T* w = p.W + static_cast<int64_t>(m0 + u) * D;
+        const WT* w = p.W + static_cast<int64_t>(m0 + u) * D;
         for (int d = lane; d < D; d += 32) {
-          const T wd = w[d];
+          const T wd = load_as<T>(w + d);
           aq[u] += sq[d] * wd;
           ak[u] += sk[d] * wd;
         }
@@ -229,27 +259,43 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(const Params<T> p
   // 5. out = num / den (den > 0: the query sees at least its own key, every feature >= eps).
   T den = 0;
   for (int w = 0; w < kWarps; ++w) den += syp[w * E1 + Dv];
-  T* out = p.out + row * Dv;
+  I* out = p.out + row * Dv;
   for (int j = tid; j < Dv; j += kThreads) {
     T num = 0;
     for (int w = 0; w < kWarps; ++w) num += syp[w * E1 + j];
-    out[j] = num / den;
+    out[j] = store_as<I>(num / den);
   }
 }
 
 // Whether the kernel takes a call: value_dim <= kMaxDv (the lanes' columns), sizes in int, and the
 // shared memory fits `max_smem` bytes. Others run the ATen math.
 inline bool takes(const detail::DecodeDims& d, at::ScalarType dt, int64_t max_smem) {
-  if (dt != at::kFloat && dt != at::kDouble) return false;
+  if (dt != at::kFloat && dt != at::kDouble) return false;  // (the state's dtype)
   if (d.Dv > kMaxDv || d.R > INT_MAX || d.D > INT_MAX / 2 || d.M > INT_MAX / 2) return false;
   if (d.M * (d.Dv + 1) > INT_MAX) return false;
   return smem_elems(d.D, d.Dv, d.M) * static_cast<int64_t>(at::elementSize(dt)) <= max_smem;
 }
 
-// Runs the step on the kernel (the caller checked the arguments and `takes`; on CUDA it also set
-// the device). The inputs are made contiguous (the module's already are); a non-contiguous state
-// goes through contiguous copies written back.
-template <class T>
+// The row layout of a (..., n) input with unit last stride whose leading dims collapse to
+// (outer, inner) (a contiguous tensor, or a slice of one along a dim before the last two); else
+// nullopt (the caller copies it contiguous).
+inline std::optional<RowLayout> row_layout(const at::Tensor& t) {
+  if (t.dim() == 0 || t.stride(-1) != 1) return std::nullopt;
+  if (t.dim() == 1) return RowLayout{1, 0, 0};
+  const int64_t nd = t.dim();
+  RowLayout l{t.size(nd - 2), t.stride(nd - 2), 0};
+  if (nd == 2) return l;
+  for (int64_t i = 0; i + 3 < nd; ++i)  // the outer dims must merge into one of stride(nd - 3)
+    if (t.size(i) != 1 && t.stride(i) != t.stride(i + 1) * t.size(i + 1)) return std::nullopt;
+  l.so = t.stride(nd - 3);
+  return l;
+}
+
+// Runs the step on the kernel with state dtype T, input dtype I and projection dtype WT (the
+// caller checked the arguments and `takes`; on CUDA it also set the device). Inputs whose rows
+// row_layout cannot describe are copied contiguous; a non-contiguous state goes through
+// contiguous copies written back.
+template <class T, class I, class WT>
 at::Tensor step(const detail::DecodeDims& d, const at::Tensor& query, const at::Tensor& key,
                 const at::Tensor& value, const at::Tensor& projection, const at::Tensor& kv,
                 const at::Tensor& v_sum, const at::Tensor& stabiliser) {
@@ -257,18 +303,27 @@ at::Tensor step(const detail::DecodeDims& d, const at::Tensor& query, const at::
   osize.back() = d.Dv;
   at::Tensor out = at::empty(osize, query.options());
   if (d.R == 0) return out;
-  const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous(),
+  auto rows = [](const at::Tensor& t, RowLayout& l) {
+    if (auto r = row_layout(t)) {
+      l = *r;
+      return t;
+    }
+    at::Tensor c = t.contiguous();
+    l = *row_layout(c);
+    return c;
+  };
+  Params<T, I, WT> p{};
+  const at::Tensor q = rows(query, p.lq), k = rows(key, p.lk), v = rows(value, p.lv),
                    W = projection.contiguous();
   const at::Tensor kvc = kv.contiguous(), vsc = v_sum.contiguous(), rc = stabiliser.contiguous();
-  Params<T> p{};
-  p.q = q.data_ptr<T>();
-  p.k = k.data_ptr<T>();
-  p.v = v.data_ptr<T>();
-  p.W = W.data_ptr<T>();
+  p.q = reinterpret_cast<const I*>(q.data_ptr());
+  p.k = reinterpret_cast<const I*>(k.data_ptr());
+  p.v = reinterpret_cast<const I*>(v.data_ptr());
+  p.W = reinterpret_cast<const WT*>(W.data_ptr());
   p.kv = kvc.data_ptr<T>();
   p.v_sum = vsc.data_ptr<T>();
   p.r = rc.data_ptr<T>();
-  p.out = out.data_ptr<T>();
+  p.out = reinterpret_cast<I*>(out.data_ptr());
   p.D = static_cast<int>(d.D);
   p.Dv = static_cast<int>(d.Dv);
   p.M = static_cast<int>(d.M);
@@ -279,12 +334,33 @@ at::Tensor step(const detail::DecodeDims& d, const at::Tensor& query, const at::
   p.eps = static_cast<T>(p.softmax ? detail::kFavorSoftmaxEps : detail::kFavorReluEps);
   p.ek = static_cast<T>(p.softmax ? detail::kFavorSoftmaxEps * sM : detail::kFavorReluEps);
   const size_t smem = static_cast<size_t>(smem_elems(d.D, d.Dv, d.M)) * sizeof(T);
-  auto* kernel = &decode_step_kernel<T>;
+  auto* kernel = &decode_step_kernel<T, I, WT>;
   PANTHER_LAUNCH(kernel, dim3(static_cast<unsigned>(d.R)), dim3(kThreads), smem, p);
   if (!kvc.is_same(kv)) kv.copy_(kvc);
   if (!vsc.is_same(v_sum)) v_sum.copy_(vsc);
   if (!rc.is_same(stabiliser)) stabiliser.copy_(rc);
   return out;
+}
+
+// step() with the types of the call's tensors: T the state's (kv) dtype, I the query's, the
+// projection in I or T (check_favor_decode_step allows those).
+inline at::Tensor run_step(const detail::DecodeDims& d, const at::Tensor& query,
+                           const at::Tensor& key, const at::Tensor& value,
+                           const at::Tensor& projection, const at::Tensor& kv,
+                           const at::Tensor& v_sum, const at::Tensor& stabiliser) {
+  const at::ScalarType it = query.scalar_type();
+  const bool w_state = projection.scalar_type() != it;  // then it is the state's dtype
+#define PANTHER_DECODE_STEP(T, I, WT) \
+  step<T, I, WT>(d, query, key, value, projection, kv, v_sum, stabiliser)
+  if (kv.scalar_type() == at::kDouble) return PANTHER_DECODE_STEP(double, double, double);
+  if (it == at::kHalf)
+    return w_state ? PANTHER_DECODE_STEP(float, __half, float)
+                   : PANTHER_DECODE_STEP(float, __half, __half);
+  if (it == at::kBFloat16)
+    return w_state ? PANTHER_DECODE_STEP(float, __nv_bfloat16, float)
+                   : PANTHER_DECODE_STEP(float, __nv_bfloat16, __nv_bfloat16);
+  return PANTHER_DECODE_STEP(float, float, float);
+#undef PANTHER_DECODE_STEP
 }
 
 }  // namespace panther::decode

@@ -314,14 +314,25 @@ std::vector<c10::SymInt> check_favor_decode_step_sym(
   // (The message names favor_attention's keyword, `kernel`, as that op's does.)
   checks::one_of(op, "kernel", kernel_fn, {"softmax", "relu"});
   checks::min_dim(op, "query", query, 1, "(..., head_dim)");
-  // The decode state is kept in fp32 for fp32/fp16/bf16 layers, fp64 for fp64 ones.
-  PANTHER_CHECK_ARG(query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble, op,
-                    "query", "be float32 or float64 (the decode state's dtype), got ",
-                    query.scalar_type());
+  // The new position (query, key, value) comes in the layer's dtype; the decode state is kept in
+  // float32 for float32/float16/bfloat16 layers, float64 for float64 ones, and the projection is
+  // in either of the two. The output is in the query's dtype.
+  const at::ScalarType qt = query.scalar_type();
+  PANTHER_CHECK_ARG(qt == at::kFloat || qt == at::kDouble || qt == at::kHalf || qt == at::kBFloat16,
+                    op, "query", "be float16, bfloat16, float32 or float64, got ", qt);
+  checks::same_dtype(op, "key", key, "query", query);
+  checks::same_dtype(op, "value", value, "query", query);
+  const at::ScalarType st = decode_state_dtype(qt);
+  PANTHER_CHECK_ARG(kv.scalar_type() == st, op, "kv", "have dtype ", st,
+                    " (the decode state's for ", qt, " queries), got ", kv.scalar_type());
+  checks::same_dtype(op, "v_sum", v_sum, "kv", kv);
+  checks::same_dtype(op, "stabiliser", stabiliser, "kv", kv);
+  PANTHER_CHECK_ARG(projection.scalar_type() == qt || projection.scalar_type() == st, op,
+                    "projection", "have the query's dtype ", qt, " or the state's ", st, ", got ",
+                    projection.scalar_type());
   const std::initializer_list<checks::Arg> rest = {{"key", key},   {"value", value},
                                                    {"projection", projection}, {"kv", kv},
                                                    {"v_sum", v_sum}, {"stabiliser", stabiliser}};
-  for (const checks::Arg& a : rest) checks::same_dtype(op, a.name, a.tensor, "query", query);
   for (const checks::Arg& a : rest) checks::same_device(op, a.name, a.tensor, "query", query);
   // In place and without an autograd kernel: a call that autograd would have to record is an
   // error rather than a silently wrong gradient.
@@ -384,12 +395,15 @@ DecodeDims check_favor_decode_step(const char* op, const at::Tensor& query, cons
           kernel};
 }
 
-at::Tensor favor_decode_step_aten(const DecodeDims& d, const at::Tensor& query,
-                                  const at::Tensor& key, const at::Tensor& value,
+at::Tensor favor_decode_step_aten(const DecodeDims& d, const at::Tensor& query_in,
+                                  const at::Tensor& key_in, const at::Tensor& value_in,
                                   const at::Tensor& projection, const at::Tensor& kv,
                                   const at::Tensor& v_sum, const at::Tensor& stabiliser) {
+  // Computed in the state's dtype; the output comes back in the query's.
+  const at::ScalarType st = kv.scalar_type();
+  const at::Tensor query = query_in.to(st), key = key_in.to(st), value = value_in.to(st);
   const double sM = 1.0 / std::sqrt(static_cast<double>(d.M));
-  const at::Tensor Wt = projection.t();
+  const at::Tensor Wt = projection.to(st).t();
   const at::Tensor V1 = at::constant_pad_nd(value, {0, 1}, 1.0);  // [v, 1]
   at::Tensor phi, kf;
   double ek;
@@ -416,7 +430,7 @@ at::Tensor favor_decode_step_aten(const DecodeDims& d, const at::Tensor& query,
   v_sum.add_(V1);
   const at::Tensor y =
       at::matmul(phi.unsqueeze(-2), kv + ek * v_sum.unsqueeze(-2)).squeeze(-2);  // (..., Dv+1)
-  return (y.narrow(-1, 0, d.Dv) / y.narrow(-1, d.Dv, 1)).contiguous();
+  return (y.narrow(-1, 0, d.Dv) / y.narrow(-1, d.Dv, 1)).to(query_in.scalar_type()).contiguous();
 }
 
 at::Tensor chunk_scan_generic(const at::Tensor& x, const at::Tensor& a, bool reverse) {

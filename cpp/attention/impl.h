@@ -132,7 +132,13 @@ struct DecodeDims {
   FavorKernel kernel;
 };
 
-// Validates the decode step's arguments (shapes, dtypes float32/float64, devices, kernel_fn, and
+// The dtype of a decoding state for queries of dtype `query`: float64 for float64, else float32.
+inline at::ScalarType decode_state_dtype(at::ScalarType query) {
+  return query == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Validates the decode step's arguments (shapes; dtypes: query, key and value alike, in any
+// floating dtype, the state in decode_state_dtype, the projection in either; devices, kernel_fn, and
 // that no tensor requires grad under grad mode: the op is in place and has no autograd kernel).
 // Returns the output's sizes (the query's leading dims, then Dv); symbolic for the Meta kernel.
 std::vector<c10::SymInt> check_favor_decode_step_sym(
@@ -145,8 +151,8 @@ DecodeDims check_favor_decode_step(const char* op, const at::Tensor& query, cons
                                    const at::Tensor& v_sum, const at::Tensor& stabiliser);
 
 // The decode step in ATen ops, any device (the CPU kernel, and CUDA calls the fused kernel does
-// not take): the math of panther._favor_math.decode_step(..., inplace=True). Updates kv, v_sum and
-// stabiliser in place; returns out (..., Dv) in the query's dtype.
+// not take): the math of panther._favor_math.decode_step(..., inplace=True), in the state's dtype.
+// Updates kv, v_sum and stabiliser in place; returns out (..., Dv) in the query's dtype.
 at::Tensor favor_decode_step_aten(const DecodeDims& d, const at::Tensor& query,
                                   const at::Tensor& key, const at::Tensor& value,
                                   const at::Tensor& projection, const at::Tensor& kv,

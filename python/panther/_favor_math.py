@@ -73,6 +73,14 @@ def _any_requires_grad(*ts: Tensor) -> bool:
     return any(t.requires_grad for t in ts)
 
 
+def fused_decode_applies(q: Tensor, kv: Tensor, tensors: Tuple[Optional[Tensor], ...]) -> bool:
+    """Whether an in-place decoding step with queries like ``q`` and state ``kv`` runs as the fused
+    op (``torch.ops.panther._favor_decode_step_``): CUDA, a float32/float64 state of the queries'
+    decode dtype, and nothing for autograd to record among ``tensors``."""
+    return (q.is_cuda and kv.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
+            and not (torch.is_grad_enabled() and _any_requires_grad(*(t for t in tensors if t is not None))))
+
+
 def decode_step(q: Tensor, k: Tensor, v: Tensor, W: Tensor, kernel_fn: str, kv: Tensor, v_sum: Tensor,
                 r: Tensor, inplace: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """One causal position against a running state -> ``(out, kv, v_sum, r)``.
@@ -89,8 +97,7 @@ def decode_step(q: Tensor, k: Tensor, v: Tensor, W: Tensor, kernel_fn: str, kv: 
     (``torch.ops.panther._favor_decode_step_``, the same math); the code below is the reference,
     and the path of CPU tensors, of ``inplace=False`` and of calls autograd records.
     """
-    if (inplace and q.is_cuda and q.dtype in (torch.float32, torch.float64)
-            and not (torch.is_grad_enabled() and _any_requires_grad(q, k, v, W, kv, v_sum, r))):
+    if inplace and q.dtype == kv.dtype and fused_decode_applies(q, kv, (q, k, v, W, kv, v_sum, r)):
         out = torch.ops.panther._favor_decode_step_(q, k, v, W, kernel_fn, kv, v_sum, r)
         return out, kv, v_sum, r
     M = W.shape[0]

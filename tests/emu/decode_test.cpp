@@ -3,7 +3,9 @@
 // (favor_decode_step_aten, the CPU kernel): output, kv, v_sum and stabiliser. Softmax and relu,
 // float32 and float64, from an empty state (kv = 0, v_sum = 0, stabiliser = -inf) with inputs
 // growing in scale (the stabiliser rises and the state is rescaled), fewer features than warps,
-// features not a multiple of the block, value_dim at the kernel's limit, a non-contiguous state.
+// features not a multiple of the block, value_dim at the kernel's limit, a non-contiguous state;
+// bfloat16 and float16 inputs on a float32 state (the projection in either dtype), and query, key
+// and value as strided views of one fused projection.
 // Built and run by scripts/emu_test.sh.
 #include "cuda_emu.h"
 #include "attention/decode_kernel.cuh"
@@ -33,13 +35,17 @@ struct Case {
   at::ScalarType dt;
   bool strided_state;  // kv, v_sum, stabiliser as non-contiguous views
   int steps;
+  at::ScalarType in_dt = at::kFloat;  // query, key, value (the layer's dtype; dt is the state's)
+  bool w_state = true;                // the projection in the state's dtype, else in in_dt
+  bool fused_qkv = false;             // q, k, v as views of one (B, 3, H, D) tensor (D == Dv)
 };
 
 bool run(const Case& c) {
   const auto dt = c.dt;
   const auto o = at::TensorOptions().dtype(dt);
   const std::string kern = c.softmax ? "softmax" : "relu";
-  at::Tensor W = at::randn({c.M, c.D}, o);
+  const auto io = at::TensorOptions().dtype(c.dt == at::kDouble ? at::kDouble : c.in_dt);
+  at::Tensor W = at::randn({c.M, c.D}, c.w_state ? o : io);
   // Two copies of the state: one for the kernel, one for the ATen math.
   auto empty_state = [&] {
     at::Tensor kv, vs, r;
@@ -58,35 +64,54 @@ bool run(const Case& c) {
   auto [kv, vs, r] = empty_state();
   auto [kv_ref, vs_ref, r_ref] = empty_state();
   const double tol = dt == at::kFloat ? 2e-5 : 1e-12;
-  double worst = 0;
+  // The output is rounded once to the input dtype, by the kernel and the reference alike: the
+  // two may differ by one rounding step there.
+  const double out_tol = io.dtype() == at::kBFloat16 ? 1e-2 : io.dtype() == at::kHalf ? 2e-3 : tol;
+  double worst = 0, worst_out = 0;
+  bool rescaled = false;
   bool ok = true;
   const DecodeDims d = panther::detail::check_favor_decode_step(
-      "test", at::empty({c.B, c.H, c.D}, o), at::empty({c.B, c.H, c.D}, o),
-      at::empty({c.B, c.H, c.Dv}, o), W, kern, kv, vs, r);
+      "test", at::empty({c.B, c.H, c.D}, io), at::empty({c.B, c.H, c.D}, io),
+      at::empty({c.B, c.H, c.Dv}, io), W, kern, kv, vs, r);
   ok = ok && panther::decode::takes(d, dt, panther::max_smem_optin(0));
   for (int t = 0; t < c.steps; ++t) {
     const double scale = 0.5 + 0.6 * t;  // growing: the key stabiliser rises
-    at::Tensor q = at::randn({c.B, c.H, c.D}, o) * scale, k = at::randn({c.B, c.H, c.D}, o) * scale;
-    at::Tensor v = at::randn({c.B, c.H, c.Dv}, o);
+    at::Tensor q, k, v;
+    if (c.fused_qkv) {  // (B, 3, H, D): each of q, k, v has rows of stride D, batches of 3 H D
+      const at::Tensor qkv = (at::randn({c.B, 3, c.H, c.D}, o) *
+                              at::tensor({scale, scale, 1.0}, o).view({1, 3, 1, 1})).to(io.dtype());
+      q = qkv.select(1, 0), k = qkv.select(1, 1), v = qkv.select(1, 2);
+      // (not copied: the kernel reads the views in place)
+      ok = ok && (c.B == 1 || !q.is_contiguous()) && panther::decode::row_layout(q).has_value();
+    } else {
+      q = (at::randn({c.B, c.H, c.D}, o) * scale).to(io.dtype());
+      k = (at::randn({c.B, c.H, c.D}, o) * scale).to(io.dtype());
+      v = at::randn({c.B, c.H, c.Dv}, o).to(io.dtype());
+    }
     const at::Tensor r_before = r_ref.clone();
     at::Tensor ref =
         panther::detail::favor_decode_step_aten(d, q, k, v, W, kv_ref, vs_ref, r_ref);
-    at::Tensor out = dt == at::kFloat
-                         ? panther::decode::step<float>(d, q, k, v, W, kv, vs, r)
-                         : panther::decode::step<double>(d, q, k, v, W, kv, vs, r);
-    for (const auto& [got, want] : {std::make_pair(out, ref), std::make_pair(kv, kv_ref),
-                                    std::make_pair(vs, vs_ref), std::make_pair(r, r_ref)}) {
+    at::Tensor out = panther::decode::run_step(d, q, k, v, W, kv, vs, r);
+    ok = ok && out.scalar_type() == q.scalar_type();
+    const double eo = rel_err(out, ref);
+    worst_out = std::max(worst_out, eo);
+    ok = ok && eo < out_tol && out.sizes() == ref.sizes();
+    for (const auto& [got, want] : {std::make_pair(kv, kv_ref), std::make_pair(vs, vs_ref),
+                                    std::make_pair(r, r_ref)}) {
       const double e = rel_err(got, want);
       worst = std::max(worst, e);
       ok = ok && e < tol && got.sizes() == want.sizes();
     }
-    if (c.softmax && t > 0 && t + 1 == c.steps)  // the rescale was exercised
-      ok = ok && (r_ref > r_before).any().item<bool>();
+    if (c.softmax && t > 0) rescaled = rescaled || (r_ref > r_before).any().item<bool>();
   }
-  std::printf("B=%lld H=%lld D=%lld Dv=%lld M=%lld %s %s%s, %d steps: max rel err %.1e -> %s\n",
+  ok = ok && (rescaled || !c.softmax);  // the state's rescale was exercised
+  std::printf("B=%lld H=%lld D=%lld Dv=%lld M=%lld %s state %s inputs %s projection %s%s%s, %d "
+              "steps: max rel err state %.1e, output %.1e -> %s\n",
               (long long)c.B, (long long)c.H, (long long)c.D, (long long)c.Dv, (long long)c.M,
-              kern.c_str(), dt == at::kFloat ? "fp32" : "fp64",
-              c.strided_state ? " strided state" : "", c.steps, worst, ok ? "PASS" : "FAIL");
+              kern.c_str(), c10::toString(dt), c10::toString(io.dtype().toScalarType()),
+              c10::toString(W.scalar_type()), c.strided_state ? ", strided state" : "",
+              c.fused_qkv ? ", fused qkv views" : "", c.steps, worst, worst_out,
+              ok ? "PASS" : "FAIL");
   return ok;
 }
 }  // namespace
@@ -100,6 +125,10 @@ int main() {
       {2, 3, 64, 3, 300, true, at::kDouble, true, 3},   // non-contiguous state
       {1, 2, 16, 256, 40, true, at::kFloat, false, 2},  // value_dim at the limit (9 columns/lane)
       {2, 1, 33, 64, 256, false, at::kDouble, false, 2},
+      {2, 3, 64, 64, 256, true, at::kFloat, false, 3, at::kBFloat16, false, true},  // the module's
+      {2, 3, 64, 64, 256, true, at::kFloat, true, 3, at::kBFloat16, true, false},
+      {1, 2, 16, 16, 40, false, at::kFloat, false, 2, at::kHalf, false, true},
+      {1, 2, 16, 16, 40, true, at::kFloat, false, 2, at::kHalf, true, false},
   };
   int fails = 0;
   for (const Case& c : cases) fails += !run(c);

@@ -922,18 +922,43 @@ class RandMultiHeadAttention(nn.Module):
                              f"{list(kv.shape)} {kv.dtype} on {kv.device}, v_sum {list(v_sum.shape)}, "
                              f"stabiliser {list(r.shape)}")
         P = self.projection_matrix
-        W = P if P.dtype == cdt else P.to(cdt)
-        q = F.linear(x, self.Wq, self.bq).reshape(B, H, hd).to(cdt)
-        k = F.linear(x, self.Wk, self.bk).reshape(B, H, hd).to(cdt)
-        v = F.linear(x, self.Wv, self.bv).reshape(B, H, hd).to(cdt)
-        ctx, kv, v_sum, r = _fm.decode_step(q, k, v, W, self.kernel_fn, kv, v_sum, r, inplace)
-        ctx = ctx.to(x.dtype).reshape(B, E)
+        if inplace and _fm.fused_decode_applies(x, kv, (x, self.Wq, self.Wk, self.Wv, self.bq, self.bk,
+                                                         self.bv, P, kv, v_sum, r)):
+            # One GEMM for q, k and v (the concatenated weights, cached), read in place by one
+            # fused kernel in the layer's dtype; the output comes back in it.
+            Wqkv, bqkv = self._decode_qkv_weights()
+            q, k, v = F.linear(x, Wqkv, bqkv).view(B, 3, H, hd).unbind(1)
+            W = P if P.dtype in (x.dtype, cdt) else P.to(cdt)
+            ctx = torch.ops.panther._favor_decode_step_(q, k, v, W, self.kernel_fn, kv, v_sum, r).reshape(B, E)
+        else:
+            W = P if P.dtype == cdt else P.to(cdt)
+            q = F.linear(x, self.Wq, self.bq).reshape(B, H, hd).to(cdt)
+            k = F.linear(x, self.Wk, self.bk).reshape(B, H, hd).to(cdt)
+            v = F.linear(x, self.Wv, self.bv).reshape(B, H, hd).to(cdt)
+            ctx, kv, v_sum, r = _fm.decode_step(q, k, v, W, self.kernel_fn, kv, v_sum, r, inplace)
+            ctx = ctx.to(x.dtype).reshape(B, E)
         if self.training and self.dropout > 0:
             ctx = F.dropout(ctx, p=self.dropout, training=True)
         out = F.linear(ctx, self.W0, self.b0)
         if nd == 3:
             out = out[:, None] if self.batch_first else out[None]
         return out, kv, v_sum, r
+
+    @torch.jit.unused
+    def _decode_qkv_weights(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """``cat([Wq, Wk, Wv])`` and ``cat([bq, bk, bv])`` (or None) for the decoding step, kept
+        between calls and formed again when any of them was replaced or changed in place (its
+        version counter moved)."""
+        parts = [t for t in (self.Wq, self.Wk, self.Wv, self.bq, self.bk, self.bv) if t is not None]
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in parts)
+        cached = self.__dict__.get("_decode_qkv")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                W = torch.cat([self.Wq, self.Wk, self.Wv])
+                b = torch.cat([self.bq, self.bk, self.bv]) if self.bq is not None else None
+            cached = (key, W, b)
+            self.__dict__["_decode_qkv"] = cached
+        return cached[1], cached[2]
 
     @torch.jit.unused
     def step(self, x_t: Tensor, state: FavorDecodeState) -> Tuple[Tensor, FavorDecodeState]:
@@ -967,6 +992,10 @@ class RandMultiHeadAttention(nn.Module):
         ``out = layer.step_(x_static, state)`` replays decoding: copy the next input into
         ``x_static``, ``graph.replay()``, read ``out``. Nothing synchronises with the host. Use it
         under ``torch.no_grad()`` (in-place updates of tensors that autograd saved would fail).
+        On CUDA a step is three kernels besides the length's increment: one GEMM projects q, k
+        and v (the layer keeps the concatenation of ``Wq, Wk, Wv`` for it, ``3 E^2`` elements,
+        formed again after any of them changes), one fused kernel updates the state and reads it
+        out, and the output projection.
 
         >>> layer = RandMultiHeadAttention(16, 2, 8, iscausal=True).eval()
         >>> x = torch.randn(1, 4, 16)
