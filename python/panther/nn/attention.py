@@ -948,7 +948,10 @@ class RandMultiHeadAttention(nn.Module):
     def _decode_qkv_weights(self) -> Tuple[Tensor, Optional[Tensor]]:
         """``cat([Wq, Wk, Wv])`` and ``cat([bq, bk, bv])`` (or None) for the decoding step, kept
         between calls and formed again when any of them was replaced or changed in place (its
-        version counter moved)."""
+        version counter moved). Under torch.compile they are formed in the graph instead."""
+        if torch.compiler.is_compiling():
+            b = torch.cat([self.bq, self.bk, self.bv]) if self.bq is not None else None
+            return torch.cat([self.Wq, self.Wk, self.Wv]), b
         parts = [t for t in (self.Wq, self.Wk, self.Wv, self.bq, self.bk, self.bv) if t is not None]
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in parts)
         cached = self.__dict__.get("_decode_qkv")
