@@ -23,7 +23,9 @@
 #include <ATen/ATen.h>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <type_traits>
 
 #include "attention/impl.h"
@@ -31,13 +33,19 @@
 
 namespace panther::decode {
 
-constexpr int kThreads = 256, kWarps = kThreads / 32;
-// Columns of kv per lane in the update/readout loop: value_dim + 1 <= 32 kCols.
-constexpr int kCols = 9;
+// Two configurations of the kernel (template arguments kThreads, kCols; kCols = columns of kv per
+// lane in the update/readout loop, value_dim + 1 <= 32 kCols):
+//   wide (1024, 3): value_dim + 1 <= 96 and >= 256 features (the Performer head: 64 + 1 columns,
+//     256 features): 32 warps, so each warp's chains of dependent loads and shuffles (a feature's
+//     pre-activation, a row of kv) are a quarter as long as with 8; the latency-bound step
+//     finishes sooner on the one SM of its head;
+//   general (256, 9): every other call, value_dim up to 256.
+constexpr int kWideThreads = 1024, kWideCols = 3;
+constexpr int kGeneralThreads = 256, kGeneralCols = 9;
 // Rows (features) a warp works on at once.
 constexpr int kRows = 4;
 constexpr int64_t kMaxDv = 256;
-static_assert(kMaxDv + 1 <= 32 * kCols, "kv row must fit the lanes' columns");
+static_assert(kMaxDv + 1 <= 32 * kGeneralCols, "kv row must fit the lanes' columns");
 
 // Where row `row` (of R = outer x inner rows) of a (..., n) input starts: the rows of a tensor
 // whose leading dims collapse to (outer, inner) with strides (so, si) and unit last stride.
@@ -97,13 +105,14 @@ __device__ __forceinline__ T max_t(T a, T b) { return a > b ? a : b; }
 // Shared memory (elements of T): q', k' (D each), [v, 1] and the new v_sum (E1 each), the
 // pre-activations then features of the query and key (M each), the warps' maxima (2 kWarps) and
 // partial readouts (kWarps E1).
-inline int64_t smem_elems(int64_t D, int64_t Dv, int64_t M) {
+inline int64_t smem_elems(int64_t D, int64_t Dv, int64_t M, int warps) {
   const int64_t E1 = Dv + 1;
-  return 2 * D + 2 * E1 + 2 * M + 2 * kWarps + kWarps * E1;
+  return 2 * D + 2 * E1 + 2 * M + 2 * warps + warps * E1;
 }
 
-template <class T, class I, class WT>
+template <class T, class I, class WT, int kThreads, int kCols>
 __global__ void __launch_bounds__(kThreads) decode_step_kernel(const Params<T, I, WT> p) {
+  constexpr int kWarps = kThreads / 32;
   PANTHER_DYNAMIC_SMEM(smem_raw);
   const int D = p.D, Dv = p.Dv, E1 = Dv + 1, M = p.M;
   T* sq = reinterpret_cast<T*>(smem_raw);
@@ -267,13 +276,25 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(const Params<T, I
   }
 }
 
+// Whether a call runs the wide configuration (PANTHER_DECODE_WIDE=0 forces the general one, for
+// comparisons).
+inline bool wide(const detail::DecodeDims& d) {
+  static const bool allowed = [] {
+    const char* e = std::getenv("PANTHER_DECODE_WIDE");
+    return !(e && std::string(e) == "0");
+  }();
+  return allowed && d.Dv + 1 <= 32 * kWideCols && d.M >= 256;
+}
+
 // Whether the kernel takes a call: value_dim <= kMaxDv (the lanes' columns), sizes in int, and the
 // shared memory fits `max_smem` bytes. Others run the ATen math.
 inline bool takes(const detail::DecodeDims& d, at::ScalarType dt, int64_t max_smem) {
   if (dt != at::kFloat && dt != at::kDouble) return false;  // (the state's dtype)
   if (d.Dv > kMaxDv || d.R > INT_MAX || d.D > INT_MAX / 2 || d.M > INT_MAX / 2) return false;
   if (d.M * (d.Dv + 1) > INT_MAX) return false;
-  return smem_elems(d.D, d.Dv, d.M) * static_cast<int64_t>(at::elementSize(dt)) <= max_smem;
+  return smem_elems(d.D, d.Dv, d.M, wide(d) ? kWideThreads / 32 : kGeneralThreads / 32) *
+             static_cast<int64_t>(at::elementSize(dt)) <=
+         max_smem;
 }
 
 // The row layout of a (..., n) input with unit last stride whose leading dims collapse to
@@ -333,9 +354,16 @@ at::Tensor step(const detail::DecodeDims& d, const at::Tensor& query, const at::
   p.xscale = p.softmax ? static_cast<T>(std::pow(static_cast<double>(d.D), -0.25)) : T(1);
   p.eps = static_cast<T>(p.softmax ? detail::kFavorSoftmaxEps : detail::kFavorReluEps);
   p.ek = static_cast<T>(p.softmax ? detail::kFavorSoftmaxEps * sM : detail::kFavorReluEps);
-  const size_t smem = static_cast<size_t>(smem_elems(d.D, d.Dv, d.M)) * sizeof(T);
-  auto* kernel = &decode_step_kernel<T, I, WT>;
-  PANTHER_LAUNCH(kernel, dim3(static_cast<unsigned>(d.R)), dim3(kThreads), smem, p);
+  const dim3 grid(static_cast<unsigned>(d.R));
+  if (wide(d)) {
+    const size_t smem = static_cast<size_t>(smem_elems(d.D, d.Dv, d.M, kWideThreads / 32)) * sizeof(T);
+    auto* kernel = &decode_step_kernel<T, I, WT, kWideThreads, kWideCols>;
+    PANTHER_LAUNCH(kernel, grid, dim3(kWideThreads), smem, p);
+  } else {
+    const size_t smem = static_cast<size_t>(smem_elems(d.D, d.Dv, d.M, kGeneralThreads / 32)) * sizeof(T);
+    auto* kernel = &decode_step_kernel<T, I, WT, kGeneralThreads, kGeneralCols>;
+    PANTHER_LAUNCH(kernel, grid, dim3(kGeneralThreads), smem, p);
+  }
   if (!kvc.is_same(kv)) kv.copy_(kvc);
   if (!vsc.is_same(v_sum)) v_sum.copy_(vsc);
   if (!rc.is_same(stabiliser)) stabiliser.copy_(rc);
