@@ -7,6 +7,9 @@ along the sequence, so the key stabiliser rises during the steps and the state i
 wrong rescale or a misplaced eps changes the result by far more than the tolerance).
 """
 
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -363,6 +366,9 @@ def test_decode_qkv_weights_follow_the_parameters():
         layer.bv.add_(1)
     W3, b3 = layer._decode_qkv_weights()
     assert W3 is not W1
+    # a cache, not state: copies and pickles leave it out
+    assert "_decode_qkv" not in copy.deepcopy(layer).__dict__
+    assert "_decode_qkv" not in pickle.loads(pickle.dumps(layer)).__dict__
     torch.testing.assert_close(W3, torch.cat([layer.Wq, layer.Wk, layer.Wv]), rtol=0, atol=0)
     torch.testing.assert_close(b3, torch.cat([layer.bq, layer.bk, layer.bv]), rtol=0, atol=0)
 

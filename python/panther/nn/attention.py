@@ -995,10 +995,10 @@ class RandMultiHeadAttention(nn.Module):
         ``out = layer.step_(x_static, state)`` replays decoding: copy the next input into
         ``x_static``, ``graph.replay()``, read ``out``. Nothing synchronises with the host. Use it
         under ``torch.no_grad()`` (in-place updates of tensors that autograd saved would fail).
-        On CUDA a step is three kernels besides the length's increment: one GEMM projects q, k
-        and v (the layer keeps the concatenation of ``Wq, Wk, Wv`` for it, ``3 E^2`` elements,
-        formed again after any of them changes), one fused kernel updates the state and reads it
-        out, and the output projection.
+        On CUDA a step is one projection of q, k and v together (the layer keeps the
+        concatenation of ``Wq, Wk, Wv`` for it, ``3 E^2`` elements, formed again after any of them
+        changes; copies and pickles leave it out), one fused kernel that updates the state and
+        reads it out, the output projection and the length's increment.
 
         >>> layer = RandMultiHeadAttention(16, 2, 8, iscausal=True).eval()
         >>> x = torch.randn(1, 4, 16)
@@ -1024,8 +1024,16 @@ class RandMultiHeadAttention(nn.Module):
             memo[id(group)] = group
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         return new
+
+    @torch.jit.unused
+    def __getstate__(self):
+        # The decoding step's concatenated q/k/v weights are a cache of the parameters: copies and
+        # pickles leave it out (it is formed again on the first step).
+        state = self.__dict__.copy()
+        state.pop("_decode_qkv", None)
+        return state
 
     def __prepare_scriptable__(self):
         # TorchScript has no keyword-only arguments: script a twin (same parameters, buffers
