@@ -947,19 +947,22 @@ class RandMultiHeadAttention(nn.Module):
     @torch.jit.unused
     def _decode_qkv_weights(self) -> Tuple[Tensor, Optional[Tensor]]:
         """``cat([Wq, Wk, Wv])`` and ``cat([bq, bk, bv])`` (or None) for the decoding step, kept
-        between calls and formed again when any of them was replaced or changed in place (its
-        version counter moved). Under torch.compile they are formed in the graph instead."""
+        between calls and formed again when any of them was replaced (another tensor object) or
+        changed in place (its version counter moved). Under torch.compile they are formed in the
+        graph instead."""
         if torch.compiler.is_compiling():
             b = torch.cat([self.bq, self.bk, self.bv]) if self.bq is not None else None
             return torch.cat([self.Wq, self.Wk, self.Wv]), b
-        parts = [t for t in (self.Wq, self.Wk, self.Wv, self.bq, self.bk, self.bv) if t is not None]
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in parts)
+        parts = (self.Wq, self.Wk, self.Wv, self.bq, self.bk, self.bv)
         cached = self.__dict__.get("_decode_qkv")
-        if cached is None or cached[0] != key:
+        if cached is None or not all(t is c and (t is None or t._version == v)
+                                     for t, (c, v) in zip(parts, cached[0])):
             with torch.no_grad():
                 W = torch.cat([self.Wq, self.Wk, self.Wv])
                 b = torch.cat([self.bq, self.bk, self.bv]) if self.bq is not None else None
-            cached = (key, W, b)
+            # (the tensors themselves, not their addresses: a replaced parameter's memory can be
+            # reused by its successor)
+            cached = (tuple((t, None if t is None else t._version) for t in parts), W, b)
             self.__dict__["_decode_qkv"] = cached
         return cached[1], cached[2]
 
