@@ -15,8 +15,8 @@
 // layer's dtype: T, half or bfloat16) and the projection in I or T, each converted to T on load,
 // and the output is written in I. The rows of q, k and v may be strided (RowLayout: the query,
 // key and value views of one fused projection need no copies). No allocation but the output, no
-// host synchronisation (CUDA graph capture works). The file compiles as CUDA and, with PANTHER_CUDA_EMU, as host C++
-// against tests/emu/cuda_emu.h (tests/emu/decode_test.cpp).
+// host synchronisation (CUDA graph capture works). The file compiles as CUDA and, with
+// PANTHER_CUDA_EMU, as host C++ against tests/emu/cuda_emu.h (tests/emu/decode_test.cpp).
 #pragma once
 #include "common/device.cuh"
 
@@ -312,6 +312,14 @@ inline std::optional<RowLayout> row_layout(const at::Tensor& t) {
   return l;
 }
 
+// One block of kThreads per row, on the current stream.
+template <int kThreads, int kCols, class T, class I, class WT>
+void launch(const detail::DecodeDims& d, const Params<T, I, WT>& p) {
+  const size_t smem = static_cast<size_t>(smem_elems(d.D, d.Dv, d.M, kThreads / 32)) * sizeof(T);
+  auto* kernel = &decode_step_kernel<T, I, WT, kThreads, kCols>;
+  PANTHER_LAUNCH(kernel, dim3(static_cast<unsigned>(d.R)), dim3(kThreads), smem, p);
+}
+
 // Runs the step on the kernel with state dtype T, input dtype I and projection dtype WT (the
 // caller checked the arguments and `takes`; on CUDA it also set the device). Inputs whose rows
 // row_layout cannot describe are copied contiguous; a non-contiguous state goes through
@@ -354,16 +362,8 @@ at::Tensor step(const detail::DecodeDims& d, const at::Tensor& query, const at::
   p.xscale = p.softmax ? static_cast<T>(std::pow(static_cast<double>(d.D), -0.25)) : T(1);
   p.eps = static_cast<T>(p.softmax ? detail::kFavorSoftmaxEps : detail::kFavorReluEps);
   p.ek = static_cast<T>(p.softmax ? detail::kFavorSoftmaxEps * sM : detail::kFavorReluEps);
-  const dim3 grid(static_cast<unsigned>(d.R));
-  if (wide(d)) {
-    const size_t smem = static_cast<size_t>(smem_elems(d.D, d.Dv, d.M, kWideThreads / 32)) * sizeof(T);
-    auto* kernel = &decode_step_kernel<T, I, WT, kWideThreads, kWideCols>;
-    PANTHER_LAUNCH(kernel, grid, dim3(kWideThreads), smem, p);
-  } else {
-    const size_t smem = static_cast<size_t>(smem_elems(d.D, d.Dv, d.M, kGeneralThreads / 32)) * sizeof(T);
-    auto* kernel = &decode_step_kernel<T, I, WT, kGeneralThreads, kGeneralCols>;
-    PANTHER_LAUNCH(kernel, grid, dim3(kGeneralThreads), smem, p);
-  }
+  if (wide(d)) launch<kWideThreads, kWideCols>(d, p);
+  else launch<kGeneralThreads, kGeneralCols>(d, p);
   if (!kvc.is_same(kv)) kv.copy_(kvc);
   if (!vsc.is_same(v_sum)) v_sum.copy_(vsc);
   if (!rc.is_same(stabiliser)) stabiliser.copy_(rc);
