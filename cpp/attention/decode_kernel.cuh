@@ -11,6 +11,9 @@
 //   relu:    phi = sM relu(pre_q) + eps, kf = sM relu(pre_k), alpha = 1
 //   v_sum += [v, 1];  kv[m] = alpha kv[m] + kf[m] [v, 1]          warp per row m of kv (coalesced)
 //   y[j] = sum_m phi[m] (kv[m, j] + e_k v_sum[j]); out = y[:Dv] / y[Dv]   per-warp partial sums
+// Staged calls (the wide configuration whenever the head's kv block and the projection fit in
+// shared memory, with 16-byte aligned blocks) first copy both there with every load issued at
+// once, so the step waits on global memory once instead of once per pass of each phase.
 // Accumulation in T (float or double, the state's dtype); the query, key and value come in I (the
 // layer's dtype: T, half or bfloat16) and the projection in I or T, each converted to T on load,
 // and the output is written in I. The rows of q, k and v may be strided (RowLayout: the query,
@@ -38,7 +41,8 @@ namespace panther::decode {
 //   wide (1024, 3): value_dim + 1 <= 96 and >= 256 features (the Performer head: 64 + 1 columns,
 //     256 features): 32 warps, so each warp's chains of dependent loads and shuffles (a feature's
 //     pre-activation, a row of kv) are a quarter as long as with 8; the latency-bound step
-//     finishes sooner on the one SM of its head;
+//     finishes sooner on the one SM of its head. Staged (Params::staged) where the head's kv
+//     block and W fit in shared memory: both are copied there first (see choose());
 //   general (256, 9): every other call, value_dim up to 256.
 constexpr int kWideThreads = 1024, kWideCols = 3;
 constexpr int kGeneralThreads = 256, kGeneralCols = 9;
@@ -59,6 +63,7 @@ struct RowLayout {
 
 template <class T, class I, class WT>
 struct Params {
+  bool staged;  // kv block and W copied to shared memory first (staged_bytes more of it)
   const I* q;
   const I* k;
   const I* v;
@@ -110,12 +115,47 @@ inline int64_t smem_elems(int64_t D, int64_t Dv, int64_t M, int warps) {
   return 2 * D + 2 * E1 + 2 * M + 2 * warps + warps * E1;
 }
 
+// Bytes of the staged copies at the start of shared memory: the head's kv block (M x E1 of the
+// state's dtype, `ts` bytes each), then W (M x D, `ws` bytes each); each a multiple of 16 bytes
+// (else the call is not staged).
+inline int64_t staged_bytes(int64_t D, int64_t Dv, int64_t M, int64_t ts, int64_t ws) {
+  return M * (Dv + 1) * ts + M * D * ws;
+}
+
+// 16-byte words per thread loaded before any is stored in the staging copy (all of a Performer
+// head's 6208 words in one round with 1024 threads).
+constexpr int kStageUnroll = 8;
+
+// Copies n16 16-byte words from a (then b, after na16 of a) to dst, kStageUnroll words per
+// thread in flight.
+__device__ __forceinline__ void stage_copy(const uint4* __restrict__ a, int64_t na16,
+                                           const uint4* __restrict__ b, int64_t n16,
+                                           uint4* __restrict__ dst, int tid, int threads) {
+  for (int64_t base = tid; base < n16; base += static_cast<int64_t>(threads) * kStageUnroll) {
+    uint4 t[kStageUnroll];
+#pragma unroll
+    for (int u = 0; u < kStageUnroll; ++u) {
+      const int64_t i = base + static_cast<int64_t>(u) * threads;
+      if (i < n16) t[u] = i < na16 ? a[i] : b[i - na16];
+    }
+#pragma unroll
+    for (int u = 0; u < kStageUnroll; ++u) {
+      const int64_t i = base + static_cast<int64_t>(u) * threads;
+      if (i < n16) dst[i] = t[u];
+    }
+  }
+}
+
 template <class T, class I, class WT, int kThreads, int kCols>
 __global__ void __launch_bounds__(kThreads) decode_step_kernel(const Params<T, I, WT> p) {
   constexpr int kWarps = kThreads / 32;
   PANTHER_DYNAMIC_SMEM(smem_raw);
   const int D = p.D, Dv = p.Dv, E1 = Dv + 1, M = p.M;
-  T* sq = reinterpret_cast<T*>(smem_raw);
+  const int64_t kv_bytes = p.staged ? static_cast<int64_t>(M) * E1 * sizeof(T) : 0;
+  const int64_t w_bytes = p.staged ? static_cast<int64_t>(M) * D * sizeof(WT) : 0;
+  T* skv = reinterpret_cast<T*>(smem_raw);
+  const WT* sW = reinterpret_cast<const WT*>(smem_raw + kv_bytes);
+  T* sq = reinterpret_cast<T*>(smem_raw + kv_bytes + w_bytes);
   T* sk = sq + D;
   T* sv = sk + D;
   T* svs = sv + E1;
@@ -131,8 +171,16 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(const Params<T, I
   T* kv = p.kv + row * M * E1;
   T* vs = p.v_sum + row * E1;
 
-  // 1. Stage the inputs; v_sum += [v, 1] (one thread per entry). Every thread reads the old
-  //    stabiliser here, before the barrier after which thread 0 overwrites it.
+  // 1. Stage the inputs (staged: also this head's kv block and W); v_sum += [v, 1] (one thread
+  //    per entry). Every thread reads the old stabiliser here, before the barrier after which
+  //    thread 0 overwrites it.
+  if (p.staged)
+    stage_copy(reinterpret_cast<const uint4*>(kv), kv_bytes / 16,
+               reinterpret_cast<const uint4*>(p.W), (kv_bytes + w_bytes) / 16,
+               reinterpret_cast<uint4*>(smem_raw), tid, kThreads);
+  // Where the later phases read kv and W: the staged copies or global memory.
+  const T* kv_src = p.staged ? skv : kv;
+  const WT* W_src = p.staged ? sW : p.W;
   for (int i = tid; i < D; i += kThreads) {
     sq[i] = load_as<T>(q + i) * p.xscale;
     sk[i] = load_as<T>(k + i) * p.xscale;
@@ -166,7 +214,7 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(const Params<T, I
       aq[u] = 0;
       ak[u] = 0;
       if (m0 + u < M) {
-        const WT* w = p.W + static_cast<int64_t>(m0 + u) * D;
+        const WT* w = W_src + static_cast<int64_t>(m0 + u) * D;
         for (int d = lane; d < D; d += 32) {
           const T wd = load_as<T>(w + d);
           aq[u] += sq[d] * wd;
@@ -238,7 +286,7 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(const Params<T, I
 #pragma unroll
       for (int i = 0; i < kCols; ++i) {
         const int j = lane + 32 * i;
-        x[u][i] = m0 + u < M && j < E1 ? kv[static_cast<int64_t>(m0 + u) * E1 + j] : T(0);
+        x[u][i] = m0 + u < M && j < E1 ? kv_src[static_cast<int64_t>(m0 + u) * E1 + j] : T(0);
       }
     }
 #pragma unroll
@@ -276,25 +324,57 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(const Params<T, I
   }
 }
 
-// Whether a call runs the wide configuration (PANTHER_DECODE_WIDE=0 forces the general one, for
+// Which configuration runs a call: the general one, the wide one reading kv and W from global
+// memory, or the wide one staged through shared memory.
+enum class Config { Auto, General, Wide, WideStaged };
+
+// Whether a call fits the wide configuration.
+inline bool wide_fits(const detail::DecodeDims& d) { return d.Dv + 1 <= 32 * kWideCols && d.M >= 256; }
+
+// Shared memory bytes of a call in configuration c (Auto: not allowed), state dtype size ts,
+// projection dtype size ws.
+inline int64_t smem_bytes(const detail::DecodeDims& d, Config c, int64_t ts, int64_t ws) {
+  const int warps = (c == Config::General ? kGeneralThreads : kWideThreads) / 32;
+  return smem_elems(d.D, d.Dv, d.M, warps) * ts +
+         (c == Config::WideStaged ? staged_bytes(d.D, d.Dv, d.M, ts, ws) : 0);
+}
+
+// Whether the staged copies of a call are whole 16-byte words from 16-byte aligned addresses
+// (every head's kv block then starts on one).
+inline bool stage_aligned(const detail::DecodeDims& d, const void* kv, const void* W, int64_t ts,
+                          int64_t ws) {
+  return d.M * (d.Dv + 1) * ts % 16 == 0 && d.M * d.D * ws % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(kv) % 16 == 0 && reinterpret_cast<uintptr_t>(W) % 16 == 0;
+}
+
+// The configuration of a call (Auto resolved): wide where it fits, staged where that also fits
+// `max_smem` and the copies are aligned; otherwise general. PANTHER_DECODE_WIDE=0 forces the
+// general configuration and PANTHER_DECODE_STAGE=0 the unstaged wide one where it fits (for
 // comparisons).
-inline bool wide(const detail::DecodeDims& d) {
-  static const bool allowed = [] {
+inline Config choose(const detail::DecodeDims& d, const void* kv, const void* W, int64_t ts,
+                     int64_t ws, int64_t max_smem) {
+  static const bool wide_allowed = [] {
     const char* e = std::getenv("PANTHER_DECODE_WIDE");
     return !(e && std::string(e) == "0");
   }();
-  return allowed && d.Dv + 1 <= 32 * kWideCols && d.M >= 256;
+  static const bool stage_allowed = [] {
+    const char* e = std::getenv("PANTHER_DECODE_STAGE");
+    return !(e && std::string(e) == "0");
+  }();
+  if (!wide_allowed || !wide_fits(d)) return Config::General;
+  if (stage_allowed && stage_aligned(d, kv, W, ts, ws) &&
+      smem_bytes(d, Config::WideStaged, ts, ws) <= max_smem)
+    return Config::WideStaged;
+  return smem_bytes(d, Config::Wide, ts, ws) <= max_smem ? Config::Wide : Config::General;
 }
 
-// Whether the kernel takes a call: value_dim <= kMaxDv (the lanes' columns), sizes in int, and the
-// shared memory fits `max_smem` bytes. Others run the ATen math.
+// Whether the kernel takes a call: value_dim <= kMaxDv (the lanes' columns), sizes in int, and
+// the general configuration's shared memory fits `max_smem` bytes. Others run the ATen math.
 inline bool takes(const detail::DecodeDims& d, at::ScalarType dt, int64_t max_smem) {
   if (dt != at::kFloat && dt != at::kDouble) return false;  // (the state's dtype)
   if (d.Dv > kMaxDv || d.R > INT_MAX || d.D > INT_MAX / 2 || d.M > INT_MAX / 2) return false;
   if (d.M * (d.Dv + 1) > INT_MAX) return false;
-  return smem_elems(d.D, d.Dv, d.M, wide(d) ? kWideThreads / 32 : kGeneralThreads / 32) *
-             static_cast<int64_t>(at::elementSize(dt)) <=
-         max_smem;
+  return smem_bytes(d, Config::General, at::elementSize(dt), 1) <= max_smem;
 }
 
 // The row layout of a (..., n) input with unit last stride whose leading dims collapse to
@@ -314,20 +394,20 @@ inline std::optional<RowLayout> row_layout(const at::Tensor& t) {
 
 // One block of kThreads per row, on the current stream.
 template <int kThreads, int kCols, class T, class I, class WT>
-void launch(const detail::DecodeDims& d, const Params<T, I, WT>& p) {
-  const size_t smem = static_cast<size_t>(smem_elems(d.D, d.Dv, d.M, kThreads / 32)) * sizeof(T);
+void launch(const Params<T, I, WT>& p, unsigned rows, size_t smem) {
   auto* kernel = &decode_step_kernel<T, I, WT, kThreads, kCols>;
-  PANTHER_LAUNCH(kernel, dim3(static_cast<unsigned>(d.R)), dim3(kThreads), smem, p);
+  PANTHER_LAUNCH(kernel, dim3(rows), dim3(kThreads), smem, p);
 }
 
-// Runs the step on the kernel with state dtype T, input dtype I and projection dtype WT (the
-// caller checked the arguments and `takes`; on CUDA it also set the device). Inputs whose rows
+// Runs the step on the kernel with state dtype T, input dtype I and projection dtype WT in
+// configuration `config` (Auto: choose's; the caller checked the arguments and `takes`, and that
+// a forced configuration fits; on CUDA it also set the device). Inputs whose rows
 // row_layout cannot describe are copied contiguous; a non-contiguous state goes through
 // contiguous copies written back.
 template <class T, class I, class WT>
 at::Tensor step(const detail::DecodeDims& d, const at::Tensor& query, const at::Tensor& key,
                 const at::Tensor& value, const at::Tensor& projection, const at::Tensor& kv,
-                const at::Tensor& v_sum, const at::Tensor& stabiliser) {
+                const at::Tensor& v_sum, const at::Tensor& stabiliser, Config config) {
   std::vector<int64_t> osize = query.sizes().vec();
   osize.back() = d.Dv;
   at::Tensor out = at::empty(osize, query.options());
@@ -362,8 +442,16 @@ at::Tensor step(const detail::DecodeDims& d, const at::Tensor& query, const at::
   p.xscale = p.softmax ? static_cast<T>(std::pow(static_cast<double>(d.D), -0.25)) : T(1);
   p.eps = static_cast<T>(p.softmax ? detail::kFavorSoftmaxEps : detail::kFavorReluEps);
   p.ek = static_cast<T>(p.softmax ? detail::kFavorSoftmaxEps * sM : detail::kFavorReluEps);
-  if (wide(d)) launch<kWideThreads, kWideCols>(d, p);
-  else launch<kGeneralThreads, kGeneralCols>(d, p);
+  const int64_t ts = sizeof(T), ws = sizeof(WT);
+  if (config == Config::Auto)
+    config = choose(d, p.kv, p.W, ts, ws, ::panther::max_smem_optin(kvc.get_device()));
+  TORCH_CHECK(config != Config::WideStaged || stage_aligned(d, p.kv, p.W, ts, ws),
+              "panther::_favor_decode_step_: staged configuration on unaligned operands");
+  p.staged = config == Config::WideStaged;
+  const size_t smem = static_cast<size_t>(smem_bytes(d, config, ts, ws));
+  const auto blocks = static_cast<unsigned>(d.R);
+  if (config == Config::General) launch<kGeneralThreads, kGeneralCols>(p, blocks, smem);
+  else launch<kWideThreads, kWideCols>(p, blocks, smem);
   if (!kvc.is_same(kv)) kv.copy_(kvc);
   if (!vsc.is_same(v_sum)) v_sum.copy_(vsc);
   if (!rc.is_same(stabiliser)) stabiliser.copy_(rc);
@@ -375,11 +463,12 @@ at::Tensor step(const detail::DecodeDims& d, const at::Tensor& query, const at::
 inline at::Tensor run_step(const detail::DecodeDims& d, const at::Tensor& query,
                            const at::Tensor& key, const at::Tensor& value,
                            const at::Tensor& projection, const at::Tensor& kv,
-                           const at::Tensor& v_sum, const at::Tensor& stabiliser) {
+                           const at::Tensor& v_sum, const at::Tensor& stabiliser,
+                           Config config = Config::Auto) {
   const at::ScalarType it = query.scalar_type();
   const bool w_state = projection.scalar_type() != it;  // then it is the state's dtype
 #define PANTHER_DECODE_STEP(T, I, WT) \
-  step<T, I, WT>(d, query, key, value, projection, kv, v_sum, stabiliser)
+  step<T, I, WT>(d, query, key, value, projection, kv, v_sum, stabiliser, config)
   if (kv.scalar_type() == at::kDouble) return PANTHER_DECODE_STEP(double, double, double);
   if (it == at::kHalf)
     return w_state ? PANTHER_DECODE_STEP(float, __half, float)

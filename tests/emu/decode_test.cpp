@@ -5,7 +5,8 @@
 // growing in scale (the stabiliser rises and the state is rescaled), fewer features than warps,
 // features not a multiple of the block, value_dim at the kernel's limit, a non-contiguous state;
 // bfloat16 and float16 inputs on a float32 state (the projection in either dtype), and query, key
-// and value as strided views of one fused projection.
+// and value as strided views of one fused projection. Each case runs in every kernel
+// configuration that takes it (general; wide, staged or not).
 // Built and run by scripts/emu_test.sh.
 #include "cuda_emu.h"
 #include "attention/decode_kernel.cuh"
@@ -14,6 +15,7 @@
 #include <cstdio>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "attention/impl.h"
 
@@ -40,7 +42,7 @@ struct Case {
   bool fused_qkv = false;             // q, k, v as views of one (B, 3, H, D) tensor (D == Dv)
 };
 
-bool run(const Case& c) {
+bool run(const Case& c, panther::decode::Config config) {
   const auto dt = c.dt;
   const auto o = at::TensorOptions().dtype(dt);
   const std::string kern = c.softmax ? "softmax" : "relu";
@@ -91,7 +93,7 @@ bool run(const Case& c) {
     const at::Tensor r_before = r_ref.clone();
     at::Tensor ref =
         panther::detail::favor_decode_step_aten(d, q, k, v, W, kv_ref, vs_ref, r_ref);
-    at::Tensor out = panther::decode::run_step(d, q, k, v, W, kv, vs, r);
+    at::Tensor out = panther::decode::run_step(d, q, k, v, W, kv, vs, r, config);
     ok = ok && out.scalar_type() == q.scalar_type();
     const double eo = rel_err(out, ref);
     worst_out = std::max(worst_out, eo);
@@ -105,9 +107,10 @@ bool run(const Case& c) {
     if (c.softmax && t > 0) rescaled = rescaled || (r_ref > r_before).any().item<bool>();
   }
   ok = ok && (rescaled || !c.softmax);  // the state's rescale was exercised
-  std::printf("B=%lld H=%lld D=%lld Dv=%lld M=%lld %s state %s inputs %s projection %s%s%s, %d "
+  static const char* names[] = {"auto", "general", "wide", "wide staged"};
+  std::printf("[%s] B=%lld H=%lld D=%lld Dv=%lld M=%lld %s state %s inputs %s projection %s%s%s, %d "
               "steps: max rel err state %.1e, output %.1e -> %s\n",
-              (long long)c.B, (long long)c.H, (long long)c.D, (long long)c.Dv, (long long)c.M,
+              names[static_cast<int>(config)], (long long)c.B, (long long)c.H, (long long)c.D, (long long)c.Dv, (long long)c.M,
               kern.c_str(), c10::toString(dt), c10::toString(io.dtype().toScalarType()),
               c10::toString(W.scalar_type()), c.strided_state ? ", strided state" : "",
               c.fused_qkv ? ", fused qkv views" : "", c.steps, worst, worst_out,
@@ -130,9 +133,32 @@ int main() {
       {1, 2, 16, 16, 40, false, at::kFloat, false, 2, at::kHalf, false, true},
       {1, 2, 16, 16, 40, true, at::kFloat, false, 2, at::kHalf, true, false},
   };
-  int fails = 0;
-  for (const Case& c : cases) fails += !run(c);
-  const size_t n = sizeof(cases) / sizeof(cases[0]);
-  std::printf("%d of %zu decode cases failed\n", fails, n);
+  using panther::decode::Config;
+  int fails = 0, n = 0, staged = 0;
+  for (const Case& c : cases) {
+    const DecodeDims d{c.B * c.H, c.D, c.Dv, c.M, panther::detail::FavorKernel::Softmax};
+    const int64_t ts = at::elementSize(c.dt);
+    const int64_t ws = c.w_state || c.dt == at::kDouble ? ts : at::elementSize(c.in_dt);
+    const int64_t smem = panther::max_smem_optin(0);
+    std::vector<Config> configs{Config::General};
+    if (panther::decode::wide_fits(d) &&
+        panther::decode::smem_bytes(d, Config::Wide, ts, ws) <= smem) {
+      configs.push_back(Config::Wide);
+      // (the emulator's tensors are allocated 16-byte aligned)
+      if (panther::decode::smem_bytes(d, Config::WideStaged, ts, ws) <= smem &&
+          panther::decode::stage_aligned(d, nullptr, nullptr, ts, ws))
+        configs.push_back(Config::WideStaged);
+    }
+    for (Config config : configs) {
+      fails += !run(c, config);
+      ++n;
+      staged += config == Config::WideStaged;
+    }
+  }
+  std::printf("%d of %d decode runs failed (%d staged)\n", fails, n, staged);
+  if (staged < 3) {
+    std::printf("FAIL: expected the staged configuration in at least 3 runs\n");
+    return 1;
+  }
   return fails ? 1 : 0;
 }
