@@ -1,11 +1,16 @@
 """Kernel profile (developer tool, not part of the suite): GPU time per kernel, and host submit vs
 total time, of the calls whose targets are missed: SKLinear bf16 forward at 8192 tokens,
 SKLinear bf16 forward+backward at 64 tokens, causal favor_attention forward+backward at 16k
-(bf16, 12 x 64 heads, M=256) and the RandMultiHeadAttention forward at 1k. ``shapes``: kernels of
+(bf16, 12 x 64 heads, M=256) and the RandMultiHeadAttention forward at 1k. ``decode``: the
+kernels of one 12-layer decoding step (RandMultiHeadAttention.step_, eager and replayed from a
+CUDA graph), the graph time of the fused step op alone and of the two projections alone, and
+exact attention with a 64k KV cache. ``encoder``: the BERT-base-shaped encoder of
+bench_models.py (dense, every Linear at L=1 k=64, the zero-cost-Linear bound): host submit
+against wall time of a training step and of inference, and the kernels of each. ``shapes``: kernels of
 SKLinear, nn.Linear and the plain two-GEMM fwd+bwd at transformer widths (PROBE_SHAPES, entries
 d_in x d_out x tokens, default 768x768x4096,768x768x16384,4096x4096x16384; L=1 k=64), with the
 latency of one call on an idle GPU and the host submit / total time of 200 back-to-back calls.
-Usage: python3 scripts/gpu/profile_kernels.py [linear] [attention] [module] [shapes]
+Usage: python3 scripts/gpu/profile_kernels.py [linear] [attention] [module] [shapes] [decode] [encoder]
 (default: linear attention module)"""
 import os
 import sys
@@ -50,20 +55,34 @@ def latency(name, fn, n=30):
     print(f"{name}: single-call latency median {ts[len(ts) // 2]:8.1f} us, min {ts[0]:8.1f} us")
 
 
-def kernels(name, fn, reps=5):
+def kernels(name, fn, reps=5, top=12):
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total / reps, e.count // reps) for e in prof.key_averages()
+    rows = [(e.key, e.device_time_total / reps, e.count / reps) for e in prof.key_averages()
             if e.device_time_total > 0]
     rows.sort(key=lambda r: -r[1])
     total = sum(r[1] for r in rows)
-    print(f"-- {name}: GPU kernel time per call {total:.1f} us")
-    for k, t, c in rows[:12]:
-        print(f"   {t:9.1f} us  x{c:<3d} {k[:90]}")
+    print(f"-- {name}: GPU kernel time per call {total:.1f} us, {sum(r[2] for r in rows):.0f} kernels")
+    for k, t, c in rows[:top]:
+        print(f"   {t:9.1f} us  x{c:<5.1f} {t / max(c, 1e-9):7.2f} us each  {k[:90]}")
+
+
+def replay_time(name, fn, n=50):
+    """Back-to-back replays of fn (e.g. a CUDA graph's replay) between two events, per call."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(n):
+        fn()
+    e.record()
+    torch.cuda.synchronize()
+    print(f"{name}: {1e3 * s.elapsed_time(e) / n:8.1f} us per call (back to back)")
 
 
 SECTIONS = sys.argv[1:] or ["linear", "attention", "module"]
@@ -161,3 +180,58 @@ if "module" in SECTIONS:
         for names in (["mha", "rmha", "sdpa", "favor"], ["rmha", "mha", "sdpa", "favor"], ["rmha"], ["sdpa", "rmha"]):
             t = C.time_fns({k: fns[k] for k in names}, torch.device(dev), warmup=3, reps=25, min_reps=3, budget_s=0.4)
             print("round-robin", names, {k: round(v.median_ms * 1e3, 1) for k, v in t.items()}, "us")
+
+if "decode" in SECTIONS or "encoder" in SECTIONS:
+    sys.path.insert(0, "bench/python")
+    import bench_models as BM  # noqa: E402
+
+if "decode" in SECTIONS:
+    d, H, nl = 768, 12, 12
+    layers, states = [], []
+    with torch.no_grad():
+        prompt = torch.randn(1, 64, d, device=dev, dtype=dt)
+        for _ in range(nl):
+            layer = pr.nn.RandMultiHeadAttention(d, H, 256, iscausal=True, device=dev, dtype=dt).eval()
+            layers.append(layer)
+            states.append(layer.prefill(prompt)[1])
+        x_t = torch.randn(1, 1, d, device=dev, dtype=dt)
+        step = lambda: [m.step_(x_t, st) for m, st in zip(layers, states)]  # noqa: E731
+        kernels("decode step, 12 layers, eager", step, top=16)
+        timing("decode step, 12 layers, eager", step)
+        graphed = BM._graphed(step, torch.device(dev))
+        replay_time("decode step, 12 layers, CUDA graph", graphed)
+        kernels("decode step, 12 layers, CUDA graph replay", graphed, top=16)
+        m0, st0 = layers[0], states[0]
+        Wqkv, bqkv = m0._decode_qkv_weights()
+        x = x_t[:, 0]
+        q, k, v = F.linear(x, Wqkv, bqkv).view(1, 3, H, d // H).unbind(1)
+        P = m0.projection_matrix
+        step_op = lambda: [torch.ops.panther._favor_decode_step_(  # noqa: E731
+            q, k, v, P, m0.kernel_fn, st0.kv, st0.v_sum, st0.stabiliser) for _ in range(nl)]
+        replay_time("12 fused step ops alone, CUDA graph", BM._graphed(step_op, torch.device(dev)))
+        proj = lambda: [F.linear(F.linear(x, Wqkv, bqkv)[:, :d], m0.W0, m0.b0) for _ in range(nl)]  # noqa: E731
+        replay_time("12 x (q/k/v + output projection) alone, CUDA graph", BM._graphed(proj, torch.device(dev)))
+        length = lambda: [st0.length.add_(1) for _ in range(nl)]  # noqa: E731
+        replay_time("12 length increments alone, CUDA graph", BM._graphed(length, torch.device(dev)))
+        exact = [BM.KVCacheAttention(d, H, 65537, dev, dt) for _ in range(nl)]
+        exact_step = lambda: [m.step(x_t) for m in exact]  # noqa: E731
+        kernels("exact attention step, 64k KV cache, eager", exact_step)
+        replay_time("exact attention step, 64k KV cache, CUDA graph", BM._graphed(exact_step, torch.device(dev)))
+        del exact
+
+if "encoder" in SECTIONS:
+    spec = BM.ENCODER
+    B, S, d = spec["batch"], spec["seq"], spec["d"]
+    torch.manual_seed(0)
+    kw = dict(heads=spec["heads"], ffn=spec["ffn"], causal=spec["causal"], fused_qkv=spec["fused_qkv"], device=dev)
+    x = torch.randn(B, S, d, device=dev, dtype=dt)
+    gy = torch.randn(B, S, d, device=dev, dtype=dt)
+    base = BM.Stack(spec["layers"], d, dtype=dt, **kw)
+    variants = [BM.Variant("dense", base, x, gy), BM.Variant("SK L=1 k=64", BM.sketched(base, 1, 64), x, gy),
+                BM.Variant("zero-cost Linear (bound)", BM.zero_cost(base, (B, S)), x, gy)]
+    for var in variants:
+        timing(f"encoder {var.name} train step", var.train_step, n=10)
+        timing(f"encoder {var.name} inference", var.infer, n=10)
+    for var in variants[:2]:
+        kernels(f"encoder {var.name} train step", var.train_step, reps=3, top=20)
+        kernels(f"encoder {var.name} inference", var.infer, reps=3, top=10)
