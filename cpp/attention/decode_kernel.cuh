@@ -11,8 +11,8 @@
 //   relu:    phi = sM relu(pre_q) + eps, kf = sM relu(pre_k), alpha = 1
 //   v_sum += [v, 1];  kv[m] = alpha kv[m] + kf[m] [v, 1]          warp per row m of kv (coalesced)
 //   y[j] = sum_m phi[m] (kv[m, j] + e_k v_sum[j]); out = y[:Dv] / y[Dv]   per-warp partial sums
-// Staged calls (the wide configuration where the head's kv block and the projection fit in
-// shared memory, with 16-byte aligned blocks; see choose()) first copy both there with every
+// Staged calls (opt-in: the wide configuration where the head's kv block and the projection fit
+// in shared memory, with 16-byte aligned blocks; see choose()) first copy both there with every
 // load issued at once, so the step waits on global memory once instead of once per pass of each
 // phase.
 // Accumulation in T (float or double, the state's dtype); the query, key and value come in I (the
@@ -42,8 +42,8 @@ namespace panther::decode {
 //   wide (1024, 3): value_dim + 1 <= 96 and >= 256 features (the Performer head: 64 + 1 columns,
 //     256 features): 32 warps, so each warp's chains of dependent loads and shuffles (a feature's
 //     pre-activation, a row of kv) are a quarter as long as with 8; the latency-bound step
-//     finishes sooner on the one SM of its head. Staged (Params::staged) where the head's kv
-//     block and W fit in shared memory: both are copied there first (see choose());
+//     finishes sooner on the one SM of its head. Staged (Params::staged; opt-in, see choose()):
+//     the head's kv block and W are copied to shared memory first;
 //   general (256, 9): every other call, value_dim up to 256.
 constexpr int kWideThreads = 1024, kWideCols = 3;
 constexpr int kGeneralThreads = 256, kGeneralCols = 9;
@@ -330,7 +330,9 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(const Params<T, I
 enum class Config { Auto, General, Wide, WideStaged };
 
 // Whether a call fits the wide configuration.
-inline bool wide_fits(const detail::DecodeDims& d) { return d.Dv + 1 <= 32 * kWideCols && d.M >= 256; }
+inline bool wide_fits(const detail::DecodeDims& d) {
+  return d.Dv + 1 <= 32 * kWideCols && d.M >= 256;
+}
 
 // Shared memory bytes of a call in configuration c (Auto: not allowed), state dtype size ts,
 // projection dtype size ws.
@@ -351,7 +353,8 @@ inline bool stage_aligned(const detail::DecodeDims& d, const void* kv, const voi
 // The configuration of a call (Auto resolved): wide where it fits, else general. With
 // PANTHER_DECODE_STAGE=1 the wide configuration is staged where that also fits `max_smem` and the
 // copies are aligned (the unstaged one is the default and the one bench/results measures; the
-// staged one is tested on the CPU emulator). PANTHER_DECODE_WIDE=0 forces the general configuration (for comparisons).
+// staged one is tested on the CPU emulator). PANTHER_DECODE_WIDE=0 forces the general
+// configuration (for comparisons).
 inline Config choose(const detail::DecodeDims& d, const void* kv, const void* W, int64_t ts,
                      int64_t ws, int64_t max_smem) {
   static const bool wide_allowed = [] {

@@ -108,9 +108,10 @@ bool run(const Case& c, panther::decode::Config config) {
   }
   ok = ok && (rescaled || !c.softmax);  // the state's rescale was exercised
   static const char* names[] = {"auto", "general", "wide", "wide staged"};
-  std::printf("[%s] B=%lld H=%lld D=%lld Dv=%lld M=%lld %s state %s inputs %s projection %s%s%s, %d "
-              "steps: max rel err state %.1e, output %.1e -> %s\n",
-              names[static_cast<int>(config)], (long long)c.B, (long long)c.H, (long long)c.D, (long long)c.Dv, (long long)c.M,
+  std::printf("[%s] B=%lld H=%lld D=%lld Dv=%lld M=%lld %s state %s inputs %s projection "
+              "%s%s%s, %d steps: max rel err state %.1e, output %.1e -> %s\n",
+              names[static_cast<int>(config)], (long long)c.B, (long long)c.H, (long long)c.D,
+              (long long)c.Dv, (long long)c.M,
               kern.c_str(), c10::toString(dt), c10::toString(io.dtype().toScalarType()),
               c10::toString(W.scalar_type()), c.strided_state ? ", strided state" : "",
               c.fused_qkv ? ", fused qkv views" : "", c.steps, worst, worst_out,
