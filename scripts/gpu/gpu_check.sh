@@ -18,7 +18,8 @@
 # Time: the whole run aims to fit PANTHER_GPU_CHECK_BUDGET seconds (default 540); each stage gets
 # a timeout that leaves room for the stages after it. Stages can be switched off to split the
 # check over two calls of a device with a per-command limit: PANTHER_GPU_TESTS=0 (pytest),
-# PANTHER_GPU_BENCH=0 (Python benchmarks; PANTHER_GPU_BENCH_LINEAR=0 only bench_linear.py),
+# PANTHER_GPU_BENCH=0 (Python benchmarks; PANTHER_GPU_BENCH_LINEAR=0 only bench_linear.py,
+# PANTHER_GPU_BENCH_ATTENTION=0 only bench_attention.py),
 # PANTHER_GPU_DEPLOY=0 (scripts/deploy_check.sh cuda:
 # TorchScript and AOTInductor models exported for CUDA, loaded and run from C++).
 set -u -o pipefail
@@ -169,6 +170,7 @@ if [ $rc -eq 0 ]; then record bench_linear ok; else
   tail -20 /tmp/panther-bench-linear.out; record bench_linear "FAILED (rc $rc; 124 = timeout)"; fi
 fi
 
+if [ "${PANTHER_GPU_BENCH_ATTENTION:-1}" = 1 ]; then
 stage "bench_attention.py --device cuda"
 timeout "$(limit 170 40)" "$PY" bench/python/bench_attention.py --device cuda \
   --markdown "$RES/$TAG-attention.md" --csv /tmp/panther-$TAG-attention.csv >/tmp/panther-bench-attention.out 2>&1
@@ -182,6 +184,7 @@ if [ $rc -eq 0 ]; then
   fi
 else
   tail -20 /tmp/panther-bench-attention.out; record bench_attention "FAILED (rc $rc; 124 = timeout)"
+fi
 fi
 fi
 
