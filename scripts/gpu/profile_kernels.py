@@ -10,7 +10,10 @@ against wall time of a training step and of inference, and the kernels of each. 
 SKLinear, nn.Linear and the plain two-GEMM fwd+bwd at transformer widths (PROBE_SHAPES, entries
 d_in x d_out x tokens, default 768x768x4096,768x768x16384,4096x4096x16384; L=1 k=64), with the
 latency of one call on an idle GPU and the host submit / total time of 200 back-to-back calls.
-Usage: python3 scripts/gpu/profile_kernels.py [linear] [attention] [module] [shapes] [decode] [encoder]
+``host``: where the host time of one SKLinear and one plain two-GEMM fwd+bwd goes at
+768x768x16384 (the CPU profiler's table), and host submit / total time of each GEMM those calls
+make, alone, with cuBLAS and with cuBLASLt preferred.
+Usage: python3 scripts/gpu/profile_kernels.py [linear] [attention] [module] [shapes] [decode] [encoder] [host]
 (default: linear attention module)"""
 import os
 import sys
@@ -136,6 +139,47 @@ if "shapes" in SECTIONS:
             latency(f"{name} fwd+bwd {item}", fb)
             timing(f"{name} fwd+bwd {item}", fb, n=200)
             kernels(f"{name} fwd+bwd {item}", fb)
+
+if "host" in SECTIONS:
+    n, d_in, d_out, r = 16384, 768, 768, 128
+    sk = pr.nn.SKLinear(d_in, d_out, 1, 64, device=dev, dtype=dt)
+    A = torch.randn(d_in, r, device=dev, dtype=dt, requires_grad=True)
+    B = torch.randn(r, d_out, device=dev, dtype=dt, requires_grad=True)
+    b = torch.zeros(d_out, device=dev, dtype=dt, requires_grad=True)
+    x = torch.randn(n, d_in, device=dev, dtype=dt, requires_grad=True)
+    g = torch.randn(n, d_out, device=dev, dtype=dt)
+    for name, f, params in (("SKLinear", lambda: sk(x), [x, *sk.parameters()]),
+                            ("two-GEMM", lambda: torch.addmm(b, x @ A, B), [x, A, B, b])):
+        fb = lambda f=f, params=params: torch.autograd.grad(f(), params, g)  # noqa: E731
+        timing(f"{name} fwd+bwd", fb, n=100)
+        fb()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fb()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
+    T = torch.randn(n, r, device=dev, dtype=dt)
+    W = torch.randn(d_out, d_in, device=dev, dtype=dt)
+    Ts = torch.randn(n, r + 8, device=dev, dtype=dt)[:, :r]
+    gemms = {
+        "x A (N x d_in x 2Lk)": lambda: x.detach() @ A.detach(),
+        "T B + b (addmm, N x 2Lk x d_out)": lambda: torch.addmm(b.detach(), T, B.detach()),
+        "T B (mm)": lambda: T @ B.detach(),
+        "g B^T (N x d_out x 2Lk)": lambda: g @ B.detach().t(),
+        "gT A^T (N x 2Lk x d_in)": lambda: T @ A.detach().t(),
+        "x^T gT (d_in x N x 2Lk)": lambda: x.detach().t() @ T,
+        "Ts^T g, ld 2Lk+8 (2Lk x N x d_out)": lambda: Ts.t() @ g,
+        "x^T g (nn.Linear dW, d_in x N x d_out)": lambda: x.detach().t() @ g,
+        "g W (nn.Linear dx)": lambda: g @ W,
+        "g.sum(0) (nn.Linear db)": lambda: g.sum(0),
+    }
+    for lib in ("cublas", "cublaslt"):
+        torch.backends.cuda.preferred_blas_library(lib)
+        with torch.no_grad():
+            for name, f in gemms.items():
+                timing(f"[{lib}] {name}", f, n=200)
+    torch.backends.cuda.preferred_blas_library("cublas")
 
 op = torch.ops.panther.favor_attention
 if "attention" in SECTIONS:
