@@ -18,7 +18,8 @@
 // causal calls also keep the features that forward_kernel computed, so back1/back2 load phi and
 // khat instead of computing them), then
 //   back1_kernel    (n, BH): recomputes y, forms Yb = d loss / d [num, den], dq (and its dW part),
-//                   the chunk's gradient state dH_c = phi^T (s Yb); a reverse scan gives dT_c;
+//                   the chunk's gradient state dH_c = phi^T (s Yb); a reverse scan gives dT_c
+//                   (non-causal: a few launches add the dH_c into a few states per row);
 //                   causal: also the intra-chunk part of dv (A'^T Yb) and Wm, the intra-chunk
 //                   weights from which back2 forms dkhat's part (Wm^T phi): both need only the
 //                   chunk's own queries (nq == nk: the same chunk grid);
@@ -673,13 +674,20 @@ __device__ float wm_block(const Params<T>& p, Blk<T>& k) {
   return cy;
 }
 
-// Backward pass 1: Yb, dq, gradient states, back2's intra-chunk parts (causal). grid (nq, BH).
+// Backward pass 1: Yb, dq, gradient states, back2's intra-chunk parts (causal). grid (n, BH):
+// block x takes query chunk chunk0 + x. Its gradient state goes to slot x of its row in gst
+// ((M+1) x E1p fp32 each, `slots` per row): stored by the first launch (chunk0 = 0), added to by
+// later ones. Causal: one launch, slots = nq, one state per chunk for the reverse scan.
+// Non-causal, where only the states' total is used: launches of `slots` chunks each, one after
+// the other (fused::backward), so gst holds `slots` states per row instead of nq and the sum's
+// order is fixed (the gradients are the same bits on every call).
 template <class T, int kShape>
 __global__ void __launch_bounds__(kThreads, 1) back1_kernel(Params<T> p) {
   fix_shape<kShape>(p);
   PANTHER_DYNAMIC_SMEM(smem);
   const Smem L = smem_layout(kBack1, p.D, p.M, p.E1p, sizeof(T));
-  Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lq);
+  const int chunk = p.chunk0 + blockIdx.x;
+  Blk<T> k = make_blk<T>(p, smem, L, chunk, blockIdx.y, p.Lq);
   const int E1p = p.E1p, Dv = p.Dv, grp = k.warp / kRT, rr = k.lane >> 1;
   query_chunk_start(p, k, /*with_g=*/true);  // g into k.ys
   const bool loaded = p.feat == kFeatLoad;  // then H, khat and W may still be in flight
@@ -723,23 +731,25 @@ __global__ void __launch_bounds__(kThreads, 1) back1_kernel(Params<T> p) {
   }
   __syncthreads();
   // Gradient state of this chunk: dH = phi^T (s Yb) (M x E1p), extra row sum_i phisum_i Yb_i.
-  float* dst = p.gst + (static_cast<int64_t>(k.bh) * p.nq + k.chunk) * (p.M + 1) * E1p;
+  const bool first = p.chunk0 == 0;
+  float* dst = p.gst + (static_cast<int64_t>(k.bh) * p.slots + blockIdx.x) * (p.M + 1) * E1p;
   const int CT = p.M / 16, ET = E1p / 16, c0 = (k.lane & 1) * 8;
   Acc acc;
   float v[8];
   for (int t = k.warp; t < CT * ET; t += kWarps) {
     const int mt = t % CT, et = t / CT;
-    wmma::fill_fragment(acc, 0.f);
+    float* d = dst + static_cast<int64_t>(mt) * 16 * E1p + et * 16;
+    if (first) wmma::fill_fragment(acc, 0.f);
+    else wmma::load_matrix_sync(acc, d, E1p, wmma::mem_row_major);
     mma_acc<T, ColM, RowM>(acc, tileA<ColM>(k.phi, k.lm, mt), k.lm, tileB<RowM>(k.ys, k.le, et),
                            k.le, kC);
-    wmma::store_matrix_sync(dst + static_cast<int64_t>(mt) * 16 * E1p + et * 16, acc, E1p,
-                            wmma::mem_row_major);
+    wmma::store_matrix_sync(d, acc, E1p, wmma::mem_row_major);
   }
   {  // the extra row (all warps: see col_sums)
     float* dst_x = dst + static_cast<int64_t>(p.M) * E1p;
     const float* phisum = k.phisum;
     col_sums(k.yb, k.le, E1p, k.warp, k.lane, [&](int i) { return phisum[i]; },
-             [&](int e, float s) { dst_x[e] = s; });
+             [&](int e, float s) { dst_x[e] = first ? s : dst_x[e] + s; });
   }
   // yc_i = ek Yb_i . (sum of [v, 1] over keys j <= i) (the eps part of dphi).
   bool bulk_issued = false;

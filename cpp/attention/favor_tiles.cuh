@@ -61,8 +61,10 @@ struct Params {
   float* cs;              // (BH, nk, 4): P_c, R_c, alpha_c, kscale_c (states_kernel leaves the
                           // chunk max m_c in kscale_c's place for stab_kernel)
   T* st;                  // (BH, nk, (M+1)*E1p) per-chunk key states (summed in fp32 by the scan)
-  float* gst;             // (BH, nq, (M+1)*E1p) per-chunk gradient states dH (fp32: the
-                          // backward's d phi is a small difference of large terms)
+  float* gst;             // (BH, slots, (M+1)*E1p) gradient states dH (fp32: the backward's
+                          // d phi is a small difference of large terms): causal, one per chunk
+                          // (slots = nq); non-causal, sums over chunks (see back1_kernel)
+  int slots, chunk0;      // back1: gst's states per row; the first query chunk of the launch
   T* hs;                  // (BH, nk|1, M*E1p) scanned states (forward H, backward dT)
   float* hx;              // (BH, nk|1, E1p) scanned extra row (forward sum v, backward G)
   T* out;                 // (B, H, Lq, Dv), strides o_sb, o_sh, o_sl (last dim dense)

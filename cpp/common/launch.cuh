@@ -61,4 +61,21 @@ inline int64_t max_smem_optin(int dev) {
 #endif
 }
 
+// Streaming multiprocessors of the device (cached per device). The CPU emulator reports 1, so
+// its tests see grids sized for a small device.
+inline int64_t sm_count(int dev) {
+#ifdef PANTHER_CUDA_EMU
+  (void)dev;
+  return 1;
+#else
+  static std::atomic<int> cache[64] = {};
+  int v = dev >= 0 && dev < 64 ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (v == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
+    if (dev >= 0 && dev < 64) cache[dev].store(v, std::memory_order_relaxed);
+  }
+  return v;
+#endif
+}
+
 }  // namespace panther

@@ -121,6 +121,11 @@ int main(int argc, char** argv) {
       {1, 1, 200, 200, 32, 16, 32, true, true, false, false, 4.0, bf},
       {1, 1, 130, 130, 32, 16, 32, true, true, true, false, 30.0, bf},
       {1, 1, 140, 140, 16, 16, 32, true, false, true, false, 30.0, bf},
+      // Non-causal backward with fewer gradient-state slots than query chunks (the emulator
+      // reports 1 SM, so back1 gets 4 blocks per launch): 4 rows of 4 chunks, one slot each, in 4
+      // launches; 2 rows of 3 chunks, two slots, in 2 launches (the second one block per row).
+      {2, 2, 200, 170, 32, 16, 32, true, false, true, true, 1.0, bf},
+      {1, 2, 150, 150, 16, 16, 32, false, false, false, false, 1.0, bf},
       // The kShapeD64M256 instantiations (softmax, D = Dv = 64, M = 256), causal and not.
       {1, 1, 130, 130, 64, 64, 256, true, true, true, true, 1.0, bf},
       {1, 1, 70, 150, 64, 64, 256, true, false, true, false, 4.0, bf},
