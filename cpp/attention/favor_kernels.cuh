@@ -306,28 +306,41 @@ __device__ __forceinline__ float to_float(S x) {
 // exclusive scan (forward, or reverse); non-causal: the total, once per bh. The walk over chunks
 // is latency-bound: loads come in batches of kScanU chunks, all issued before the first is used,
 // and pairs double the bytes per load (one entry per thread left half the bandwidth unused).
+// The n input states of a row (in_n states apart) are chunks c0 .. c0 + n - 1 (cs holds ncs
+// chunks per row); the causal output of chunk c is row bh * out_n + c - out_c0 of hs and hx.
+// carry (BH x (ME + E1p)
+// fp32, or null): the scan starts from it when carry_in (else from zero) and leaves its final
+// sum there, so a reverse scan can run over the chunks in pieces, last piece first.
+struct ScanRange {
+  int in_n, c0, out_n, out_c0;
+  float* carry;
+  bool carry_in;
+};
 constexpr int kScanU = 8;
 constexpr int kScanThreads = 256;
 template <class T, class S>
 __global__ void __launch_bounds__(kScanThreads, 4) scan_kernel(const S* __restrict__ st, const float* __restrict__ cs,
                             T* __restrict__ hs, float* __restrict__ hx, int BH, int n, int ncs,
-                            int ME, int E1p, bool causal, bool reverse, bool use_kscale) {
+                            int ME, int E1p, bool causal, bool reverse, bool use_kscale,
+                            ScanRange rg) {
   const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int64_t W = ME + E1p, P = W / 2;
   if (idx >= BH * P) return;
   const int64_t bh = idx / P;
   const int e = 2 * static_cast<int>(idx - bh * P);
   const bool state = e < ME;
-  const S* x = st + bh * n * W + e;
-  const float* c4 = cs + bh * ncs * 4;
-  auto put = [&](int64_t row, float a0, float a1) {  // row: bh * n + c, or bh (non-causal)
+  const S* x = st + bh * rg.in_n * W + e;
+  const float* c4 = cs + (bh * ncs + rg.c0) * 4;
+  auto put = [&](int64_t row, float a0, float a1) {  // row: of hs / hx
     if (state) store_two(hs + row * ME + e, Cvt<T>::t(a0), Cvt<T>::t(a1));
     else store_two(hx + row * E1p + (e - ME), a0, a1);
   };
+  float* carry = rg.carry != nullptr ? rg.carry + bh * W + e : nullptr;
   float acc0 = 0.f, acc1 = 0.f;
+  if (carry != nullptr && rg.carry_in) acc0 = carry[0], acc1 = carry[1];
   auto chunk = [&](int step) { return reverse ? n - 1 - step : step; };
   auto step_in = [&](int c, float x0, float x1, float al, float sc) {
-    if (causal) put(bh * n + c, acc0, acc1);
+    if (causal) put(bh * rg.out_n + rg.c0 + c - rg.out_c0, acc0, acc1);
     acc0 = al * acc0 + sc * x0;
     acc1 = al * acc1 + sc * x1;
   };
@@ -351,6 +364,7 @@ __global__ void __launch_bounds__(kScanThreads, 4) scan_kernel(const S* __restri
     step_in(chunk(s0), x0, x1, al, sc);
   }
   if (!causal) put(bh, acc0, acc1);
+  if (carry != nullptr) carry[0] = acc0, carry[1] = acc1;
 }
 
 // n floats (16-byte aligned, n a multiple of 4) from global to shared memory with cp.async, as
@@ -366,7 +380,7 @@ __device__ __forceinline__ void copy_floats_async(float* dst, const float* src, 
 // after the other copies would wait behind them) or synchronously.
 template <class T>
 __device__ void load_state(const Params<T>& p, Blk<T>& k, bool async = false) {
-  const int64_t sidx = p.causal ? static_cast<int64_t>(k.bh) * p.nk + k.chunk : k.bh;
+  const int64_t sidx = p.causal ? static_cast<int64_t>(k.bh) * p.hs_n + k.chunk - p.hs_c0 : k.bh;
   const T* src = p.hs + sidx * p.M * p.E1p;
   if (async) {
     copy_rows_async(k.h, k.le, src, p.E1p, p.M, p.M, p.E1p);
@@ -408,6 +422,13 @@ __device__ __forceinline__ int64_t feat_row0(const Params<T>& p, const Blk<T>& k
   return (static_cast<int64_t>(k.bh) * p.nk + k.chunk) * kC;
 }
 
+// First row of this chunk in back1's outputs for back2 (dvp, fwm), which hold the chunks of one
+// back1/back2 launch: chunk0 + x in rows of block x of the row's p.slots.
+template <class T>
+__device__ __forceinline__ int64_t part_row0(const Params<T>& p, const Blk<T>& k) {
+  return (static_cast<int64_t>(k.bh) * p.slots + k.chunk - p.chunk0) * kC;
+}
+
 // forward_kernel under kFeatSave: phi, its row sums, khat and A' of this chunk (all kC rows, as
 // the backward's GEMMs use them) to the saved tensor, one bulk (TMA) copy per row, issued by
 // 3 kC + 1 threads: on sm_90 the block goes on while the copy engine writes (all blocks write at
@@ -442,7 +463,8 @@ __device__ bool save_back2_inputs(const Params<T>& p, const Blk<T>& k) {
   const int t = threadIdx.x, i = t % kC;
   if (t >= (p.feat == kFeatLoad ? 1 : 2) * kC) return false;
   mma::bulk_store_fence(p.bulk);
-  if (t < kC) mma::bulk_store(p.fwm + (r0 + i) * kC, k.gm + i * kLC, kC * sizeof(T), p.bulk);
+  if (t < kC)
+    mma::bulk_store(p.fwm + (part_row0(p, k) + i) * kC, k.gm + i * kLC, kC * sizeof(T), p.bulk);
   else mma::bulk_store(p.fph + (r0 + i) * p.M, k.phi + i * k.lm, p.M * sizeof(T), p.bulk);
   mma::bulk_store_commit(p.bulk);
   return true;
@@ -731,7 +753,7 @@ __global__ void __launch_bounds__(kThreads, 1) back1_kernel(Params<T> p) {
   }
   __syncthreads();
   // Gradient state of this chunk: dH = phi^T (s Yb) (M x E1p), extra row sum_i phisum_i Yb_i.
-  const bool first = p.chunk0 == 0;
+  const bool first = p.causal || p.chunk0 == 0;
   float* dst = p.gst + (static_cast<int64_t>(k.bh) * p.slots + blockIdx.x) * (p.M + 1) * E1p;
   const int CT = p.M / 16, ET = E1p / 16, c0 = (k.lane & 1) * 8;
   Acc acc;
@@ -764,7 +786,7 @@ __global__ void __launch_bounds__(kThreads, 1) back1_kernel(Params<T> p) {
     // (Wm^T phi, kC x M fp32, was written here once: back2 forms it from 5x fewer bytes.)
     bulk_issued = save_back2_inputs(p, k);
     const int DvT = (Dv + 15) / 16;
-    const int64_t row = static_cast<int64_t>(k.bh) * p.nk * kC + k.row0;
+    const int64_t row = part_row0(p, k);
     for (int t = k.warp; t < kRT * DvT; t += kWarps) {
       const int rt = t % kRT, et = t / kRT;
       wmma::fill_fragment(acc, 0.f);
@@ -850,16 +872,18 @@ __device__ __forceinline__ void tiles_with_parts(int warp, int n, const float (&
   }
 }
 
-// Backward pass 2: dk, dv. grid (nk, BH).
+// Backward pass 2: dk, dv. grid (n, BH): block x takes key chunk chunk0 + x (causal: the chunks
+// of the back1 launch before it; non-causal: one launch, n = nk).
 template <class T, int kShape>
 __global__ void __launch_bounds__(kThreads, 1) back2_kernel(Params<T> p) {
   fix_shape<kShape>(p);
   PANTHER_DYNAMIC_SMEM(smem);
   const Smem L = smem_layout(kBack2, p.D, p.M, p.E1p, sizeof(T));
-  Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lk);
+  Blk<T> k = make_blk<T>(p, smem, L, p.chunk0 + blockIdx.x, blockIdx.y, p.Lk);
   const int E1p = p.E1p, Dv = p.Dv, rr = k.lane >> 1, c0 = (k.lane & 1) * 8;
   const int CT = p.M / 16, ET = E1p / 16, DvT = (Dv + 15) / 16;
-  const int64_t row = static_cast<int64_t>(k.bh) * p.nk * kC + k.row0;  // in dvp, fph, fwm
+  const int64_t row = feat_row0(p, k);   // in fph
+  const int64_t prow = part_row0(p, k);  // in dvp, fwm
   // cp.async groups: {W, keys}, {dT, v} (filled while the key features are computed), {phi, Wm}
   // (causal: back1's, for the intra-chunk part of dkhat); with the forward's key features,
   // {khat, dT, v}, then {phi, Wm} and {W} (only dk needs it: waited for there).
@@ -868,7 +892,7 @@ __global__ void __launch_bounds__(kThreads, 1) back2_kernel(Params<T> p) {
   auto issue_wm_phi = [&] {
     if (p.causal) {
       copy_rows_async(k.phi, k.lm, p.fph + row * p.M, p.M, kC, kC, p.M);
-      copy_rows_async(k.gm, kLC, p.fwm + row * kC, kC, kC, kC, kC);
+      copy_rows_async(k.gm, kLC, p.fwm + prow * kC, kC, kC, kC, kC);
     }
     async_commit();
   };
@@ -898,7 +922,7 @@ __global__ void __launch_bounds__(kThreads, 1) back2_kernel(Params<T> p) {
   const int jw = (k.warp % kRT) * 16 + rr;
   auto dv_part = [&](int t, float (&v)[8]) {  // dv tile t: columns et = t / kRT
     const int et = t / kRT;
-    if (p.causal && et < DvT) load8f(p.dvp + (row + jw) * (16 * DvT) + et * 16 + c0, v);
+    if (p.causal && et < DvT) load8f(p.dvp + (prow + jw) * (16 * DvT) + et * 16 + c0, v);
     else zero8(v);
   };
   prefetch_parts(k.warp, kRT * ET, pv, dv_part);

@@ -64,6 +64,7 @@ Params<T> make_params(const detail::FavorDims& d, bool causal, const at::Tensor&
   p.Dv = static_cast<int>(d.Dv);
   p.M = static_cast<int>(d.M);
   p.E1p = e1p_of(d.Dv);
+  p.hs_n = p.nk;
   p.softmax = d.kernel == detail::FavorKernel::Softmax;
   p.causal = causal;
   p.sM = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d.M)));
@@ -96,7 +97,7 @@ struct Run {
   Params<T> p;
   at::Tensor q, k, v, W, pad, ws;
   Smem layout[4];
-  T* grad_hs = nullptr;     // where scan(/*grad=*/true) writes dT and G
+  T* grad_hs = nullptr;     // where scan_grad writes dT and G
   float* grad_hx = nullptr;
 
   Run(const detail::FavorDims& d, bool causal, const at::Tensor& query, const at::Tensor& key,
@@ -110,21 +111,24 @@ struct Run {
     W = projection.to(query.scalar_type()).contiguous();
     if (mask.has_value() && mask->defined()) pad = mask->contiguous();
     p = make_params<T>(d, causal, q, k, v, W, pad);
+    p.slots = back1_slots(query.get_device());
     for (int kind = 0; kind < 4; ++kind) layout[kind] = smem_layout(kind, p.D, p.M, p.E1p, 2);
     // The features are kept only for autograd: forward(..., saved) and backward(..., saved).
     const detail::FavorSaved sv =
         detail::favor_saved_layout(d, causal, at::kBFloat16, /*features=*/keep || reuse);
     TORCH_INTERNAL_ASSERT(sv.total > 0);
     auto round = [](int64_t b) { return (b + 255) / 256 * 256; };
-    const int64_t BH = p.BH, nst = causal ? p.nk : 1;
+    const int64_t BH = p.BH;
     const int64_t a_bytes = round(BH * p.nk * kC * 4);
     const int64_t st_bytes = round(BH * p.nk * static_cast<int64_t>(p.M + 1) * p.E1p * 2);
     const at::TensorOptions bytes = query.options().dtype(at::kByte);
     unsigned char* sbase;  // the saved layout
     if (reuse) {
+      // dT and G of one backward launch's chunks (causal) or of the total (non-causal)
       sbase = static_cast<unsigned char*>(reuse->data_ptr());
-      const int64_t hs_bytes = round(BH * nst * static_cast<int64_t>(p.M) * p.E1p * 2);
-      ws = at::empty({hs_bytes + round(BH * nst * p.E1p * 4)}, bytes);
+      const int64_t ng = causal ? p.slots : 1;
+      const int64_t hs_bytes = round(BH * ng * static_cast<int64_t>(p.M) * p.E1p * 2);
+      ws = at::empty({hs_bytes + round(BH * ng * p.E1p * 4)}, bytes);
       grad_hs = reinterpret_cast<T*>(ws.data_ptr<unsigned char>());
       grad_hx = reinterpret_cast<float*>(ws.data_ptr<unsigned char>() + hs_bytes);
     } else {
@@ -181,45 +185,52 @@ struct Run {
     }
   }
 
-  // Gradient states per row in gst (Params::slots; back1's blocks per row and launch): causal,
-  // one per chunk of queries; non-causal, at most nq, enough for kBack1Waves waves of back1 on
-  // the device (one block per SM), slot x summing the states of chunks x, x + slots, ... At 16k
-  // tokens and 12 heads on an H100: 44 states per row instead of 256 (44 MB of gst instead of
-  // 252 MB), in 6 launches.
-  static constexpr int64_t kBack1Waves = 4;
+  // Chunks per row of one back1 (and, causal, back2) launch, and gradient states per row in gst
+  // (Params::slots): at most nq, enough for kBackWaves waves of back1 on the device (one block
+  // per SM). Causal: the backward runs in launches of `slots` chunks from the last to the first,
+  // the reverse scan carried from one to the next, so the buffers between back1, the scan and
+  // back2 hold `slots` chunks instead of nq. Non-causal: slot x sums the states of chunks x,
+  // x + slots, ... At 16k tokens and 12 heads on an H100: 44 of 256 chunks (gst 44 MB instead of
+  // 252 MB) in 6 launches each.
+  static constexpr int64_t kBackWaves = 4;
   int back1_slots(int dev) const {
-    if (p.causal) return p.nq;
-    const int64_t per_row = (kBack1Waves * ::panther::sm_count(dev) + p.BH - 1) / p.BH;
+    const int64_t per_row = (kBackWaves * ::panther::sm_count(dev) + p.BH - 1) / p.BH;
     return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(p.nq, per_row)));
   }
 
-  // Forward: the key states p.st (n = nk); backward (grad): the gradient states p.gst (n =
-  // grad_slots, back1_slots()).
-  void scan(bool grad, int grad_slots = 0) {
-    const int64_t ME = static_cast<int64_t>(p.M) * p.E1p;
-    const int64_t total = p.BH * (ME + p.E1p) / 2;  // one thread per pair of entries
-    const int threads = kScanThreads;
-    const dim3 grid(static_cast<unsigned>((total + threads - 1) / threads));
-    if (grad) {  // then p.hs, p.hx are dT and G for back2
-      auto* kernel = &scan_kernel<T, float>;
-      PANTHER_LAUNCH(kernel, grid, dim3(threads), 0, p.gst, p.cs, grad_hs, grad_hx, p.BH,
-                     grad_slots, p.nk, static_cast<int>(ME), p.E1p, p.causal, /*reverse=*/true,
-                     /*use_kscale=*/false);
-      p.hs = grad_hs;
-      p.hx = grad_hx;
-    } else {
-      auto* kernel = &scan_kernel<T, T>;
-      PANTHER_LAUNCH(kernel, grid, dim3(threads), 0, p.st, p.cs, p.hs, p.hx,
-                           p.BH, p.nk, p.nk, static_cast<int>(ME), p.E1p, p.causal,
-                           /*reverse=*/false, /*use_kscale=*/true);
-    }
+  int scan_blocks() const {
+    const int64_t total = p.BH * (static_cast<int64_t>(p.M) * p.E1p + p.E1p) / 2;
+    return static_cast<int>((total + kScanThreads - 1) / kScanThreads);  // a thread per pair
+  }
+
+  // Backward: the reverse scan (causal) of n gradient states from p.gst, or their total
+  // (non-causal), into grad_hs and grad_hx (rg: where they go; see scan_kernel). Afterwards
+  // p.hs, p.hx point at them for back2.
+  void scan_grad(int n, const ScanRange& rg) {
+    const int ME = p.M * p.E1p;
+    auto* kernel = &scan_kernel<T, float>;
+    PANTHER_LAUNCH(kernel, dim3(scan_blocks()), dim3(kScanThreads), 0, p.gst, p.cs, grad_hs,
+                   grad_hx, p.BH, n, p.nk, ME, p.E1p, p.causal, /*reverse=*/true,
+                   /*use_kscale=*/false, rg);
+    p.hs = grad_hs;
+    p.hx = grad_hx;
+    p.hs_n = rg.out_n;
+    p.hs_c0 = rg.out_c0;
+  }
+
+  // Forward: the key states p.st (n = nk) into p.hs, p.hx.
+  void scan() {
+    auto* kernel = &scan_kernel<T, T>;
+    PANTHER_LAUNCH(kernel, dim3(scan_blocks()), dim3(kScanThreads), 0, p.st, p.cs, p.hs, p.hx,
+                   p.BH, p.nk, p.nk, p.M * p.E1p, p.E1p, p.causal, /*reverse=*/false,
+                   /*use_kscale=*/true, ScanRange{p.nk, 0, p.nk, 0, nullptr, false});
   }
 
   // Key states, stabilisers and the scanned (forward) states H.
   void states() {
     launch<&states_kernel<T, kShapeD64M256>, &states_kernel<T, kShapeAny>>(p.nk, kStates);
     PANTHER_LAUNCH(stab_kernel<T>, dim3(p.BH), dim3(1024), 2 * 1024 * sizeof(float), p);
-    scan(/*grad=*/false);
+    scan();
   }
 };
 
@@ -256,23 +267,22 @@ detail::FavorGrads backward(const detail::FavorDims& d, const at::Tensor& grad_o
   at::Tensor dq = at::empty({d.B, d.H, d.Lq, d.D}, opts);
   at::Tensor dk = at::empty({d.B, d.H, d.Lk, d.D}, opts);
   at::Tensor dv = at::empty({d.B, d.H, d.Lk, d.Dv}, opts);
-  // Causal: back1's outputs for back2, as Params says: dvp (fp32), Wm and, without the
-  // forward's features, phi (bf16).
+  // Causal: back1's outputs for back2, as Params says: dvp (fp32) and Wm for the chunks of one
+  // launch and, without the forward's features, phi (bf16) for all.
   at::Tensor part;
   if (causal) {
-    const int64_t rows = p.BH * static_cast<int64_t>(p.nk) * kC, dvw = (p.Dv + 15) / 16 * 16;
+    const int64_t rows = p.BH * static_cast<int64_t>(p.slots) * kC, dvw = (p.Dv + 15) / 16 * 16;
     const int64_t fwm = rows * dvw * 4, fph = fwm + rows * kC * 2;
-    part = at::empty({fph + (saved ? 0 : rows * p.M * 2)}, opts.dtype(at::kByte));
+    const int64_t all_rows = p.BH * static_cast<int64_t>(p.nk) * kC;
+    part = at::empty({fph + (saved ? 0 : all_rows * p.M * 2)}, opts.dtype(at::kByte));
     unsigned char* base = part.data_ptr<unsigned char>();
     p.dvp = reinterpret_cast<float*>(base);
     p.fwm = reinterpret_cast<T*>(base + fwm);
     if (!saved) p.fph = reinterpret_cast<T*>(base + fph);
   }
-  // Gradient states: one per chunk for the causal reverse scan; non-causal, `slots` per row
-  // (sums over chunks, see back1_kernel).
-  p.slots = run.back1_slots(query.get_device());
-  at::Tensor gst = at::empty({p.BH, p.slots, static_cast<int64_t>(p.M + 1) * p.E1p},
-                             opts.dtype(at::kFloat));
+  // Gradient states (Run::back1_slots), then (causal) the reverse scan's carry.
+  const int64_t W1 = static_cast<int64_t>(p.M + 1) * p.E1p;
+  at::Tensor gst = at::empty({p.BH * (p.slots + (causal ? 1 : 0)) * W1}, opts.dtype(at::kFloat));
   p.gst = gst.data_ptr<float>();
   at::Tensor dW;
   if (want[3]) dW = at::zeros({d.M, d.D}, opts.dtype(at::kFloat));
@@ -281,13 +291,38 @@ detail::FavorGrads backward(const detail::FavorDims& d, const at::Tensor& grad_o
   p.dv = reinterpret_cast<T*>(dv.data_ptr());
   p.dW = want[3] ? dW.data_ptr<float>() : nullptr;
   if (!saved) run.states();
-  for (p.chunk0 = 0; p.chunk0 < p.nq; p.chunk0 += p.slots)
-    run.template launch<&back1_kernel<T, kShapeD64M256>, &back1_kernel<T, kShapeAny>>(
-        std::min(p.slots, p.nq - p.chunk0), kBack1);
-  p.chunk0 = 0;
-  // Gradient states: the reverse scan (causal) or the total (non-causal) of dH.
-  run.scan(/*grad=*/true, p.slots);
-  run.template launch<&back2_kernel<T, kShapeD64M256>, &back2_kernel<T, kShapeAny>>(p.nk, kBack2);
+  auto back1 = [&](int n) {
+    run.template launch<&back1_kernel<T, kShapeD64M256>, &back1_kernel<T, kShapeAny>>(n, kBack1);
+  };
+  auto back2 = [&](int n) {
+    run.template launch<&back2_kernel<T, kShapeD64M256>, &back2_kernel<T, kShapeAny>>(n, kBack2);
+  };
+  if (causal) {
+    // Launches of p.slots chunks, last first: back1 reads the forward's H of its chunks, the
+    // reverse scan (carried over from the later chunks) gives their dT, back2 reads it. dT goes
+    // to the workspace's rows for one launch, or, where the states were recomputed here, over
+    // H's rows of the same chunks (back1 has finished with them; earlier chunks keep theirs).
+    T* H = p.hs;
+    float* Hx = p.hx;
+    const bool over_h = run.grad_hs == H;
+    float* carry = p.gst + p.BH * static_cast<int64_t>(p.slots) * W1;
+    for (int c1 = p.nq; c1 > 0;) {
+      const int c0 = std::max(0, c1 - p.slots), n = c1 - c0;
+      p.chunk0 = c0;
+      p.hs = H, p.hx = Hx, p.hs_n = p.nk, p.hs_c0 = 0;
+      back1(n);
+      run.scan_grad(n, ScanRange{p.slots, c0, over_h ? p.nk : p.slots, over_h ? 0 : c0, carry,
+                                 /*carry_in=*/c1 != p.nq});
+      back2(n);
+      c1 = c0;
+    }
+  } else {
+    // back1 in launches of p.slots chunks adding into the slots, their total, one back2 launch.
+    for (p.chunk0 = 0; p.chunk0 < p.nq; p.chunk0 += p.slots) back1(std::min(p.slots, p.nq - p.chunk0));
+    p.chunk0 = 0;
+    run.scan_grad(p.slots, ScanRange{p.slots, 0, 1, 0, nullptr, false});
+    back2(p.nk);
+  }
   detail::FavorGrads out;
   if (want[0]) std::get<0>(out) = dq;
   if (want[1]) std::get<1>(out) = dk;

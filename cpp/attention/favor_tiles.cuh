@@ -64,15 +64,17 @@ struct Params {
   float* gst;             // (BH, slots, (M+1)*E1p) gradient states dH (fp32: the backward's
                           // d phi is a small difference of large terms): causal, one per chunk
                           // (slots = nq); non-causal, sums over chunks (see back1_kernel)
-  int slots, chunk0;      // back1: gst's states per row; the first query chunk of the launch
-  T* hs;                  // (BH, nk|1, M*E1p) scanned states (forward H, backward dT)
-  float* hx;              // (BH, nk|1, E1p) scanned extra row (forward sum v, backward G)
+  int slots, chunk0;      // back1/back2: gst's states per row (dvp, fwm: chunks per row); the
+                          // first chunk of the launch
+  T* hs;                  // (BH, hs_n|1, M*E1p) scanned states (forward H, backward dT)
+  float* hx;              // (BH, hs_n|1, E1p) scanned extra row (forward sum v, backward G)
+  int hs_n, hs_c0;        // causal: hs, hx hold chunks hs_c0 .. hs_c0 + hs_n - 1 of each row
   T* out;                 // (B, H, Lq, Dv), strides o_sb, o_sh, o_sl (last dim dense)
   int64_t o_sb, o_sh, o_sl;
   T *dq, *dk, *dv;        // (BH, Lq|Lk|Lk, D|D|Dv)
   float* dvp;             // causal backward, back1 -> back2: the intra-chunk part of dv, A'^T Yb
-                          // (BH, nk*kC, 16 ceil(Dv/16)), fp32 (GEMM accumulators, unrounded)
-  T* fwm;                 // causal backward, back1 -> back2: Wm (BH, nk*kC, kC), from which (with
+                          // (BH, slots*kC, 16 ceil(Dv/16)), fp32 (GEMM accumulators, unrounded)
+  T* fwm;                 // causal backward, back1 -> back2: Wm (BH, slots*kC, kC), from which (with
                           // phi, in fph) back2 forms the intra-chunk part of dkhat, Wm^T phi
   float* dW;              // (M, D) fp32 accumulator, or null
   // Causal calls from autograd: kFeatSave, forward_kernel also writes each chunk's features, A',

@@ -121,6 +121,9 @@ int main(int argc, char** argv) {
       {1, 1, 200, 200, 32, 16, 32, true, true, false, false, 4.0, bf},
       {1, 1, 130, 130, 32, 16, 32, true, true, true, false, 30.0, bf},
       {1, 1, 140, 140, 16, 16, 32, true, false, true, false, 30.0, bf},
+      // Causal backward in launches of fewer chunks than the sequence (the emulator reports 1
+      // SM: one chunk per row and launch here), the reverse scan carried across 4 launches.
+      {1, 4, 200, 200, 16, 16, 32, true, true, true, true, 1.0, bf},
       // Non-causal backward with fewer gradient-state slots than query chunks (the emulator
       // reports 1 SM, so back1 gets 4 blocks per launch): 4 rows of 4 chunks, one slot each, in 4
       // launches; 2 rows of 3 chunks, two slots, in 2 launches (the second one block per row).
