@@ -343,6 +343,46 @@ def test_cuda_matches_cpu(kernel, causal, dtype):
 
 @cuda
 @needs_gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_fused_backward_in_several_launches(causal):
+    # The fused backward takes the chunks of each row in launches of about four waves of blocks
+    # (last first for causal, the reverse scan carried between launches; non-causal sums the
+    # chunks' gradient states into that many slots per row). 128 rows of 12 chunks make that
+    # 3 launches on a 132-SM GPU (5, 5 and 2 chunks per row). Same gradients as the CPU's ATen
+    # backward, the same bits on a second call and from the forward's saved states.
+    B, H, L = 4, 32, 768
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert -(-4 * sms // (B * H)) < L // 64, "the test needs more chunks than one launch takes"
+    q, k, v, W, mask = make_inputs(B, H, L, L, 16, 8, 32, dtype=torch.bfloat16, masked=True)
+    W = W.to(torch.bfloat16).float()
+    a = [t.clone().requires_grad_() for t in (q, k, v)]
+    b = [t.cuda().requires_grad_() for t in (q, k, v)]
+    oa = op(*a, W, "softmax", causal, mask)
+    ob = op(*b, W.cuda(), "softmax", causal, mask.cuda())
+    torch.testing.assert_close(ob.cpu().double(), oa.double(), rtol=2e-2, atol=2e-2)
+    g = torch.randn(oa.shape, generator=torch.Generator().manual_seed(1), dtype=oa.dtype)
+    oa.backward(g)
+    ob.backward(g.cuda(), retain_graph=True)
+    first = [t.grad.clone() for t in b]
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y.grad.cpu().double(), x.grad.double(), rtol=0.1, atol=0.1)
+    for t in b:
+        t.grad = None
+    ob.backward(g.cuda())
+    for t, f in zip(b, first):
+        assert torch.equal(t.grad, f)
+    # The private backward without the forward's states (recomputing them) agrees.
+    bwd = torch.ops.panther._favor_attention_backward
+    got = bwd(g.cuda(), *[t.detach() for t in b], W.cuda(), "softmax", causal, mask.cuda(), [True] * 3 + [False])
+    for x, f in zip(got[:3], first):
+        if causal:
+            torch.testing.assert_close(x, f, rtol=5e-3, atol=5e-3 * f.abs().max().item())
+        else:
+            assert torch.equal(x, f)
+
+
+@cuda
+@needs_gpu
 def test_cuda_opcheck_and_large_inputs():
     q, k, v, W, mask = make_inputs(2, 2, 200, 200, 64, 16, 64, dtype=torch.bfloat16, scale=30.0,
                                    masked=True, device="cuda")
