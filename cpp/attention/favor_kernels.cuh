@@ -422,8 +422,9 @@ __device__ __forceinline__ int64_t feat_row0(const Params<T>& p, const Blk<T>& k
   return (static_cast<int64_t>(k.bh) * p.nk + k.chunk) * kC;
 }
 
-// First row of this chunk in back1's outputs for back2 (dvp, fwm), which hold the chunks of one
-// back1/back2 launch: chunk0 + x in rows of block x of the row's p.slots.
+// First row of this chunk in back1's outputs for back2 (dvp, fwm, and fph where the forward's
+// features are not kept), which hold the chunks of one back1/back2 launch: chunk chunk0 + x in
+// the rows of block x of the row's p.slots.
 template <class T>
 __device__ __forceinline__ int64_t part_row0(const Params<T>& p, const Blk<T>& k) {
   return (static_cast<int64_t>(k.bh) * p.slots + k.chunk - p.chunk0) * kC;
@@ -459,12 +460,11 @@ __device__ bool save_features(const Params<T>& p, const Blk<T>& k) {
 // phi is overwritten.
 template <class T>
 __device__ bool save_back2_inputs(const Params<T>& p, const Blk<T>& k) {
-  const int64_t r0 = feat_row0(p, k);
+  const int64_t r0 = part_row0(p, k);
   const int t = threadIdx.x, i = t % kC;
   if (t >= (p.feat == kFeatLoad ? 1 : 2) * kC) return false;
   mma::bulk_store_fence(p.bulk);
-  if (t < kC)
-    mma::bulk_store(p.fwm + (part_row0(p, k) + i) * kC, k.gm + i * kLC, kC * sizeof(T), p.bulk);
+  if (t < kC) mma::bulk_store(p.fwm + (r0 + i) * kC, k.gm + i * kLC, kC * sizeof(T), p.bulk);
   else mma::bulk_store(p.fph + (r0 + i) * p.M, k.phi + i * k.lm, p.M * sizeof(T), p.bulk);
   mma::bulk_store_commit(p.bulk);
   return true;
@@ -882,8 +882,8 @@ __global__ void __launch_bounds__(kThreads, 1) back2_kernel(Params<T> p) {
   Blk<T> k = make_blk<T>(p, smem, L, p.chunk0 + blockIdx.x, blockIdx.y, p.Lk);
   const int E1p = p.E1p, Dv = p.Dv, rr = k.lane >> 1, c0 = (k.lane & 1) * 8;
   const int CT = p.M / 16, ET = E1p / 16, DvT = (Dv + 15) / 16;
-  const int64_t row = feat_row0(p, k);   // in fph
-  const int64_t prow = part_row0(p, k);  // in dvp, fwm
+  const int64_t prow = part_row0(p, k);  // in dvp, fwm (and fph when back1 wrote it)
+  const int64_t row = p.feat == kFeatLoad ? feat_row0(p, k) : prow;  // in fph
   // cp.async groups: {W, keys}, {dT, v} (filled while the key features are computed), {phi, Wm}
   // (causal: back1's, for the intra-chunk part of dkhat); with the forward's key features,
   // {khat, dT, v}, then {phi, Wm} and {W} (only dk needs it: waited for there).

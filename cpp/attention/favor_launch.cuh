@@ -267,14 +267,13 @@ detail::FavorGrads backward(const detail::FavorDims& d, const at::Tensor& grad_o
   at::Tensor dq = at::empty({d.B, d.H, d.Lq, d.D}, opts);
   at::Tensor dk = at::empty({d.B, d.H, d.Lk, d.D}, opts);
   at::Tensor dv = at::empty({d.B, d.H, d.Lk, d.Dv}, opts);
-  // Causal: back1's outputs for back2, as Params says: dvp (fp32) and Wm for the chunks of one
-  // launch and, without the forward's features, phi (bf16) for all.
+  // Causal: back1's outputs for back2, as Params says, for the chunks of one launch: dvp (fp32),
+  // Wm and, without the forward's features, phi (bf16).
   at::Tensor part;
   if (causal) {
     const int64_t rows = p.BH * static_cast<int64_t>(p.slots) * kC, dvw = (p.Dv + 15) / 16 * 16;
     const int64_t fwm = rows * dvw * 4, fph = fwm + rows * kC * 2;
-    const int64_t all_rows = p.BH * static_cast<int64_t>(p.nk) * kC;
-    part = at::empty({fph + (saved ? 0 : all_rows * p.M * 2)}, opts.dtype(at::kByte));
+    part = at::empty({fph + (saved ? 0 : rows * p.M * 2)}, opts.dtype(at::kByte));
     unsigned char* base = part.data_ptr<unsigned char>();
     p.dvp = reinterpret_cast<float*>(base);
     p.fwm = reinterpret_cast<T*>(base + fwm);

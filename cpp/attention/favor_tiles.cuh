@@ -80,7 +80,8 @@ struct Params {
   // Causal calls from autograd: kFeatSave, forward_kernel also writes each chunk's features, A',
   // output and denominators (the backward's GEMMs need exactly these); kFeatLoad, back1/back2
   // read them instead of computing features, A' and y again. Causal backward calls without them
-  // (kFeatCompute) point fph at a workspace that back1 fills with phi for back2.
+  // (kFeatCompute) point fph at a workspace that back1 fills with phi for back2 (the rows of one
+  // launch's chunks, as dvp).
   int feat;
   T *fph, *fkh;           // (BH, nk*kC, M) query features phi, key features khat
   T* fsa;                 // (BH, nk, kC*kC) A'
