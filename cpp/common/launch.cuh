@@ -45,36 +45,38 @@ inline bool portable_kernels() {
   return e != nullptr && e[0] != '\0' && !(e[0] == '0' && e[1] == '\0');
 }
 
-// Largest dynamic shared memory per block the device allows (cached per device).
+#ifndef PANTHER_CUDA_EMU
+// A device attribute, read once per device.
+template <cudaDeviceAttr kAttr>
+inline int device_attribute(int dev) {
+  static std::atomic<int> cache[64] = {};
+  int v = dev >= 0 && dev < 64 ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (v == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, kAttr, dev));
+    if (dev >= 0 && dev < 64) cache[dev].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+#endif
+
+// Largest dynamic shared memory per block the device allows.
 inline int64_t max_smem_optin(int dev) {
 #ifdef PANTHER_CUDA_EMU
   (void)dev;
   return 227 * 1024;
 #else
-  static std::atomic<int> cache[64] = {};
-  int v = dev >= 0 && dev < 64 ? cache[dev].load(std::memory_order_relaxed) : 0;
-  if (v == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    if (dev >= 0 && dev < 64) cache[dev].store(v, std::memory_order_relaxed);
-  }
-  return v;
+  return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(dev);
 #endif
 }
 
-// Streaming multiprocessors of the device (cached per device). The CPU emulator reports 1, so
-// its tests see grids sized for a small device.
+// Streaming multiprocessors of the device. The CPU emulator reports 1, so its tests see grids
+// sized for a small device.
 inline int64_t sm_count(int dev) {
 #ifdef PANTHER_CUDA_EMU
   (void)dev;
   return 1;
 #else
-  static std::atomic<int> cache[64] = {};
-  int v = dev >= 0 && dev < 64 ? cache[dev].load(std::memory_order_relaxed) : 0;
-  if (v == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
-    if (dev >= 0 && dev < 64) cache[dev].store(v, std::memory_order_relaxed);
-  }
-  return v;
+  return device_attribute<cudaDevAttrMultiProcessorCount>(dev);
 #endif
 }
 
