@@ -317,7 +317,8 @@ detail::FavorGrads backward(const detail::FavorDims& d, const at::Tensor& grad_o
     }
   } else {
     // back1 in launches of p.slots chunks adding into the slots, their total, one back2 launch.
-    for (p.chunk0 = 0; p.chunk0 < p.nq; p.chunk0 += p.slots) back1(std::min(p.slots, p.nq - p.chunk0));
+    for (p.chunk0 = 0; p.chunk0 < p.nq; p.chunk0 += p.slots)
+      back1(std::min(p.slots, p.nq - p.chunk0));
     p.chunk0 = 0;
     run.scan_grad(p.slots, ScanRange{p.slots, 0, 1, 0, nullptr, false});
     back2(p.nk);

@@ -74,8 +74,8 @@ struct Params {
   T *dq, *dk, *dv;        // (BH, Lq|Lk|Lk, D|D|Dv)
   float* dvp;             // causal backward, back1 -> back2: the intra-chunk part of dv, A'^T Yb
                           // (BH, slots*kC, 16 ceil(Dv/16)), fp32 (GEMM accumulators, unrounded)
-  T* fwm;                 // causal backward, back1 -> back2: Wm (BH, slots*kC, kC), from which (with
-                          // phi, in fph) back2 forms the intra-chunk part of dkhat, Wm^T phi
+  T* fwm;                 // causal backward, back1 -> back2: Wm (BH, slots*kC, kC), from which
+                          // (with phi, in fph) back2 forms the intra-chunk part of dkhat, Wm^T phi
   float* dW;              // (M, D) fp32 accumulator, or null
   // Causal calls from autograd: kFeatSave, forward_kernel also writes each chunk's features, A',
   // output and denominators (the backward's GEMMs need exactly these); kFeatLoad, back1/back2
