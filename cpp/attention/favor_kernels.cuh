@@ -308,9 +308,9 @@ __device__ __forceinline__ float to_float(S x) {
 // and pairs double the bytes per load (one entry per thread left half the bandwidth unused).
 // The n input states of a row (in_n states apart) are chunks c0 .. c0 + n - 1 (cs holds ncs
 // chunks per row); the causal output of chunk c is row bh * out_n + c - out_c0 of hs and hx.
-// carry (BH x (ME + E1p)
-// fp32, or null): the scan starts from it when carry_in (else from zero) and leaves its final
-// sum there, so a reverse scan can run over the chunks in pieces, last piece first.
+// carry (BH x (ME + E1p) fp32, or null): the scan starts from it when carry_in (else from zero)
+// and leaves its final sum there, so a reverse scan can run over the chunks in pieces, last
+// piece first.
 struct ScanRange {
   int in_n, c0, out_n, out_c0;
   float* carry;
@@ -697,12 +697,12 @@ __device__ float wm_block(const Params<T>& p, Blk<T>& k) {
 }
 
 // Backward pass 1: Yb, dq, gradient states, back2's intra-chunk parts (causal). grid (n, BH):
-// block x takes query chunk chunk0 + x. Its gradient state goes to slot x of its row in gst
-// ((M+1) x E1p fp32 each, `slots` per row): stored by the first launch (chunk0 = 0), added to by
-// later ones. Causal: one launch, slots = nq, one state per chunk for the reverse scan.
-// Non-causal, where only the states' total is used: launches of `slots` chunks each, one after
-// the other (fused::backward), so gst holds `slots` states per row instead of nq and the sum's
-// order is fixed (the gradients are the same bits on every call).
+// block x takes query chunk chunk0 + x, its gradient state goes to slot x of its row in gst
+// ((M+1) x E1p fp32 each, `slots` per row). The host runs launches of `slots` chunks one after
+// the other (fused::backward). Causal: from the last chunks to the first, each launch storing
+// its chunks' states for the reverse scan that follows it. Non-causal, where only the states'
+// total is used: the first launch stores, later ones add, so gst holds `slots` states per row
+// instead of nq and the sum's order is fixed (the gradients are the same bits on every call).
 template <class T, int kShape>
 __global__ void __launch_bounds__(kThreads, 1) back1_kernel(Params<T> p) {
   fix_shape<kShape>(p);
