@@ -192,9 +192,15 @@ struct Run {
   // back2 hold `slots` chunks instead of nq. Non-causal: slot x sums the states of chunks x,
   // x + slots, ... At 16k tokens and 12 heads on an H100: 44 of 256 chunks (gst 44 MB instead of
   // 252 MB) in 6 launches each.
+  // PANTHER_FAVOR_BACK_WAVES=n sets the waves (0: every chunk in one launch; for comparisons).
   static constexpr int64_t kBackWaves = 4;
   int back1_slots(int dev) const {
-    const int64_t per_row = (kBackWaves * ::panther::sm_count(dev) + p.BH - 1) / p.BH;
+    static const int64_t waves = [] {
+      const char* e = std::getenv("PANTHER_FAVOR_BACK_WAVES");
+      return e != nullptr && e[0] != '\0' ? std::max<int64_t>(0, std::atoll(e)) : kBackWaves;
+    }();
+    if (waves == 0) return p.nq;
+    const int64_t per_row = (waves * ::panther::sm_count(dev) + p.BH - 1) / p.BH;
     return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(p.nq, per_row)));
   }
 
