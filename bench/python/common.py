@@ -45,25 +45,33 @@ def repo_root() -> str:
 
 
 def commit() -> str:
-    """The commit being measured: $PANTHER_COMMIT, ``git rev-parse``, a COMMIT file, or 'unknown'."""
+    """The commit being measured: $PANTHER_COMMIT; else ``git rev-parse`` when the tree is clean;
+    else a COMMIT file (the device machine gets a working tree newer than its copy of .git, and
+    the file that travels with it names the tree); else ``git rev-parse`` marked -dirty, or
+    'unknown'."""
     env = os.environ.get("PANTHER_COMMIT")
     if env:
         return env
     root = repo_root()
+    head = None
     try:
         out = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"],
                              capture_output=True, text=True, timeout=10)
         if out.returncode == 0 and out.stdout.strip():
             dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
                                    capture_output=True, text=True, timeout=10)
-            return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+            head = out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass
+    if head is not None and not head.endswith("-dirty"):
+        return head
     path = os.path.join(root, "COMMIT")
     if os.path.exists(path):
         with open(path) as f:
-            return f.read().strip() or "unknown"
-    return "unknown"
+            text = f.read().strip()
+        if text:
+            return text
+    return head or "unknown"
 
 
 def device_name(device: torch.device) -> str:
