@@ -11,7 +11,7 @@
 //   relu:    phi = sM relu(pre_q) + eps, kf = sM relu(pre_k), alpha = 1
 //   v_sum += [v, 1];  kv[m] = alpha kv[m] + kf[m] [v, 1]          warp per row m of kv (coalesced)
 //   y[j] = sum_m phi[m] (kv[m, j] + e_k v_sum[j]); out = y[:Dv] / y[Dv]   per-warp partial sums
-// Staged calls (the wide configuration where the head's kv block and the projection fit
+// Staged calls (opt-in: the wide configuration where the head's kv block and the projection fit
 // in shared memory, with 16-byte aligned blocks; see choose()) first copy both there with every
 // load issued at once, so the step waits on global memory once instead of once per pass of each
 // phase.
@@ -42,7 +42,7 @@ namespace panther::decode {
 //   wide (1024, 3): value_dim + 1 <= 96 and >= 256 features (the Performer head: 64 + 1 columns,
 //     256 features): 32 warps, so each warp's chains of dependent loads and shuffles (a feature's
 //     pre-activation, a row of kv) are a quarter as long as with 8; the latency-bound step
-//     finishes sooner on the one SM of its head. Staged (Params::staged; see choose()):
+//     finishes sooner on the one SM of its head. Staged (Params::staged; opt-in, see choose()):
 //     the head's kv block and W are copied to shared memory first;
 //   general (256, 9): every other call, value_dim up to 256.
 constexpr int kWideThreads = 1024, kWideCols = 3;
@@ -350,11 +350,11 @@ inline bool stage_aligned(const detail::DecodeDims& d, const void* kv, const voi
          reinterpret_cast<uintptr_t>(kv) % 16 == 0 && reinterpret_cast<uintptr_t>(W) % 16 == 0;
 }
 
-// The configuration of a call (Auto resolved): wide where it fits, else general; the wide one
-// staged where that also fits `max_smem` and the copies are aligned (H100, 12 layers' step at
-// 64k context in a CUDA graph: 0.296 ms staged, 0.324 ms unstaged). For comparisons,
-// PANTHER_DECODE_STAGE=0 turns staging off and PANTHER_DECODE_WIDE=0 forces the general
-// configuration.
+// The configuration of a call (Auto resolved): wide where it fits, else general. With
+// PANTHER_DECODE_STAGE=1 the wide configuration is staged where that also fits `max_smem` and the
+// copies are aligned (H100, 12 layers' step at 64k context in a CUDA graph: 0.296 ms staged,
+// 0.324 ms unstaged; the CUDA tests run the default configuration, the emulator test both).
+// PANTHER_DECODE_WIDE=0 forces the general configuration (for comparisons).
 inline Config choose(const detail::DecodeDims& d, const void* kv, const void* W, int64_t ts,
                      int64_t ws, int64_t max_smem) {
   static const bool wide_allowed = [] {
@@ -363,7 +363,7 @@ inline Config choose(const detail::DecodeDims& d, const void* kv, const void* W,
   }();
   static const bool stage_allowed = [] {
     const char* e = std::getenv("PANTHER_DECODE_STAGE");
-    return !(e && std::string(e) == "0");
+    return e && std::string(e) == "1";
   }();
   if (!wide_allowed || !wide_fits(d)) return Config::General;
   if (stage_allowed && stage_aligned(d, kv, W, ts, ws) &&
