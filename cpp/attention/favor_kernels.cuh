@@ -14,9 +14,16 @@
 //   scan_kernel:             causal: H_c = sum_{c' < c} (decayed) kscale T'; non-causal: every
 //                   chunk gets the total. Stored in the input dtype for the tensor cores.
 //   forward_kernel  (n, BH): phi, khat, A' = (phi khat^T) o E (+ eps), y = s phi H + A' [v, 1].
-// Backward: states/stab/scan again (or, from autograd, the forward's, kept in `saved`, where
-// causal calls also keep the features that forward_kernel computed, so back1/back2 load phi and
-// khat instead of computing them), then
+// Causal calls run states_kernel once for the key maxima alone (stab_kernel needs all of them),
+// then states, scan and forward_kernel in launches of whole groups of chunks, first to last: the
+// scan carries its fp32 running state from launch to launch through boundary states (one per
+// group), which are all the forward keeps of the states. So the per-chunk states and H exist for
+// one launch's chunks at a time.
+// Backward: non-causal, states/stab/scan again (or, from autograd, the forward's total state);
+// causal, per launch (last first) the launch's states and H again from the boundary state before
+// it (the boundary states and stabilisers from autograd's forward, else from a pass of the
+// forward without output; with PANTHER_FAVOR_SAVE_FEATURES=1 the forward also keeps the
+// features, so that back1/back2 load phi and khat instead of computing them), then
 //   back1_kernel    (n, BH): recomputes y, forms Yb = d loss / d [num, den], dq (and its dW part),
 //                   the chunk's gradient state dH_c = phi^T (s Yb); a reverse scan gives dT_c
 //                   (non-causal: a few launches add the dH_c into a few states per row);
@@ -63,18 +70,20 @@ __device__ __forceinline__ void fix_shape(Params<T>& p) {
   }
 }
 
-// Chunk states (see the top of the file). grid (nk, BH).
+// Chunk states (see the top of the file), or part of them (p.smode). grid (n, BH): chunks
+// chunk0 .. chunk0 + n - 1.
 template <class T, int kShape>
 __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
   fix_shape<kShape>(p);
   PANTHER_DYNAMIC_SMEM(smem);
   const Smem L = smem_layout(kStates, p.D, p.M, p.E1p, sizeof(T));
-  Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lk);
+  Blk<T> k = make_blk<T>(p, smem, L, p.chunk0 + blockIdx.x, blockIdx.y, p.Lk);
+  const bool max_only = p.smode == kStatesMax;
   // cp.async groups: {W, keys}, then v (filled while the features are computed).
   copy_rows_async(k.w, k.lx, p.W, p.D, p.M, p.M, p.D);
   issue_x(p, k, /*keys=*/true);
   async_commit();
-  issue_values(p, k);
+  if (!max_only) issue_values(p, k);
   async_commit();
   key_valid(p, k);
   async_wait<1>();  // W, keys
@@ -108,14 +117,19 @@ __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
     for (int j = threadIdx.x; j < kC; j += kThreads) {
       const float aj = k.valid[j] != 0.f ? k.rowc[j] * p.xscale - k.hn[j] : -INFINITY;
       k.rowc[j] = aj;
-      p.a[static_cast<int64_t>(k.bh) * p.nk * kC + k.row0 + j] = aj;
+      if (p.smode != kStatesOnly) p.a[static_cast<int64_t>(k.bh) * p.nk * kC + k.row0 + j] = aj;
     }
     __syncthreads();
     static_assert(kC == 64, "two rows per lane");
     mc = fmaxf(k.rowc[k.lane], k.rowc[k.lane + 32]);
     for (int o = 16; o > 0; o >>= 1) mc = fmaxf(mc, __shfl_xor_sync(0xffffffffu, mc, o));
     // The chunk max for stab_kernel (which turns it into kscale_c = exp(m_c - R_c)).
-    if (threadIdx.x == 0) p.cs[(static_cast<int64_t>(k.bh) * p.nk + k.chunk) * 4 + 3] = mc;
+    if (threadIdx.x == 0 && p.smode != kStatesOnly)
+      p.cs[(static_cast<int64_t>(k.bh) * p.nk + k.chunk) * 4 + 3] = mc;
+  }
+  if (max_only) {
+    async_wait<0>();
+    return;
   }
   {  // pass 2 (recomputes x W^T): khat = sM exp(pre xscale - hn - mc) (relu: sM relu(pre)), 0 for
      // invalid keys, rounded to T into k.kh
@@ -144,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
   // m tile mt (16 features) and every P-th 16-column tile of E1p from part; A = khat^T (kh is its
   // k-major storage: ldmatrix_x4_trans), all kC/16 k steps kept in registers; B = [v, 1] k-major
   // (ldmatrix_x4_trans, two n8 tiles per load). Accumulators go straight to global (16 bytes).
-  T* out = p.st + (static_cast<int64_t>(k.bh) * p.nk + k.chunk) * (p.M + 1) * p.E1p;
+  T* out = p.st + (static_cast<int64_t>(k.bh) * p.st_n + k.chunk - p.chunk0) * (p.M + 1) * p.E1p;
   const int CT = p.M / 16, ET = p.E1p / 16;
   const int P = kWarps / CT < 1 ? 1 : kWarps / CT < ET ? kWarps / CT : ET;
   for (int w = k.warp; w < CT * P; w += kWarps) {
@@ -311,10 +325,17 @@ __device__ __forceinline__ float to_float(S x) {
 // carry (BH x (ME + E1p) fp32, or null): the scan starts from it when carry_in (else from zero)
 // and leaves its final sum there, so a reverse scan can run over the chunks in pieces, last
 // piece first.
+// bnd (BH x nbnd x (ME + E1p) fp32, or null; forward scans): slot s holds the running sum before
+// chunk (s + 1) every. A scan from c0 > 0 (a multiple of every) starts from c0's slot; with
+// bnd_write it fills the slots of the chunks it passes, so a forward scan can run in pieces,
+// first piece first, and a later one can start again from any slot.
 struct ScanRange {
   int in_n, c0, out_n, out_c0;
   float* carry;
   bool carry_in;
+  float* bnd = nullptr;
+  int every = 1, nbnd = 0;
+  bool bnd_write = false;
 };
 constexpr int kScanU = 8;
 constexpr int kScanThreads = 256;
@@ -336,11 +357,22 @@ __global__ void __launch_bounds__(kScanThreads, 4) scan_kernel(const S* __restri
     else store_two(hx + row * E1p + (e - ME), a0, a1);
   };
   float* carry = rg.carry != nullptr ? rg.carry + bh * W + e : nullptr;
+  float* bnd = rg.bnd != nullptr ? rg.bnd + bh * rg.nbnd * W + e : nullptr;
   float acc0 = 0.f, acc1 = 0.f;
   if (carry != nullptr && rg.carry_in) acc0 = carry[0], acc1 = carry[1];
+  if (bnd != nullptr && rg.c0 > 0) {
+    const float* b = bnd + static_cast<int64_t>(rg.c0 / rg.every - 1) * W;
+    acc0 = b[0], acc1 = b[1];
+  }
+  auto save_bnd = [&](int cc) {  // the running sum before chunk cc, if that is a slot's
+    if (cc % rg.every != 0 || cc / rg.every > rg.nbnd) return;
+    float* b = bnd + static_cast<int64_t>(cc / rg.every - 1) * W;
+    b[0] = acc0, b[1] = acc1;
+  };
   auto chunk = [&](int step) { return reverse ? n - 1 - step : step; };
   auto step_in = [&](int c, float x0, float x1, float al, float sc) {
     if (causal) put(bh * rg.out_n + rg.c0 + c - rg.out_c0, acc0, acc1);
+    if (rg.bnd_write && c > 0) save_bnd(rg.c0 + c);
     acc0 = al * acc0 + sc * x0;
     acc1 = al * acc1 + sc * x1;
   };
@@ -365,6 +397,7 @@ __global__ void __launch_bounds__(kScanThreads, 4) scan_kernel(const S* __restri
   }
   if (!causal) put(bh, acc0, acc1);
   if (carry != nullptr) carry[0] = acc0, carry[1] = acc1;
+  if (rg.bnd_write) save_bnd(rg.c0 + n);
 }
 
 // n floats (16-byte aligned, n a multiple of 4) from global to shared memory with cp.async, as
@@ -536,13 +569,13 @@ __device__ void query_chunk_start(const Params<T>& p, Blk<T>& k, bool with_g) {
   }
 }
 
-// Forward output. grid (nq, BH).
+// Forward output. grid (n, BH): query chunks chunk0 .. chunk0 + n - 1.
 template <class T, int kShape>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(Params<T> p) {
   fix_shape<kShape>(p);
   PANTHER_DYNAMIC_SMEM(smem);
   const Smem L = smem_layout(kForward, p.D, p.M, p.E1p, sizeof(T));
-  Blk<T> k = make_blk<T>(p, smem, L, blockIdx.x, blockIdx.y, p.Lq);
+  Blk<T> k = make_blk<T>(p, smem, L, p.chunk0 + blockIdx.x, blockIdx.y, p.Lq);
   query_chunk_start(p, k, /*with_g=*/false);
   const bool bulk_issued = p.feat == kFeatSave && save_features(p, k);
   float* Y = k.y;

@@ -65,6 +65,7 @@ Params<T> make_params(const detail::FavorDims& d, bool causal, const at::Tensor&
   p.M = static_cast<int>(d.M);
   p.E1p = e1p_of(d.Dv);
   p.hs_n = p.nk;
+  p.st_n = p.nk;
   p.softmax = d.kernel == detail::FavorKernel::Softmax;
   p.causal = causal;
   p.sM = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d.M)));
@@ -84,14 +85,16 @@ Params<T> make_params(const detail::FavorDims& d, bool causal, const at::Tensor&
 }
 
 // Buffers and launches shared by forward and backward: key states, stabilisers, scanned states.
-// The stabilisers r, cs and the scanned states hs, hx (and, for autograd's causal calls, the
-// features) lie as detail::favor_saved_layout says,
-//   keep == reuse == null: in the workspace `ws`, with a and st (one allocation: each costs host
-//     time that short sequences feel);
+// What lies as detail::favor_saved_layout says (the stabilisers r, cs; non-causal, the total
+// state hs, hx; causal, the boundary states and, for autograd with favor_saves_features(), the
+// features) is
+//   keep == reuse == null: in the workspace `ws` (one allocation: each costs host time that
+//     short sequences feel);
 //   keep (forward for autograd): in a new tensor *keep that the backward gets back;
-//   reuse (backward): read from *reuse (never written: a second backward may read it again), with
-//     the gradient scan's output (grad_hs, grad_hx) in `ws`.
-// The rest of ws: a (BH, nk kC) fp32, the key row maxima; st (BH, nk, (M+1) E1p), chunk states.
+//   reuse (backward): read from *reuse (never written: a second backward may read it again).
+// The rest of ws: a (BH, nk kC) fp32, the key row maxima (not for reuse); st (BH, st_n,
+// (M+1) E1p), chunk states (st_n: nk, or causal, one launch's chunks); causal, the scanned states
+// of one launch's chunks (hbuf, hxbuf); non-causal reuse, the total gradient state.
 template <class T>
 struct Run {
   Params<T> p;
@@ -99,6 +102,12 @@ struct Run {
   Smem layout[4];
   T* grad_hs = nullptr;     // where scan_grad writes dT and G
   float* grad_hx = nullptr;
+  // Causal: chunks per launch (`group`: a multiple of kFavorBoundaryChunks, or all of them), the
+  // boundary states (bnd: nbnd per row, saved or in ws) and one launch's scanned states.
+  int group = 0, nbnd = 0;
+  float* bnd = nullptr;
+  T* hbuf = nullptr;
+  float* hxbuf = nullptr;
 
   Run(const detail::FavorDims& d, bool causal, const at::Tensor& query, const at::Tensor& key,
       const at::Tensor& value, const at::Tensor& projection,
@@ -111,47 +120,56 @@ struct Run {
     W = projection.to(query.scalar_type()).contiguous();
     if (mask.has_value() && mask->defined()) pad = mask->contiguous();
     p = make_params<T>(d, causal, q, k, v, W, pad);
-    p.slots = back1_slots(query.get_device());
+    const int dev = query.get_device();
+    if (causal) {
+      p.slots = group = launch_chunks(dev);
+      p.st_n = group;
+      nbnd = static_cast<int>((p.nk - 1) / detail::kFavorBoundaryChunks);
+    } else {
+      p.slots = back1_slots(dev);
+    }
     for (int kind = 0; kind < 4; ++kind) layout[kind] = smem_layout(kind, p.D, p.M, p.E1p, 2);
     // The features are kept only for autograd: forward(..., saved) and backward(..., saved).
-    const detail::FavorSaved sv =
-        detail::favor_saved_layout(d, causal, at::kBFloat16, /*features=*/keep || reuse);
+    const bool features = causal && (keep || reuse) && detail::favor_saves_features();
+    const detail::FavorSaved sv = detail::favor_saved_layout(d, causal, at::kBFloat16, features);
     TORCH_INTERNAL_ASSERT(sv.total > 0);
-    auto round = [](int64_t b) { return (b + 255) / 256 * 256; };
-    const int64_t BH = p.BH;
-    const int64_t a_bytes = round(BH * p.nk * kC * 4);
-    const int64_t st_bytes = round(BH * p.nk * static_cast<int64_t>(p.M + 1) * p.E1p * 2);
+    const int64_t BH = p.BH, ME = static_cast<int64_t>(p.M) * p.E1p, W1 = ME + p.E1p;
+    int64_t off = 0;
+    auto take = [&off](bool want, int64_t bytes) {
+      if (!want) return int64_t{-1};
+      const int64_t at = off;
+      off += (bytes + 255) / 256 * 256;
+      return at;
+    };
+    const int64_t o_sv = take(!keep && !reuse, sv.total);
+    const int64_t o_a = take(!reuse, BH * p.nk * kC * 4);
+    const int64_t o_st = take(!reuse || causal, BH * p.st_n * W1 * 2);
+    const int64_t n_h = causal ? group : 1;  // scanned states (non-causal: only to reuse)
+    const int64_t o_h = take(causal || reuse, BH * n_h * ME * 2);
+    const int64_t o_hx = take(causal || reuse, BH * n_h * p.E1p * 4);
     const at::TensorOptions bytes = query.options().dtype(at::kByte);
-    unsigned char* sbase;  // the saved layout
-    if (reuse) {
-      // dT and G of one backward launch's chunks (causal) or of the total (non-causal)
-      sbase = static_cast<unsigned char*>(reuse->data_ptr());
-      const int64_t ng = causal ? p.slots : 1;
-      const int64_t hs_bytes = round(BH * ng * static_cast<int64_t>(p.M) * p.E1p * 2);
-      ws = at::empty({hs_bytes + round(BH * ng * p.E1p * 4)}, bytes);
-      grad_hs = reinterpret_cast<T*>(ws.data_ptr<unsigned char>());
-      grad_hx = reinterpret_cast<float*>(ws.data_ptr<unsigned char>() + hs_bytes);
-    } else {
-      unsigned char* tbase;  // a, st
-      if (keep) {
-        *keep = at::empty({sv.total}, bytes);
-        ws = at::empty({a_bytes + st_bytes}, bytes);
-        sbase = keep->data_ptr<unsigned char>();
-        tbase = ws.data_ptr<unsigned char>();
-      } else {
-        ws = at::empty({round(sv.total) + a_bytes + st_bytes}, bytes);
-        sbase = ws.data_ptr<unsigned char>();
-        tbase = sbase + round(sv.total);
-      }
-      p.a = reinterpret_cast<float*>(tbase);
-      p.st = reinterpret_cast<T*>(tbase + a_bytes);
-    }
+    ws = at::empty({off}, bytes);
+    unsigned char* base = ws.data_ptr<unsigned char>();
+    if (keep) *keep = at::empty({sv.total}, bytes);
+    unsigned char* sbase = reuse  ? static_cast<unsigned char*>(reuse->data_ptr())
+                           : keep ? keep->data_ptr<unsigned char>()
+                                  : base + o_sv;
+    if (o_a >= 0) p.a = reinterpret_cast<float*>(base + o_a);
+    if (o_st >= 0) p.st = reinterpret_cast<T*>(base + o_st);
     p.r = reinterpret_cast<float*>(sbase + sv.r);
     p.cs = reinterpret_cast<float*>(sbase + sv.cs);
-    p.hs = reinterpret_cast<T*>(sbase + sv.hs);
-    p.hx = reinterpret_cast<float*>(sbase + sv.hx);
-    if (!reuse) grad_hs = p.hs, grad_hx = p.hx;  // dT overwrites H, which back1 has finished with
-    p.feat = !causal ? kFeatCompute : keep ? kFeatSave : reuse ? kFeatLoad : kFeatCompute;
+    if (causal) {
+      // dT goes over the launch's H, which back1 has finished with
+      bnd = reinterpret_cast<float*>(sbase + sv.bd);
+      p.hs = grad_hs = hbuf = reinterpret_cast<T*>(base + o_h);
+      p.hx = grad_hx = hxbuf = reinterpret_cast<float*>(base + o_hx);
+    } else {
+      p.hs = reinterpret_cast<T*>(sbase + sv.hs);
+      p.hx = reinterpret_cast<float*>(sbase + sv.hx);
+      grad_hs = reuse ? reinterpret_cast<T*>(base + o_h) : p.hs;  // (without reuse: over H)
+      grad_hx = reuse ? reinterpret_cast<float*>(base + o_hx) : p.hx;
+    }
+    p.feat = !features ? kFeatCompute : keep ? kFeatSave : kFeatLoad;
     if (p.feat != kFeatCompute) {
       p.fph = reinterpret_cast<T*>(sbase + sv.ph);
       p.fkh = reinterpret_cast<T*>(sbase + sv.kf);
@@ -204,6 +222,15 @@ struct Run {
     return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(p.nq, per_row)));
   }
 
+  // Causal: chunks per launch of the forward and the backward: back1_slots rounded down to whole
+  // groups of kFavorBoundaryChunks (at least one), so that every launch starts at a boundary
+  // state, or all of them.
+  int launch_chunks(int dev) const {
+    const int64_t G = detail::kFavorBoundaryChunks, slots = back1_slots(dev);
+    if (slots >= p.nq) return p.nq;
+    return static_cast<int>(std::min<int64_t>(p.nq, std::max<int64_t>(1, slots / G) * G));
+  }
+
   int scan_blocks() const {
     const int64_t total = p.BH * (static_cast<int64_t>(p.M) * p.E1p + p.E1p) / 2;
     return static_cast<int>((total + kScanThreads - 1) / kScanThreads);  // a thread per pair
@@ -224,19 +251,64 @@ struct Run {
     p.hs_c0 = rg.out_c0;
   }
 
-  // Forward: the key states p.st (n = nk) into p.hs, p.hx.
+  // Non-causal forward: the total of the key states p.st (n = nk) into p.hs, p.hx.
   void scan() {
     auto* kernel = &scan_kernel<T, T>;
     PANTHER_LAUNCH(kernel, dim3(scan_blocks()), dim3(kScanThreads), 0, p.st, p.cs, p.hs, p.hx,
-                   p.BH, p.nk, p.nk, p.M * p.E1p, p.E1p, p.causal, /*reverse=*/false,
+                   p.BH, p.nk, p.nk, p.M * p.E1p, p.E1p, false, /*reverse=*/false,
                    /*use_kscale=*/true, ScanRange{p.nk, 0, p.nk, 0, nullptr, false});
   }
 
-  // Key states, stabilisers and the scanned (forward) states H.
+  // Non-causal: key states, stabilisers and the scanned (forward) states H.
   void states() {
     launch<&states_kernel<T, kShapeD64M256>, &states_kernel<T, kShapeAny>>(p.nk, kStates);
-    PANTHER_LAUNCH(stab_kernel<T>, dim3(p.BH), dim3(1024), 2 * 1024 * sizeof(float), p);
+    stab();
     scan();
+  }
+
+  void stab() {
+    PANTHER_LAUNCH(stab_kernel<T>, dim3(p.BH), dim3(1024), 2 * 1024 * sizeof(float), p);
+  }
+
+  // Causal: the stabilisers (from every chunk's key maxima), then, in launches of `group`
+  // chunks, first to last, each launch's states and their scan (carried from launch to launch
+  // through the boundary states, which it fills) and, with `output`, forward_kernel.
+  void causal_pass(bool output) {
+    if (p.softmax) {
+      p.smode = kStatesMax;
+      p.chunk0 = 0;
+      launch<&states_kernel<T, kShapeD64M256>, &states_kernel<T, kShapeAny>>(p.nk, kStates);
+    }
+    stab();
+    for (int c0 = 0; c0 < p.nk; c0 += group) {
+      const int n = std::min(group, p.nk - c0);
+      launch_states(c0, n, /*fill=*/true);
+      if (output)
+        launch<&forward_kernel<T, kShapeD64M256>, &forward_kernel<T, kShapeAny>>(n, kForward);
+    }
+    p.chunk0 = 0;
+  }
+
+  // Causal: the states of chunks c0 .. c0 + n - 1 (c0 a multiple of group) and their scanned
+  // states H into hbuf, starting from the boundary state before c0; fill: also write the
+  // boundary states the scan passes. Leaves p.chunk0 = c0 and p.hs on H.
+  void launch_states(int c0, int n, bool fill) {
+    p.smode = kStatesOnly;
+    p.chunk0 = c0;
+    launch<&states_kernel<T, kShapeD64M256>, &states_kernel<T, kShapeAny>>(n, kStates);
+    auto* kernel = &scan_kernel<T, T>;
+    ScanRange rg{group, c0, group, c0, nullptr, false};
+    rg.bnd = bnd;
+    rg.every = static_cast<int>(detail::kFavorBoundaryChunks);
+    rg.nbnd = nbnd;
+    rg.bnd_write = fill;
+    PANTHER_LAUNCH(kernel, dim3(scan_blocks()), dim3(kScanThreads), 0, p.st, p.cs, hbuf, hxbuf,
+                   p.BH, n, p.nk, p.M * p.E1p, p.E1p, true, /*reverse=*/false,
+                   /*use_kscale=*/true, rg);
+    p.hs = hbuf;
+    p.hx = hxbuf;
+    p.hs_n = group;
+    p.hs_c0 = c0;
   }
 };
 
@@ -251,9 +323,13 @@ at::Tensor forward(const detail::FavorDims& d, const at::Tensor& query, const at
   at::Tensor out = detail::favor_output(d, query.options());
   run.p.out = reinterpret_cast<T*>(out.data_ptr());
   run.p.o_sb = out.stride(0), run.p.o_sh = out.stride(1), run.p.o_sl = out.stride(2);
-  run.states();
-  run.template launch<&forward_kernel<T, kShapeD64M256>, &forward_kernel<T, kShapeAny>>(run.p.nq,
-                                                                                      kForward);
+  if (causal) {
+    run.causal_pass(/*output=*/true);
+  } else {
+    run.states();
+    run.template launch<&forward_kernel<T, kShapeD64M256>, &forward_kernel<T, kShapeAny>>(
+        run.p.nq, kForward);
+  }
   return out;
 }
 
@@ -279,11 +355,12 @@ detail::FavorGrads backward(const detail::FavorDims& d, const at::Tensor& grad_o
   if (causal) {
     const int64_t rows = p.BH * static_cast<int64_t>(p.slots) * kC, dvw = (p.Dv + 15) / 16 * 16;
     const int64_t fwm = rows * dvw * 4, fph = fwm + rows * kC * 2;
-    part = at::empty({fph + (saved ? 0 : rows * p.M * 2)}, opts.dtype(at::kByte));
+    const bool own_phi = p.feat != kFeatLoad;
+    part = at::empty({fph + (own_phi ? rows * p.M * 2 : 0)}, opts.dtype(at::kByte));
     unsigned char* base = part.data_ptr<unsigned char>();
     p.dvp = reinterpret_cast<float*>(base);
     p.fwm = reinterpret_cast<T*>(base + fwm);
-    if (!saved) p.fph = reinterpret_cast<T*>(base + fph);
+    if (own_phi) p.fph = reinterpret_cast<T*>(base + fph);
   }
   // Gradient states (Run::back1_slots), then (causal) the reverse scan's carry.
   const int64_t W1 = static_cast<int64_t>(p.M + 1) * p.E1p;
@@ -295,7 +372,6 @@ detail::FavorGrads backward(const detail::FavorDims& d, const at::Tensor& grad_o
   p.dk = reinterpret_cast<T*>(dk.data_ptr());
   p.dv = reinterpret_cast<T*>(dv.data_ptr());
   p.dW = want[3] ? dW.data_ptr<float>() : nullptr;
-  if (!saved) run.states();
   auto back1 = [&](int n) {
     run.template launch<&back1_kernel<T, kShapeD64M256>, &back1_kernel<T, kShapeAny>>(n, kBack1);
   };
@@ -303,25 +379,21 @@ detail::FavorGrads backward(const detail::FavorDims& d, const at::Tensor& grad_o
     run.template launch<&back2_kernel<T, kShapeD64M256>, &back2_kernel<T, kShapeAny>>(n, kBack2);
   };
   if (causal) {
-    // Launches of p.slots chunks, last first: back1 reads the forward's H of its chunks, the
-    // reverse scan (carried over from the later chunks) gives their dT, back2 reads it. dT goes
-    // to the workspace's rows for one launch, or, where the states were recomputed here, over
-    // H's rows of the same chunks (back1 has finished with them; earlier chunks keep theirs).
-    T* H = p.hs;
-    float* Hx = p.hx;
-    const bool over_h = run.grad_hs == H;
+    // Launches of run.group chunks, last first: the launch's states and H again (from the
+    // boundary state before it), back1, the reverse scan (carried over from the later chunks)
+    // into dT over H, back2.
+    if (!saved) run.causal_pass(/*output=*/false);  // the boundary states
     float* carry = p.gst + p.BH * static_cast<int64_t>(p.slots) * W1;
-    for (int c1 = p.nq; c1 > 0;) {
-      const int c0 = std::max(0, c1 - p.slots), n = c1 - c0;
-      p.chunk0 = c0;
-      p.hs = H, p.hx = Hx, p.hs_n = p.nk, p.hs_c0 = 0;
+    const int last = (p.nq - 1) / run.group;
+    for (int li = last; li >= 0; --li) {
+      const int c0 = li * run.group, n = std::min(run.group, p.nq - c0);
+      run.launch_states(c0, n, /*fill=*/false);
       back1(n);
-      run.scan_grad(n, ScanRange{p.slots, c0, over_h ? p.nk : p.slots, over_h ? 0 : c0, carry,
-                                 /*carry_in=*/c1 != p.nq});
+      run.scan_grad(n, ScanRange{p.slots, c0, p.slots, c0, carry, /*carry_in=*/li != last});
       back2(n);
-      c1 = c0;
     }
   } else {
+    if (!saved) run.states();
     // back1 in launches of p.slots chunks adding into the slots, their total, one back2 launch.
     for (p.chunk0 = 0; p.chunk0 < p.nq; p.chunk0 += p.slots)
       back1(std::min(p.slots, p.nq - p.chunk0));

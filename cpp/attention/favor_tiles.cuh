@@ -60,12 +60,14 @@ struct Params {
   float* r;               // (BH, nk*kC) key stabiliser per position (causal calls only)
   float* cs;              // (BH, nk, 4): P_c, R_c, alpha_c, kscale_c (states_kernel leaves the
                           // chunk max m_c in kscale_c's place for stab_kernel)
-  T* st;                  // (BH, nk, (M+1)*E1p) per-chunk key states (summed in fp32 by the scan)
+  T* st;                  // (BH, st_n, (M+1)*E1p) per-chunk key states (summed in fp32 by the
+  int st_n;               // scan) of chunks chunk0 .. chunk0 + st_n - 1
+  int smode;              // states_kernel: kStatesAll, kStatesMax or kStatesOnly
   float* gst;             // (BH, slots, (M+1)*E1p) gradient states dH (fp32: the backward's
                           // d phi is a small difference of large terms): causal, one per chunk
                           // (slots = nq); non-causal, sums over chunks (see back1_kernel)
-  int slots, chunk0;      // back1/back2: gst's states per row (dvp, fwm: chunks per row); the
-                          // first chunk of the launch
+  int slots, chunk0;      // back1/back2: gst's states per row (dvp, fwm: chunks per row); every
+                          // kernel on an (n, BH) grid: the first chunk of the launch
   T* hs;                  // (BH, hs_n|1, M*E1p) scanned states (forward H, backward dT)
   float* hx;              // (BH, hs_n|1, E1p) scanned extra row (forward sum v, backward G)
   int hs_n, hs_c0;        // causal: hs, hx hold chunks hs_c0 .. hs_c0 + hs_n - 1 of each row
@@ -91,6 +93,10 @@ struct Params {
                           // only; false: the portable path, see mma::bulk_store)
 };
 enum Feat { kFeatCompute = 0, kFeatSave = 1, kFeatLoad = 2 };
+// What states_kernel computes: everything (a, the chunk maxima in cs, the states st); only a and
+// the chunk maxima (for stab_kernel, before the states of the causal launches); only the states
+// (cs already holds stab_kernel's chunk scalars, which the chunk maxima would overwrite).
+enum StatesMode { kStatesAll = 0, kStatesMax = 1, kStatesOnly = 2 };
 
 enum Kind { kStates = 0, kForward = 1, kBack1 = 2, kBack2 = 3 };
 

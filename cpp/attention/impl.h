@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <array>
+#include <cstdlib>
 #include <optional>
 #include <c10/util/string_view.h>
 #include <tuple>
@@ -54,21 +55,43 @@ inline bool favor_fused_shapes(const I& BH, const I& Lq, const I& Lk, const I& D
   return (Lq + c - 1) / c <= (int64_t{1} << 30) && (Lk + c - 1) / c <= (int64_t{1} << 30);
 }
 
+// Causal calls keep the scan's running state (fp32) only every kFavorBoundaryChunks chunks; the
+// backward recomputes the chunk states in between, one launch of whole groups at a time.
+#if defined(PANTHER_CUDA_EMU)
+constexpr int64_t kFavorBoundaryChunks = 2;  // (the emulator's sequences have a few chunks)
+#else
+constexpr int64_t kFavorBoundaryChunks = 16;
+#endif
+
+// Whether causal calls keep every chunk's features, A', output and denominators for the backward
+// (PANTHER_FAVOR_SAVE_FEATURES=1; read once per process) instead of recomputing them there. Off
+// by default: they cost ~25 bytes per position and feature; recomputing costs backward time.
+inline bool favor_saves_features() {
+  static const bool on = [] {
+    const char* e = std::getenv("PANTHER_FAVOR_SAVE_FEATURES");
+    return e != nullptr && e[0] == '1';
+  }();
+  return on;
+}
+
 // What the fused forward keeps for the backward (_favor_attention_forward's second output, one
-// byte tensor), as byte offsets: the scanned states hs (BH, nst, M e1p) bf16; causal calls also
-// keep every chunk's features, query phi (BH, nk C, M) bf16 with its row sums ps (BH, nk C) fp32
-// and key khat (BH, nk C, M) bf16, its C x C block A' sa (BH, nk, C C) bf16, when Dv <= 64 its
-// output before rounding yo (BH, nk C, Dv) fp32 and denominators dn (BH, nk C) fp32, and the key
-// stabiliser r (BH, nk C) fp32 (non-causal calls use one per head, in cs); then the states'
-// extra rows hx (BH, nst, e1p) fp32 and the chunk scalars cs (BH, nk, 4) fp32 (nk chunks of C;
-// nst = nk causal, 1 non-causal). Back to back with no padding, so the kernels write every byte
-// (all but the last are multiples of 64 bytes: each region stays aligned). total is 0 for shapes
-// the fused kernels do not take. Shapes only: the Meta kernel returns the same size as the CUDA
-// one.
+// byte tensor), as byte offsets:
+//   non-causal: the total state hs (BH, 1, M e1p) bf16 and its extra row hx (BH, 1, e1p) fp32;
+//   causal: the scan's fp32 running state bd (BH, nb, (M + 1) e1p) before chunks G, 2G, ... < nk
+//     (G = kFavorBoundaryChunks, nb = (nk - 1) / G) and the key stabiliser r (BH, nk C) fp32;
+//     with features (favor_saves_features()), every chunk's query features phi (BH, nk C, M) bf16
+//     with their row sums ps (BH, nk C) fp32, key features khat (BH, nk C, M) bf16, the C x C
+//     block A' sa (BH, nk, C C) bf16 and, when Dv <= 64, the output before rounding yo
+//     (BH, nk C, Dv) fp32 and the denominators dn (BH, nk C) fp32;
+//   both: the chunk scalars cs (BH, nk, 4) fp32 (nk chunks of C).
+// Back to back with no padding, so the kernels write every byte (all but the last are multiples
+// of 64 bytes: each region stays aligned). total is 0 for shapes the fused kernels do not take.
+// Shapes only: the Meta kernel returns the same size as the CUDA one.
 constexpr int64_t kFavorSavedOutMaxDv = 64;  // (the backward stages C x Dv fp32 in 16 KB)
 template <class I>
 struct FavorSavedT {
-  I hs = 0, ph = 0, kf = 0, sa = 0, yo = 0, r = 0, ps = 0, dn = 0, hx = 0, cs = 0, total = 0;
+  I hs = 0, bd = 0, ph = 0, kf = 0, sa = 0, yo = 0, r = 0, ps = 0, dn = 0, hx = 0, cs = 0,
+    total = 0;
 };
 using FavorSaved = FavorSavedT<int64_t>;
 // (features = false: the same without the per-chunk features, A', output and denominators, for
@@ -76,16 +99,18 @@ using FavorSaved = FavorSavedT<int64_t>;
 template <class I>
 inline FavorSavedT<I> favor_saved_layout(const I& BH, const I& Lq, const I& Lk, const I& D,
                                          const I& Dv, const I& M, bool causal, at::ScalarType dt,
-                                         bool features = true) {
+                                         bool features = favor_saves_features()) {
   FavorSavedT<I> s;
   if (!favor_fused_shapes(BH, Lq, Lk, D, Dv, M, dt)) return s;
-  const I nk = (Lk + kFavorFusedChunk - 1) / kFavorFusedChunk, nst = causal ? nk : I(1);
+  const I nk = (Lk + kFavorFusedChunk - 1) / kFavorFusedChunk, nst = causal ? I(0) : I(1);
+  const I nb = causal ? (nk - 1) / kFavorBoundaryChunks : I(0);
   const I rows = causal ? BH * nk * kFavorFusedChunk : I(0);  // causal: Lq == Lk
   const I frows = features ? rows : I(0);
   const I yrows = Dv <= kFavorSavedOutMaxDv ? frows : I(0);
   const I e1p = favor_fused_e1p(Dv);
   s.hs = 0;
-  s.ph = s.hs + BH * nst * M * e1p * 2;
+  s.bd = s.hs + BH * nst * M * e1p * 2;
+  s.ph = s.bd + BH * nb * (M + 1) * e1p * 4;
   s.kf = s.ph + frows * M * 2;
   s.sa = s.kf + frows * M * 2;
   s.yo = s.sa + frows * kFavorFusedChunk * 2;
@@ -210,7 +235,7 @@ at::Tensor favor_forward_differentiable(const FavorDims& d, const at::Tensor& qu
                                         int64_t chunk);
 
 inline FavorSaved favor_saved_layout(const FavorDims& d, bool causal, at::ScalarType dt,
-                                     bool features = true) {
+                                     bool features = favor_saves_features()) {
   return favor_saved_layout(d.B * d.H, d.Lq, d.Lk, d.D, d.Dv, d.M, causal, dt, features);
 }
 
