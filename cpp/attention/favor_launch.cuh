@@ -93,8 +93,9 @@ Params<T> make_params(const detail::FavorDims& d, bool causal, const at::Tensor&
 //   keep (forward for autograd): in a new tensor *keep that the backward gets back;
 //   reuse (backward): read from *reuse (never written: a second backward may read it again).
 // The rest of ws: a (BH, nk kC) fp32, the key row maxima (not for reuse); st (BH, st_n,
-// (M+1) E1p), chunk states (st_n: nk, or causal, one launch's chunks); causal, the scanned states
-// of one launch's chunks (hbuf, hxbuf); non-causal reuse, the total gradient state.
+// (M+1) E1p), chunk states (st_n: nk, or causal, one launch's chunks; the causal backward's
+// share its gradient states' memory, p.gst, also in ws); causal, the scanned states of one
+// launch's chunks (hbuf, hxbuf); non-causal reuse, the total gradient state.
 template <class T>
 struct Run {
   Params<T> p;
@@ -112,7 +113,7 @@ struct Run {
   Run(const detail::FavorDims& d, bool causal, const at::Tensor& query, const at::Tensor& key,
       const at::Tensor& value, const at::Tensor& projection,
       const std::optional<at::Tensor>& mask, at::Tensor* keep = nullptr,
-      const at::Tensor* reuse = nullptr) {
+      const at::Tensor* reuse = nullptr, bool backward = false) {
     static_assert(sizeof(T) == 2, "favor_saved_layout is written for 16-bit states");
     q = last_dim_dense(query);
     k = last_dim_dense(key);
@@ -143,7 +144,12 @@ struct Run {
     };
     const int64_t o_sv = take(!keep && !reuse, sv.total);
     const int64_t o_a = take(!reuse, BH * p.nk * kC * 4);
-    const int64_t o_st = take(!reuse || causal, BH * p.st_n * W1 * 2);
+    // The causal backward's gradient states (p.gst: `group` chunks and the reverse scan's carry
+    // per row, fp32) also hold the chunk states: the forward scan has read them before back1
+    // writes gst, and the next launch's states_kernel runs after the reverse scan read gst.
+    const bool own_gst = causal && backward;
+    const int64_t o_gst = take(own_gst, BH * (group + 1) * W1 * 4);
+    const int64_t o_st = take((!reuse || causal) && !own_gst, BH * p.st_n * W1 * 2);
     const int64_t n_h = causal ? group : 1;  // scanned states (non-causal: only to reuse)
     const int64_t o_h = take(causal || reuse, BH * n_h * ME * 2);
     const int64_t o_hx = take(causal || reuse, BH * n_h * p.E1p * 4);
@@ -156,6 +162,10 @@ struct Run {
                                   : base + o_sv;
     if (o_a >= 0) p.a = reinterpret_cast<float*>(base + o_a);
     if (o_st >= 0) p.st = reinterpret_cast<T*>(base + o_st);
+    if (own_gst) {
+      p.gst = reinterpret_cast<float*>(base + o_gst);
+      p.st = reinterpret_cast<T*>(p.gst);
+    }
     p.r = reinterpret_cast<float*>(sbase + sv.r);
     p.cs = reinterpret_cast<float*>(sbase + sv.cs);
     if (causal) {
@@ -203,32 +213,44 @@ struct Run {
     }
   }
 
-  // Chunks per row of one back1 (and, causal, back2) launch, and gradient states per row in gst
-  // (Params::slots): at most nq, enough for kBackWaves waves of back1 on the device (one block
-  // per SM). Causal: the backward runs in launches of `slots` chunks from the last to the first,
-  // the reverse scan carried from one to the next, so the buffers between back1, the scan and
-  // back2 hold `slots` chunks instead of nq. Non-causal: slot x sums the states of chunks x,
-  // x + slots, ... At 16k tokens and 12 heads on an H100: 44 of 256 chunks (gst 44 MB instead of
-  // 252 MB) in 6 launches each.
+  // Chunks per row of one back1 launch and gradient states per row in gst (Params::slots): at
+  // most nq, enough for kBackWaves waves of back1 on the device (one block per SM). Non-causal:
+  // slot x sums the states of chunks x, x + slots, ... (the causal launches: launch_chunks).
   // PANTHER_FAVOR_BACK_WAVES=n sets the waves (0: every chunk in one launch; for comparisons).
   static constexpr int64_t kBackWaves = 4;
-  int back1_slots(int dev) const {
+  static int64_t env_waves() {
     static const int64_t waves = [] {
       const char* e = std::getenv("PANTHER_FAVOR_BACK_WAVES");
-      return e != nullptr && e[0] != '\0' ? std::max<int64_t>(0, std::atoll(e)) : kBackWaves;
+      return e != nullptr && e[0] != '\0' ? std::max<int64_t>(0, std::atoll(e)) : int64_t{-1};
     }();
+    return waves;
+  }
+  // Chunks per row that make `waves` waves of blocks on device dev (at most nq; 0 waves: nq).
+  int64_t wave_chunks(int dev, int64_t waves) const {
     if (waves == 0) return p.nq;
     const int64_t per_row = (waves * ::panther::sm_count(dev) + p.BH - 1) / p.BH;
-    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(p.nq, per_row)));
+    return std::max<int64_t>(1, std::min<int64_t>(p.nq, per_row));
+  }
+  int back1_slots(int dev) const {
+    return static_cast<int>(wave_chunks(dev, env_waves() >= 0 ? env_waves() : kBackWaves));
   }
 
-  // Causal: chunks per launch of the forward and the backward: back1_slots rounded down to whole
-  // groups of kFavorBoundaryChunks (at least one), so that every launch starts at a boundary
-  // state, or all of them.
+  // Causal: chunks per launch of the forward and the backward, whose buffers between kernels
+  // hold one launch's chunks (about 180 KB per chunk and row: the gradient states, which the
+  // chunk states share, dT over H, back1's parts for back2): kBackWaves waves of blocks, but
+  // (unless PANTHER_FAVOR_BACK_WAVES sets the waves) at most an eighth of the chunks, which keeps
+  // those buffers below the size of the output and its gradients, or two waves if that is more;
+  // rounded down to whole groups of kFavorBoundaryChunks (at least one), so that every launch
+  // starts at a boundary state. 12 heads on a 132-SM GPU: 16 chunks at 8k tokens, 32 from 16k.
+  // (The emulator, whose rows are a few chunks long, sizes launches by the waves alone.)
   int launch_chunks(int dev) const {
-    const int64_t G = detail::kFavorBoundaryChunks, slots = back1_slots(dev);
-    if (slots >= p.nq) return p.nq;
-    return static_cast<int>(std::min<int64_t>(p.nq, std::max<int64_t>(1, slots / G) * G));
+    const int64_t G = detail::kFavorBoundaryChunks;
+    int64_t n = back1_slots(dev);
+#if !defined(PANTHER_CUDA_EMU)
+    if (env_waves() < 0) n = std::min(n, std::max<int64_t>(p.nq / 8, wave_chunks(dev, 2)));
+#endif
+    if (n >= p.nq) return p.nq;
+    return static_cast<int>(std::max<int64_t>(1, n / G) * G);
   }
 
   int scan_blocks() const {
@@ -340,7 +362,8 @@ detail::FavorGrads backward(const detail::FavorDims& d, const at::Tensor& grad_o
                             const std::optional<at::Tensor>& mask, std::array<bool, 4> want,
                             const at::Tensor* saved = nullptr) {
   // saved: forward(..., &saved) of the same inputs; its states replace states() here.
-  host::Run<T> run(d, causal, query, key, value, projection, mask, nullptr, saved);
+  host::Run<T> run(d, causal, query, key, value, projection, mask, nullptr, saved,
+                   /*backward=*/true);
   Params<T>& p = run.p;
   const auto opts = query.options();
   at::Tensor g = host::last_dim_dense(grad_output);
@@ -362,10 +385,14 @@ detail::FavorGrads backward(const detail::FavorDims& d, const at::Tensor& grad_o
     p.fwm = reinterpret_cast<T*>(base + fwm);
     if (own_phi) p.fph = reinterpret_cast<T*>(base + fph);
   }
-  // Gradient states (Run::back1_slots), then (causal) the reverse scan's carry.
+  // Gradient states, p.slots per row (non-causal: Run::back1_slots; causal: Run::launch_chunks,
+  // in run's workspace, then the reverse scan's carry).
   const int64_t W1 = static_cast<int64_t>(p.M + 1) * p.E1p;
-  at::Tensor gst = at::empty({p.BH * (p.slots + (causal ? 1 : 0)) * W1}, opts.dtype(at::kFloat));
-  p.gst = gst.data_ptr<float>();
+  at::Tensor gst;
+  if (!causal) {
+    gst = at::empty({p.BH * p.slots * W1}, opts.dtype(at::kFloat));
+    p.gst = gst.data_ptr<float>();
+  }
   at::Tensor dW;
   if (want[3]) dW = at::zeros({d.M, d.D}, opts.dtype(at::kFloat));
   p.dq = reinterpret_cast<T*>(dq.data_ptr());
