@@ -1,9 +1,10 @@
 // Autograd kernel of panther::favor_attention: a C++ autograd::Function whose forward calls the op
 // below autograd and whose backward calls _favor_attention_backward through the dispatcher,
 // which recomputes the features (nothing per token is stored). It keeps the inputs and, for CUDA
-// bf16 calls the fused kernels take, the per-chunk states and stabilisers of the forward
-// (_favor_attention_forward's second output, linear in length), so that the backward does not
-// compute them again. Gradients flow to query, key, value and, when it requires grad, projection.
+// bf16 calls the fused kernels take, what the forward's kernels leave for the backward
+// (_favor_attention_forward's second output, linear in length: the stabilisers and the total
+// state, or causal, the scan's state every 16 chunks), so that the backward does not compute
+// them again. Gradients flow to query, key, value and, when it requires grad, projection.
 // When the backward itself is recorded (create_graph=True: grad mode is on inside backward), the
 // gradients come instead from autograd through a composite of the forward in ATen ops
 // (favor_forward_differentiable, same math, linear in length), so second derivatives are exact;

@@ -65,7 +65,7 @@ struct Params {
   int smode;              // states_kernel: kStatesAll, kStatesMax or kStatesOnly
   float* gst;             // (BH, slots, (M+1)*E1p) gradient states dH (fp32: the backward's
                           // d phi is a small difference of large terms): causal, one per chunk
-                          // (slots = nq); non-causal, sums over chunks (see back1_kernel)
+                          // of the launch; non-causal, sums over chunks (see back1_kernel)
   int slots, chunk0;      // back1/back2: gst's states per row (dvp, fwm: chunks per row); every
                           // kernel on an (n, BH) grid: the first chunk of the launch
   T* hs;                  // (BH, hs_n|1, M*E1p) scanned states (forward H, backward dT)

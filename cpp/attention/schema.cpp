@@ -22,8 +22,8 @@ TORCH_LIBRARY_FRAGMENT(panther, m) {
   m.def("_favor_attention_forward(Tensor query, Tensor key, Tensor value, Tensor projection, str kernel_fn, bool causal, Tensor? key_padding_mask) -> (Tensor, Tensor)");
   // Gradients of favor_attention for (query, key, value, projection); None where the mask is
   // false. Recomputes features and per-chunk states from the inputs; the fused CUDA kernels take
-  // the scanned states and stabilisers from `saved` (_favor_attention_forward's second output
-  // for the same inputs) when it is given, and every other backend ignores it.
+  // the stabilisers and the total or boundary states from `saved` (_favor_attention_forward's
+  // second output for the same inputs) when it is given, and every other backend ignores it.
   m.def("_favor_attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor projection, str kernel_fn, bool causal, Tensor? key_padding_mask, bool[4] output_mask, Tensor? saved=None) -> (Tensor?, Tensor?, Tensor?, Tensor?)");
   // RandMultiHeadAttention's forward for self-attention (x as query, key and value), used by
   // the module's eager inference path: q/k/v projections (one GEMM over the per-call
