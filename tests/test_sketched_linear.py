@@ -767,6 +767,15 @@ CUDA_CASES = CASES + [
     Case("cuda_c64_nobias", (300,), 64, 520, 2, 16, bias=False),
     Case("cuda_c16_3d", (3, 70), 40, 24, 1, 8),
     Case("cuda_tokens_transposed", (2048,), 64, 96, 2, 8, layout="transposed"),
+    # fp16/bf16 fused chain kernel (cpp/linear/sketch_chain.cuh: 2Lk of 128 or 256, k, d_in and
+    # d_out multiples of 8): a row tail of a 64-row block, d_in and d_out not multiples of 64;
+    # two terms of 32; C = 256 with a transposed input and no bias; few row blocks (column groups)
+    Case("cuda_chain_c128_3d", (4, 130), 200, 136, 1, 64),
+    Case("cuda_chain_two_terms", (1000,), 768, 264, 2, 32),
+    Case("cuda_chain_c256_transposed", (300,), 96, 264, 2, 64, bias=False, layout="transposed"),
+    Case("cuda_chain_few_rows", (136,), 512, 1032, 1, 64),
+    Case("cuda_chain_no_dx", (520,), 136, 200, 1, 64, grad="S1s_bias"),  # dT alone
+    Case("cuda_chain_weights_strided", (520,), 136, 200, 1, 64, layout="weights"),  # cuBLAS path
 ]
 
 
@@ -791,17 +800,40 @@ class TestCUDA:
         test_backward_matches_reference(case, dtype, "cuda")
         test_forward_matches_reference(case, dtype, "cuda")
 
+    @pytest.mark.parametrize("k", [16, 64], ids=["out_kernel", "chain"])
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-    def test_forward_same_with_and_without_autograd(self, dtype):
+    def test_forward_same_with_and_without_autograd(self, dtype, k):
         """The many-token forward keeps the intermediate only when a backward needs it; the
         output must not depend on that."""
-        layer = pr.nn.SKLinear(256, 512, 1, 16, device="cuda", dtype=dtype)
+        layer = pr.nn.SKLinear(256, 512, 1, k, device="cuda", dtype=dtype)
         x = torch.randn(3, 100, 256, device="cuda", dtype=dtype)
         with torch.no_grad():
             y0 = layer(x)
         y1 = layer(x.requires_grad_())
         assert y1.requires_grad
         torch.testing.assert_close(y1.detach(), y0, rtol=0, atol=0)
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_chain_and_cublas_paths_agree(self, dtype, monkeypatch):
+        """The fused chain kernel and the packed two-GEMM path (PANTHER_LINEAR_CHAIN=0) round T
+        once and accumulate in fp32: output and gradients agree to the dtype's rounding."""
+        layer = pr.nn.SKLinear(768, 768, 1, 64, device="cuda", dtype=dtype)
+        x = torch.randn(2, 1000, 768, device="cuda", dtype=dtype)
+        go = torch.randn(2, 1000, 768, device="cuda", dtype=dtype)
+
+        def run():
+            xi = x.clone().requires_grad_()
+            y = layer(xi)
+            grads = torch.autograd.grad(y, [xi, layer.S1s, layer.S2s, layer.bias], go)
+            return [y.detach(), *grads]
+
+        fused = run()
+        monkeypatch.setenv("PANTHER_LINEAR_CHAIN", "0")
+        packed = run()
+        eps = torch.finfo(dtype).eps
+        for name, a, b in zip(["y", "dx", "dS1s", "dS2s", "dbias"], fused, packed):
+            err = ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+            assert err <= 4 * eps, f"{name}: {err:.2e}"
 
     def test_module_and_autocast(self):
         layer = quiet_layer(64, 48, 2, 8, device="cuda")

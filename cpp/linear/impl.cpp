@@ -125,7 +125,8 @@ std::tuple<at::Tensor, at::Tensor> forward_exact(const at::Tensor& x2, const at:
 Grads6 backward_exact(const at::Tensor& G2, const at::Tensor& x2, const at::Tensor& saved,
                       const at::Tensor& A, const at::Tensor& B, double scale, const SketchDims& d,
                       at::IntArrayRef input_sizes, at::ScalarType dtype,
-                      const std::array<bool, 6>& mask) {
+                      const std::array<bool, 6>& mask, const at::Tensor& gT_given,
+                      const at::Tensor& dx_given) {
   // y = Ts B + b with Ts = s x A:  dB = Ts^T G,  db = 1^T G,  dTs = G B^T,  dA = s x^T dTs,
   // dx = s dTs A^T. Columns [0, Lk) of A and Ts belong to S1s, [Lk, 2Lk) to U2s; rows [0, Lk)
   // of B to U1s, [Lk, 2Lk) to S2s; column 2Lk of saved is the "1" column. A module's U1s and
@@ -152,9 +153,15 @@ Grads6 backward_exact(const at::Tensor& G2, const at::Tensor& x2, const at::Tens
     return t.scalar_type() != dtype ? t.to(dtype) : own(t, taken);
   };
   if (mask[0] || mask[1] || mask[4]) {
-    at::Tensor gT = at::empty({G2.size(0), C}, G2.options());
-    gT.addmm_(G2, B.t(), /*beta=*/0, /*alpha=*/scale);
-    if (mask[0]) std::get<0>(out) = at::mm(gT, A.t()).to(dtype).reshape(input_sizes);
+    at::Tensor gT = gT_given;
+    if (!gT.defined()) {
+      gT = at::empty({G2.size(0), C}, G2.options());
+      gT.addmm_(G2, B.t(), /*beta=*/0, /*alpha=*/scale);
+    }
+    if (mask[0]) {
+      at::Tensor dx = dx_given.defined() ? dx_given : at::mm(gT, A.t());
+      std::get<0>(out) = dx.to(dtype).reshape(input_sizes);
+    }
     if (mask[1] || mask[4]) {
       const int64_t c0 = mask[1] ? 0 : Lk, c1 = mask[4] ? C : Lk;
       const at::Tensor gA = at::mm(x2.t(), gT.narrow(1, c0, c1 - c0));  // (d_in, c1 - c0)

@@ -79,10 +79,13 @@ inline Grads6 select_grads(const std::array<bool, 6>& mask, const std::array<at:
 
 // The gradients mask asks for, each GEMM reading only the columns / rows it needs, in the per-term
 // layouts and the dtype `dtype` (x: the input's shape). saved: (N, 2Lk + kSavedPad) as returned
-// by forward_exact; A, B as packed by pack_A / pack_B (any dtype the GEMMs run in).
+// by forward_exact; A, B as packed by pack_A / pack_B (any dtype the GEMMs run in). A caller that
+// formed dT = s G B^T (N, 2Lk) itself passes it as gT (and dx = dT A^T, if mask[0], as dx); A and
+// B are then not read and may be undefined.
 Grads6 backward_exact(const at::Tensor& G2, const at::Tensor& x2, const at::Tensor& saved,
                       const at::Tensor& A, const at::Tensor& B, double scale, const SketchDims& d,
                       at::IntArrayRef input_sizes, at::ScalarType dtype,
-                      const std::array<bool, 6>& mask);
+                      const std::array<bool, 6>& mask, const at::Tensor& gT = at::Tensor(),
+                      const at::Tensor& dx = at::Tensor());
 
 }  // namespace panther::detail

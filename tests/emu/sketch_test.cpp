@@ -3,6 +3,7 @@
 // dT = g B^T, dx = s dT A^T, dA = s x^T dT, dB = T^T g, dbias = sum_n g. fp32 and bf16, partial
 // column tiles, several terms, gradients requested selectively. Built by scripts/emu_test.sh.
 #include "cuda_emu.h"
+#include "linear/sketch_chain.cuh"
 #include "linear/sketch_out.cuh"
 #include "linear/sketch_small.cuh"
 
@@ -122,6 +123,75 @@ bool run_out(const OutCase& c) {
               c.dt == at::kHalf ? "fp16" : "bf16", exact, within, ok ? "PASS" : "FAIL");
   return ok;
 }
+// The fused chain (cpp/linear/sketch_chain.cuh). Forward: T = lowp(s x A), y = T B + bias;
+// backward: dT = lowp(s g B^T), dx = dT A^T. Reference: the same two steps in float64 on the
+// rounded inputs, T rounded to the dtype as the kernel does. T (the saved intermediate with its
+// pad columns [1, 0..], or the backward's dT) must equal the reference's rounding nearly
+// everywhere (the fp32 accumulation may round the other way at a tie) and the output within
+// one rounding of the dtype. Row tails, K and output columns that are not multiples of 64,
+// several terms, column groups (sms), phase 1 alone (no output).
+struct ChainCase {
+  int64_t N, d_in, d_out, L, k;
+  bool bwd, bias, want_t, want_out;
+  int64_t sms;
+  at::ScalarType dt;
+};
+
+bool run_chain(const ChainCase& c) {
+  using panther::detail::SketchDims;
+  const int64_t Lk = c.L * c.k, C = 2 * Lk;
+  auto r = [&](at::IntArrayRef s) { return at::randn(s).to(c.dt); };
+  at::Tensor S1 = r({c.L, c.d_in, c.k}), U2 = r({c.L, c.d_in, c.k});
+  at::Tensor U1 = r({c.L, c.k, c.d_out}), S2 = r({c.L, c.k, c.d_out});
+  const int64_t K = c.bwd ? c.d_out : c.d_in, n_out = c.bwd ? c.d_in : c.d_out;
+  at::Tensor in = r({c.N, K});
+  at::Tensor bias = c.bias ? r({n_out}) : at::Tensor();
+  const double s = 1.0 / (2.0 * c.L);
+  auto D = [](const at::Tensor& t) { return t.to(at::kDouble); };
+  at::Tensor A = at::cat({D(S1).permute({1, 0, 2}).reshape({c.d_in, Lk}),
+                          D(U2).permute({1, 0, 2}).reshape({c.d_in, Lk})}, 1);
+  at::Tensor B = at::cat({D(U1).reshape({Lk, c.d_out}), D(S2).reshape({Lk, c.d_out})}, 0);
+  at::Tensor P = c.bwd ? B.t() : A, Q = c.bwd ? A.t() : B;
+  at::Tensor Tq = (D(in).mm(P) * s).to(c.dt);
+  at::Tensor ref = D(Tq).mm(Q);
+  if (c.bias) ref = ref + D(bias);
+  const int64_t ld = c.bwd ? C : C + panther::detail::kSavedPad;
+  at::Tensor t_out = c.want_t ? at::full({c.N, ld}, 99.0, at::kFloat).to(c.dt) : at::Tensor();
+  at::Tensor out = c.want_out ? at::full({c.N, n_out}, 99.0, at::kFloat).to(c.dt) : at::Tensor();
+  SketchDims d{c.L, c.k, c.d_in, c.d_out, c.N};
+  const bool applies = panther::sketch_chain::chain_applies(d, S1, S2, U1, U2);
+  if (c.dt == at::kHalf) {
+    panther::sketch_chain::chain<c10::Half>(in, S1, S2, U1, U2, d, c.bwd, s, out, t_out, !c.bwd,
+                                            bias, c.sms);
+  } else {
+    panther::sketch_chain::chain<c10::BFloat16>(in, S1, S2, U1, U2, d, c.bwd, s, out, t_out,
+                                                !c.bwd, bias, c.sms);
+  }
+  bool ok = applies;
+  double t_exact = 1.0, t_err = 0.0, y_err = 0.0;
+  if (c.want_t) {
+    at::Tensor got = t_out.narrow(1, 0, C);
+    t_exact = at::eq(got, Tq).to(at::kDouble).mean().item<double>();
+    t_err = rel_err(got, D(Tq));
+    ok = ok && t_exact > 0.99 && t_err < 1e-2;
+    if (!c.bwd) {  // pad columns [1, 0, .., 0]
+      at::Tensor pad = t_out.narrow(1, C, panther::detail::kSavedPad).to(at::kFloat);
+      at::Tensor want = at::zeros_like(pad);
+      want.select(1, 0).fill_(1.0);
+      ok = ok && at::equal(pad, want);
+    }
+  }
+  if (c.want_out) {
+    y_err = rel_err(out, ref);
+    ok = ok && y_err < (c.dt == at::kHalf ? 2e-3 : 1e-2);
+  }
+  std::printf("chain %s N=%lld d_in=%lld d_out=%lld L=%lld k=%lld (C=%lld) %s bias=%d sms=%lld: "
+              "T exact %.4f err %.1e, out err %.1e -> %s\n",
+              c.bwd ? "bwd" : "fwd", (long long)c.N, (long long)c.d_in, (long long)c.d_out,
+              (long long)c.L, (long long)c.k, (long long)C, c.dt == at::kHalf ? "fp16" : "bf16",
+              c.bias, (long long)c.sms, t_exact, t_err, y_err, ok ? "PASS" : "FAIL");
+  return ok;
+}
 }  // namespace
 
 int main() {
@@ -143,7 +213,18 @@ int main() {
       {20, 3, 8, 24, false, at::kBFloat16},    // C = 48, three terms
   };
   for (const OutCase& c : out_cases) fails += !run_out(c);
-  const size_t n = sizeof(cases) / sizeof(cases[0]) + sizeof(out_cases) / sizeof(out_cases[0]);
+  const ChainCase chain_cases[] = {
+      // N, d_in, d_out, L, k, bwd, bias, want_t, want_out, sms, dtype
+      {70, 136, 200, 1, 64, false, true, true, true, 1, at::kBFloat16},   // C = 128, row tail
+      {70, 136, 200, 1, 64, true, false, true, true, 1, at::kBFloat16},   // its backward
+      {40, 72, 136, 2, 16, false, false, false, true, 8, at::kHalf},      // C = 64, column groups
+      {40, 72, 136, 2, 16, true, false, true, true, 8, at::kHalf},
+      {30, 64, 96, 2, 64, false, true, true, true, 4, at::kBFloat16},     // C = 256, two terms
+      {30, 64, 96, 2, 64, true, false, true, false, 4, at::kBFloat16},    // phase 1 alone
+  };
+  for (const ChainCase& c : chain_cases) fails += !run_chain(c);
+  const size_t n = sizeof(cases) / sizeof(cases[0]) + sizeof(out_cases) / sizeof(out_cases[0]) +
+                   sizeof(chain_cases) / sizeof(chain_cases[0]);
   std::printf("%d of %zu cases failed\n", fails, n);
   return fails ? 1 : 0;
 }

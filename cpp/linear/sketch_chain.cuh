@@ -1,0 +1,363 @@
+// The rank-2Lk chain of panther::sketched_linear in one kernel, for fp16/bf16 at many tokens:
+//
+//   T   = round(s * in P)        (N, C)      phase 1, T kept in shared memory (and written out
+//                                            when asked: the forward's saved intermediate, the
+//                                            backward's gradient of T)
+//   out = round(T Q + bias)      (N, n_out)  phase 2, from that shared copy of T
+//
+// with C = 2Lk and, reading the sketches in their own (L, ., .) layout (no packed copies):
+//   forward:  in = x (N, d_in),  P = A = [S1 | U2] (d_in, C),  Q = B = [U1; S2] (C, d_out), s = 1/(2L)
+//   backward: in = dy (N, d_out), P = B^T, Q = A^T,  out = dx, T = dT (the gradient of x A / (2L))
+// Both GEMMs accumulate in fp32 (mma.sync m16n8k16) and T is rounded once to the input dtype
+// before the second, exactly as the two-GEMM path does; one launch replaces the packing and two
+// cuBLAS calls, and T never makes a round trip through global memory between them.
+//
+// Block: kRows rows of `in`, 8 warps. Phase 1 streams `in` and P through two shared-memory
+// stages of kKc columns (cp.async); warp (wr, wc) owns rows 16 wr.. and T columns
+// [wc C/2, (wc+1) C/2). Phase 2 streams Q in blocks of kNo output columns (two stages) over the
+// same shared memory; warp (wr, wc) owns rows 16 wr.. and output columns 32 wc.. of a block,
+// staged through a warp-private tile so that global stores are 16-byte row segments. gridDim.y
+// column groups split the output columns between blocks of the same rows (each recomputes T;
+// only group 0 writes it out), so that few rows still fill the GPU.
+//
+// Requirements (chain_applies): C in {64, 128, 256}, k % 8 == 0, d_in % 8 == 0, d_out % 8 == 0,
+// contiguous 16-byte aligned operands. Rows and columns past the ends are zero-filled on load
+// and not stored.
+//
+// The file compiles as CUDA and, with PANTHER_CUDA_EMU defined, as host C++ against
+// tests/emu/cuda_emu.h (tests/emu/sketch_test.cpp runs it on the CPU).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "common/device.cuh"
+#include "common/mma.cuh"
+
+#include <ATen/ATen.h>
+
+#include "linear/impl.h"
+
+#include "common/launch.cuh"
+
+namespace panther::sketch_chain {
+
+constexpr int kWarps = 8, kThreads = 32 * kWarps;
+constexpr int kRows = 64;      // rows of `in` per block: 4 row groups of 16
+constexpr int kKc = 64;        // columns of `in` (the K of phase 1) per stage
+constexpr int kNo = 64;        // output columns per phase-2 stage: 2 warp columns of 32
+constexpr int kLd = kKc + 8;   // leading dimension of the 64-wide tiles (pad: conflict-free ldmatrix)
+
+// The sketches in their own layout, read as A = [S1 | U2] (d_in, C) and B = [U1; S2] (C, d_out):
+// A(i, c) = S1s[l, i, j] for c = l k + j < Lk, U2s[l, i, j] for c - Lk = l k + j; B(c, o) =
+// U1s (Lk, d_out) row c, or S2s row c - Lk.
+template <class T>
+struct Sketches {
+  const T* S1;
+  const T* U2;
+  const T* U1;
+  const T* S2;
+  int d_in, d_out, k, Lk;
+};
+
+// Eight consecutive elements A(i, c..c+7) (c % 8 == 0, k % 8 == 0: never across two terms).
+template <class T>
+__device__ __forceinline__ const T* a_seg(const Sketches<T>& s, int i, int c) {
+  const bool second = c >= s.Lk;
+  const int cc = second ? c - s.Lk : c, l = cc / s.k, j = cc - l * s.k;
+  return (second ? s.U2 : s.S1) + (static_cast<int64_t>(l) * s.d_in + i) * s.k + j;
+}
+// Eight consecutive elements B(c, o..o+7).
+template <class T>
+__device__ __forceinline__ const T* b_seg(const Sketches<T>& s, int c, int o) {
+  return (c < s.Lk ? s.U1 + static_cast<int64_t>(c) * s.d_out
+                   : s.S2 + static_cast<int64_t>(c - s.Lk) * s.d_out) + o;
+}
+
+template <class T>
+struct Params {
+  const T* in;        // (N, K) contiguous
+  int64_t N;
+  int K;
+  Sketches<T> sk;
+  T* t_out;           // (N, ld_t): T in columns [0, C), or nullptr
+  int64_t ld_t;
+  bool pad;           // also write [1, 0, .., 0] into columns [C, C + 8) of t_out
+  T* out;             // (N, n_out) contiguous, or nullptr (phase 1 only)
+  int n_out;
+  const T* bias;      // (n_out) or nullptr
+  float scale;
+};
+
+// Shared memory (elements of T) for C: two stages, each the 64 x kKc tile of `in` and the P tile
+// (forward: A rows, 64 x (C + 8); backward: B columns stored as rows of B, C x kLd), reused by
+// phase 2 for two Q tiles (forward: C x kLd; backward: 64 x (C + 8)); then T (64 x (C + 8)) and
+// the warps' output staging tiles (16 x 40 each).
+template <int C>
+struct Smem {
+  static constexpr int LT = C + 8, LS = 32 + 8;
+  static constexpr int ptile = (kKc * LT > C * kLd) ? kKc * LT : C * kLd;
+  static constexpr int stage = kRows * kLd + ptile;
+  static constexpr int t = 2 * stage, s = t + kRows * LT, total_elems = s + kWarps * 16 * LS;
+  template <class T>
+  static constexpr size_t bytes() { return sizeof(T) * total_elems; }
+};
+
+// 16-byte move between addresses the caller knows to be aligned (memcpy under the emulator,
+// which builds with strict aliasing).
+__device__ __forceinline__ void move16(void* dst, const void* src) {
+#if defined(PANTHER_CUDA_EMU)
+  std::memcpy(dst, src, 16);
+#else
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+
+// A rows [r0, r0 + 64), all C columns -> dst (64 x (C + 8)); rows past d_in zero-filled.
+template <class T, int C>
+__device__ __forceinline__ void load_a_rows(T* dst, const Sketches<T>& s, int r0, int tid) {
+  for (int u = tid; u < kRows * (C / 8); u += kThreads) {
+    const int r = u / (C / 8), c = (u % (C / 8)) * 8;
+    const bool v = r0 + r < s.d_in;
+    mma::cp_async16(dst + r * (C + 8) + c, v ? a_seg(s, r0 + r, c) : s.S1, v);
+  }
+}
+// B columns [o0, o0 + 64), all C rows -> dst (C x kLd); columns past d_out zero-filled.
+template <class T, int C>
+__device__ __forceinline__ void load_b_cols(T* dst, const Sketches<T>& s, int o0, int tid) {
+  for (int u = tid; u < C * (kKc / 8); u += kThreads) {
+    const int c = u / (kKc / 8), o = (u % (kKc / 8)) * 8;
+    const bool v = o0 + o < s.d_out;
+    mma::cp_async16(dst + c * kLd + o, v ? b_seg(s, c, o0 + o) : s.U1, v);
+  }
+}
+
+// grid (row blocks, column groups), kThreads threads, Smem<C>::bytes<T>() shared memory.
+// kBwd: P = B^T, Q = A^T (see the top comment).
+template <class T, int C, bool kBwd>
+__global__ void __launch_bounds__(kThreads) chain_kernel(Params<T> p) {
+  using S = Smem<C>;
+  constexpr int LT = S::LT, NT1 = C / 16;  // NT1: 8-column tiles of T per warp in phase 1
+  PANTHER_DYNAMIC_SMEM(smem_raw);
+  T* const smem = reinterpret_cast<T*>(smem_raw);
+  T* const sT = smem + S::t;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int wr = warp & 3, wc = warp >> 2;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows;
+
+  // ---- Phase 1: T = s in P ------------------------------------------------------------------
+  auto issue_stage = [&](int st, int k0) {
+    T* sin = smem + st * S::stage;
+    for (int u = tid; u < kRows * (kKc / 8); u += kThreads) {
+      const int r = u / (kKc / 8), c = (u % (kKc / 8)) * 8;
+      const bool v = n0 + r < p.N && k0 + c < p.K;
+      mma::cp_async16(sin + r * kLd + c, v ? p.in + (n0 + r) * p.K + k0 + c : p.in, v);
+    }
+    T* sp = sin + kRows * kLd;
+    if constexpr (kBwd) {
+      load_b_cols<T, C>(sp, p.sk, k0, tid);
+    } else {
+      load_a_rows<T, C>(sp, p.sk, k0, tid);
+    }
+    mma::cp_async_commit();
+  };
+  float acc[NT1][4];
+#pragma unroll
+  for (int j = 0; j < NT1; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  const int nk = (p.K + kKc - 1) / kKc;
+  issue_stage(0, 0);
+  for (int ks = 0; ks < nk; ++ks) {
+    if (ks + 1 < nk) {
+      issue_stage((ks + 1) & 1, (ks + 1) * kKc);
+      mma::cp_async_wait<1>();
+    } else {
+      mma::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* sin = smem + (ks & 1) * S::stage;
+    const T* sp = sin + kRows * kLd;
+#pragma unroll
+    for (int kk = 0; kk < kKc / 16; ++kk) {
+      unsigned a[4];
+      mma::ldmatrix_x4(a, sin + (16 * wr + (lane & 15)) * kLd + 16 * kk + (lane >> 4) * 8);
+#pragma unroll
+      for (int jp = 0; jp < NT1 / 2; ++jp) {
+        const int c0 = wc * (C / 2) + 16 * jp;  // two 8-column tiles of T
+        unsigned b[4];
+        if constexpr (kBwd) {  // stored as B (c, o): n-major
+          mma::ldmatrix_x4(b, sp + (c0 + (lane & 7) + (lane >> 4) * 8) * kLd + 16 * kk + ((lane >> 3) & 1) * 8);
+        } else {  // stored as A (i, c): k-major
+          mma::ldmatrix_x4_trans(b, sp + (16 * kk + (lane & 15)) * LT + c0 + (lane >> 4) * 8);
+        }
+        const unsigned b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+        mma::mma_16816<T>(acc[2 * jp], a, b0, acc[2 * jp]);
+        mma::mma_16816<T>(acc[2 * jp + 1], a, b1, acc[2 * jp + 1]);
+      }
+    }
+    __syncthreads();  // the stage is free for the load issued next iteration
+  }
+  // T rounded once, into shared memory.
+#pragma unroll
+  for (int j = 0; j < NT1; ++j) {
+    const int c = wc * (C / 2) + 8 * j + 2 * t, r = 16 * wr + g;
+    mma::store_pair(sT + r * LT + c, mma::pack2<T>(p.scale * acc[j][0], p.scale * acc[j][1]));
+    mma::store_pair(sT + (r + 8) * LT + c, mma::pack2<T>(p.scale * acc[j][2], p.scale * acc[j][3]));
+  }
+  if (p.out == nullptr && p.t_out == nullptr) return;
+
+  // ---- Phase 2: out = T Q + bias, Q in blocks of kNo columns --------------------------------
+  const int n_tiles = p.out != nullptr ? (p.n_out + kNo - 1) / kNo : 0;
+  const int ny = static_cast<int>(gridDim.y);
+  auto issue_q = [&](int st, int ot) {
+    if (ot < n_tiles) {
+      T* sq = smem + st * S::stage;
+      if constexpr (kBwd) {
+        load_a_rows<T, C>(sq, p.sk, ot * kNo, tid);
+      } else {
+        load_b_cols<T, C>(sq, p.sk, ot * kNo, tid);
+      }
+    }
+    mma::cp_async_commit();
+  };
+  issue_q(0, static_cast<int>(blockIdx.y));
+  __syncthreads();  // T complete
+  if (p.t_out != nullptr && blockIdx.y == 0) {
+    for (int u = tid; u < kRows * (C / 8); u += kThreads) {
+      const int r = u / (C / 8), c = (u % (C / 8)) * 8;
+      if (n0 + r < p.N) move16(p.t_out + (n0 + r) * p.ld_t + c, sT + r * LT + c);
+    }
+    if (p.pad) {
+      for (int r = tid; r < kRows; r += kThreads) {
+        if (n0 + r >= p.N) break;
+        T v[8];
+        v[0] = static_cast<T>(1.f);
+        for (int q = 1; q < 8; ++q) v[q] = static_cast<T>(0.f);
+        move16(p.t_out + (n0 + r) * p.ld_t + C, v);
+      }
+    }
+  }
+  T* const stage = smem + S::s + warp * 16 * S::LS;
+  int it = 0;
+  for (int ot = static_cast<int>(blockIdx.y); ot < n_tiles; ot += ny, ++it) {
+    issue_q((it + 1) & 1, ot + ny);
+    mma::cp_async_wait<1>();
+    __syncthreads();
+    const T* sq = smem + (it & 1) * S::stage;
+    const int o0 = ot * kNo + 32 * wc;  // this warp's first output column
+    float acc2[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int o = o0 + 8 * j + 2 * t;
+      const float b0 = p.bias != nullptr && o < p.n_out ? static_cast<float>(p.bias[o]) : 0.f;
+      const float b1 = p.bias != nullptr && o + 1 < p.n_out ? static_cast<float>(p.bias[o + 1]) : 0.f;
+      acc2[j][0] = acc2[j][2] = b0, acc2[j][1] = acc2[j][3] = b1;
+    }
+#pragma unroll
+    for (int kc = 0; kc < C / 16; ++kc) {
+      unsigned a[4];
+      mma::ldmatrix_x4(a, sT + (16 * wr + (lane & 15)) * LT + 16 * kc + (lane >> 4) * 8);
+#pragma unroll
+      for (int jp = 0; jp < 2; ++jp) {
+        const int q0 = 32 * wc + 16 * jp;  // column in the Q tile
+        unsigned b[4];
+        if constexpr (kBwd) {  // stored as A (i, c): n-major
+          mma::ldmatrix_x4(b, sq + (q0 + (lane & 7) + (lane >> 4) * 8) * LT + 16 * kc + ((lane >> 3) & 1) * 8);
+        } else {  // stored as B (c, o): k-major
+          mma::ldmatrix_x4_trans(b, sq + (16 * kc + (lane & 15)) * kLd + q0 + (lane >> 4) * 8);
+        }
+        const unsigned b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+        mma::mma_16816<T>(acc2[2 * jp], a, b0, acc2[2 * jp]);
+        mma::mma_16816<T>(acc2[2 * jp + 1], a, b1, acc2[2 * jp + 1]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      mma::store_pair(stage + g * S::LS + 8 * j + 2 * t, mma::pack2<T>(acc2[j][0], acc2[j][1]));
+      mma::store_pair(stage + (g + 8) * S::LS + 8 * j + 2 * t, mma::pack2<T>(acc2[j][2], acc2[j][3]));
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = (lane >> 2) + 8 * i, u = lane & 3;
+      const int64_t row = n0 + 16 * wr + r;
+      const int col = o0 + 8 * u;
+      if (row < p.N && col < p.n_out) move16(p.out + row * p.n_out + col, stage + r * S::LS + 8 * u);
+    }
+    __syncwarp();
+    __syncthreads();  // every warp is done with this Q buffer before it is refilled
+  }
+  mma::cp_async_wait<0>();
+}
+
+inline bool aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
+
+// Whether chain() takes a call: fp16/bf16 sketches of C = 2Lk in {64, 128, 256}, k, d_in, d_out
+// multiples of 8, contiguous 16-byte aligned sketches (and bias, if any, of the same dtype).
+inline bool chain_applies(const detail::SketchDims& d, const at::Tensor& S1s, const at::Tensor& S2s,
+                          const at::Tensor& U1s, const at::Tensor& U2s) {
+  const int64_t C = 2 * d.L * d.k;
+  const auto dt = S1s.scalar_type();
+  bool ok = detail::is_low_precision(dt) && (C == 64 || C == 128 || C == 256) && d.k % 8 == 0 &&
+            d.d_in % 8 == 0 && d.d_out % 8 == 0 && d.d_in > 0 && d.d_out > 0 &&
+            d.d_in < (int64_t{1} << 30) && d.d_out < (int64_t{1} << 30);
+  for (const at::Tensor* q : {&S1s, &S2s, &U1s, &U2s}) {
+    ok = ok && q->is_contiguous() && aligned16(q->data_ptr());
+  }
+  return ok;
+}
+
+// One launch of chain_kernel (A: the ATen element type). in (N, K) contiguous; out (N, n_out)
+// contiguous or undefined; t_out (N, >= C (+ 8 with pad)) with a row stride that is a multiple of
+// 8 elements, or undefined; bias (n_out) or undefined. sms: the device's multiprocessor count.
+template <class A>
+void chain(const at::Tensor& in, const at::Tensor& S1s, const at::Tensor& S2s,
+           const at::Tensor& U1s, const at::Tensor& U2s, const detail::SketchDims& d, bool bwd,
+           double scale, const at::Tensor& out, const at::Tensor& t_out, bool pad,
+           const at::Tensor& bias, int64_t sms) {
+  using T = typename std::conditional<std::is_same<A, c10::Half>::value, __half, __nv_bfloat16>::type;
+  const int64_t N = in.size(0), C = 2 * d.L * d.k;
+  if (N == 0) return;
+  Params<T> p{};
+  p.in = reinterpret_cast<const T*>(in.data_ptr());
+  p.N = N;
+  p.K = static_cast<int>(in.size(1));
+  p.sk = {reinterpret_cast<const T*>(S1s.data_ptr()), reinterpret_cast<const T*>(U2s.data_ptr()),
+          reinterpret_cast<const T*>(U1s.data_ptr()), reinterpret_cast<const T*>(S2s.data_ptr()),
+          static_cast<int>(d.d_in), static_cast<int>(d.d_out), static_cast<int>(d.k),
+          static_cast<int>(d.L * d.k)};
+  p.t_out = t_out.defined() ? reinterpret_cast<T*>(t_out.data_ptr()) : nullptr;
+  p.ld_t = t_out.defined() ? t_out.stride(0) : 0;
+  p.pad = pad;
+  p.out = out.defined() ? reinterpret_cast<T*>(out.data_ptr()) : nullptr;
+  p.n_out = out.defined() ? static_cast<int>(out.size(1)) : 0;
+  p.bias = bias.defined() ? reinterpret_cast<const T*>(bias.data_ptr()) : nullptr;
+  p.scale = static_cast<float>(scale);
+  const int64_t row_blocks = (N + kRows - 1) / kRows;
+  const int64_t n_tiles = (p.n_out + kNo - 1) / kNo;
+  // Column groups: enough blocks for two per SM where the rows alone are too few; each group
+  // recomputes T, so at most 4 and never more than the output's column blocks.
+  const int64_t ny = std::clamp<int64_t>((2 * sms + row_blocks - 1) / row_blocks, 1,
+                                         std::max<int64_t>(1, std::min<int64_t>(4, n_tiles)));
+  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(ny));
+  const dim3 block(kThreads);
+  // One launch site per kernel instance (PANTHER_LAUNCH sets its shared-memory limit once).
+#define PANTHER_CHAIN_CASE(CC)                                                                 \
+  case CC:                                                                                     \
+    if (bwd) {                                                                                 \
+      auto* k = &chain_kernel<T, CC, true>;                                                    \
+      PANTHER_LAUNCH(k, grid, block, Smem<CC>::template bytes<T>(), p);                        \
+    } else {                                                                                   \
+      auto* k = &chain_kernel<T, CC, false>;                                                   \
+      PANTHER_LAUNCH(k, grid, block, Smem<CC>::template bytes<T>(), p);                        \
+    }                                                                                          \
+    break;
+  switch (C) {
+    PANTHER_CHAIN_CASE(64)
+    PANTHER_CHAIN_CASE(128)
+    PANTHER_CHAIN_CASE(256)
+    default: TORCH_INTERNAL_ASSERT(false, "sketch_chain: C = ", C, " is not 64, 128 or 256");
+  }
+#undef PANTHER_CHAIN_CASE
+}
+
+}  // namespace panther::sketch_chain
