@@ -103,8 +103,9 @@ struct Run {
   Smem layout[4];
   T* grad_hs = nullptr;     // where scan_grad writes dT and G
   float* grad_hx = nullptr;
-  // Causal: chunks per launch (`group`: a multiple of kFavorBoundaryChunks, or all of them), the
-  // boundary states (bnd: nbnd per row, saved or in ws) and one launch's scanned states.
+  // Causal: chunks per launch (`group`, the forward's or the backward's: a multiple of
+  // kFavorBoundaryChunks, or all of them), the boundary states (bnd: nbnd per row, saved or in
+  // ws) and one launch's scanned states.
   int group = 0, nbnd = 0;
   float* bnd = nullptr;
   T* hbuf = nullptr;
@@ -123,7 +124,8 @@ struct Run {
     p = make_params<T>(d, causal, q, k, v, W, pad);
     const int dev = query.get_device();
     if (causal) {
-      p.slots = group = launch_chunks(dev);
+      p.slots = launch_chunks(dev);
+      group = backward ? p.slots : forward_chunks(p.slots);
       p.st_n = group;
       nbnd = static_cast<int>((p.nk - 1) / detail::kFavorBoundaryChunks);
     } else {
@@ -171,6 +173,7 @@ struct Run {
     if (causal) {
       // dT goes over the launch's H, which back1 has finished with
       bnd = reinterpret_cast<float*>(sbase + sv.bd);
+      p.mx = reinterpret_cast<float*>(sbase + sv.mx);
       p.hs = grad_hs = hbuf = reinterpret_cast<T*>(base + o_h);
       p.hx = grad_hx = hxbuf = reinterpret_cast<float*>(base + o_hx);
     } else {
@@ -251,6 +254,13 @@ struct Run {
 #endif
     if (n >= p.nq) return p.nq;
     return static_cast<int>(std::max<int64_t>(1, n / G) * G);
+  }
+
+  // Causal forward: chunks per launch, four times the backward's (its buffers, the chunk states
+  // and H, take under half of the backward's per chunk, and the backward also holds the input
+  // gradients), or all of them.
+  int forward_chunks(int backward_chunks) const {
+    return static_cast<int>(std::min<int64_t>(p.nq, 4 * static_cast<int64_t>(backward_chunks)));
   }
 
   int scan_blocks() const {

@@ -83,7 +83,8 @@ inline bool favor_saves_features() {
 //     with their row sums ps (BH, nk C) fp32, key features khat (BH, nk C, M) bf16, the C x C
 //     block A' sa (BH, nk, C C) bf16 and, when Dv <= 64, the output before rounding yo
 //     (BH, nk C, Dv) fp32 and the denominators dn (BH, nk C) fp32;
-//   both: the chunk scalars cs (BH, nk, 4) fp32 (nk chunks of C).
+//   both: the chunk scalars cs (BH, nk, 4) fp32 (nk chunks of C);
+//   causal: each chunk's key maximum mx (BH, nk) fp32 (the chunk states are relative to it).
 // Back to back with no padding, so the kernels write every byte (all but the last are multiples
 // of 64 bytes: each region stays aligned). total is 0 for shapes the fused kernels do not take.
 // Shapes only: the Meta kernel returns the same size as the CUDA one.
@@ -91,7 +92,7 @@ constexpr int64_t kFavorSavedOutMaxDv = 64;  // (the backward stages C x Dv fp32
 template <class I>
 struct FavorSavedT {
   I hs = 0, bd = 0, ph = 0, kf = 0, sa = 0, yo = 0, r = 0, ps = 0, dn = 0, hx = 0, cs = 0,
-    total = 0;
+    mx = 0, total = 0;
 };
 using FavorSaved = FavorSavedT<int64_t>;
 // (features = false: the same without the per-chunk features, A', output and denominators, for
@@ -119,7 +120,8 @@ inline FavorSavedT<I> favor_saved_layout(const I& BH, const I& Lq, const I& Lk, 
   s.dn = s.ps + frows * 4;
   s.hx = s.dn + yrows * 4;
   s.cs = s.hx + BH * nst * e1p * 4;
-  s.total = s.cs + BH * nk * 4 * 4;
+  s.mx = s.cs + BH * nk * 4 * 4;
+  s.total = s.mx + (causal ? BH * nk * 4 : I(0));
   return s;
 }
 
