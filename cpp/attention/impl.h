@@ -95,16 +95,17 @@ struct FavorSavedT {
     mx = 0, total = 0;
 };
 using FavorSaved = FavorSavedT<int64_t>;
-// (features = false: the same without the per-chunk features, A', output and denominators, for
-// the fused kernels' own workspace.)
+// (features = false: the same without the per-chunk features, A', output and denominators;
+// boundaries = false: without the boundary states; both for the fused kernels' own workspace.)
 template <class I>
 inline FavorSavedT<I> favor_saved_layout(const I& BH, const I& Lq, const I& Lk, const I& D,
                                          const I& Dv, const I& M, bool causal, at::ScalarType dt,
-                                         bool features = favor_saves_features()) {
+                                         bool features = favor_saves_features(),
+                                         bool boundaries = true) {
   FavorSavedT<I> s;
   if (!favor_fused_shapes(BH, Lq, Lk, D, Dv, M, dt)) return s;
   const I nk = (Lk + kFavorFusedChunk - 1) / kFavorFusedChunk, nst = causal ? I(0) : I(1);
-  const I nb = causal ? (nk - 1) / kFavorBoundaryChunks : I(0);
+  const I nb = causal && boundaries ? (nk - 1) / kFavorBoundaryChunks : I(0);
   const I rows = causal ? BH * nk * kFavorFusedChunk : I(0);  // causal: Lq == Lk
   const I frows = features ? rows : I(0);
   const I yrows = Dv <= kFavorSavedOutMaxDv ? frows : I(0);
@@ -237,8 +238,10 @@ at::Tensor favor_forward_differentiable(const FavorDims& d, const at::Tensor& qu
                                         int64_t chunk);
 
 inline FavorSaved favor_saved_layout(const FavorDims& d, bool causal, at::ScalarType dt,
-                                     bool features = favor_saves_features()) {
-  return favor_saved_layout(d.B * d.H, d.Lq, d.Lk, d.D, d.Dv, d.M, causal, dt, features);
+                                     bool features = favor_saves_features(),
+                                     bool boundaries = true) {
+  return favor_saved_layout(d.B * d.H, d.Lq, d.Lk, d.D, d.Dv, d.M, causal, dt, features,
+                            boundaries);
 }
 
 // An (unfilled) saved tensor for a call: the Meta kernel's, and the CUDA one's where the fused
