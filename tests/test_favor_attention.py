@@ -349,17 +349,18 @@ def test_cuda_matches_cpu(kernel, causal, dtype):
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_fused_backward_in_several_launches(causal):
     # The fused kernels take the chunks of each row in launches of about four waves of blocks.
-    # Causal: forward and backward launches of whole groups of 16 chunks (the forward keeps the
-    # scan's state before every group; the backward, last launch first, recomputes its chunks'
-    # states from it and carries the reverse scan between launches). Non-causal: the backward
-    # sums the chunks' gradient states into that many slots per row. 128 rows of 40 chunks make
-    # that 3 causal launches of up to 16 chunks per row on a 132-SM GPU (5 slots), and 8
-    # non-causal back1 launches. Same gradients as the CPU's ATen backward, the same bits on a
-    # second call and from the backward that recomputes the forward's states.
-    B, H, L = 4, 32, 2560
+    # Causal: backward launches of whole groups of 16 chunks, forward launches of four times as
+    # many (the forward keeps the scan's state before every group; the backward, last launch
+    # first, recomputes its chunks' states from it and carries the reverse scan between
+    # launches). Non-causal: the backward sums the chunks' gradient states into that many slots
+    # per row. 128 rows of 80 chunks make that 2 causal forward launches (64 and 16 chunks per
+    # row) and 5 backward launches on a 132-SM GPU (5 slots), and 16 non-causal back1 launches.
+    # Same gradients as the CPU's ATen backward, the same bits on a second call and from the
+    # backward that recomputes the forward's states.
+    B, H, L = 4, 32, 5120
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     slots = -(-4 * sms // (B * H))
-    per_launch = max(16, slots // 16 * 16) if causal else slots
+    per_launch = 4 * max(16, slots // 16 * 16) if causal else slots
     assert per_launch < L // 64, "the test needs more chunks than one launch takes"
     q, k, v, W, mask = make_inputs(B, H, L, L, 16, 8, 32, dtype=torch.bfloat16, masked=True)
     W = W.to(torch.bfloat16).float()

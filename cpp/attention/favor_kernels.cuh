@@ -14,7 +14,8 @@
 //   scan_kernel:             causal: H_c = sum_{c' < c} (decayed) kscale T'; non-causal: every
 //                   chunk gets the total. Stored in the input dtype for the tensor cores.
 //   forward_kernel  (n, BH): phi, khat, A' = (phi khat^T) o E (+ eps), y = s phi H + A' [v, 1].
-// Causal calls run states_kernel once for the key maxima alone (stab_kernel needs all of them),
+// Causal calls run states_kernel once for the key maxima alone (stab_kernel needs all of them;
+// later states_kernel launches read each chunk's maximum back instead of computing it again),
 // then states, scan and forward_kernel in launches of whole groups of chunks, first to last: the
 // scan carries its fp32 running state from launch to launch through boundary states (one per
 // group), which are all the forward keeps of the states. So the per-chunk states and H exist for
@@ -95,7 +96,9 @@ __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
   const int i0 = rt * 16 + g, i1 = i0 + 8, S = (p.M + 31) / 32;
   float acc[4][4];
   float mc = 0.f;  // chunk max (softmax)
-  if (p.softmax) {
+  if (p.softmax && p.smode == kStatesOnly) {
+    mc = p.mx[static_cast<int64_t>(k.bh) * p.nk + k.chunk];  // (kStatesMax's pass 1)
+  } else if (p.softmax) {
     float m0 = -INFINITY, m1 = -INFINITY;
     for (int s = grp; s < S; s += kGroups) {
       const int nt = p.M - 32 * s >= 32 ? 4 : 2;
@@ -117,15 +120,17 @@ __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
     for (int j = threadIdx.x; j < kC; j += kThreads) {
       const float aj = k.valid[j] != 0.f ? k.rowc[j] * p.xscale - k.hn[j] : -INFINITY;
       k.rowc[j] = aj;
-      if (p.smode != kStatesOnly) p.a[static_cast<int64_t>(k.bh) * p.nk * kC + k.row0 + j] = aj;
+      p.a[static_cast<int64_t>(k.bh) * p.nk * kC + k.row0 + j] = aj;
     }
     __syncthreads();
     static_assert(kC == 64, "two rows per lane");
     mc = fmaxf(k.rowc[k.lane], k.rowc[k.lane + 32]);
     for (int o = 16; o > 0; o >>= 1) mc = fmaxf(mc, __shfl_xor_sync(0xffffffffu, mc, o));
     // The chunk max for stab_kernel (which turns it into kscale_c = exp(m_c - R_c)).
-    if (threadIdx.x == 0 && p.smode != kStatesOnly)
+    if (threadIdx.x == 0) {
       p.cs[(static_cast<int64_t>(k.bh) * p.nk + k.chunk) * 4 + 3] = mc;
+      if (max_only) p.mx[static_cast<int64_t>(k.bh) * p.nk + k.chunk] = mc;
+    }
   }
   if (max_only) {
     async_wait<0>();

@@ -103,10 +103,12 @@ struct Run {
   Smem layout[4];
   T* grad_hs = nullptr;     // where scan_grad writes dT and G
   float* grad_hx = nullptr;
-  // Causal: chunks per launch (`group`: a multiple of kFavorBoundaryChunks, or all of them), the
-  // boundary states (bnd: nbnd per row, saved or in ws) and one launch's scanned states.
+  // Causal: chunks per launch (`group`, the forward's or the backward's: a multiple of
+  // kFavorBoundaryChunks, or all of them), the boundary states (bnd: nbnd per row, saved or in
+  // ws) and one launch's scanned states.
   int group = 0, nbnd = 0;
   float* bnd = nullptr;
+  float* carry = nullptr;  // (a forward without boundary states: the scan's sum between launches)
   T* hbuf = nullptr;
   float* hxbuf = nullptr;
 
@@ -123,7 +125,8 @@ struct Run {
     p = make_params<T>(d, causal, q, k, v, W, pad);
     const int dev = query.get_device();
     if (causal) {
-      p.slots = group = launch_chunks(dev);
+      p.slots = launch_chunks(dev);
+      group = backward ? p.slots : forward_chunks(p.slots);
       p.st_n = group;
       nbnd = static_cast<int>((p.nk - 1) / detail::kFavorBoundaryChunks);
     } else {
@@ -132,7 +135,11 @@ struct Run {
     for (int kind = 0; kind < 4; ++kind) layout[kind] = smem_layout(kind, p.D, p.M, p.E1p, 2);
     // The features are kept only for autograd: forward(..., saved) and backward(..., saved).
     const bool features = causal && (keep || reuse) && detail::favor_saves_features();
-    const detail::FavorSaved sv = detail::favor_saved_layout(d, causal, at::kBFloat16, features);
+    // A forward without autograd chains its launches through `carry` instead of the boundary
+    // states, which only a backward reads.
+    const bool boundaries = keep || reuse || backward;
+    const detail::FavorSaved sv =
+        detail::favor_saved_layout(d, causal, at::kBFloat16, features, boundaries);
     TORCH_INTERNAL_ASSERT(sv.total > 0);
     const int64_t BH = p.BH, ME = static_cast<int64_t>(p.M) * p.E1p, W1 = ME + p.E1p;
     int64_t off = 0;
@@ -153,6 +160,7 @@ struct Run {
     const int64_t n_h = causal ? group : 1;  // scanned states (non-causal: only to reuse)
     const int64_t o_h = take(causal || reuse, BH * n_h * ME * 2);
     const int64_t o_hx = take(causal || reuse, BH * n_h * p.E1p * 4);
+    const int64_t o_carry = take(causal && !boundaries, BH * W1 * 4);
     const at::TensorOptions bytes = query.options().dtype(at::kByte);
     ws = at::empty({off}, bytes);
     unsigned char* base = ws.data_ptr<unsigned char>();
@@ -170,7 +178,9 @@ struct Run {
     p.cs = reinterpret_cast<float*>(sbase + sv.cs);
     if (causal) {
       // dT goes over the launch's H, which back1 has finished with
-      bnd = reinterpret_cast<float*>(sbase + sv.bd);
+      if (boundaries) bnd = reinterpret_cast<float*>(sbase + sv.bd);
+      else carry = reinterpret_cast<float*>(base + o_carry);
+      p.mx = reinterpret_cast<float*>(sbase + sv.mx);
       p.hs = grad_hs = hbuf = reinterpret_cast<T*>(base + o_h);
       p.hx = grad_hx = hxbuf = reinterpret_cast<float*>(base + o_hx);
     } else {
@@ -253,6 +263,13 @@ struct Run {
     return static_cast<int>(std::max<int64_t>(1, n / G) * G);
   }
 
+  // Causal forward: chunks per launch, four times the backward's (its buffers, the chunk states
+  // and H, take under half of the backward's per chunk, and the backward also holds the input
+  // gradients), or all of them.
+  int forward_chunks(int backward_chunks) const {
+    return static_cast<int>(std::min<int64_t>(p.nq, 4 * static_cast<int64_t>(backward_chunks)));
+  }
+
   int scan_blocks() const {
     const int64_t total = p.BH * (static_cast<int64_t>(p.M) * p.E1p + p.E1p) / 2;
     return static_cast<int>((total + kScanThreads - 1) / kScanThreads);  // a thread per pair
@@ -304,7 +321,7 @@ struct Run {
     stab();
     for (int c0 = 0; c0 < p.nk; c0 += group) {
       const int n = std::min(group, p.nk - c0);
-      launch_states(c0, n, /*fill=*/true);
+      launch_states(c0, n, /*fill=*/bnd != nullptr);
       if (output)
         launch<&forward_kernel<T, kShapeD64M256>, &forward_kernel<T, kShapeAny>>(n, kForward);
     }
@@ -312,14 +329,15 @@ struct Run {
   }
 
   // Causal: the states of chunks c0 .. c0 + n - 1 (c0 a multiple of group) and their scanned
-  // states H into hbuf, starting from the boundary state before c0; fill: also write the
-  // boundary states the scan passes. Leaves p.chunk0 = c0 and p.hs on H.
+  // states H into hbuf, starting from the boundary state before c0 (without boundary states:
+  // from the previous launch's carry); fill: also write the boundary states the scan passes.
+  // Leaves p.chunk0 = c0 and p.hs on H.
   void launch_states(int c0, int n, bool fill) {
     p.smode = kStatesOnly;
     p.chunk0 = c0;
     launch<&states_kernel<T, kShapeD64M256>, &states_kernel<T, kShapeAny>>(n, kStates);
     auto* kernel = &scan_kernel<T, T>;
-    ScanRange rg{group, c0, group, c0, nullptr, false};
+    ScanRange rg{group, c0, group, c0, carry, /*carry_in=*/c0 > 0};
     rg.bnd = bnd;
     rg.every = static_cast<int>(detail::kFavorBoundaryChunks);
     rg.nbnd = nbnd;

@@ -60,6 +60,8 @@ struct Params {
   float* r;               // (BH, nk*kC) key stabiliser per position (causal calls only)
   float* cs;              // (BH, nk, 4): P_c, R_c, alpha_c, kscale_c (states_kernel leaves the
                           // chunk max m_c in kscale_c's place for stab_kernel)
+  float* mx;              // (BH, nk) causal: the chunk maxima m_c (written by kStatesMax, read by
+                          // kStatesOnly instead of computing them again)
   T* st;                  // (BH, st_n, (M+1)*E1p) per-chunk key states (summed in fp32 by the
   int st_n;               // scan) of chunks chunk0 .. chunk0 + st_n - 1
   int smode;              // states_kernel: kStatesAll, kStatesMax or kStatesOnly
@@ -94,8 +96,9 @@ struct Params {
 };
 enum Feat { kFeatCompute = 0, kFeatSave = 1, kFeatLoad = 2 };
 // What states_kernel computes: everything (a, the chunk maxima in cs, the states st); only a and
-// the chunk maxima (for stab_kernel, before the states of the causal launches); only the states
-// (cs already holds stab_kernel's chunk scalars, which the chunk maxima would overwrite).
+// the chunk maxima (in cs for stab_kernel and in mx, before the states of the causal launches);
+// only the states, with the chunk maxima from mx (cs already holds stab_kernel's chunk scalars,
+// which the chunk maxima would overwrite).
 enum StatesMode { kStatesAll = 0, kStatesMax = 1, kStatesOnly = 2 };
 
 enum Kind { kStates = 0, kForward = 1, kBack1 = 2, kBack2 = 3 };

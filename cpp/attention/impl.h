@@ -83,7 +83,8 @@ inline bool favor_saves_features() {
 //     with their row sums ps (BH, nk C) fp32, key features khat (BH, nk C, M) bf16, the C x C
 //     block A' sa (BH, nk, C C) bf16 and, when Dv <= 64, the output before rounding yo
 //     (BH, nk C, Dv) fp32 and the denominators dn (BH, nk C) fp32;
-//   both: the chunk scalars cs (BH, nk, 4) fp32 (nk chunks of C).
+//   both: the chunk scalars cs (BH, nk, 4) fp32 (nk chunks of C);
+//   causal: each chunk's key maximum mx (BH, nk) fp32 (the chunk states are relative to it).
 // Back to back with no padding, so the kernels write every byte (all but the last are multiples
 // of 64 bytes: each region stays aligned). total is 0 for shapes the fused kernels do not take.
 // Shapes only: the Meta kernel returns the same size as the CUDA one.
@@ -91,19 +92,20 @@ constexpr int64_t kFavorSavedOutMaxDv = 64;  // (the backward stages C x Dv fp32
 template <class I>
 struct FavorSavedT {
   I hs = 0, bd = 0, ph = 0, kf = 0, sa = 0, yo = 0, r = 0, ps = 0, dn = 0, hx = 0, cs = 0,
-    total = 0;
+    mx = 0, total = 0;
 };
 using FavorSaved = FavorSavedT<int64_t>;
-// (features = false: the same without the per-chunk features, A', output and denominators, for
-// the fused kernels' own workspace.)
+// (features = false: the same without the per-chunk features, A', output and denominators;
+// boundaries = false: without the boundary states; both for the fused kernels' own workspace.)
 template <class I>
 inline FavorSavedT<I> favor_saved_layout(const I& BH, const I& Lq, const I& Lk, const I& D,
                                          const I& Dv, const I& M, bool causal, at::ScalarType dt,
-                                         bool features = favor_saves_features()) {
+                                         bool features = favor_saves_features(),
+                                         bool boundaries = true) {
   FavorSavedT<I> s;
   if (!favor_fused_shapes(BH, Lq, Lk, D, Dv, M, dt)) return s;
   const I nk = (Lk + kFavorFusedChunk - 1) / kFavorFusedChunk, nst = causal ? I(0) : I(1);
-  const I nb = causal ? (nk - 1) / kFavorBoundaryChunks : I(0);
+  const I nb = causal && boundaries ? (nk - 1) / kFavorBoundaryChunks : I(0);
   const I rows = causal ? BH * nk * kFavorFusedChunk : I(0);  // causal: Lq == Lk
   const I frows = features ? rows : I(0);
   const I yrows = Dv <= kFavorSavedOutMaxDv ? frows : I(0);
@@ -119,7 +121,8 @@ inline FavorSavedT<I> favor_saved_layout(const I& BH, const I& Lq, const I& Lk, 
   s.dn = s.ps + frows * 4;
   s.hx = s.dn + yrows * 4;
   s.cs = s.hx + BH * nst * e1p * 4;
-  s.total = s.cs + BH * nk * 4 * 4;
+  s.mx = s.cs + BH * nk * 4 * 4;
+  s.total = s.mx + (causal ? BH * nk * 4 : I(0));
   return s;
 }
 
@@ -235,8 +238,10 @@ at::Tensor favor_forward_differentiable(const FavorDims& d, const at::Tensor& qu
                                         int64_t chunk);
 
 inline FavorSaved favor_saved_layout(const FavorDims& d, bool causal, at::ScalarType dt,
-                                     bool features = favor_saves_features()) {
-  return favor_saved_layout(d.B * d.H, d.Lq, d.Lk, d.D, d.Dv, d.M, causal, dt, features);
+                                     bool features = favor_saves_features(),
+                                     bool boundaries = true) {
+  return favor_saved_layout(d.B * d.H, d.Lq, d.Lk, d.D, d.Dv, d.M, causal, dt, features,
+                            boundaries);
 }
 
 // An (unfilled) saved tensor for a call: the Meta kernel's, and the CUDA one's where the fused

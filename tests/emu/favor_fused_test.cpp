@@ -129,10 +129,11 @@ int main(int argc, char** argv) {
       // Causal backward in launches of fewer chunks than the sequence (the emulator reports 1
       // SM: one chunk per row and launch here), the reverse scan carried across 4 launches.
       {1, 4, 200, 200, 16, 16, 32, true, true, true, true, 1.0, bf},
-      // Causal launches of two boundary groups (the emulator's groups are 2 chunks): 10 chunks
-      // in launches of 4, 4 and 2, the boundary states before chunks 2, 4, 6 and 8 written by
-      // the forward's scans (in the middle and at the end of a launch) and read back.
-      {1, 1, 600, 600, 16, 16, 32, true, true, true, false, 1.0, bf},
+      // Causal launches over several boundary groups (the emulator's groups are 2 chunks): rows
+      // of 10 chunks, forward launches of 8 and 2 (the boundary states before chunks 2, 4 and 6
+      // written in the middle of a launch, before 8 at its end and read by the next), backward
+      // launches of 2 chunks, each from its boundary state.
+      {1, 2, 600, 600, 16, 16, 32, true, true, true, false, 1.0, bf},
       // Non-causal backward with fewer gradient-state slots than query chunks (the emulator
       // reports 1 SM, so back1 gets 4 blocks per launch): 4 rows of 4 chunks, one slot each, in 4
       // launches; 2 rows of 3 chunks, two slots, in 2 launches (the second one block per row).
