@@ -128,7 +128,7 @@ struct Run {
       p.slots = launch_chunks(dev);
       group = backward ? p.slots : forward_chunks(p.slots);
       p.st_n = group;
-      nbnd = static_cast<int>((p.nk - 1) / detail::kFavorBoundaryChunks);
+      nbnd = static_cast<int>(detail::favor_boundary_states<int64_t>(p.nk));
     } else {
       p.slots = back1_slots(dev);
     }

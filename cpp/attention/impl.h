@@ -62,6 +62,11 @@ constexpr int64_t kFavorBoundaryChunks = 2;  // (the emulator's sequences have a
 #else
 constexpr int64_t kFavorBoundaryChunks = 16;
 #endif
+// The boundary states of nk chunks: the running state before chunks G, 2G, ... < nk.
+template <class I>
+inline I favor_boundary_states(const I& nk) {
+  return (nk - 1) / kFavorBoundaryChunks;
+}
 
 // Whether causal calls keep every chunk's features, A', output and denominators for the backward
 // (PANTHER_FAVOR_SAVE_FEATURES=1; read once per process) instead of recomputing them there. Off
@@ -105,7 +110,7 @@ inline FavorSavedT<I> favor_saved_layout(const I& BH, const I& Lq, const I& Lk, 
   FavorSavedT<I> s;
   if (!favor_fused_shapes(BH, Lq, Lk, D, Dv, M, dt)) return s;
   const I nk = (Lk + kFavorFusedChunk - 1) / kFavorFusedChunk, nst = causal ? I(0) : I(1);
-  const I nb = causal && boundaries ? (nk - 1) / kFavorBoundaryChunks : I(0);
+  const I nb = causal && boundaries ? favor_boundary_states(nk) : I(0);
   const I rows = causal ? BH * nk * kFavorFusedChunk : I(0);  // causal: Lq == Lk
   const I frows = features ? rows : I(0);
   const I yrows = Dv <= kFavorSavedOutMaxDv ? frows : I(0);
