@@ -12,13 +12,14 @@
 // before the second, exactly as the two-GEMM path does; one launch replaces the packing and two
 // cuBLAS calls, and T never makes a round trip through global memory between them.
 //
-// Block: kRows rows of `in`, 8 warps. Phase 1 streams `in` and P through two shared-memory
-// stages of kKc columns (cp.async); warp (wr, wc) owns rows 16 wr.. and T columns
-// [wc C/2, (wc+1) C/2). Phase 2 streams Q in blocks of kNo output columns (two stages) over the
-// same shared memory; warp (wr, wc) owns rows 16 wr.. and output columns 32 wc.. of a block,
-// staged through a warp-private tile so that global stores are 16-byte row segments. gridDim.y
-// column groups split the output columns between blocks of the same rows (each recomputes T;
-// only group 0 writes it out), so that few rows still fill the GPU.
+// Block: kRows = 128 rows of `in`, 8 row groups of 16 rows, WC = C / 128 warps per row group
+// (one for C <= 128). Phase 1 streams `in` and P through NS shared-memory stages of kKc columns
+// (cp.async); warp (wr, wc) owns rows 16 wr.. and T columns [wc CW, (wc + 1) CW), CW = C / WC.
+// Phase 2 streams Q in tiles of kNo = 64 output columns (two stages) over the same shared
+// memory; warp (wr, wc) owns rows 16 wr.. and 64 / WC columns of a tile, staged through a
+// warp-private tile so that global stores are 16-byte row segments. gridDim.y column groups
+// split the output's tiles between blocks of the same rows (each recomputes T; only group 0
+// writes it out), so that few rows still fill the GPU.
 //
 // Requirements (chain_applies): C in {64, 128, 256}, k % 8 == 0, d_in % 8 == 0, d_out % 8 == 0,
 // contiguous 16-byte aligned operands. Rows and columns past the ends are zero-filled on load
@@ -42,11 +43,21 @@
 
 namespace panther::sketch_chain {
 
-constexpr int kWarps = 8, kThreads = 32 * kWarps;
-constexpr int kRows = 64;      // rows of `in` per block: 4 row groups of 16
+constexpr int kRows = 128;     // rows of `in` per block: 8 row groups of 16
 constexpr int kKc = 64;        // columns of `in` (the K of phase 1) per stage
-constexpr int kNo = 64;        // output columns per phase-2 stage: 2 warp columns of 32
+constexpr int kNo = 64;        // output columns per phase-2 stage
+constexpr int kTile = 64;      // rows of A per P (forward) or Q (backward) tile: kKc == kNo
 constexpr int kLd = kKc + 8;   // leading dimension of the 64-wide tiles (pad: conflict-free ldmatrix)
+static_assert(kKc == kTile && kNo == kTile, "A tiles serve as P and as Q");
+
+// Per C: warps per row group (WC), T columns per warp in phase 1 (CW), output columns per warp
+// in phase 2 (OW), threads, phase-1 stages (NS).
+template <int C>
+struct Cfg {
+  static constexpr int WC = C > 128 ? C / 128 : 1, CW = C / WC, OW = kNo / WC;
+  static constexpr int warps = 8 * WC, threads = 32 * warps;
+  static constexpr int NS = C > 128 ? 2 : 3;
+};
 
 // The sketches in their own layout, read as A = [S1 | U2] (d_in, C) and B = [U1; S2] (C, d_out):
 // A(i, c) = S1s[l, i, j] for c = l k + j < Lk, U2s[l, i, j] for c - Lk = l k + j; B(c, o) =
@@ -89,16 +100,17 @@ struct Params {
   float scale;
 };
 
-// Shared memory (elements of T) for C: two stages, each the 64 x kKc tile of `in` and the P tile
-// (forward: A rows, 64 x (C + 8); backward: B columns stored as rows of B, C x kLd), reused by
-// phase 2 for two Q tiles (forward: C x kLd; backward: 64 x (C + 8)); then T (64 x (C + 8)) and
-// the warps' output staging tiles (16 x 40 each).
+// Shared memory (elements of T) for C: NS stages, each the kRows x kKc tile of `in` and the P
+// tile (forward: 64 rows of A, 64 x (C + 8); backward: 64 columns of B stored as rows of B,
+// C x kLd), the first two reused by phase 2 for Q tiles (forward: C x kLd; backward: 64 rows of
+// A); then T (kRows x (C + 8)) and the warps' output staging tiles (16 x (OW + 8) each).
 template <int C>
 struct Smem {
-  static constexpr int LT = C + 8, LS = 32 + 8;
-  static constexpr int ptile = (kKc * LT > C * kLd) ? kKc * LT : C * kLd;
+  using G = Cfg<C>;
+  static constexpr int LT = C + 8, LS = G::OW + 8;
+  static constexpr int ptile = (kTile * LT > C * kLd) ? kTile * LT : C * kLd;
   static constexpr int stage = kRows * kLd + ptile;
-  static constexpr int t = 2 * stage, s = t + kRows * LT, total_elems = s + kWarps * 16 * LS;
+  static constexpr int t = G::NS * stage, s = t + kRows * LT, total_elems = s + G::warps * 16 * LS;
   template <class T>
   static constexpr size_t bytes() { return sizeof(T) * total_elems; }
 };
@@ -116,7 +128,7 @@ __device__ __forceinline__ void move16(void* dst, const void* src) {
 // A rows [r0, r0 + 64), all C columns -> dst (64 x (C + 8)); rows past d_in zero-filled.
 template <class T, int C>
 __device__ __forceinline__ void load_a_rows(T* dst, const Sketches<T>& s, int r0, int tid) {
-  for (int u = tid; u < kRows * (C / 8); u += kThreads) {
+  for (int u = tid; u < kTile * (C / 8); u += Cfg<C>::threads) {
     const int r = u / (C / 8), c = (u % (C / 8)) * 8;
     const bool v = r0 + r < s.d_in;
     mma::cp_async16(dst + r * (C + 8) + c, v ? a_seg(s, r0 + r, c) : s.S1, v);
@@ -125,56 +137,58 @@ __device__ __forceinline__ void load_a_rows(T* dst, const Sketches<T>& s, int r0
 // B columns [o0, o0 + 64), all C rows -> dst (C x kLd); columns past d_out zero-filled.
 template <class T, int C>
 __device__ __forceinline__ void load_b_cols(T* dst, const Sketches<T>& s, int o0, int tid) {
-  for (int u = tid; u < C * (kKc / 8); u += kThreads) {
-    const int c = u / (kKc / 8), o = (u % (kKc / 8)) * 8;
+  for (int u = tid; u < C * (kTile / 8); u += Cfg<C>::threads) {
+    const int c = u / (kTile / 8), o = (u % (kTile / 8)) * 8;
     const bool v = o0 + o < s.d_out;
     mma::cp_async16(dst + c * kLd + o, v ? b_seg(s, c, o0 + o) : s.U1, v);
   }
 }
 
-// grid (row blocks, column groups), kThreads threads, Smem<C>::bytes<T>() shared memory.
+// grid (row blocks, column groups), Cfg<C>::threads threads, Smem<C>::bytes<T>() shared memory.
 // kBwd: P = B^T, Q = A^T (see the top comment).
 template <class T, int C, bool kBwd>
-__global__ void __launch_bounds__(kThreads) chain_kernel(Params<T> p) {
+__global__ void __launch_bounds__(Cfg<C>::threads) chain_kernel(Params<T> p) {
   using S = Smem<C>;
-  constexpr int LT = S::LT, NT1 = C / 16;  // NT1: 8-column tiles of T per warp in phase 1
+  using G = Cfg<C>;
+  constexpr int LT = S::LT, NS = G::NS, NT1 = G::CW / 8, NT2 = G::OW / 8;
+  static_assert(NT1 % 2 == 0 && NT2 % 2 == 0, "8-column tiles go in pairs");
   PANTHER_DYNAMIC_SMEM(smem_raw);
   T* const smem = reinterpret_cast<T*>(smem_raw);
   T* const sT = smem + S::t;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int wr = warp & 3, wc = warp >> 2;
+  const int wr = warp & 7, wc = warp >> 3;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows;
 
-  // ---- Phase 1: T = s in P ------------------------------------------------------------------
-  auto issue_stage = [&](int st, int k0) {
-    T* sin = smem + st * S::stage;
-    for (int u = tid; u < kRows * (kKc / 8); u += kThreads) {
-      const int r = u / (kKc / 8), c = (u % (kKc / 8)) * 8;
-      const bool v = n0 + r < p.N && k0 + c < p.K;
-      mma::cp_async16(sin + r * kLd + c, v ? p.in + (n0 + r) * p.K + k0 + c : p.in, v);
+  // ---- Phase 1: T = s in P, NS stages in flight ---------------------------------------------
+  const int nk = (p.K + kKc - 1) / kKc;
+  auto issue_stage = [&](int ks) {
+    if (ks < nk) {
+      const int k0 = ks * kKc;
+      T* sin = smem + (ks % NS) * S::stage;
+      for (int u = tid; u < kRows * (kKc / 8); u += G::threads) {
+        const int r = u / (kKc / 8), c = (u % (kKc / 8)) * 8;
+        const bool v = n0 + r < p.N && k0 + c < p.K;
+        mma::cp_async16(sin + r * kLd + c, v ? p.in + (n0 + r) * p.K + k0 + c : p.in, v);
+      }
+      T* sp = sin + kRows * kLd;
+      if constexpr (kBwd) {
+        load_b_cols<T, C>(sp, p.sk, k0, tid);
+      } else {
+        load_a_rows<T, C>(sp, p.sk, k0, tid);
+      }
     }
-    T* sp = sin + kRows * kLd;
-    if constexpr (kBwd) {
-      load_b_cols<T, C>(sp, p.sk, k0, tid);
-    } else {
-      load_a_rows<T, C>(sp, p.sk, k0, tid);
-    }
-    mma::cp_async_commit();
+    mma::cp_async_commit();  // (an empty group past the end keeps the count uniform)
   };
   float acc[NT1][4];
 #pragma unroll
   for (int j = 0; j < NT1; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  const int nk = (p.K + kKc - 1) / kKc;
-  issue_stage(0, 0);
+#pragma unroll
+  for (int ks = 0; ks < NS - 1; ++ks) issue_stage(ks);
   for (int ks = 0; ks < nk; ++ks) {
-    if (ks + 1 < nk) {
-      issue_stage((ks + 1) & 1, (ks + 1) * kKc);
-      mma::cp_async_wait<1>();
-    } else {
-      mma::cp_async_wait<0>();
-    }
+    issue_stage(ks + NS - 1);  // into the buffer computed at ks - 1 (freed by its last barrier)
+    mma::cp_async_wait<NS - 1>();
     __syncthreads();
-    const T* sin = smem + (ks & 1) * S::stage;
+    const T* sin = smem + (ks % NS) * S::stage;
     const T* sp = sin + kRows * kLd;
 #pragma unroll
     for (int kk = 0; kk < kKc / 16; ++kk) {
@@ -182,7 +196,7 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(Params<T> p) {
       mma::ldmatrix_x4(a, sin + (16 * wr + (lane & 15)) * kLd + 16 * kk + (lane >> 4) * 8);
 #pragma unroll
       for (int jp = 0; jp < NT1 / 2; ++jp) {
-        const int c0 = wc * (C / 2) + 16 * jp;  // two 8-column tiles of T
+        const int c0 = wc * G::CW + 16 * jp;  // two 8-column tiles of T
         unsigned b[4];
         if constexpr (kBwd) {  // stored as B (c, o): n-major
           mma::ldmatrix_x4(b, sp + (c0 + (lane & 7) + (lane >> 4) * 8) * kLd + 16 * kk + ((lane >> 3) & 1) * 8);
@@ -196,16 +210,16 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(Params<T> p) {
     }
     __syncthreads();  // the stage is free for the load issued next iteration
   }
+  mma::cp_async_wait<0>();  // (only empty groups are left)
   // T rounded once, into shared memory.
 #pragma unroll
   for (int j = 0; j < NT1; ++j) {
-    const int c = wc * (C / 2) + 8 * j + 2 * t, r = 16 * wr + g;
+    const int c = wc * G::CW + 8 * j + 2 * t, r = 16 * wr + g;
     mma::store_pair(sT + r * LT + c, mma::pack2<T>(p.scale * acc[j][0], p.scale * acc[j][1]));
     mma::store_pair(sT + (r + 8) * LT + c, mma::pack2<T>(p.scale * acc[j][2], p.scale * acc[j][3]));
   }
-  if (p.out == nullptr && p.t_out == nullptr) return;
 
-  // ---- Phase 2: out = T Q + bias, Q in blocks of kNo columns --------------------------------
+  // ---- Phase 2: out = T Q + bias, Q in tiles of kNo columns ---------------------------------
   const int n_tiles = p.out != nullptr ? (p.n_out + kNo - 1) / kNo : 0;
   const int ny = static_cast<int>(gridDim.y);
   auto issue_q = [&](int st, int ot) {
@@ -222,12 +236,12 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(Params<T> p) {
   issue_q(0, static_cast<int>(blockIdx.y));
   __syncthreads();  // T complete
   if (p.t_out != nullptr && blockIdx.y == 0) {
-    for (int u = tid; u < kRows * (C / 8); u += kThreads) {
+    for (int u = tid; u < kRows * (C / 8); u += G::threads) {
       const int r = u / (C / 8), c = (u % (C / 8)) * 8;
       if (n0 + r < p.N) move16(p.t_out + (n0 + r) * p.ld_t + c, sT + r * LT + c);
     }
     if (p.pad) {
-      for (int r = tid; r < kRows; r += kThreads) {
+      for (int r = tid; r < kRows; r += G::threads) {
         if (n0 + r >= p.N) break;
         T v[8];
         v[0] = static_cast<T>(1.f);
@@ -243,10 +257,11 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(Params<T> p) {
     mma::cp_async_wait<1>();
     __syncthreads();
     const T* sq = smem + (it & 1) * S::stage;
-    const int o0 = ot * kNo + 32 * wc;  // this warp's first output column
-    float acc2[4][4];
+    const int q0 = wc * G::OW;       // this warp's first column in the Q tile
+    const int o0 = ot * kNo + q0;    // and in the output
+    float acc2[NT2][4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < NT2; ++j) {
       const int o = o0 + 8 * j + 2 * t;
       const float b0 = p.bias != nullptr && o < p.n_out ? static_cast<float>(p.bias[o]) : 0.f;
       const float b1 = p.bias != nullptr && o + 1 < p.n_out ? static_cast<float>(p.bias[o + 1]) : 0.f;
@@ -257,13 +272,13 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(Params<T> p) {
       unsigned a[4];
       mma::ldmatrix_x4(a, sT + (16 * wr + (lane & 15)) * LT + 16 * kc + (lane >> 4) * 8);
 #pragma unroll
-      for (int jp = 0; jp < 2; ++jp) {
-        const int q0 = 32 * wc + 16 * jp;  // column in the Q tile
+      for (int jp = 0; jp < NT2 / 2; ++jp) {
+        const int c0 = q0 + 16 * jp;
         unsigned b[4];
         if constexpr (kBwd) {  // stored as A (i, c): n-major
-          mma::ldmatrix_x4(b, sq + (q0 + (lane & 7) + (lane >> 4) * 8) * LT + 16 * kc + ((lane >> 3) & 1) * 8);
+          mma::ldmatrix_x4(b, sq + (c0 + (lane & 7) + (lane >> 4) * 8) * LT + 16 * kc + ((lane >> 3) & 1) * 8);
         } else {  // stored as B (c, o): k-major
-          mma::ldmatrix_x4_trans(b, sq + (16 * kc + (lane & 15)) * kLd + q0 + (lane >> 4) * 8);
+          mma::ldmatrix_x4_trans(b, sq + (16 * kc + (lane & 15)) * kLd + c0 + (lane >> 4) * 8);
         }
         const unsigned b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
         mma::mma_16816<T>(acc2[2 * jp], a, b0, acc2[2 * jp]);
@@ -271,14 +286,15 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(Params<T> p) {
       }
     }
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < NT2; ++j) {
       mma::store_pair(stage + g * S::LS + 8 * j + 2 * t, mma::pack2<T>(acc2[j][0], acc2[j][1]));
       mma::store_pair(stage + (g + 8) * S::LS + 8 * j + 2 * t, mma::pack2<T>(acc2[j][2], acc2[j][3]));
     }
     __syncwarp();
+    constexpr int segs = G::OW / 8;  // 16-byte segments per staged row
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int r = (lane >> 2) + 8 * i, u = lane & 3;
+    for (int e = lane; e < 16 * segs; e += 32) {
+      const int r = e / segs, u = e % segs;
       const int64_t row = n0 + 16 * wr + r;
       const int col = o0 + 8 * u;
       if (row < p.N && col < p.n_out) move16(p.out + row * p.n_out + col, stage + r * S::LS + 8 * u);
@@ -334,21 +350,22 @@ void chain(const at::Tensor& in, const at::Tensor& S1s, const at::Tensor& S2s,
   p.scale = static_cast<float>(scale);
   const int64_t row_blocks = (N + kRows - 1) / kRows;
   const int64_t n_tiles = (p.n_out + kNo - 1) / kNo;
-  // Column groups: enough blocks for two per SM where the rows alone are too few; each group
-  // recomputes T, so at most 4 and never more than the output's column blocks.
-  const int64_t ny = std::clamp<int64_t>((2 * sms + row_blocks - 1) / row_blocks, 1,
-                                         std::max<int64_t>(1, std::min<int64_t>(4, n_tiles)));
+  // Column groups where the rows alone leave SMs idle: each group recomputes T, so at most 4,
+  // never more than the output's tiles, and fewer where phase 1 (K) outweighs phase 2 (n_out).
+  const int64_t ny_max = std::min<int64_t>({4, n_tiles, std::max<int64_t>(1, 2 * p.n_out / p.K)});
+  const int64_t ny = row_blocks * 2 > sms ? 1
+                                          : std::clamp<int64_t>((sms + row_blocks - 1) / row_blocks,
+                                                                1, std::max<int64_t>(1, ny_max));
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(ny));
-  const dim3 block(kThreads);
   // One launch site per kernel instance (PANTHER_LAUNCH sets its shared-memory limit once).
 #define PANTHER_CHAIN_CASE(CC)                                                                 \
   case CC:                                                                                     \
     if (bwd) {                                                                                 \
       auto* k = &chain_kernel<T, CC, true>;                                                    \
-      PANTHER_LAUNCH(k, grid, block, Smem<CC>::template bytes<T>(), p);                        \
+      PANTHER_LAUNCH(k, grid, dim3(Cfg<CC>::threads), Smem<CC>::template bytes<T>(), p);       \
     } else {                                                                                   \
       auto* k = &chain_kernel<T, CC, false>;                                                   \
-      PANTHER_LAUNCH(k, grid, block, Smem<CC>::template bytes<T>(), p);                        \
+      PANTHER_LAUNCH(k, grid, dim3(Cfg<CC>::threads), Smem<CC>::template bytes<T>(), p);       \
     }                                                                                          \
     break;
   switch (C) {

@@ -215,8 +215,8 @@ int main() {
   for (const OutCase& c : out_cases) fails += !run_out(c);
   const ChainCase chain_cases[] = {
       // N, d_in, d_out, L, k, bwd, bias, want_t, want_out, sms, dtype
-      {70, 136, 200, 1, 64, false, true, true, true, 1, at::kBFloat16},   // C = 128, row tail
-      {70, 136, 200, 1, 64, true, false, true, true, 1, at::kBFloat16},   // its backward
+      {200, 136, 200, 1, 64, false, true, true, true, 1, at::kBFloat16},  // C = 128, two row blocks, tail
+      {200, 136, 200, 1, 64, true, false, true, true, 1, at::kBFloat16},  // its backward
       {40, 72, 136, 2, 16, false, false, false, true, 8, at::kHalf},      // C = 64, column groups
       {40, 72, 136, 2, 16, true, false, true, true, 8, at::kHalf},
       {30, 64, 96, 2, 64, false, true, true, true, 4, at::kBFloat16},     // C = 256, two terms
