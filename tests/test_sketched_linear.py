@@ -767,9 +767,10 @@ CUDA_CASES = CASES + [
     Case("cuda_c64_nobias", (300,), 64, 520, 2, 16, bias=False),
     Case("cuda_c16_3d", (3, 70), 40, 24, 1, 8),
     Case("cuda_tokens_transposed", (2048,), 64, 96, 2, 8, layout="transposed"),
-    # fp16/bf16 fused chain kernel (cpp/linear/sketch_chain.cuh: 2Lk of 128 or 256, k, d_in and
-    # d_out multiples of 8): a row tail of a 64-row block, d_in and d_out not multiples of 64;
-    # two terms of 32; C = 256 with a transposed input and no bias; few row blocks (column groups)
+    # fp16/bf16 backward through the fused chain kernel (cpp/linear/sketch_chain.cuh: 2Lk of 64,
+    # 128 or 256, k, d_in and d_out multiples of 8, up to 3072 wide): a row tail of a 128-row
+    # block, d_in and d_out not multiples of 64; two terms of 32; C = 256 with a transposed input
+    # and no bias; few row blocks (column groups)
     Case("cuda_chain_c128_3d", (4, 130), 200, 136, 1, 64),
     Case("cuda_chain_two_terms", (1000,), 768, 264, 2, 32),
     Case("cuda_chain_c256_transposed", (300,), 96, 264, 2, 64, bias=False, layout="transposed"),
@@ -800,7 +801,7 @@ class TestCUDA:
         test_backward_matches_reference(case, dtype, "cuda")
         test_forward_matches_reference(case, dtype, "cuda")
 
-    @pytest.mark.parametrize("k", [16, 64], ids=["out_kernel", "chain"])
+    @pytest.mark.parametrize("k", [16, 64], ids=["out_kernel", "two_gemm"])
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
     def test_forward_same_with_and_without_autograd(self, dtype, k):
         """The many-token forward keeps the intermediate only when a backward needs it; the
@@ -815,8 +816,9 @@ class TestCUDA:
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
     def test_chain_and_cublas_paths_agree(self, dtype, monkeypatch):
-        """The fused chain kernel and the packed two-GEMM path (PANTHER_LINEAR_CHAIN=0) round T
-        once and accumulate in fp32: output and gradients agree to the dtype's rounding."""
+        """The backward through the fused chain kernel and through the packed two-GEMM path
+        (PANTHER_LINEAR_CHAIN=0) round dT once and accumulate in fp32: the gradients agree to the
+        dtype's rounding (and the forward, the same path in both, exactly)."""
         layer = pr.nn.SKLinear(768, 768, 1, 64, device="cuda", dtype=dtype)
         x = torch.randn(2, 1000, 768, device="cuda", dtype=dtype)
         go = torch.randn(2, 1000, 768, device="cuda", dtype=dtype)

@@ -5,10 +5,10 @@
 // 2x of a dense fp16/bf16 nn.Linear's, as the model-shape benchmark measures). Exceptions:
 // up to kSmallTokens tokens, forward and backward use direct kernels (sketch_small.cuh and
 // small_tb_kernel below); with 2Lk <= 64 the fp16/bf16 forward's second GEMM is out_kernel
-// (sketch_out.cuh). Both keep T in fp32 for the output. fp16/bf16 with 2Lk of 128 or 256 run the
-// fused chain kernel (sketch_chain.cuh) instead of packing and two cuBLAS GEMMs: the forward in
-// one launch; the backward (2Lk of 64 too) forms dT and dx in one launch and leaves only the
-// weight gradients to cuBLAS.
+// (sketch_out.cuh). Both keep T in fp32 for the output. The fp16/bf16 backward of layers up to
+// 3072 wide (2Lk of 64, 128 or 256) forms dT and dx in one launch of the fused chain kernel
+// (sketch_chain.cuh) instead of packing and two cuBLAS GEMMs, and leaves only the weight
+// gradients to cuBLAS.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -209,13 +209,21 @@ std::tuple<at::Tensor, at::Tensor> forward_small(const at::Tensor& x2, const at:
   return {y, saved};
 }
 
-// Whether the fused chain kernel takes a call (fp16/bf16, 2Lk of 64, 128 or 256, see
-// sketch_chain::chain_applies; the forward leaves 2Lk = 64 to out_kernel, which keeps T in fp32);
-// PANTHER_LINEAR_CHAIN=0 keeps every call on the cuBLAS path (an A/B switch, read at every call).
-bool use_chain(const SketchDims& d, const at::Tensor& S1s, const at::Tensor& S2s,
-               const at::Tensor& U1s, const at::Tensor& U2s, bool forward) {
+// Whether the backward's dT and dx go through the fused chain kernel (fp16/bf16, 2Lk of 64, 128
+// or 256, see sketch_chain::chain_applies). It saves the packing and two cuBLAS calls, which is
+// what a layer of up to 3072 features at up to ~10^10 multiply-adds per chain costs on the host,
+// but its mma.sync tiles reach about a third of cuBLAS's rate, so wider or larger layers (where
+// the GPU work hides the host's) stay on cuBLAS. On an H100 at 16384 tokens, bf16, L=1 k=64:
+// 768x768 fwd+bwd 0.65 -> 0.29 ms, 3072x768 0.81 -> 0.32 ms, while at 4096x4096 the chain
+// would take 0.70 ms against cuBLAS's 0.37. (The forward stays on cuBLAS everywhere: there the
+// chain kernel measured slower at every grid shape.) PANTHER_LINEAR_CHAIN=0 keeps every call
+// on cuBLAS (an A/B switch, read at every call).
+bool use_chain_backward(const SketchDims& d, const at::Tensor& S1s, const at::Tensor& S2s,
+                        const at::Tensor& U1s, const at::Tensor& U2s) {
   const int64_t C = 2 * d.L * d.k;
-  if (forward && C <= sketch_out::kMaxCols) return false;
+  const double macs = static_cast<double>(d.N) * static_cast<double>(C) *
+                      static_cast<double>(d.d_in + d.d_out);
+  if (std::max(d.d_in, d.d_out) > 3072 || macs > 1e10) return false;
   const char* e = std::getenv("PANTHER_LINEAR_CHAIN");
   if (e != nullptr && e[0] == '0' && e[1] == '\0') return false;
   return sketch_chain::chain_applies(d, S1s, S2s, U1s, U2s);
@@ -242,19 +250,6 @@ Fwd forward_cuda(const at::Tensor& input, const at::Tensor& S1s, const at::Tenso
     return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
   }
   const int64_t C = 2 * Lk;
-  if (use_chain(d, S1s, S2s, U1s, U2s, /*forward=*/true)) {
-    const at::Tensor x = x2.contiguous();
-    const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-    if (sketch_chain::aligned16(x.data_ptr())) {
-      at::Tensor y = at::empty({d.N, d.d_out}, x.options());
-      at::Tensor saved = want_saved ? at::empty({d.N, saved_cols(Lk)}, x.options()) : at::Tensor();
-      AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "panther_chain_forward", [&] {
-        sketch_chain::chain<scalar_t>(x, S1s, S2s, U1s, U2s, d, /*bwd=*/false, scale, y, saved,
-                                      /*pad=*/true, b, device_sms(x));
-      });
-      return {y.reshape(sketched_output_shape(input, d.d_out)), saved};
-    }
-  }
   if (is_low_precision(dt) && C % 16 == 0 && C <= sketch_out::kMaxCols && d.d_out % 8 == 0) {
     // Narrow sketches (2Lk <= 64): T in fp32 and the output GEMM from registers (sketch_out.cuh),
     // which splits s T exactly and writes y at close to the bandwidth of the write. Autograd's
@@ -319,7 +314,7 @@ Grads6 backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const 
   const double scale = 1.0 / (2.0 * static_cast<double>(d.L));
   at::Tensor G2 = grad_out.reshape({d.N, d.d_out});
   at::Tensor x2 = input.reshape({d.N, d.d_in});
-  if (use_chain(d, S1s, S2s, U1s, U2s, /*forward=*/false)) {
+  if (use_chain_backward(d, S1s, S2s, U1s, U2s)) {
     // dT = s G B^T (needed by dx and dA) and dx = dT A^T in one launch; dA, dB and the bias
     // gradient from cuBLAS as below, without packing A or B.
     const at::Tensor G = G2.contiguous();

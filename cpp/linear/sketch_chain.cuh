@@ -10,7 +10,11 @@
 //   backward: in = dy (N, d_out), P = B^T, Q = A^T,  out = dx, T = dT (the gradient of x A / (2L))
 // Both GEMMs accumulate in fp32 (mma.sync m16n8k16) and T is rounded once to the input dtype
 // before the second, exactly as the two-GEMM path does; one launch replaces the packing and two
-// cuBLAS calls, and T never makes a round trip through global memory between them.
+// cuBLAS calls, and T never makes a round trip through global memory between them. cuda.cu
+// dispatches the backward form, for layers whose cost is the host's (see use_chain_backward):
+// the tiles run at about a third of cuBLAS's rate, and the forward form measured slower than
+// cuBLAS at every shape of the model-shape grid. The forward form shares every line but the
+// operand loads and is checked with the backward on the emulator.
 //
 // Block: kRows = 128 rows of `in`, 8 row groups of 16 rows, WC = C / 128 warps per row group
 // (one for C <= 128). Phase 1 streams `in` and P through NS shared-memory stages of kKc columns
