@@ -767,10 +767,10 @@ CUDA_CASES = CASES + [
     Case("cuda_c64_nobias", (300,), 64, 520, 2, 16, bias=False),
     Case("cuda_c16_3d", (3, 70), 40, 24, 1, 8),
     Case("cuda_tokens_transposed", (2048,), 64, 96, 2, 8, layout="transposed"),
-    # fp16/bf16 backward through the fused chain kernel (cpp/linear/sketch_chain.cuh: 2Lk of 64,
-    # 128 or 256, k, d_in and d_out multiples of 8, up to 3072 wide): a row tail of a 128-row
-    # block, d_in and d_out not multiples of 64; two terms of 32; C = 256 with a transposed input
-    # and no bias; few row blocks (column groups)
+    # shapes the fused chain kernel takes with PANTHER_LINEAR_CHAIN=1 (TestCUDA runs them with and
+    # without it; cpp/linear/sketch_chain.cuh: 2Lk of 64, 128 or 256, k, d_in and d_out multiples
+    # of 8): a row tail of a 128-row block, d_in and d_out not multiples of 64; two terms of 32;
+    # C = 256 with a transposed input and no bias; few row blocks (column groups)
     Case("cuda_chain_c128_3d", (4, 130), 200, 136, 1, 64),
     Case("cuda_chain_two_terms", (1000,), 768, 264, 2, 32),
     Case("cuda_chain_c256_transposed", (300,), 96, 264, 2, 64, bias=False, layout="transposed"),
@@ -778,6 +778,7 @@ CUDA_CASES = CASES + [
     Case("cuda_chain_no_dx", (520,), 136, 200, 1, 64, grad="S1s_bias"),  # dT alone
     Case("cuda_chain_weights_strided", (520,), 136, 200, 1, 64, layout="weights"),  # cuBLAS path
 ]
+CHAIN_CASES = [c for c in CUDA_CASES if c.name.startswith("cuda_chain") or c.name == "cuda_c64_nobias"]
 
 
 @pytest.mark.cuda
@@ -801,6 +802,12 @@ class TestCUDA:
         test_backward_matches_reference(case, dtype, "cuda")
         test_forward_matches_reference(case, dtype, "cuda")
 
+    @pytest.mark.parametrize("case,dtype", sample_params((torch.float16, torch.bfloat16), CHAIN_CASES))
+    def test_forward_backward_chain_kernel(self, case, dtype, monkeypatch):
+        """The same checks with the backward's dT and dx from the fused chain kernel."""
+        monkeypatch.setenv("PANTHER_LINEAR_CHAIN", "1")
+        test_backward_matches_reference(case, dtype, "cuda")
+
     @pytest.mark.parametrize("k", [16, 64], ids=["out_kernel", "two_gemm"])
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
     def test_forward_same_with_and_without_autograd(self, dtype, k):
@@ -816,9 +823,9 @@ class TestCUDA:
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
     def test_chain_and_cublas_paths_agree(self, dtype, monkeypatch):
-        """The backward through the fused chain kernel and through the packed two-GEMM path
-        (PANTHER_LINEAR_CHAIN=0) round dT once and accumulate in fp32: the gradients agree to the
-        dtype's rounding (and the forward, the same path in both, exactly)."""
+        """The backward through the fused chain kernel (PANTHER_LINEAR_CHAIN=1) and through the
+        packed two-GEMM path (the default) round dT once and accumulate in fp32: the gradients
+        agree to the dtype's rounding (and the forward, the same path in both, exactly)."""
         layer = pr.nn.SKLinear(768, 768, 1, 64, device="cuda", dtype=dtype)
         x = torch.randn(2, 1000, 768, device="cuda", dtype=dtype)
         go = torch.randn(2, 1000, 768, device="cuda", dtype=dtype)
@@ -829,9 +836,9 @@ class TestCUDA:
             grads = torch.autograd.grad(y, [xi, layer.S1s, layer.S2s, layer.bias], go)
             return [y.detach(), *grads]
 
-        fused = run()
-        monkeypatch.setenv("PANTHER_LINEAR_CHAIN", "0")
         packed = run()
+        monkeypatch.setenv("PANTHER_LINEAR_CHAIN", "1")
+        fused = run()
         eps = torch.finfo(dtype).eps
         for name, a, b in zip(["y", "dx", "dS1s", "dS2s", "dbias"], fused, packed):
             err = ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()

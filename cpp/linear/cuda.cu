@@ -5,10 +5,9 @@
 // 2x of a dense fp16/bf16 nn.Linear's, as the model-shape benchmark measures). Exceptions:
 // up to kSmallTokens tokens, forward and backward use direct kernels (sketch_small.cuh and
 // small_tb_kernel below); with 2Lk <= 64 the fp16/bf16 forward's second GEMM is out_kernel
-// (sketch_out.cuh). Both keep T in fp32 for the output. The fp16/bf16 backward of layers up to
-// 3072 wide (2Lk of 64, 128 or 256) forms dT and dx in one launch of the fused chain kernel
-// (sketch_chain.cuh) instead of packing and two cuBLAS GEMMs, and leaves only the weight
-// gradients to cuBLAS.
+// (sketch_out.cuh). Both keep T in fp32 for the output. With PANTHER_LINEAR_CHAIN=1 the fp16/bf16
+// backward of layers up to 3072 wide forms dT and dx in one launch of the fused chain kernel
+// (sketch_chain.cuh) instead of packing and two cuBLAS GEMMs (see use_chain_backward).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -210,22 +209,22 @@ std::tuple<at::Tensor, at::Tensor> forward_small(const at::Tensor& x2, const at:
 }
 
 // Whether the backward's dT and dx go through the fused chain kernel (fp16/bf16, 2Lk of 64, 128
-// or 256, see sketch_chain::chain_applies). It saves the packing and two cuBLAS calls, which is
-// what a layer of up to 3072 features at up to ~10^10 multiply-adds per chain costs on the host,
-// but its mma.sync tiles reach about a third of cuBLAS's rate, so wider or larger layers (where
-// the GPU work hides the host's) stay on cuBLAS. On an H100 at 16384 tokens, bf16, L=1 k=64:
-// 768x768 fwd+bwd 0.65 -> 0.29 ms, 3072x768 0.81 -> 0.32 ms, while at 4096x4096 the chain
-// would take 0.70 ms against cuBLAS's 0.37. (The forward stays on cuBLAS everywhere: there the
-// chain kernel measured slower at every grid shape.) PANTHER_LINEAR_CHAIN=0 keeps every call
-// on cuBLAS (an A/B switch, read at every call).
+// or 256, see sketch_chain::chain_applies): only with PANTHER_LINEAR_CHAIN=1 (read at every
+// call), and then for layers up to 3072 wide and 1e10 multiply-adds per chain. It saves the
+// packing and two cuBLAS calls of host time, but its mma.sync tiles reach about a third of
+// cuBLAS's rate: on an H100 (bf16, L=1 k=64) a BERT-base-shaped encoder's training step took
+// 24.4 ms with it against 22.3 ms without (dense: 29.3 ms), and its forward form was slower
+// than cuBLAS at every shape of the model-shape grid
+// (bench/results/h100-chain-backward-and-causal-forward-2026-12-07.md). Off until its tiles are
+// faster.
 bool use_chain_backward(const SketchDims& d, const at::Tensor& S1s, const at::Tensor& S2s,
                         const at::Tensor& U1s, const at::Tensor& U2s) {
+  const char* e = std::getenv("PANTHER_LINEAR_CHAIN");
+  if (e == nullptr || e[0] != '1' || e[1] != '\0') return false;
   const int64_t C = 2 * d.L * d.k;
   const double macs = static_cast<double>(d.N) * static_cast<double>(C) *
                       static_cast<double>(d.d_in + d.d_out);
   if (std::max(d.d_in, d.d_out) > 3072 || macs > 1e10) return false;
-  const char* e = std::getenv("PANTHER_LINEAR_CHAIN");
-  if (e != nullptr && e[0] == '0' && e[1] == '\0') return false;
   return sketch_chain::chain_applies(d, S1s, S2s, U1s, U2s);
 }
 

@@ -10,11 +10,12 @@
 //   backward: in = dy (N, d_out), P = B^T, Q = A^T,  out = dx, T = dT (the gradient of x A / (2L))
 // Both GEMMs accumulate in fp32 (mma.sync m16n8k16) and T is rounded once to the input dtype
 // before the second, exactly as the two-GEMM path does; one launch replaces the packing and two
-// cuBLAS calls, and T never makes a round trip through global memory between them. cuda.cu
-// dispatches the backward form, for layers whose cost is the host's (see use_chain_backward):
-// the tiles run at about a third of cuBLAS's rate, and the forward form measured slower than
-// cuBLAS at every shape of the model-shape grid. The forward form shares every line but the
-// operand loads and is checked with the backward on the emulator.
+// cuBLAS calls, and T never makes a round trip through global memory between them. The tiles
+// (16 rows per warp, mma.sync) run at about a third of cuBLAS's rate on an H100, which costs
+// more GPU time than the launches save host time: cuda.cu takes the backward form only with
+// PANTHER_LINEAR_CHAIN=1 (see use_chain_backward), and the forward form, which shares every line
+// but the operand loads, is checked on the emulator. Faster tiles (wgmma, larger warp tiles)
+// would make it the default.
 //
 // Block: kRows = 128 rows of `in`, 8 row groups of 16 rows, WC = C / 128 warps per row group
 // (one for C <= 128). Phase 1 streams `in` and P through NS shared-memory stages of kKc columns
