@@ -377,7 +377,7 @@ void chain(const at::Tensor& in, const at::Tensor& S1s, const at::Tensor& S2s,
     PANTHER_CHAIN_CASE(64)
     PANTHER_CHAIN_CASE(128)
     PANTHER_CHAIN_CASE(256)
-    default: TORCH_INTERNAL_ASSERT(false, "sketch_chain: C = ", C, " is not 64, 128 or 256");
+    default: TORCH_INTERNAL_ASSERT(false, "sketch_chain: C is not 64, 128 or 256");
   }
 #undef PANTHER_CHAIN_CASE
 }
