@@ -96,6 +96,19 @@ __device__ __forceinline__ void store_pair(void* dst, unsigned u) {
 #endif
 }
 
+// 16-byte move between addresses the caller knows to be 16-byte aligned (memcpy under the
+// emulator, which builds with strict aliasing).
+__device__ __forceinline__ void move16(void* dst, const void* src) {
+#ifdef PANTHER_CUDA_EMU
+  std::memcpy(dst, src, 16);
+#else
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+
+// Whether a (host) pointer is 16-byte aligned, as move16 and cp_async16 need.
+inline bool aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
+
 // Bulk copies (Hopper's copy engine, cp.async.bulk: sm_90 and newer only). Device code compiled
 // for an architecture below 9.0 has no bulk-copy instruction at all (PANTHER_HAS_BULK_COPY is
 // undefined there) and always takes the portable path; on 9.0 the `bulk` argument chooses at

@@ -317,7 +317,7 @@ Grads6 backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const 
     // dT = s G B^T (needed by dx and dA) and dx = dT A^T in one launch; dA, dB and the bias
     // gradient from cuBLAS as below, without packing A or B.
     const at::Tensor G = G2.contiguous();
-    if (sketch_chain::aligned16(G.data_ptr())) {
+    if (mma::aligned16(G.data_ptr())) {
       at::Tensor gT, dx;
       if (mask[0] || mask[1] || mask[4]) {
         gT = at::empty({d.N, 2 * d.L * d.k}, G.options());

@@ -35,7 +35,6 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #include "common/device.cuh"
 #include "common/mma.cuh"
@@ -120,14 +119,25 @@ struct Smem {
   static constexpr size_t bytes() { return sizeof(T) * total_elems; }
 };
 
-// 16-byte move between addresses the caller knows to be aligned (memcpy under the emulator,
-// which builds with strict aliasing).
-__device__ __forceinline__ void move16(void* dst, const void* src) {
-#if defined(PANTHER_CUDA_EMU)
-  std::memcpy(dst, src, 16);
-#else
-  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-#endif
+
+// Two 8-column B fragments (k rows k0..k0+15, n columns n0..n0+15) from shared memory stored
+// n-major (rows of n: ldmatrix) or k-major (rows of k: ldmatrix.trans), and the two mma.sync
+// that use them with one A fragment.
+template <bool kNMajor, class T>
+__device__ __forceinline__ void load_b_pair(unsigned (&b)[4], const T* s, int ld, int k0, int n0,
+                                            int lane) {
+  if constexpr (kNMajor) {
+    mma::ldmatrix_x4(b, s + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
+  } else {
+    mma::ldmatrix_x4_trans(b, s + (k0 + (lane & 15)) * ld + n0 + (lane >> 4) * 8);
+  }
+}
+template <class T>
+__device__ __forceinline__ void mma_pair(float (&c0)[4], float (&c1)[4], const unsigned (&a)[4],
+                                         const unsigned (&b)[4]) {
+  const unsigned b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+  mma::mma_16816<T>(c0, a, b0, c0);
+  mma::mma_16816<T>(c1, a, b1, c1);
 }
 
 // A rows [r0, r0 + 64), all C columns -> dst (64 x (C + 8)); rows past d_in zero-filled.
@@ -200,17 +210,10 @@ __global__ void __launch_bounds__(Cfg<C>::threads) chain_kernel(Params<T> p) {
       unsigned a[4];
       mma::ldmatrix_x4(a, sin + (16 * wr + (lane & 15)) * kLd + 16 * kk + (lane >> 4) * 8);
 #pragma unroll
-      for (int jp = 0; jp < NT1 / 2; ++jp) {
-        const int c0 = wc * G::CW + 16 * jp;  // two 8-column tiles of T
-        unsigned b[4];
-        if constexpr (kBwd) {  // stored as B (c, o): n-major
-          mma::ldmatrix_x4(b, sp + (c0 + (lane & 7) + (lane >> 4) * 8) * kLd + 16 * kk + ((lane >> 3) & 1) * 8);
-        } else {  // stored as A (i, c): k-major
-          mma::ldmatrix_x4_trans(b, sp + (16 * kk + (lane & 15)) * LT + c0 + (lane >> 4) * 8);
-        }
-        const unsigned b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-        mma::mma_16816<T>(acc[2 * jp], a, b0, acc[2 * jp]);
-        mma::mma_16816<T>(acc[2 * jp + 1], a, b1, acc[2 * jp + 1]);
+      for (int jp = 0; jp < NT1 / 2; ++jp) {  // two 8-column tiles of T
+        unsigned b[4];  // P stored as B (c, o) rows (backward) or A (i, c) rows (forward)
+        load_b_pair<kBwd>(b, sp, kBwd ? kLd : LT, 16 * kk, wc * G::CW + 16 * jp, lane);
+        mma_pair<T>(acc[2 * jp], acc[2 * jp + 1], a, b);
       }
     }
     __syncthreads();  // the stage is free for the load issued next iteration
@@ -243,7 +246,7 @@ __global__ void __launch_bounds__(Cfg<C>::threads) chain_kernel(Params<T> p) {
   if (p.t_out != nullptr && blockIdx.y == 0) {
     for (int u = tid; u < kRows * (C / 8); u += G::threads) {
       const int r = u / (C / 8), c = (u % (C / 8)) * 8;
-      if (n0 + r < p.N) move16(p.t_out + (n0 + r) * p.ld_t + c, sT + r * LT + c);
+      if (n0 + r < p.N) mma::move16(p.t_out + (n0 + r) * p.ld_t + c, sT + r * LT + c);
     }
     if (p.pad) {
       for (int r = tid; r < kRows; r += G::threads) {
@@ -251,7 +254,7 @@ __global__ void __launch_bounds__(Cfg<C>::threads) chain_kernel(Params<T> p) {
         T v[8];
         v[0] = static_cast<T>(1.f);
         for (int q = 1; q < 8; ++q) v[q] = static_cast<T>(0.f);
-        move16(p.t_out + (n0 + r) * p.ld_t + C, v);
+        mma::move16(p.t_out + (n0 + r) * p.ld_t + C, v);
       }
     }
   }
@@ -278,16 +281,9 @@ __global__ void __launch_bounds__(Cfg<C>::threads) chain_kernel(Params<T> p) {
       mma::ldmatrix_x4(a, sT + (16 * wr + (lane & 15)) * LT + 16 * kc + (lane >> 4) * 8);
 #pragma unroll
       for (int jp = 0; jp < NT2 / 2; ++jp) {
-        const int c0 = q0 + 16 * jp;
-        unsigned b[4];
-        if constexpr (kBwd) {  // stored as A (i, c): n-major
-          mma::ldmatrix_x4(b, sq + (c0 + (lane & 7) + (lane >> 4) * 8) * LT + 16 * kc + ((lane >> 3) & 1) * 8);
-        } else {  // stored as B (c, o): k-major
-          mma::ldmatrix_x4_trans(b, sq + (16 * kc + (lane & 15)) * kLd + c0 + (lane >> 4) * 8);
-        }
-        const unsigned b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-        mma::mma_16816<T>(acc2[2 * jp], a, b0, acc2[2 * jp]);
-        mma::mma_16816<T>(acc2[2 * jp + 1], a, b1, acc2[2 * jp + 1]);
+        unsigned b[4];  // Q stored as A (i, c) rows (backward) or B (c, o) rows (forward)
+        load_b_pair<kBwd>(b, sq, kBwd ? LT : kLd, 16 * kc, q0 + 16 * jp, lane);
+        mma_pair<T>(acc2[2 * jp], acc2[2 * jp + 1], a, b);
       }
     }
 #pragma unroll
@@ -302,15 +298,13 @@ __global__ void __launch_bounds__(Cfg<C>::threads) chain_kernel(Params<T> p) {
       const int r = e / segs, u = e % segs;
       const int64_t row = n0 + 16 * wr + r;
       const int col = o0 + 8 * u;
-      if (row < p.N && col < p.n_out) move16(p.out + row * p.n_out + col, stage + r * S::LS + 8 * u);
+      if (row < p.N && col < p.n_out) mma::move16(p.out + row * p.n_out + col, stage + r * S::LS + 8 * u);
     }
     __syncwarp();
     __syncthreads();  // every warp is done with this Q buffer before it is refilled
   }
   mma::cp_async_wait<0>();
 }
-
-inline bool aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
 
 // Whether chain() takes a call: fp16/bf16 sketches of C = 2Lk in {64, 128, 256}, k, d_in, d_out
 // multiples of 8, contiguous 16-byte aligned sketches (and bias, if any, of the same dtype).
@@ -322,7 +316,7 @@ inline bool chain_applies(const detail::SketchDims& d, const at::Tensor& S1s, co
             d.d_in % 8 == 0 && d.d_out % 8 == 0 && d.d_in > 0 && d.d_out > 0 &&
             d.d_in < (int64_t{1} << 30) && d.d_out < (int64_t{1} << 30);
   for (const at::Tensor* q : {&S1s, &S2s, &U1s, &U2s}) {
-    ok = ok && q->is_contiguous() && aligned16(q->data_ptr());
+    ok = ok && q->is_contiguous() && mma::aligned16(q->data_ptr());
   }
   return ok;
 }

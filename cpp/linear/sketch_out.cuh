@@ -73,15 +73,6 @@ struct Smem {
                           total = s + sizeof(T) * kWarps * 16 * LS;
 };
 
-// 16-byte move between addresses the caller knows to be aligned (memcpy under the emulator,
-// which builds with strict aliasing).
-__device__ __forceinline__ void move16(void* dst, const void* src) {
-#if defined(PANTHER_CUDA_EMU)
-  std::memcpy(dst, src, 16);
-#else
-  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-#endif
-}
 __device__ __forceinline__ float2 get8(const float* p) {
 #if defined(PANTHER_CUDA_EMU)
   float2 v;
@@ -223,7 +214,7 @@ __global__ void __launch_bounds__(kThreads, 1) out_kernel(Args<T> p) {
         const int r = (lane >> 3) + 4 * i, u = lane & 7;
         const int64_t row = tr0 + 16 * m + r;
         const int col = col0 + wc + 8 * u;
-        if (row < row_end && col < p.d_out) move16(p.y + row * p.d_out + col, stage + r * S::LS + 8 * u);
+        if (row < row_end && col < p.d_out) mma::move16(p.y + row * p.d_out + col, stage + r * S::LS + 8 * u);
       }
       __syncwarp();
     }
@@ -231,8 +222,6 @@ __global__ void __launch_bounds__(kThreads, 1) out_kernel(Args<T> p) {
     issue_tile(it + 2);
   }
 }
-
-inline bool aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
 
 // Whether out_gemm takes y = s T B + bias: T (N, C) fp32, U1 / S2 (Lk, d_out) as (L, k, d_out)
 // sketches, fp16/bf16, C = 2Lk a multiple of 16 up to kMaxCols, d_out % 8 == 0, contiguous
@@ -247,8 +236,8 @@ inline bool out_applies(const at::Tensor& T32, const at::Tensor& U1s, const at::
          T32.size(0) >= min_rows && C % 16 == 0 && C >= 16 && C <= kMaxCols &&
          C == 2 * U1s.numel() / std::max<int64_t>(d_out, 1) && d_out % 8 == 0 && d_out > 0 &&
          T32.is_contiguous() && U1s.is_contiguous() && S2s.is_contiguous() &&
-         S2s.scalar_type() == dt && aligned16(T32.data_ptr()) && aligned16(U1s.data_ptr()) &&
-         aligned16(S2s.data_ptr()) && bias_ok;
+         S2s.scalar_type() == dt && mma::aligned16(T32.data_ptr()) &&
+         mma::aligned16(U1s.data_ptr()) && mma::aligned16(S2s.data_ptr()) && bias_ok;
 }
 
 // y (N, d_out) = scale T [U1; S2] + bias, in the sketches' dtype (A: its ATen element type).
