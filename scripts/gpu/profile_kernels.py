@@ -12,8 +12,10 @@ d_in x d_out x tokens, default 768x768x4096,768x768x16384,4096x4096x16384; L=1 k
 latency of one call on an idle GPU and the host submit / total time of 200 back-to-back calls.
 ``host``: where the host time of one SKLinear and one plain two-GEMM fwd+bwd goes at
 768x768x16384 (the CPU profiler's table), and host submit / total time of each GEMM those calls
-make, alone, with cuBLAS and with cuBLASLt preferred.
-Usage: python3 scripts/gpu/profile_kernels.py [linear] [attention] [module] [shapes] [decode] [encoder] [host]
+make, alone, with cuBLAS and with cuBLASLt preferred. ``short``: the op's and the module's
+forward at 1k-4k tokens (PROBE_LENGTHS) against SDPA and the exact module, eager and replayed from
+a CUDA graph, with the op's kernels; fwd+bwd kernels at 4k.
+Usage: python3 scripts/gpu/profile_kernels.py [linear] [attention] [module] [short] [shapes] [decode] [encoder] [host]
 (default: linear attention module)"""
 import os
 import sys
@@ -224,6 +226,45 @@ if "module" in SECTIONS:
         for names in (["mha", "rmha", "sdpa", "favor"], ["rmha", "mha", "sdpa", "favor"], ["rmha"], ["sdpa", "rmha"]):
             t = C.time_fns({k: fns[k] for k in names}, torch.device(dev), warmup=3, reps=25, min_reps=3, budget_s=0.4)
             print("round-robin", names, {k: round(v.median_ms * 1e3, 1) for k, v in t.items()}, "us")
+
+if "short" in SECTIONS:
+    # Short and medium sequences (PROBE_LENGTHS, default 1024,2048,4096): the op's and the
+    # module's forward against SDPA and the exact module (fused qkv Linear, SDPA, out Linear),
+    # eager (host submit vs total) and replayed from a CUDA graph, and the op's kernels.
+    sys.path.insert(0, "bench/python")
+    import bench_models as BM  # noqa: E402
+
+    for L in [int(s) for s in os.environ.get("PROBE_LENGTHS", "1024,2048,4096").split(",")]:
+        for causal in (True, False):
+            tag = f"{'causal' if causal else 'full'} {L}"
+            q, k, v = (torch.randn(1, 12, L, 64, device=dev, dtype=dt) for _ in range(3))
+            m = pr.nn.RandMultiHeadAttention(768, 12, 256, iscausal=causal, device=dev, dtype=dt)
+            blk = BM.Block(768, 12, 3072, causal=causal, fused_qkv=True, device=dev, dtype=dt)
+            x = torch.randn(1, L, 768, device=dev, dtype=dt)
+            P = m.projection_matrix
+            fns = {
+                "favor op fwd": lambda: op(q, k, v, P, "softmax", causal, None),
+                "SDPA fwd": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                "RandMHA fwd": lambda: m(x, x, x)[0],
+                "exact module fwd": lambda: blk._attend(x),
+            }
+            with torch.no_grad():
+                kernels(f"favor op fwd {tag}", fns["favor op fwd"])
+                for name, f in fns.items():
+                    timing(f"{name} {tag} eager", f)
+                    try:
+                        replay_time(f"{name} {tag} CUDA graph", BM._graphed(f, torch.device(dev)))
+                    except Exception as e:  # noqa: BLE001 (a capture failure is a finding)
+                        print(f"{name} {tag} CUDA graph: capture failed: {type(e).__name__}: {str(e)[:200]}")
+            if L == 4096:
+                qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+                go = torch.randn_like(q)
+                fb = lambda: torch.autograd.grad(op(qg, kg, vg, P, "softmax", causal, None), [qg, kg, vg], go)  # noqa: E731
+                fbs = lambda: torch.autograd.grad(F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal),  # noqa: E731
+                                                  [qg, kg, vg], go)
+                kernels(f"favor op fwd+bwd {tag}", fb, top=16)
+                timing(f"favor op fwd+bwd {tag} eager", fb)
+                timing(f"SDPA fwd+bwd {tag} eager", fbs)
 
 if "decode" in SECTIONS or "encoder" in SECTIONS:
     sys.path.insert(0, "bench/python")
