@@ -14,12 +14,14 @@
 //   scan_kernel:             causal: H_c = sum_{c' < c} (decayed) kscale T'; non-causal: every
 //                   chunk gets the total. Stored in the input dtype for the tensor cores.
 //   forward_kernel  (n, BH): phi, khat, A' = (phi khat^T) o E (+ eps), y = s phi H + A' [v, 1].
-// Causal calls run states_kernel once for the key maxima alone (stab_kernel needs all of them;
-// later states_kernel launches read each chunk's maximum back instead of computing it again),
-// then states, scan and forward_kernel in launches of whole groups of chunks, first to last: the
-// scan carries its fp32 running state from launch to launch through boundary states (one per
-// group), which are all the forward keeps of the states. So the per-chunk states and H exist for
-// one launch's chunks at a time.
+// Causal calls run states, stab, scan and forward_kernel in launches of whole groups of chunks,
+// first to last: stab_kernel carries the running max of the key maxima on from the launch
+// before, and the scan its fp32 running state, through boundary states (one per group), which are
+// all the forward keeps of the states. So the per-chunk states and H exist for one launch's
+// chunks at a time. (With a padding mask and several launches, states_kernel first runs once for
+// every chunk's key maxima alone and stab_kernel over whole rows: see Run::causal_pass.) Later
+// states_kernel launches of the same call read each chunk's maximum back instead of computing it
+// again.
 // Backward: non-causal, states/stab/scan again (or, from autograd, the forward's total state);
 // causal, per launch (last first) the launch's states and H again from the boundary state before
 // it (the boundary states and stabilisers from autograd's forward, else from a pass of the
@@ -129,7 +131,7 @@ __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
     // The chunk max for stab_kernel (which turns it into kscale_c = exp(m_c - R_c)).
     if (threadIdx.x == 0) {
       p.cs[(static_cast<int64_t>(k.bh) * p.nk + k.chunk) * 4 + 3] = mc;
-      if (max_only) p.mx[static_cast<int64_t>(k.bh) * p.nk + k.chunk] = mc;
+      if (p.mx != nullptr) p.mx[static_cast<int64_t>(k.bh) * p.nk + k.chunk] = mc;
     }
   }
   if (max_only) {
@@ -200,25 +202,30 @@ __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
            [&](int e, float s) { out_x[e] = Cvt<T>::t(s); });
 }
 
-// Key stabiliser per position and chunk scalars. grid (BH), block 1024.
+// Key stabiliser per position and chunk scalars of chunks chunk0 .. chunk0 + sn - 1 of each row
+// (non-causal: all of them). grid (BH), block 1024.
 //   causal: r_j = max over valid keys j' <= j of a_j' (positions before the first valid key get
 //   the first finite value, 0 if none); P_c = r at the chunk's first position (c = 0) or at the
-//   previous chunk's last; R_c = r at the chunk's last position.
+//   previous chunk's last; R_c = r at the chunk's last position. A range after the first
+//   (chunk0 > 0) carries the running max on from R of chunk chunk0 - 1, which an earlier launch
+//   wrote; the fill before the first valid key then sees only this range (the host gives ranges
+//   only where that cannot change it: see Run::causal_pass).
 //   non-causal: R = max over all valid keys (0 if none), stored in cs[bh, 0, 1].
 template <class T>
 __global__ void __launch_bounds__(1024) stab_kernel(Params<T> p) {
   PANTHER_DYNAMIC_SMEM(smem);
   float* part = reinterpret_cast<float*>(smem);  // 2 * 1024
   const int tid = threadIdx.x, nt = blockDim.x, bh = blockIdx.x;
-  const int Lp = p.nk * kC, seg = (Lp + nt - 1) / nt, j0 = tid * seg;
-  const int j1 = j0 + seg < Lp ? j0 + seg : Lp;
-  const float* a = p.a + static_cast<int64_t>(bh) * Lp;
-  float* r = p.r + static_cast<int64_t>(bh) * Lp;
+  const int c0 = p.chunk0, ce = c0 + p.sn, je = ce * kC;  // chunks c0 .. ce - 1, positions .. je - 1
+  const int seg = (p.sn * kC + nt - 1) / nt, j0 = c0 * kC + tid * seg;
+  const int j1 = j0 + seg < je ? j0 + seg : je;
+  const float* a = p.a + static_cast<int64_t>(bh) * p.nk * kC;
+  float* r = p.r + static_cast<int64_t>(bh) * p.nk * kC;
   float* cs = p.cs + static_cast<int64_t>(bh) * p.nk * 4;
   if (!p.softmax) {  // (r is read by causal calls only: non-causal ones keep no room for it)
     if (p.causal)
-      for (int j = tid; j < Lp; j += nt) r[j] = 0.f;
-    for (int c = tid; c < p.nk; c += nt) {
+      for (int j = c0 * kC + tid; j < je; j += nt) r[j] = 0.f;
+    for (int c = c0 + tid; c < ce; c += nt) {
       cs[c * 4 + 0] = 0.f;
       cs[c * 4 + 1] = 0.f;
       cs[c * 4 + 2] = 1.f;
@@ -244,7 +251,8 @@ __global__ void __launch_bounds__(1024) stab_kernel(Params<T> p) {
     dst = tmp;
   }
   const float total = src[nt - 1];
-  float run = tid > 0 ? src[tid - 1] : -INFINITY;
+  const float carried = c0 > 0 ? cs[(c0 - 1) * 4 + 1] : -INFINITY;  // (causal ranges)
+  float run = fmaxf(carried, tid > 0 ? src[tid - 1] : -INFINITY);
   __syncthreads();
   if (p.causal) {
     // First finite r = the first valid key's a (r is non-decreasing).
@@ -265,7 +273,7 @@ __global__ void __launch_bounds__(1024) stab_kernel(Params<T> p) {
     for (int j = j0; j < j1; ++j)
       if (!(r[j] > -INFINITY)) r[j] = f;
     __syncthreads();
-    for (int c = tid; c < p.nk; c += nt) {
+    for (int c = c0 + tid; c < ce; c += nt) {
       const float R = r[(c + 1) * kC - 1];
       const float P = c == 0 ? r[0] : r[c * kC - 1];
       const float mc = cs[c * 4 + 3];  // the chunk max of a, from states_kernel

@@ -66,6 +66,7 @@ Params<T> make_params(const detail::FavorDims& d, bool causal, const at::Tensor&
   p.E1p = e1p_of(d.Dv);
   p.hs_n = p.nk;
   p.st_n = p.nk;
+  p.sn = p.nk;
   p.softmax = d.kernel == detail::FavorKernel::Softmax;
   p.causal = causal;
   p.sM = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d.M)));
@@ -311,19 +312,27 @@ struct Run {
     PANTHER_LAUNCH(stab_kernel<T>, dim3(p.BH), dim3(1024), 2 * 1024 * sizeof(float), p);
   }
 
-  // Causal: the stabilisers (from every chunk's key maxima), then, in launches of `group`
-  // chunks, first to last, each launch's states and their scan (carried from launch to launch
-  // through the boundary states, which it fills) and, with `output`, forward_kernel.
+  // Causal: in launches of `group` chunks, first to last, each launch's states and their scan
+  // (carried from launch to launch through the boundary states, which it fills) and, with
+  // `output`, forward_kernel. Each launch's states kernel also finds its chunks' key maxima, and
+  // their stabilisers follow (the running max carried on from the launch before), unless a
+  // padding mask spreads a row over several launches: a row's positions before its first valid
+  // key take that key's stabiliser, which may lie in a later launch, so there one pass finds
+  // every key maximum and the stabilisers of whole rows first.
   void causal_pass(bool output) {
-    if (p.softmax) {
-      p.smode = kStatesMax;
+    const bool per_launch = p.pad == nullptr || group >= p.nk;
+    if (!per_launch) {
       p.chunk0 = 0;
-      launch<&states_kernel<T, kShapeD64M256>, &states_kernel<T, kShapeAny>>(p.nk, kStates);
+      if (p.softmax) {
+        p.smode = kStatesMax;
+        launch<&states_kernel<T, kShapeD64M256>, &states_kernel<T, kShapeAny>>(p.nk, kStates);
+      }
+      p.sn = p.nk;
+      stab();
     }
-    stab();
     for (int c0 = 0; c0 < p.nk; c0 += group) {
       const int n = std::min(group, p.nk - c0);
-      launch_states(c0, n, /*fill=*/bnd != nullptr);
+      launch_states(c0, n, /*fill=*/bnd != nullptr, /*stabilisers=*/per_launch);
       if (output)
         launch<&forward_kernel<T, kShapeD64M256>, &forward_kernel<T, kShapeAny>>(n, kForward);
     }
@@ -332,12 +341,18 @@ struct Run {
 
   // Causal: the states of chunks c0 .. c0 + n - 1 (c0 a multiple of group) and their scanned
   // states H into hbuf, starting from the boundary state before c0 (without boundary states:
-  // from the previous launch's carry); fill: also write the boundary states the scan passes.
+  // from the previous launch's carry); fill: also write the boundary states the scan passes;
+  // stabilisers: the states kernel also finds the chunks' key maxima, and stab_kernel their
+  // stabilisers (else both come from earlier: causal_pass, or the forward's saved tensor).
   // Leaves p.chunk0 = c0 and p.hs on H.
-  void launch_states(int c0, int n, bool fill) {
-    p.smode = kStatesOnly;
+  void launch_states(int c0, int n, bool fill, bool stabilisers = false) {
+    p.smode = stabilisers ? kStatesAll : kStatesOnly;
     p.chunk0 = c0;
     launch<&states_kernel<T, kShapeD64M256>, &states_kernel<T, kShapeAny>>(n, kStates);
+    if (stabilisers) {
+      p.sn = n;
+      stab();
+    }
     auto* kernel = &scan_kernel<T, T>;
     ScanRange rg{group, c0, group, c0, carry, /*carry_in=*/c0 > 0};
     rg.bnd = bnd;

@@ -60,11 +60,12 @@ struct Params {
   float* r;               // (BH, nk*kC) key stabiliser per position (causal calls only)
   float* cs;              // (BH, nk, 4): P_c, R_c, alpha_c, kscale_c (states_kernel leaves the
                           // chunk max m_c in kscale_c's place for stab_kernel)
-  float* mx;              // (BH, nk) causal: the chunk maxima m_c (written by kStatesMax, read by
-                          // kStatesOnly instead of computing them again)
+  float* mx;              // (BH, nk) causal: the chunk maxima m_c (written by kStatesMax and
+                          // kStatesAll, read by kStatesOnly instead of computing them again)
   T* st;                  // (BH, st_n, (M+1)*E1p) per-chunk key states (summed in fp32 by the
   int st_n;               // scan) of chunks chunk0 .. chunk0 + st_n - 1
   int smode;              // states_kernel: kStatesAll, kStatesMax or kStatesOnly
+  int sn;                 // stab_kernel: chunks chunk0 .. chunk0 + sn - 1 of each row
   float* gst;             // (BH, slots, (M+1)*E1p) gradient states dH (fp32: the backward's
                           // d phi is a small difference of large terms): causal, one per chunk
                           // of the launch; non-causal, sums over chunks (see back1_kernel)
@@ -95,10 +96,11 @@ struct Params {
                           // only; false: the portable path, see mma::bulk_store)
 };
 enum Feat { kFeatCompute = 0, kFeatSave = 1, kFeatLoad = 2 };
-// What states_kernel computes: everything (a, the chunk maxima in cs, the states st); only a and
-// the chunk maxima (in cs for stab_kernel and in mx, before the states of the causal launches);
-// only the states, with the chunk maxima from mx (cs already holds stab_kernel's chunk scalars,
-// which the chunk maxima would overwrite).
+// What states_kernel computes: everything (a, the chunk maxima in cs for stab_kernel and, causal,
+// in mx; the states st); only a and the chunk maxima (before the states of the causal launches,
+// where the stabilisers need every key maximum first: see Run::causal_pass); only the states,
+// with the chunk maxima from mx (cs already holds stab_kernel's chunk scalars, which the chunk
+// maxima would overwrite).
 enum StatesMode { kStatesAll = 0, kStatesMax = 1, kStatesOnly = 2 };
 
 enum Kind { kStates = 0, kForward = 1, kBack1 = 2, kBack2 = 3 };
