@@ -17,6 +17,8 @@ for kn in ${NCU_KERNELS:-forward_kernel back1_kernel back2_kernel}; do
 done
 lib=$(python3 -c 'import panther, os; print(panther.library_path())' 2>/dev/null)
 mkdir -p /tmp/cubin && cd /tmp/cubin && rm -f *.cubin && cuobjdump -xelf all "$lib" > /dev/null 2>&1
-c=$(ls /tmp/cubin/*sm_90*.cubin 2>/dev/null | head -1)
-[ -n "$c" ] && nvdisasm -g -c "$c" 2>/dev/null | gzip > "$OUTD/sass-lines.txt.gz"
-echo "sass with lines: $(zcat "$OUTD/sass-lines.txt.gz" 2>/dev/null | wc -l) lines from $c"
+# Every sm_90 cubin (each CUDA source of the library has its own: the attention kernels are not
+# in the first one).
+cubins=$(ls /tmp/cubin/*sm_90*.cubin 2>/dev/null)
+for c in $cubins; do nvdisasm -g -c "$c" 2>/dev/null; done | gzip > "$OUTD/sass-lines.txt.gz"
+echo "sass with lines: $(zcat "$OUTD/sass-lines.txt.gz" 2>/dev/null | wc -l) lines from" $cubins
