@@ -164,10 +164,16 @@ __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
   // T'_c = khat'^T [v, 1]  (M x E1p) to global, then the chunk's sum of [v, 1]. Work item: an
   // m tile mt (16 features) and every P-th 16-column tile of E1p from part; A = khat^T (kh is its
   // k-major storage: ldmatrix_x4_trans), all kC/16 k steps kept in registers; B = [v, 1] k-major
-  // (ldmatrix_x4_trans, two n8 tiles per load). Accumulators go straight to global (16 bytes).
+  // (ldmatrix_x4_trans, two n8 tiles per load), every k step's fragments loaded before the first
+  // mma (the asm keeps loads and mmas in program order: loaded one step at a time, each mma waited
+  // for its load). Where T'_c fits over W and the keys (dead since pass 2: fix_values ended with a
+  // barrier), the accumulators go there as pairs and leave in one bulk copy per row, issued after
+  // a barrier (as save_features); else straight to global, 16 bytes per lane.
   T* out = p.st + (static_cast<int64_t>(k.bh) * p.st_n + k.chunk - p.chunk0) * (p.M + 1) * p.E1p;
   const int CT = p.M / 16, ET = p.E1p / 16;
   const int P = kWarps / CT < 1 ? 1 : kWarps / CT < ET ? kWarps / CT : ET;
+  const bool staged = static_cast<int64_t>(p.M) * p.E1p * sizeof(T) <= L.kh - L.w;
+  T* tile = k.w;  // (staged) T'_c, M x E1p dense
   for (int w = k.warp; w < CT * P; w += kWarps) {
     const int mt = w % CT, part = w / CT;
     unsigned a[kC / 16][4];
@@ -177,29 +183,51 @@ __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
     for (int kk = 0; kk < kC / 16; ++kk) mma::ldmatrix_x4_trans(a[kk], pa + kk * 16 * k.lm);
     for (int et = part; et < ET; et += P) {
       const T* pb = k.v + (k.lane & 15) * k.le + et * 16 + (k.lane >> 4) * 8;
+      unsigned b[kC / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kC / 16; ++kk) mma::ldmatrix_x4_trans(b[kk], pb + kk * 16 * k.le);
       float c[2][4] = {};
 #pragma unroll
       for (int kk = 0; kk < kC / 16; ++kk) {
-        unsigned b[4];
-        mma::ldmatrix_x4_trans(b, pb + kk * 16 * k.le);
-        const unsigned b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+        const unsigned b0[2] = {b[kk][0], b[kk][1]}, b1[2] = {b[kk][2], b[kk][3]};
         mma::mma_16816<T>(c[0], a[kk], b0, c[0]);
         mma::mma_16816<T>(c[1], a[kk], b1, c[1]);
+      }
+      unsigned u[4] = {mma::pack2<T>(c[0][0], c[0][1]), mma::pack2<T>(c[1][0], c[1][1]),
+                       mma::pack2<T>(c[0][2], c[0][3]), mma::pack2<T>(c[1][2], c[1][3])};
+      if (staged) {  // lane (g, t): rows 16 mt + g, + 8; columns 16 et + 2t, + 8
+        T* d = tile + (mt * 16 + g) * p.E1p + et * 16 + 2 * t;
+        mma::store_pair(d, u[0]);
+        mma::store_pair(d + 8, u[1]);
+        mma::store_pair(d + 8 * p.E1p, u[2]);
+        mma::store_pair(d + 8 * p.E1p + 8, u[3]);
+        continue;
       }
       // The lane's pairs are part t of the quad's 4 row segments (16 bytes each): q = 2h + j is
       // row 16 mt + g + 8h, columns 16 et + 8j .. + 8. After quad_transpose lane t holds all of
       // segment t: one 16-byte store (two lanes fill a 32-byte sector).
-      unsigned u[4] = {mma::pack2<T>(c[0][0], c[0][1]), mma::pack2<T>(c[1][0], c[1][1]),
-                       mma::pack2<T>(c[0][2], c[0][3]), mma::pack2<T>(c[1][2], c[1][3])};
       quad_transpose(u, t);
       put16(out + static_cast<int64_t>(mt * 16 + g + 8 * (t >> 1)) * p.E1p + et * 16 + 8 * (t & 1),
             u);
+    }
+  }
+  bool bulk_issued = false;
+  if (staged) {
+    __syncthreads();
+    if (threadIdx.x < p.M) {
+      mma::bulk_store_fence(p.bulk);
+      for (int i = threadIdx.x; i < p.M; i += kThreads)
+        mma::bulk_store(out + static_cast<int64_t>(i) * p.E1p, tile + i * p.E1p,
+                        p.E1p * sizeof(T), p.bulk);
+      mma::bulk_store_commit(p.bulk);
+      bulk_issued = true;
     }
   }
   // The chunk's sum of [v, 1] over its kC rows (all warps: see col_sums).
   T* out_x = out + static_cast<int64_t>(p.M) * p.E1p;
   col_sums(k.v, k.le, p.E1p, k.warp, k.lane, [](int) { return 1.f; },
            [&](int e, float s) { out_x[e] = Cvt<T>::t(s); });
+  if (bulk_issued) mma::bulk_store_wait_read(p.bulk);  // (the copies may not outlive the block)
 }
 
 // Key stabiliser per position and chunk scalars of chunks chunk0 .. chunk0 + sn - 1 of each row

@@ -182,6 +182,9 @@ int main(int argc, char** argv) {
       {1, 1, 70, 150, 64, 64, 256, true, false, true, false, 4.0, bf},
       // The same sizes with relu take the generic instantiations.
       {1, 1, 100, 100, 64, 64, 256, false, true, false, false, 1.0, bf},
+      // A chunk state too large to stage over W and the keys (M x E1p = 64 x 128 here): straight
+      // to global memory from the registers.
+      {1, 1, 130, 130, 16, 127, 64, true, true, false, false, 1.0, bf},
   };
   if (std::getenv("EMU_CASE")) {  // B,H,Lq,Lk,D,Dv,M,softmax,causal,masked,strided,scale
     Case c{};
