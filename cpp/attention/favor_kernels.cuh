@@ -165,10 +165,10 @@ __global__ void __launch_bounds__(kThreads) states_kernel(Params<T> p) {
   // m tile mt (16 features) and every P-th 16-column tile of E1p from part; A = khat^T (kh is its
   // k-major storage: ldmatrix_x4_trans), all kC/16 k steps kept in registers; B = [v, 1] k-major
   // (ldmatrix_x4_trans, two n8 tiles per load), every k step's fragments loaded before the first
-  // mma (the asm keeps loads and mmas in program order: loaded one step at a time, each mma waited
-  // for its load). Where T'_c fits over W and the keys (dead since pass 2: fix_values ended with a
-  // barrier), the accumulators go there as pairs and leave in one bulk copy per row, issued after
-  // a barrier (as save_features); else straight to global, 16 bytes per lane.
+  // mma (loaded one step at a time, the SASS had each mma wait for its own load). Where T'_c fits
+  // over W and the keys (dead since pass 2: fix_values ended with a barrier), the accumulators go
+  // there as pairs and leave in one bulk copy per row, issued after a barrier (as
+  // save_features); else straight to global, 16 bytes per lane.
   T* out = p.st + (static_cast<int64_t>(k.bh) * p.st_n + k.chunk - p.chunk0) * (p.M + 1) * p.E1p;
   const int CT = p.M / 16, ET = p.E1p / 16;
   const int P = kWarps / CT < 1 ? 1 : kWarps / CT < ET ? kWarps / CT : ET;
