@@ -396,6 +396,12 @@ def test_fsdp2_nccl_two_gpus(tmp_path):
 # ---- examples/ddp_train.py under torchrun ----------------------------------------------------
 
 
+def _gloo_exit_abort(proc, epochs: int) -> bool:
+    """True when every epoch was reported and the only failure is a C++ abort at process exit."""
+    done = sum(ln.startswith("epoch") for ln in proc.stdout.splitlines()) == epochs
+    return done and "terminate called without an active exception" in proc.stdout + proc.stderr
+
+
 def test_ddp_example_under_torchrun(tmp_path):
     import socket
     import subprocess
@@ -415,6 +421,15 @@ def test_ddp_example_under_torchrun(tmp_path):
         "--dim", "16", "--device", "cpu",
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    if proc.returncode != 0 and _gloo_exit_abort(proc, epochs=2):
+        # Training finished on every rank and a rank then aborted inside PyTorch's gloo teardown
+        # at interpreter exit (DDP keeps the C++ process group alive past destroy_process_group,
+        # so its threads are torn down during finalisation). That race is outside this library;
+        # run once more on a fresh port, and that run must pass.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            cmd[cmd.index("--master_port") + 1] = str(s.getsockname()[1])
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("epoch")]
     assert len(lines) == 2, proc.stdout  # printed by rank 0 only, once per epoch
