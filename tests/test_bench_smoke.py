@@ -124,3 +124,61 @@ def test_failed_call_reports_oom_and_errors():
     assert bm._try(oom, cpu) == "OOM"
     assert bm._try(bad, cpu) == "RuntimeError: shape mismatch"
     assert bm._try(lambda: None, cpu) is None
+
+
+def _bench_module(name: str):
+    sys.path.insert(0, BENCH)
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(BENCH)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_smoke(tmp_path, device):
+    stdout, md, rows = run_smoke("bench_attention.py", tmp_path, device)
+    assert "## Targets" in md and "_(partial" not in md
+    assert "exact module ms" in md and "module vs exact" in md
+    modes = {"fwd", "fwd+bwd"} | ({"fwd graph"} if device == "cuda" else set())
+    ops = {r["op"] for r in rows}
+    assert ops == {"favor_attention", "RandMultiHeadAttention"}
+    assert {r["mode"] for r in rows} == modes
+    assert len(rows) == 2 * 2 * 2 * len(modes)  # (op, module) x 2 lengths x (causal or not) x modes
+    for r in rows:
+        assert r["baseline_ms"] > 0 and r["ours_ms"] > 0 and r["ratio"] > 0, r
+        if r["op"] == "RandMultiHeadAttention":
+            assert r["baseline"].startswith("exact module"), r
+        if device == "cuda" and r["mode"] != "fwd graph":
+            assert r["baseline_peak_bytes"] > 0 and r["ours_peak_bytes"] > 0, r
+
+
+def _attention_row(L, causal, mode, exact, rmha, mem_exact=None, mem_rmha=None, width="12x64"):
+    return {"width": width, "L": L, "causal": causal, "mode": mode, "exact": exact, "rmha": rmha,
+            "module_speedup": exact / rmha if exact and rmha else None, "sdpa": None, "favor": None,
+            "op_speedup": None, "mem_exact": mem_exact, "mem_rmha": mem_rmha,
+            "module_mem_ratio": mem_rmha / mem_exact if mem_exact and mem_rmha else None, "op_mem_ratio": None}
+
+
+def test_attention_targets_judge_the_exact_module():
+    """The module targets compare RandMultiHeadAttention with the exact module at the stated lengths:
+    a passing and a missing row each get their verdict, a length with no numbers is 'not measured'."""
+    ba = _bench_module("bench_attention")
+    rows = [
+        _attention_row(16384, True, "fwd+bwd", exact=5.0, rmha=1.9, mem_exact=100, mem_rmha=140),  # 2.63x: pass
+        _attention_row(16384, False, "fwd+bwd", exact=5.0, rmha=4.0, mem_exact=100, mem_rmha=200),  # mem 2x: miss
+        _attention_row(1024, True, "fwd", exact=0.03, rmha=0.10),  # 0.30x: miss
+        _attention_row(1024, True, "fwd graph", exact=0.03, rmha=0.033),  # 0.91x: pass
+    ]
+    got = {t: (m, ok) for t, m, ok in ba.targets(rows, True, True, "GPU X", {"12x64": [1024, 16384]})}
+    def find(*words):
+        hits = [k for k in got if all(w in k for w in words)]
+        assert len(hits) == 1, (words, hits)
+        return got[hits[0]]
+    assert find("causal fwd+bwd L=16384: module >= 2.5x") == ("2.63x", True)
+    assert find("non-causal fwd+bwd L=16384: module peak extra memory") == ("2.00x", False)
+    assert find("[GPU X] causal fwd+bwd L=16384: module peak extra memory") == ("1.40x", True)
+    assert find("[GPU X] causal fwd L=1024, eager") == ("0.30x", False)
+    assert find("[GPU X] causal fwd L=1024, CUDA graph") == ("0.91x", True)
+    assert find("non-causal fwd L=1024, eager")[1] is None  # the row did not run: not measured
+    assert not any("L=8192" in k or "L=4096" in k for k in got)  # lengths that did not run: no target
+    assert all("[GPU X]" in k for k in got)

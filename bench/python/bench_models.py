@@ -130,11 +130,42 @@ DECODE_GOAL = 10.0
 # ----------------------------------------------------------------------------- the model
 
 
+class ExactAttention(nn.Module):
+    """Exact multi-head self-attention as a user's model writes it: q/k/v ``nn.Linear`` (one fused
+    ``d -> 3d`` when ``fused_qkv``, else three), ``F.scaled_dot_product_attention(is_causal=causal)``
+    (PyTorch picks flash / memory-efficient kernels), out ``nn.Linear``. ``(batch, seq, d)`` in
+    and out."""
+
+    def __init__(self, d: int, heads: int, *, causal: bool, fused_qkv: bool = True, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        fk = dict(device=device, dtype=dtype)
+        self.heads, self.causal, self.fused_qkv = heads, causal, fused_qkv
+        if fused_qkv:
+            self.qkv = nn.Linear(d, 3 * d, **fk)
+        else:
+            self.q = nn.Linear(d, d, **fk)
+            self.k = nn.Linear(d, d, **fk)
+            self.v = nn.Linear(d, d, **fk)
+        self.out = nn.Linear(d, d, **fk)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        B, L, d = h.shape
+        H = self.heads
+        if self.fused_qkv:
+            q, k, v = self.qkv(h).view(B, L, 3, H, d // H).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q = self.q(h).view(B, L, H, d // H).transpose(1, 2)
+            k = self.k(h).view(B, L, H, d // H).transpose(1, 2)
+            v = self.v(h).view(B, L, H, d // H).transpose(1, 2)
+        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.out(ctx.transpose(1, 2).reshape(B, L, d))
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(LN(x)), then x + fc2(GELU(fc1(LN(x)))).
 
-    attention="sdpa": q/k/v ``nn.Linear`` (separate, or one fused ``d -> 3d`` when fused_qkv),
-    ``F.scaled_dot_product_attention(is_causal=causal)``, out ``nn.Linear``.
+    attention="sdpa": :class:`ExactAttention` (separate or fused q/k/v, SDPA, out Linear).
     attention="rand": ``pr.nn.RandMultiHeadAttention(d, heads, num_features, iscausal=causal)``.
     Input and output ``(batch, seq, d)``.
     """
@@ -147,13 +178,7 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(d, **fk)
         self.ln2 = nn.LayerNorm(d, **fk)
         if attention == "sdpa":
-            if fused_qkv:
-                self.qkv = nn.Linear(d, 3 * d, **fk)
-            else:
-                self.q = nn.Linear(d, d, **fk)
-                self.k = nn.Linear(d, d, **fk)
-                self.v = nn.Linear(d, d, **fk)
-            self.out = nn.Linear(d, d, **fk)
+            self.attn = ExactAttention(d, heads, causal=causal, fused_qkv=fused_qkv, **fk)
         elif attention == "rand":
             self.attn = pr.nn.RandMultiHeadAttention(d, heads, num_features, iscausal=causal, **fk)
         else:
@@ -163,18 +188,7 @@ class Block(nn.Module):
         self.fc2 = nn.Linear(ffn, d, **fk)
 
     def _attend(self, h: torch.Tensor) -> torch.Tensor:
-        if self.attention == "rand":
-            return self.attn(h, h, h)[0]
-        B, L, d = h.shape
-        H = self.heads
-        if self.fused_qkv:
-            q, k, v = self.qkv(h).view(B, L, 3, H, d // H).permute(2, 0, 3, 1, 4).unbind(0)
-        else:
-            q = self.q(h).view(B, L, H, d // H).transpose(1, 2)
-            k = self.k(h).view(B, L, H, d // H).transpose(1, 2)
-            v = self.v(h).view(B, L, H, d // H).transpose(1, 2)
-        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        return self.out(ctx.transpose(1, 2).reshape(B, L, d))
+        return self.attn(h, h, h)[0] if self.attention == "rand" else self.attn(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self._attend(self.ln1(x))

@@ -172,7 +172,8 @@ fi
 
 if [ "${PANTHER_GPU_BENCH_ATTENTION:-1}" = 1 ]; then
 stage "bench_attention.py --device cuda"
-timeout "$(limit 170 40)" "$PY" bench/python/bench_attention.py --device cuda \
+# --quick: every length a target names (12 x 64: 1k-64k; 16 x 128: 4k, 16k), fewer repetitions.
+timeout "$(limit 170 40)" "$PY" bench/python/bench_attention.py --device cuda --quick \
   --markdown "$RES/$TAG-attention.md" --csv /tmp/panther-$TAG-attention.csv >/tmp/panther-bench-attention.out 2>&1
 rc=$?
 grep -E "^(done|FAILED|bench_attention)|Error|error" /tmp/panther-bench-attention.out | tail -40
