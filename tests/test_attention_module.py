@@ -491,3 +491,82 @@ def test_module_cuda_bf16_matches_cpu():
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float().cpu(), ref, rtol=5e-2, atol=5e-2)
     out.float().sum().backward()
+
+
+class _SelfAttention(nn.Module):
+    """x -> layer(x, x, x)[0]: one tensor in, one out (what make_graphed_callables takes)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x, x, x)[0]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("iscausal", [False, True])
+def test_module_cuda_graph_capture_forward_and_training_step(iscausal):
+    """The module's CUDA path (bf16, head_dim 64: the fused kernels) is captured whole by a CUDA
+    graph: no host synchronisation, no allocation outside the graph's pool. A replay on new
+    inputs equals eager, for the forward under no_grad and for forward + backward through
+    torch.cuda.make_graphed_callables (output, input gradient and every parameter gradient)."""
+    torch.manual_seed(21)
+    E, H, M, L = 256, 4, 256, 320  # head_dim 64; 320 = 5 chunks of 64
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    model = _SelfAttention(RandMultiHeadAttention(E, H, M, iscausal=iscausal, device=dev, dtype=dt))
+    x_static = torch.randn(2, L, E, device=dev, dtype=dt)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(2):
+            model(x_static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out_static = model(x_static)
+    x_new = torch.randn_like(x_static)
+    x_static.copy_(x_new)
+    graph.replay()
+    with torch.no_grad():
+        ref = model(x_new)
+    torch.testing.assert_close(out_static, ref, rtol=1e-2, atol=1e-2)
+
+    g_out = torch.randn_like(x_static)
+
+    def step(fn):
+        xi = x_new.clone().requires_grad_()
+        out = fn(xi)
+        out.backward(g_out)
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return out.detach(), xi.grad, grads
+
+    want = step(model)  # eager, before make_graphed_callables replaces the module's forward
+    graphed = torch.cuda.make_graphed_callables(model, (torch.randn_like(x_static).requires_grad_(),))
+    model.zero_grad(set_to_none=True)
+    got = step(graphed)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-2, atol=1e-2)
+    assert len(got[2]) == len(want[2]) > 0
+    for a, b in zip(got[2], want[2]):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_module_compile_reduce_overhead_matches_eager():
+    """torch.compile(mode="reduce-overhead") (inductor, then CUDA graphs) runs the module's
+    forward with no graph break and gives eager's output on later calls with new inputs."""
+    pytest.importorskip("triton")
+    torch.manual_seed(22)
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    model = _SelfAttention(RandMultiHeadAttention(256, 4, 256, iscausal=True, device=dev, dtype=dt)).eval()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for _ in range(3):  # the first calls record; later ones replay the graph
+            x = torch.randn(2, 320, 256, device=dev, dtype=dt)
+            got = compiled(x).clone()
+            torch.testing.assert_close(got, model(x), rtol=2e-2, atol=2e-2)
