@@ -145,3 +145,19 @@ def test_saved_states_size_stays_symbolic():
         assert saved.shape == ref_saved.shape and saved.numel() > 0
         sizes.add(saved.numel())
     assert len(sizes) == 4 and cnt.frame_count == 1
+
+
+def test_saved_states_hold_key_maxima_only_for_causal_softmax():
+    # The chunk key maxima (one fp32 per chunk of 64 keys and head) stabilise softmax features;
+    # relu features need none, so relu's saved tensor has no room for them, and non-causal calls
+    # keep no per-chunk maxima at all.
+    fwd = torch.ops.panther._favor_attention_forward
+    B, H, L = 2, 3, 200
+    nk = (L + 63) // 64
+    q = torch.empty(B, H, L, 16, device="meta", dtype=torch.bfloat16)
+    v = torch.empty(B, H, L, 8, device="meta", dtype=torch.bfloat16)
+    W = torch.empty(32, 16, device="meta", dtype=torch.bfloat16)
+    size = {(kern, causal): fwd(q, q, v, W, kern, causal, None)[1].numel()
+            for kern in ("softmax", "relu") for causal in (False, True)}
+    assert size[("softmax", True)] - size[("relu", True)] == B * H * nk * 4
+    assert size[("softmax", False)] == size[("relu", False)] > 0

@@ -181,9 +181,8 @@ struct Run {
       // dT goes over the launch's H, which back1 has finished with
       if (boundaries) bnd = reinterpret_cast<float*>(sbase + sv.bd);
       else carry = reinterpret_cast<float*>(base + o_carry);
-      p.mx = reinterpret_cast<float*>(sbase + sv.mx);
-      // Only softmax has key maxima: relu's region is zeroed, so every byte kept is defined.
-      if (keep && !p.softmax) keep->narrow(0, sv.mx, BH * p.nk * 4).zero_();
+      // (only softmax has key maxima: relu's layout has no region for them)
+      if (p.softmax) p.mx = reinterpret_cast<float*>(sbase + sv.mx);
       p.hs = grad_hs = hbuf = reinterpret_cast<T*>(base + o_h);
       p.hx = grad_hx = hxbuf = reinterpret_cast<float*>(base + o_hx);
     } else {

@@ -60,8 +60,9 @@ struct Params {
   float* r;               // (BH, nk*kC) key stabiliser per position (causal calls only)
   float* cs;              // (BH, nk, 4): P_c, R_c, alpha_c, kscale_c (states_kernel leaves the
                           // chunk max m_c in kscale_c's place for stab_kernel)
-  float* mx;              // (BH, nk) causal: the chunk maxima m_c (written by kStatesMax and
-                          // kStatesAll, read by kStatesOnly instead of computing them again)
+  float* mx;              // (BH, nk) causal softmax (else null): the chunk maxima m_c (written
+                          // by kStatesMax and kStatesAll, read by kStatesOnly instead of
+                          // computing them again)
   T* st;                  // (BH, st_n, (M+1)*E1p) per-chunk key states (summed in fp32 by the
   int st_n;               // scan) of chunks chunk0 .. chunk0 + st_n - 1
   int smode;              // states_kernel: kStatesAll, kStatesMax or kStatesOnly

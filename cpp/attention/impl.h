@@ -89,7 +89,8 @@ inline bool favor_saves_features() {
 //     block A' sa (BH, nk, C C) bf16 and, when Dv <= 64, the output before rounding yo
 //     (BH, nk C, Dv) fp32 and the denominators dn (BH, nk C) fp32;
 //   both: the chunk scalars cs (BH, nk, 4) fp32 (nk chunks of C);
-//   causal: each chunk's key maximum mx (BH, nk) fp32 (the chunk states are relative to it).
+//   causal softmax: each chunk's key maximum mx (BH, nk) fp32 (the chunk states are relative to
+//     it; relu features need no stabiliser and keep none).
 // Back to back with no padding, so the kernels write every byte (all but the last are multiples
 // of 64 bytes: each region stays aligned). total is 0 for shapes the fused kernels do not take.
 // Shapes only: the Meta kernel returns the same size as the CUDA one.
@@ -104,7 +105,8 @@ using FavorSaved = FavorSavedT<int64_t>;
 // boundaries = false: without the boundary states; both for the fused kernels' own workspace.)
 template <class I>
 inline FavorSavedT<I> favor_saved_layout(const I& BH, const I& Lq, const I& Lk, const I& D,
-                                         const I& Dv, const I& M, bool causal, at::ScalarType dt,
+                                         const I& Dv, const I& M, bool causal, FavorKernel kernel,
+                                         at::ScalarType dt,
                                          bool features = favor_saves_features(),
                                          bool boundaries = true) {
   FavorSavedT<I> s;
@@ -127,7 +129,7 @@ inline FavorSavedT<I> favor_saved_layout(const I& BH, const I& Lq, const I& Lk, 
   s.hx = s.dn + yrows * 4;
   s.cs = s.hx + BH * nst * e1p * 4;
   s.mx = s.cs + BH * nk * 4 * 4;
-  s.total = s.mx + (causal ? BH * nk * 4 : I(0));
+  s.total = s.mx + (causal && kernel == FavorKernel::Softmax ? BH * nk * 4 : I(0));
   return s;
 }
 
@@ -245,8 +247,8 @@ at::Tensor favor_forward_differentiable(const FavorDims& d, const at::Tensor& qu
 inline FavorSaved favor_saved_layout(const FavorDims& d, bool causal, at::ScalarType dt,
                                      bool features = favor_saves_features(),
                                      bool boundaries = true) {
-  return favor_saved_layout(d.B * d.H, d.Lq, d.Lk, d.D, d.Dv, d.M, causal, dt, features,
-                            boundaries);
+  return favor_saved_layout(d.B * d.H, d.Lq, d.Lk, d.D, d.Dv, d.M, causal, d.kernel, dt,
+                            features, boundaries);
 }
 
 // An (unfilled) saved tensor for a call: the Meta kernel's, and the CUDA one's where the fused
@@ -260,7 +262,7 @@ inline at::Tensor favor_saved_empty(const FavorDims& d, bool causal,
 inline at::Tensor favor_saved_empty(const FavorSymDims& d, bool causal,
                                     const at::TensorOptions& query_options) {
   const c10::SymInt bytes = favor_saved_layout(d.B * d.H, d.Lq, d.Lk, d.D, d.Dv, d.M, causal,
-                                               query_options.dtype().toScalarType())
+                                               d.kernel, query_options.dtype().toScalarType())
                                 .total;
   return at::empty_symint({bytes}, query_options.dtype(at::kByte));
 }
