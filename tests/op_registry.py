@@ -348,7 +348,7 @@ def _rand_mha_sample_inputs(device, dtype):
 
 def _favor_decode_step_sample_inputs(device, dtype):
     """States from empty and after a few steps (made on CPU in float64 by the op itself), a
-    non-contiguous state, no leading dims, an empty batch."""
+    non-contiguous state, no leading dims, an empty batch, the length counted."""
     out = []
     for i, (desc, lead, D, Dv, M, kernel, steps, strided) in enumerate([
             ("softmax, empty state", (2, 3), 4, 3, 5, "softmax", 0, False),
@@ -372,6 +372,9 @@ def _favor_decode_step_sample_inputs(device, dtype):
                 torch.ops.panther._favor_decode_step_(q, k, v, W, kernel, kv, vs, st)
         t = lambda x: _leaf(x, device, dtype, False)
         out.append(Sample(desc, (t(q), t(k), t(v), t(W), kernel, t(kv), t(vs), t(st))))
+        if steps > 0 and lead:  # the state's length counted by the step (the module's call)
+            n = torch.tensor(steps, device=device)
+            out.append(Sample(desc + ", counting length", (t(q), t(k), t(v), t(W), kernel, t(kv), t(vs), t(st), n)))
         if dtype == torch.float32 and steps > 0:
             # The module's call: bf16 query, key and value (views of one fused projection) on a
             # float32 state, the projection in bf16.

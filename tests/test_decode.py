@@ -187,6 +187,10 @@ def test_errors():
         layer.step(torch.randn(3, 1, E, dtype=F64), state)
     with pytest.raises(ValueError, match=r"state must be a FavorDecodeState"):
         layer.step_(torch.randn(2, 1, E, dtype=F64), (state.kv,))
+    for bad in (state.length.to(torch.int32), state.length.reshape(1)):
+        with pytest.raises(ValueError, match=r"state.length must be a 0-d int64 tensor on cpu, got shape"):
+            layer.step_(torch.randn(2, 1, E, dtype=F64), state._replace(length=bad))
+    assert int(state.length) == 3  # nothing was consumed by the failed calls
 
 
 @pytest.mark.cuda
@@ -296,7 +300,7 @@ def test_step_op_errors():
 
     def call(**kw):
         names = ("query", "key", "value", "projection", "kernel_fn", "kv", "v_sum", "stabiliser")
-        return STEP_OP(*[kw.get(n, a) for n, a in zip(names, ok)])
+        return STEP_OP(*[kw.get(n, a) for n, a in zip(names, ok)], **({"length": kw["length"]} if "length" in kw else {}))
 
     bad = [
         (dict(kernel_fn="gelu"), r"kernel must be \"softmax\" or \"relu\", got \"gelu\""),
@@ -318,6 +322,9 @@ def test_step_op_errors():
         (dict(projection=W.to("meta")), r"projection must be on the query's device cpu, got meta"),
         (dict(query=q[0, 0, 0]), r"query must have at least 1 dimension|key must have the query's shape"),
         (dict(value=v.clone().requires_grad_()), r"value must not require grad .*torch.no_grad"),
+        (dict(length=torch.tensor(3, dtype=torch.int32)), r"length must be int64 \(the positions the state holds\), got Int"),
+        (dict(length=torch.tensor([3])), r"length must be a 0-d tensor, got shape \(1,\)"),
+        (dict(length=torch.tensor(3, device="meta")), r"length must be on the query's device cpu, got meta"),
     ]
     for kw, match in bad:
         with pytest.raises(RuntimeError, match=r"^panther::_favor_decode_step_: " + match):
@@ -392,6 +399,21 @@ def test_step_in_place_on_cpu_keeps_python_math():
     assert "panther._favor_decode_step_" not in log.names
 
 
+def test_step_op_counts_length_when_given():
+    """The op adds one to ``length`` (the positions the state holds) in place when it is given,
+    and leaves the rest of the step as it is without it."""
+    lead, M, D, Dv = (2, 3), 5, 4, 3
+    W = torch.randn(M, D, dtype=F64)
+    q, k, v = step_inputs(lead, D, Dv, 0, seed=3)
+    counted, plain = empty_state(lead, M, Dv, "softmax"), empty_state(lead, M, Dv, "softmax")
+    length = torch.tensor(9)
+    ptr = length.data_ptr()
+    a = STEP_OP(q, k, v, W, "softmax", *counted, length)
+    b = STEP_OP(q, k, v, W, "softmax", *plain)
+    assert int(length) == 10 and length.data_ptr() == ptr
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(counted, plain))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
@@ -404,13 +426,16 @@ def test_step_op_cuda_equals_cpu_math(kernel_fn, lead, M, D, Dv, dtype):
     state = tuple(t.to("cuda", dtype) for t in ref)
     # fp32: pre-activations near -20 carry ~2e-6 absolute rounding into every feature
     tol = dict(rtol=1e-4, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-12)
+    length = torch.tensor(5, device="cuda")  # counted by the kernel (on even steps)
     for t in range(4):
         q, k, v = (x.to(dtype).double() for x in step_inputs(lead, D, Dv, t, seed=M + D + Dv))
         want = STEP_OP(q, k, v, W, kernel_fn, *ref)
-        got = STEP_OP(*(x.to("cuda", dtype) for x in (q, k, v, W)), kernel_fn, *state)
+        n = {"length": length} if t % 2 == 0 else {}
+        got = STEP_OP(*(x.to("cuda", dtype) for x in (q, k, v, W)), kernel_fn, *state, **n)
         torch.testing.assert_close(got.double().cpu(), want, **tol)
         for s, r in zip(state, ref):
             torch.testing.assert_close(s.double().cpu(), r, **tol)
+        assert int(length) == 5 + t // 2 + 1
 
 
 @pytest.mark.cuda

@@ -132,10 +132,12 @@ FavorGrads favor_attention_backward_cpu(const at::Tensor& grad_output, const at:
 at::Tensor favor_decode_step_cpu(const at::Tensor& query, const at::Tensor& key,
                                  const at::Tensor& value, const at::Tensor& projection,
                                  c10::string_view kernel_fn, const at::Tensor& kv,
-                                 const at::Tensor& v_sum, const at::Tensor& stabiliser) {
+                                 const at::Tensor& v_sum, const at::Tensor& stabiliser,
+                                 const std::optional<at::Tensor>& length) {
   const DecodeDims d = check_favor_decode_step("panther::_favor_decode_step_", query, key, value,
-                                               projection, kernel_fn, kv, v_sum, stabiliser);
-  return favor_decode_step_aten(d, query, key, value, projection, kv, v_sum, stabiliser);
+                                               projection, kernel_fn, kv, v_sum, stabiliser,
+                                               length);
+  return favor_decode_step_aten(d, query, key, value, projection, kv, v_sum, stabiliser, length);
 }
 
 }  // namespace

@@ -15,13 +15,16 @@ using namespace panther::detail;
 at::Tensor favor_decode_step_cuda(const at::Tensor& query, const at::Tensor& key,
                                   const at::Tensor& value, const at::Tensor& projection,
                                   c10::string_view kernel_fn, const at::Tensor& kv,
-                                  const at::Tensor& v_sum, const at::Tensor& stabiliser) {
+                                  const at::Tensor& v_sum, const at::Tensor& stabiliser,
+                                  const std::optional<at::Tensor>& length) {
   const DecodeDims d = check_favor_decode_step("panther::_favor_decode_step_", query, key, value,
-                                               projection, kernel_fn, kv, v_sum, stabiliser);
+                                               projection, kernel_fn, kv, v_sum, stabiliser,
+                                               length);
   const c10::cuda::CUDAGuard guard(query.device());
   if (!decode::takes(d, kv.scalar_type(), ::panther::max_smem_optin(query.get_device())))
-    return favor_decode_step_aten(d, query, key, value, projection, kv, v_sum, stabiliser);
-  return decode::run_step(d, query, key, value, projection, kv, v_sum, stabiliser);
+    return favor_decode_step_aten(d, query, key, value, projection, kv, v_sum, stabiliser,
+                                  length);
+  return decode::run_step(d, query, key, value, projection, kv, v_sum, stabiliser, length);
 }
 
 }  // namespace

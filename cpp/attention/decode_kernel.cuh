@@ -74,6 +74,7 @@ struct Params {
   T* v_sum;
   T* r;
   I* out;
+  int64_t* length;  // (optional) the positions the state holds: one more after the step
   int D, Dv, M;
   bool softmax;
   T xscale, sM, eps, ek;  // eps: of the query features; ek: of the key features
@@ -194,6 +195,7 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(const Params<T, I
     svs[j] = s;
   }
   const T r_old = p.softmax ? p.r[row] : T(0);
+  if (p.length != nullptr && row == 0 && tid == 0) *p.length += 1;
   __syncthreads();
 
   // 2. Pre-activations, one warp per feature (W's row read once, coalesced, for q and k).
@@ -411,11 +413,16 @@ void launch(const Params<T, I, WT>& p, unsigned rows, size_t smem) {
 template <class T, class I, class WT>
 at::Tensor step(const detail::DecodeDims& d, const at::Tensor& query, const at::Tensor& key,
                 const at::Tensor& value, const at::Tensor& projection, const at::Tensor& kv,
-                const at::Tensor& v_sum, const at::Tensor& stabiliser, Config config) {
+                const at::Tensor& v_sum, const at::Tensor& stabiliser,
+                const std::optional<at::Tensor>& length, Config config) {
   std::vector<int64_t> osize = query.sizes().vec();
   osize.back() = d.Dv;
   at::Tensor out = at::empty(osize, query.options());
-  if (d.R == 0) return out;
+  const bool counts = length.has_value() && length->defined();
+  if (d.R == 0) {  // no row, no block: the length still moves on
+    if (counts) length->add_(1);
+    return out;
+  }
   auto rows = [](const at::Tensor& t, RowLayout& l) {
     if (auto r = row_layout(t)) {
       l = *r;
@@ -437,6 +444,7 @@ at::Tensor step(const detail::DecodeDims& d, const at::Tensor& query, const at::
   p.v_sum = vsc.data_ptr<T>();
   p.r = rc.data_ptr<T>();
   p.out = reinterpret_cast<I*>(out.data_ptr());
+  p.length = counts ? length->data_ptr<int64_t>() : nullptr;  // (0-d: always contiguous)
   p.D = static_cast<int>(d.D);
   p.Dv = static_cast<int>(d.Dv);
   p.M = static_cast<int>(d.M);
@@ -468,11 +476,12 @@ inline at::Tensor run_step(const detail::DecodeDims& d, const at::Tensor& query,
                            const at::Tensor& key, const at::Tensor& value,
                            const at::Tensor& projection, const at::Tensor& kv,
                            const at::Tensor& v_sum, const at::Tensor& stabiliser,
+                           const std::optional<at::Tensor>& length = std::nullopt,
                            Config config = Config::Auto) {
   const at::ScalarType it = query.scalar_type();
   const bool w_state = projection.scalar_type() != it;  // then it is the state's dtype
 #define PANTHER_DECODE_STEP(T, I, WT) \
-  step<T, I, WT>(d, query, key, value, projection, kv, v_sum, stabiliser, config)
+  step<T, I, WT>(d, query, key, value, projection, kv, v_sum, stabiliser, length, config)
   if (kv.scalar_type() == at::kDouble) return PANTHER_DECODE_STEP(double, double, double);
   if (it == at::kHalf)
     return w_state ? PANTHER_DECODE_STEP(float, __half, float)

@@ -308,9 +308,17 @@ FavorDims check_favor_attention(const char* op, const at::Tensor& query, const a
 std::vector<c10::SymInt> check_favor_decode_step_sym(
     const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& projection, c10::string_view kernel_fn, const at::Tensor& kv,
-    const at::Tensor& v_sum, const at::Tensor& stabiliser) {
+    const at::Tensor& v_sum, const at::Tensor& stabiliser,
+    const std::optional<at::Tensor>& length) {
   checks::defined(op, {{"query", query}, {"key", key}, {"value", value}, {"projection", projection},
                        {"kv", kv}, {"v_sum", v_sum}, {"stabiliser", stabiliser}});
+  if (length.has_value() && length->defined()) {
+    PANTHER_CHECK_ARG(length->scalar_type() == at::kLong, op, "length",
+                      "be int64 (the positions the state holds), got ", length->scalar_type());
+    PANTHER_CHECK_ARG(length->dim() == 0, op, "length", "be a 0-d tensor, got shape ",
+                      shape_str(length->sym_sizes()));
+    checks::same_device(op, "length", *length, "query", query);
+  }
   // (The message names favor_attention's keyword, `kernel`, as that op's does.)
   checks::one_of(op, "kernel", kernel_fn, {"softmax", "relu"});
   checks::min_dim(op, "query", query, 1, "(..., head_dim)");
@@ -387,8 +395,10 @@ std::vector<c10::SymInt> check_favor_decode_step_sym(
 DecodeDims check_favor_decode_step(const char* op, const at::Tensor& query, const at::Tensor& key,
                                    const at::Tensor& value, const at::Tensor& projection,
                                    c10::string_view kernel_fn, const at::Tensor& kv,
-                                   const at::Tensor& v_sum, const at::Tensor& stabiliser) {
-  check_favor_decode_step_sym(op, query, key, value, projection, kernel_fn, kv, v_sum, stabiliser);
+                                   const at::Tensor& v_sum, const at::Tensor& stabiliser,
+                                   const std::optional<at::Tensor>& length) {
+  check_favor_decode_step_sym(op, query, key, value, projection, kernel_fn, kv, v_sum, stabiliser,
+                              length);
   const FavorKernel kernel =
       kernel_fn == c10::string_view("softmax") ? FavorKernel::Softmax : FavorKernel::Relu;
   return {query.numel() / query.size(-1), query.size(-1), value.size(-1), projection.size(0),
@@ -398,7 +408,9 @@ DecodeDims check_favor_decode_step(const char* op, const at::Tensor& query, cons
 at::Tensor favor_decode_step_aten(const DecodeDims& d, const at::Tensor& query_in,
                                   const at::Tensor& key_in, const at::Tensor& value_in,
                                   const at::Tensor& projection, const at::Tensor& kv,
-                                  const at::Tensor& v_sum, const at::Tensor& stabiliser) {
+                                  const at::Tensor& v_sum, const at::Tensor& stabiliser,
+                                  const std::optional<at::Tensor>& length) {
+  if (length.has_value() && length->defined()) length->add_(1);
   // Computed in the state's dtype; the output comes back in the query's.
   const at::ScalarType st = kv.scalar_type();
   const at::Tensor query = query_in.to(st), key = key_in.to(st), value = value_in.to(st);

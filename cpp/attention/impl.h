@@ -173,25 +173,30 @@ inline at::ScalarType decode_state_dtype(at::ScalarType query) {
 }
 
 // Validates the decode step's arguments (shapes; dtypes: query, key and value alike, in any
-// floating dtype, the state in decode_state_dtype, the projection in either; devices, kernel_fn, and
-// that no tensor requires grad under grad mode: the op is in place and has no autograd kernel).
-// Returns the output's sizes (the query's leading dims, then Dv); symbolic for the Meta kernel.
+// floating dtype, the state in decode_state_dtype, the projection in either; length, when given,
+// a 0-d int64 tensor; devices, kernel_fn, and that no tensor requires grad under grad mode: the op
+// is in place and has no autograd kernel). Returns the output's sizes (the query's leading dims,
+// then Dv); symbolic for the Meta kernel.
 std::vector<c10::SymInt> check_favor_decode_step_sym(
     const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& projection, c10::string_view kernel_fn, const at::Tensor& kv,
-    const at::Tensor& v_sum, const at::Tensor& stabiliser);
+    const at::Tensor& v_sum, const at::Tensor& stabiliser,
+    const std::optional<at::Tensor>& length);
 DecodeDims check_favor_decode_step(const char* op, const at::Tensor& query, const at::Tensor& key,
                                    const at::Tensor& value, const at::Tensor& projection,
                                    c10::string_view kernel_fn, const at::Tensor& kv,
-                                   const at::Tensor& v_sum, const at::Tensor& stabiliser);
+                                   const at::Tensor& v_sum, const at::Tensor& stabiliser,
+                                   const std::optional<at::Tensor>& length);
 
 // The decode step in ATen ops, any device (the CPU kernel, and CUDA calls the fused kernel does
 // not take): the math of panther._favor_math.decode_step(..., inplace=True), in the state's dtype.
-// Updates kv, v_sum and stabiliser in place; returns out (..., Dv) in the query's dtype.
+// Updates kv, v_sum and stabiliser in place (and adds one to length, when given); returns out
+// (..., Dv) in the query's dtype.
 at::Tensor favor_decode_step_aten(const DecodeDims& d, const at::Tensor& query,
                                   const at::Tensor& key, const at::Tensor& value,
                                   const at::Tensor& projection, const at::Tensor& kv,
-                                  const at::Tensor& v_sum, const at::Tensor& stabiliser);
+                                  const at::Tensor& v_sum, const at::Tensor& stabiliser,
+                                  const std::optional<at::Tensor>& length);
 
 // Validates shapes, dtypes, devices, kernel_fn, the mask and causal's Lq == Lk.
 FavorDims check_favor_attention(const char* op, const at::Tensor& query, const at::Tensor& key,

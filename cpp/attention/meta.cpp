@@ -54,10 +54,11 @@ FavorGrads favor_attention_backward_meta(const at::Tensor& grad_output, const at
 at::Tensor favor_decode_step_meta(const at::Tensor& query, const at::Tensor& key,
                                   const at::Tensor& value, const at::Tensor& projection,
                                   c10::string_view kernel_fn, const at::Tensor& kv,
-                                  const at::Tensor& v_sum, const at::Tensor& stabiliser) {
+                                  const at::Tensor& v_sum, const at::Tensor& stabiliser,
+                                  const std::optional<at::Tensor>& length) {
   const std::vector<c10::SymInt> out = check_favor_decode_step_sym(
       "panther::_favor_decode_step_", query, key, value, projection, kernel_fn, kv, v_sum,
-      stabiliser);
+      stabiliser, length);
   return at::empty_symint(out, query.options());
 }
 

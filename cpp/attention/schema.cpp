@@ -36,8 +36,10 @@ TORCH_LIBRARY_FRAGMENT(panther, m) {
   // state kv (..., M, Dv+1), v_sum (..., Dv+1), stabiliser (...); all float32 or float64, one
   // dtype and device. The new key joins the state (softmax: stabiliser rises to the key's max
   // pre-activation and kv is rescaled), then the query reads it. Returns out (..., Dv); kv, v_sum
-  // and stabiliser are updated. Inference only: no autograd kernel, so tensors that require grad
-  // under grad mode are an error.
-  m.def("_favor_decode_step_(Tensor query, Tensor key, Tensor value, Tensor projection, str kernel_fn, Tensor(a!) kv, Tensor(b!) v_sum, Tensor(c!) stabiliser) -> Tensor");
+  // and stabiliser are updated; length (a 0-d int64 tensor, the positions the state holds), when
+  // given, is incremented by the same kernel (the decoding loop then needs no launch of its own
+  // for it). Inference only: no autograd kernel, so tensors that require grad under grad mode are
+  // an error.
+  m.def("_favor_decode_step_(Tensor query, Tensor key, Tensor value, Tensor projection, str kernel_fn, Tensor(a!) kv, Tensor(b!) v_sum, Tensor(c!) stabiliser, Tensor(d!)? length=None) -> Tensor");
   m.def("_rand_mha_self_attention(Tensor x, Tensor Wq, Tensor Wk, Tensor Wv, Tensor? bq, Tensor? bk, Tensor? bv, Tensor W0, Tensor? b0, Tensor projection, int num_heads, str kernel_fn, bool causal, Tensor? key_padding_mask) -> Tensor");
 }

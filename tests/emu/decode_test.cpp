@@ -74,8 +74,10 @@ bool run(const Case& c, panther::decode::Config config) {
   bool ok = true;
   const DecodeDims d = panther::detail::check_favor_decode_step(
       "test", at::empty({c.B, c.H, c.D}, io), at::empty({c.B, c.H, c.D}, io),
-      at::empty({c.B, c.H, c.Dv}, io), W, kern, kv, vs, r);
+      at::empty({c.B, c.H, c.Dv}, io), W, kern, kv, vs, r, std::nullopt);
   ok = ok && panther::decode::takes(d, dt, panther::max_smem_optin(0));
+  // The state's length, counted by the kernel (block 0) on every step, and by the reference.
+  const at::Tensor length = at::full({}, 7, at::kLong), length_ref = length.clone();
   for (int t = 0; t < c.steps; ++t) {
     const double scale = 0.5 + 0.6 * t;  // growing: the key stabiliser rises
     at::Tensor q, k, v;
@@ -92,8 +94,9 @@ bool run(const Case& c, panther::decode::Config config) {
     }
     const at::Tensor r_before = r_ref.clone();
     at::Tensor ref =
-        panther::detail::favor_decode_step_aten(d, q, k, v, W, kv_ref, vs_ref, r_ref);
-    at::Tensor out = panther::decode::run_step(d, q, k, v, W, kv, vs, r, config);
+        panther::detail::favor_decode_step_aten(d, q, k, v, W, kv_ref, vs_ref, r_ref, length_ref);
+    at::Tensor out = panther::decode::run_step(d, q, k, v, W, kv, vs, r, length, config);
+    ok = ok && length.item<int64_t>() == 8 + t && length_ref.item<int64_t>() == 8 + t;
     ok = ok && out.scalar_type() == q.scalar_type();
     const double eo = rel_err(out, ref);
     worst_out = std::max(worst_out, eo);

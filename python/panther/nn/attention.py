@@ -894,7 +894,7 @@ class RandMultiHeadAttention(nn.Module):
     def _step_math(self, x_t: Tensor, state: FavorDecodeState, what: str,
                    inplace: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """(out, kv, v_sum, stabiliser) after one position (``inplace``: written into ``state``'s
-        tensors); no host synchronisation."""
+        tensors, its length included); no host synchronisation."""
         name = f"RandMultiHeadAttention.{what}"
         self._check_decode(what)
         check_tensor(name, "x_t", x_t)
@@ -921,15 +921,21 @@ class RandMultiHeadAttention(nn.Module):
                              f"and stabiliser ({B}, {H}) in {cdt} on {x.device} for x_t of batch {B}, got kv "
                              f"{list(kv.shape)} {kv.dtype} on {kv.device}, v_sum {list(v_sum.shape)}, "
                              f"stabiliser {list(r.shape)}")
+        n = state.length
+        if n.dim() != 0 or n.dtype != torch.int64 or n.device != x.device:
+            raise ValueError(f"{name}: state.length must be a 0-d int64 tensor on {x.device}, got shape "
+                             f"{list(n.shape)} {n.dtype} on {n.device}")
         P = self.projection_matrix
         if inplace and _fm.fused_decode_applies(x, kv, (x, self.Wq, self.Wk, self.Wv, self.bq, self.bk,
                                                          self.bv, P, kv, v_sum, r)):
             # One GEMM for q, k and v (the concatenated weights, cached), read in place by one
-            # fused kernel in the layer's dtype; the output comes back in it.
+            # fused kernel in the layer's dtype, which also counts the position into the state's
+            # length; the output comes back in the layer's dtype.
             Wqkv, bqkv = self._decode_qkv_weights()
             q, k, v = F.linear(x, Wqkv, bqkv).view(B, 3, H, hd).unbind(1)
             W = P if P.dtype in (x.dtype, cdt) else P.to(cdt)
-            ctx = torch.ops.panther._favor_decode_step_(q, k, v, W, self.kernel_fn, kv, v_sum, r).reshape(B, E)
+            ctx = torch.ops.panther._favor_decode_step_(q, k, v, W, self.kernel_fn, kv, v_sum, r,
+                                                        state.length).reshape(B, E)
         else:
             W = P if P.dtype == cdt else P.to(cdt)
             q = F.linear(x, self.Wq, self.bq).reshape(B, H, hd).to(cdt)
@@ -937,6 +943,8 @@ class RandMultiHeadAttention(nn.Module):
             v = F.linear(x, self.Wv, self.bv).reshape(B, H, hd).to(cdt)
             ctx, kv, v_sum, r = _fm.decode_step(q, k, v, W, self.kernel_fn, kv, v_sum, r, inplace)
             ctx = ctx.to(x.dtype).reshape(B, E)
+            if inplace:
+                state.length.add_(1)
         if self.training and self.dropout > 0:
             ctx = F.dropout(ctx, p=self.dropout, training=True)
         out = F.linear(ctx, self.W0, self.b0)
@@ -1000,8 +1008,8 @@ class RandMultiHeadAttention(nn.Module):
         under ``torch.no_grad()`` (in-place updates of tensors that autograd saved would fail).
         On CUDA a step is one projection of q, k and v together (the layer keeps the
         concatenation of ``Wq, Wk, Wv`` for it, ``3 E^2`` elements, formed again after any of them
-        changes; copies and pickles leave it out), one fused kernel that updates the state and
-        reads it out, the output projection and the length's increment.
+        changes; copies and pickles leave it out), one fused kernel that updates the state (its
+        length included) and reads it out, and the output projection.
 
         >>> layer = RandMultiHeadAttention(16, 2, 8, iscausal=True).eval()
         >>> x = torch.randn(1, 4, 16)
@@ -1014,9 +1022,7 @@ class RandMultiHeadAttention(nn.Module):
         >>> torch.allclose(out_t, layer(x, x, x)[0][:, 3:], atol=1e-5)
         True
         """
-        out = self._step_math(x_t, state, "step_", True)[0]
-        state.length.add_(1)
-        return out
+        return self._step_math(x_t, state, "step_", True)[0]
 
     @torch.jit.unused
     def __deepcopy__(self, memo):
