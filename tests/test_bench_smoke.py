@@ -60,6 +60,8 @@ def test_models_smoke(tmp_path, device):
         assert (model, "eager", "dense") in variants
         assert (model, "eager", "zero-cost Linear (bound)") in variants
         assert (model, "autocast", "dense") in variants
+        if device == "cuda":  # the inference forward and the whole training step replayed from graphs
+            assert {(model, "CUDA graph", v) for v in ("dense", "zero-cost Linear (bound)")} <= variants
     for r in lin:
         assert not r["error"], r
         assert r["infer_ms"] > 0 and r["train_ms"] > 0, r

@@ -31,9 +31,14 @@ Part "linear" (SKLinear inside models)
   note and that variant recompiled without fullgraph; --compile-scope model compiles the whole
   stack instead; compiled rows are dense, SK L=1 k=64 and the bound unless --compile-all);
   bf16 parameters; plus one row pair with fp32 parameters and bf16 autocast (dense vs SK L=1
-  k=64, eager), where autocast casts the weights or sketches on every call.
-  Order (so a time budget cuts the least important rows): eager, compiled, autocast; encoder
-  first.
+  k=64, eager), where autocast casts the weights or sketches on every call; and (CUDA) "CUDA
+  graph": dense, SK L=1 k=64 and the bound, eager modules with the inference forward and the
+  whole training step (forward, backward, AdamW with capturable=True) each captured once in a
+  CUDA graph and replayed, which takes the host's launch time out of both sides (what
+  ``torch.compile(mode="reduce-overhead")`` or a hand-captured step gives); no peak memory there
+  (a replay allocates nothing: its memory lives in the graph's pool).
+  Order (so a time budget cuts the least important rows): eager, compiled, CUDA graph, autocast;
+  encoder first.
   Measured: inference = forward under torch.no_grad(); training step = zero_grad(set_to_none),
   forward, backward with a fixed random output gradient, AdamW step (torch defaults, lr 1e-5);
   peak training memory = the model's own parameters, gradients, buffers and optimizer state
@@ -304,13 +309,16 @@ class Variant:
 
     def __init__(self, name: str, model: nn.Module, x: torch.Tensor, gy: torch.Tensor, *,
                  autocast: Optional[torch.dtype] = None, compiled: bool = False, fullgraph: bool = True,
-                 scope: str = "block", lr: float = 1e-5) -> None:
+                 scope: str = "block", lr: float = 1e-5, graphed: bool = False) -> None:
         self.name, self.model, self.x, self.gy = name, model, x, gy
         self.autocast = autocast
         params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=lr) if params else None
+        # (a captured optimizer step keeps its step count on the device: capturable=True)
+        self.opt = torch.optim.AdamW(params, lr=lr, capturable=graphed) if params else None
         self.note = ""
         self.fwd: Callable[[torch.Tensor], torch.Tensor] = model
+        self.graphed = graphed
+        self._replays: Dict[str, Callable[[], object]] = {}
         if compiled:
             self.compile(fullgraph, scope)
 
@@ -345,6 +353,44 @@ class Variant:
         if self.opt is not None:
             self.opt.step()
 
+    def call(self, which: str) -> Callable[[], object]:
+        """What the benchmark times for ``which`` ("infer" or "train"): the method itself, or
+        (graphed) the replay of its CUDA graph, captured on the first call."""
+        eager = self.infer if which == "infer" else self.train_step
+        if not self.graphed:
+            return eager
+        if which not in self._replays:
+            if which == "infer":
+                self._replays[which] = _graphed(eager, self.x.device)
+            else:
+                self._replays[which] = self._graph_train_step()
+        return self._replays[which]
+
+    def _graph_train_step(self) -> Callable[[], object]:
+        # The whole step in one graph (PyTorch's whole-network capture): warm-up steps on a side
+        # stream, the gradients set to None once, then forward, backward and the optimizer step
+        # captured; each replay rewrites the same gradient tensors and steps the optimizer.
+        dev = self.x.device
+
+        def body():
+            with self._ctx():
+                y = self.fwd(self.x)
+            y.backward(self.gy.to(y.dtype))
+            if self.opt is not None:
+                self.opt.step()
+        s = torch.cuda.Stream(dev)
+        s.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                self.model.zero_grad(set_to_none=True)
+                body()
+        torch.cuda.current_stream(dev).wait_stream(s)
+        self.model.zero_grad(set_to_none=True)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            body()
+        return g.replay
+
 
 def _try(fn: Callable[[], object], device: torch.device) -> Optional[str]:
     """Run ``fn`` once; None if it worked, else "OOM" or the error. The memory of a failed call is
@@ -372,7 +418,8 @@ def first_calls(variants: List[Variant], which: str, device: torch.device, compi
     and the variant is recompiled without fullgraph and tried again."""
     problems: Dict[str, str] = {}
     for v in variants:
-        fn = v.infer if which == "infer" else v.train_step
+        def fn(v=v):
+            return v.call(which)()
         why = _try(fn, device)
         if why is not None and why != "OOM" and compiled and not v.note:
             v.note = f"fullgraph=True failed ({why}); timed without fullgraph"
@@ -414,8 +461,10 @@ def bench_linear_model(spec: Dict, device: torch.device, dtype: torch.dtype, ske
         torch.manual_seed(0)
         base = Stack(spec["layers"], d, dtype=pdtype, **kw)
         builds: List[Tuple[str, Callable[[], nn.Module]]] = [("dense", lambda: copy.deepcopy(base))]
-        # autocast, and compiled unless compile_all: dense, the target sketch (and the bound) only
-        sk_list = [target] if mode == "autocast" or (mode == "compiled" and not compile_all) else sketches
+        # autocast and CUDA graph, and compiled unless compile_all: dense, the target sketch (and
+        # the bound) only
+        few = mode in ("autocast", "CUDA graph") or (mode == "compiled" and not compile_all)
+        sk_list = [target] if few else sketches
         for (L, k) in sk_list:
             builds.append((f"SK L={L} k={k}", lambda L=L, k=k: sketched(base, L, k)))
         if mode != "autocast":
@@ -424,7 +473,7 @@ def bench_linear_model(spec: Dict, device: torch.device, dtype: torch.dtype, ske
         for name, build in builds:
             try:
                 variants.append(Variant(name, build(), x, gy, autocast=autocast, compiled=mode == "compiled",
-                                        scope=scope))
+                                        scope=scope, graphed=mode == "CUDA graph"))
             except Exception as e:  # noqa: BLE001
                 why = "OOM" if C.is_oom(e) else f"{type(e).__name__}: {str(e)[:100]}"
                 rows.append({"part": "linear", "model": spec["key"], "mode": mode, "variant": name, "error": why})
@@ -439,7 +488,7 @@ def bench_linear_model(spec: Dict, device: torch.device, dtype: torch.dtype, ske
             alive = [v for v in alive if v.name not in probs]
             if not alive:
                 continue
-            fns = {v.name: (v.infer if which == "infer" else v.train_step) for v in alive}
+            fns = {v.name: v.call(which) for v in alive}
             timed: Dict[str, C.Timing] = {}
             why = _try(lambda: timed.update(C.time_fns(fns, device, **tk)), device)
             for v in alive:
@@ -449,7 +498,7 @@ def bench_linear_model(spec: Dict, device: torch.device, dtype: torch.dtype, ske
                     res[v.name][which] = timed[v.name].median_ms
         for v in variants:
             r = res[v.name]
-            if "error" not in r and "bound" not in v.name:
+            if "error" not in r and "bound" not in v.name and not v.graphed:
                 why = _try(lambda v=v, r=r: r.__setitem__(
                     "mem", peak_training_bytes(v.train_step, v.model, v.opt, device)), device)
                 if why:
@@ -987,7 +1036,8 @@ def main(argv=None) -> int:
 
     if args.which in ("linear", "all"):
         for spec in models:
-            modes = ["eager"] + (["compiled"] if do_compile else []) + ([] if args.quick else ["autocast"])
+            modes = (["eager"] + (["compiled"] if do_compile else [])
+                     + (["CUDA graph"] if device.type == "cuda" else []) + ([] if args.quick else ["autocast"]))
             bench_linear_model(spec, device, dtype, sketches, modes, tk, deadline, args.compile_scope, rows,
                                lin_table, log, sketch_target, args.compile_all)
     if args.which in ("attention", "all"):
