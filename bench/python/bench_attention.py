@@ -411,15 +411,11 @@ def run_row(case: Case, wname: str, heads: int, hd: int, L: int, causal: bool, m
                 r[f"mem_{impl}"] = C.peak_memory_bytes(fns[impl], device)
             except Exception:  # noqa: BLE001 - memory is a side number
                 C.free_cuda(device)
-    r["op_speedup"] = _ratio(r.get("sdpa"), r.get("favor"))
-    r["module_speedup"] = _ratio(r.get("exact"), r.get("rmha"))
-    r["op_mem_ratio"] = _ratio(r.get("mem_favor"), r.get("mem_sdpa"))
-    r["module_mem_ratio"] = _ratio(r.get("mem_rmha"), r.get("mem_exact"))
+    r["op_speedup"] = BM.ratio(r.get("sdpa"), r.get("favor"))
+    r["module_speedup"] = BM.ratio(r.get("exact"), r.get("rmha"))
+    r["op_mem_ratio"] = BM.ratio(r.get("mem_favor"), r.get("mem_sdpa"))
+    r["module_mem_ratio"] = BM.ratio(r.get("mem_rmha"), r.get("mem_exact"))
     return r
-
-
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return a / b if a and b else None
 
 
 def add_results(results: C.ResultWriter, r: Dict, features: int, dtype: str, has_module: bool) -> None:
