@@ -33,7 +33,11 @@
 //    mapping; its ldmatrix/mma calls are warp collectives like those above.
 //  * __CUDA_ARCH__ is not defined; intrinsics such as __expf are exact libm calls.
 //  * Blocks run sequentially: inter-block communication other than via atomics
-//    (e.g. spin-waiting on another block) deadlocks.
+//    (e.g. spin-waiting on another block) deadlocks. Thread block clusters (sm_90,
+//    emu::launch_cluster) are the exception: the blocks of one cluster run at once,
+//    with a cluster barrier (emu::cluster_sync) and each other's shared memory
+//    (emu::map_shared_rank), as cooperative_groups::this_cluster() gives on the GPU;
+//    clusters still run one after another.
 #pragma once
 
 #ifndef PANTHER_CUDA_EMU
@@ -143,11 +147,20 @@ struct Block {
   unsigned char* smem;
 };
 
+// The blocks of one thread block cluster, running together.
+struct Cluster {
+  explicit Cluster(ptrdiff_t nthreads) : bar(nthreads) {}
+  std::barrier<> bar;  // every thread of every block of the cluster
+  std::vector<Block*> blocks;
+};
+
 struct ThreadCtx {
   Block* block = nullptr;
   Warp* warp = nullptr;
   unsigned lane = 0;
   unsigned shfl_count = 0;  // selects the slot buffer, identical across a warp
+  Cluster* cluster = nullptr;
+  unsigned rank = 0;  // the block's rank in its cluster
 };
 inline thread_local ThreadCtx tctx;
 
@@ -156,6 +169,24 @@ inline ThreadCtx& ctx() {
   return tctx;
 }
 inline unsigned char* block_smem() { return ctx().block->smem; }
+
+// Cluster of the calling block (emu::launch_cluster; a plain launch is a cluster of one block).
+inline void cluster_sync() { ctx().cluster->bar.arrive_and_wait(); }
+inline unsigned cluster_rank() { return ctx().rank; }
+inline unsigned cluster_size() { return static_cast<unsigned>(ctx().cluster->blocks.size()); }
+// The address in block `rank`'s shared memory that corresponds to `p` in the caller's (p must
+// lie in the caller's dynamic shared memory, as for mapa / map_shared_rank on the GPU).
+template <class T>
+T* map_shared_rank(T* p, unsigned rank) {
+  ThreadCtx& c = ctx();
+  const Block& own = *c.block;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p), s = reinterpret_cast<uintptr_t>(own.smem);
+  if (a < s || a - s >= own.smem_bytes)
+    throw std::invalid_argument("emu::map_shared_rank: pointer outside the block's shared memory");
+  if (rank >= c.cluster->blocks.size())
+    throw std::invalid_argument("emu::map_shared_rank: rank outside the cluster");
+  return reinterpret_cast<T*>(c.cluster->blocks[rank]->smem + (a - s));
+}
 inline void warp_barrier() { ctx().warp->bar.arrive_and_wait(); }
 inline unsigned lane_id() { return ctx().lane; }
 
@@ -211,47 +242,63 @@ inline bool in_block_smem(const void* p, size_t n) {
   return a >= s && a - s <= b.smem_bytes && n <= b.smem_bytes - (a - s);
 }
 
+// Runs `kernel` on `grid` in clusters of `cluster_x` blocks along x (grid.x a multiple of it):
+// the blocks of one cluster at once, the clusters one after another.
 template <class... KArgs, class... Args>
-void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, Args&&... args) {
+void launch_cluster(void (*kernel)(KArgs...), dim3 grid, dim3 block, unsigned cluster_x, size_t smem_bytes,
+                    Args&&... args) {
   static_assert(sizeof...(KArgs) == sizeof...(Args), "emu::launch: wrong number of kernel arguments");
   const unsigned nthreads = block.x * block.y * block.z;
   if (nthreads == 0 || nthreads > 1024 || grid.x * grid.y * grid.z == 0)
     throw std::invalid_argument("emu::launch: invalid grid/block dimensions");
+  if (cluster_x == 0 || cluster_x > 16 || grid.x % cluster_x != 0)
+    throw std::invalid_argument("emu::launch_cluster: the cluster size must divide grid.x (and be 1..16)");
   if (smem_bytes > EMU_MAX_DYNAMIC_SMEM) throw std::invalid_argument("emu::launch: too much dynamic shared memory");
   // Convert once, as cudaLaunchKernel does; each thread then gets its own copy.
   const std::tuple<std::remove_cvref_t<KArgs>...> params(std::forward<Args>(args)...);
 
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        Block blk(nthreads, smem_bytes);
+      for (unsigned bx0 = 0; bx0 < grid.x; bx0 += cluster_x) {
+        std::deque<Block> blks;  // deque: Block holds immovable barriers
+        Cluster cl(static_cast<ptrdiff_t>(nthreads) * cluster_x);
+        for (unsigned r = 0; r < cluster_x; ++r) cl.blocks.push_back(&blks.emplace_back(nthreads, smem_bytes));
         std::exception_ptr err;
         std::mutex err_mu;
         std::vector<std::thread> threads;
-        threads.reserve(nthreads);
-        for (unsigned t = 0; t < nthreads; ++t)
-          threads.emplace_back([&, t] {
-            threadIdx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-            blockIdx = {bx, by, bz};
-            blockDim = block;
-            gridDim = grid;
-            tctx = {&blk, &blk.warps[t / 32], t % 32, 0};
-            try {
-              std::apply(kernel, params);
-            } catch (...) {
-              std::lock_guard<std::mutex> g(err_mu);
-              if (!err) err = std::current_exception();
-            }
-            // Exited (or failed) threads leave the barriers so the rest of the
-            // block does not deadlock -- matches sm_70+ __syncthreads semantics.
-            tctx.warp->bar.arrive_and_drop();
-            blk.bar.arrive_and_drop();
-            tctx = {};
-          });
+        threads.reserve(static_cast<size_t>(nthreads) * cluster_x);
+        for (unsigned r = 0; r < cluster_x; ++r)
+          for (unsigned t = 0; t < nthreads; ++t)
+            threads.emplace_back([&, r, t] {
+              Block& blk = *cl.blocks[r];
+              threadIdx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+              blockIdx = {bx0 + r, by, bz};
+              blockDim = block;
+              gridDim = grid;
+              tctx = {&blk, &blk.warps[t / 32], t % 32, 0, &cl, r};
+              try {
+                std::apply(kernel, params);
+              } catch (...) {
+                std::lock_guard<std::mutex> g(err_mu);
+                if (!err) err = std::current_exception();
+              }
+              // Exited (or failed) threads leave the barriers so the rest of the
+              // block does not deadlock -- matches sm_70+ __syncthreads semantics.
+              tctx.warp->bar.arrive_and_drop();
+              blk.bar.arrive_and_drop();
+              cl.bar.arrive_and_drop();
+              tctx = {};
+            });
         for (auto& th : threads) th.join();
         if (err) std::rethrow_exception(err);
-        if (!blk.guard_intact()) throw std::runtime_error("emu::launch: write past the end of dynamic shared memory");
+        for (const Block& blk : blks)
+          if (!blk.guard_intact()) throw std::runtime_error("emu::launch: write past the end of dynamic shared memory");
       }
+}
+
+template <class... KArgs, class... Args>
+void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, Args&&... args) {
+  launch_cluster(kernel, grid, block, 1, smem_bytes, std::forward<Args>(args)...);
 }
 
 }  // namespace emu

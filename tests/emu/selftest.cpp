@@ -7,6 +7,7 @@
 // The kernels below are written as they would be in a .cu file (only the
 // include line differs) and exercise every part of the emulator surface.
 #include "cuda_emu.h"
+#include "common/cluster.cuh"
 #include "common/mma.cuh"
 
 #include <cstdio>
@@ -339,7 +340,65 @@ static bool test_gemm(std::string& detail) {
   return bad == 0;
 }
 
+// ===== (h) thread block clusters: ranks, the cluster barrier, another block's shared memory =====
+// Each block writes its own values into its shared memory; after the cluster barrier every thread
+// reads the next rank's value (map) and the sum over the cluster's blocks; a second barrier keeps
+// every block alive until the others have read it.
+__global__ void cluster_kernel(int* next_out, int* sum_out, unsigned* rank_out) {
+  PANTHER_DYNAMIC_SMEM(smem);
+  int* mine = reinterpret_cast<int*>(smem);
+  const unsigned r = panther::cluster::rank(), n = panther::cluster::size();
+  const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+  mine[threadIdx.x] = static_cast<int>(blockIdx.x * 1000 + threadIdx.x);
+  panther::cluster::sync();
+  next_out[i] = panther::cluster::map(mine, (r + 1) % n)[threadIdx.x];
+  int s = 0;
+  for (unsigned q = 0; q < n; ++q) s += panther::cluster::map(mine, q)[0];
+  sum_out[i] = s;
+  rank_out[i] = r;
+  panther::cluster::sync();
+}
+
+__global__ void cluster_bad_map_kernel(int* global) { (void)panther::cluster::map(global, 0); }
+
 int main() {
+  run_case("(h) clusters of 4 blocks (grid 8): rank, cluster barrier, map_shared_rank", [](std::string& d) {
+    const unsigned blocks = 8, threads = 64, cl = 4, n = blocks * threads;
+    std::vector<int> next(n, -1), sum(n, -1);
+    std::vector<unsigned> rank(n, 99);
+    PANTHER_LAUNCH_CLUSTER(cluster_kernel, dim3(blocks), dim3(threads), cl, threads * sizeof(int), next.data(),
+                           sum.data(), rank.data());
+    int bad = 0;
+    for (unsigned b = 0; b < blocks; ++b) {
+      const unsigned base = b / cl * cl, r = b % cl;
+      int want_sum = 0;
+      for (unsigned q = 0; q < cl; ++q) want_sum += static_cast<int>((base + q) * 1000);
+      for (unsigned t = 0; t < threads; ++t) {
+        const unsigned i = b * threads + t;
+        bad += next[i] != static_cast<int>((base + (r + 1) % cl) * 1000 + t) || sum[i] != want_sum || rank[i] != r;
+      }
+    }
+    d = "bad = " + std::to_string(bad);
+    return bad == 0;
+  });
+
+  run_case("(h') map_shared_rank of a non-shared address, and a cluster size not dividing grid.x, throw", [](std::string& d) {
+    int x = 0;
+    int thrown = 0;
+    try {
+      PANTHER_LAUNCH_CLUSTER(cluster_bad_map_kernel, dim3(2), dim3(32), 2u, 64, &x);
+    } catch (const std::invalid_argument& e) {
+      d = e.what();
+      ++thrown;
+    }
+    try {
+      PANTHER_LAUNCH_CLUSTER(cluster_bad_map_kernel, dim3(3), dim3(32), 2u, 64, &x);
+    } catch (const std::invalid_argument&) {
+      ++thrown;
+    }
+    return thrown == 2;
+  });
+
   run_case("(a) wmma GEMM bf16, 4 layout combos (1 block each), smem+global operands", test_gemm<__nv_bfloat16>);
   run_case("(a') wmma GEMM half, 4 layout combos", test_gemm<__half>);
 

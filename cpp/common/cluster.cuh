@@ -1,0 +1,87 @@
+// Thread block clusters (sm_90) for the hand-written kernels, the same code on the GPU and in the
+// CPU emulator (tests/emu/cuda_emu.h): the block's rank in its cluster, the cluster barrier, and
+// a pointer into another block's shared memory (distributed shared memory). Launch with
+// PANTHER_LAUNCH_CLUSTER(kernel, grid, block, cluster_x, smem, args...): clusters of cluster_x
+// blocks along x (grid.x a multiple of it), on the current stream.
+//
+// Memory order: cluster_sync() is a release/acquire barrier over the cluster's shared memory
+// (barrier.cluster.arrive.release / wait.acquire), so what a block wrote to its shared memory
+// before it is visible to every block of the cluster after it. A block must not exit while
+// another may still read its shared memory: end with cluster_sync() after the last remote read.
+#pragma once
+#include "common/device.cuh"
+#include "common/launch.cuh"
+
+#ifndef PANTHER_CUDA_EMU
+#include <cooperative_groups.h>
+#endif
+
+namespace panther::cluster {
+
+__device__ __forceinline__ unsigned rank() {
+#ifdef PANTHER_CUDA_EMU
+  return ::emu::cluster_rank();
+#else
+  return cooperative_groups::this_cluster().block_rank();
+#endif
+}
+
+__device__ __forceinline__ unsigned size() {
+#ifdef PANTHER_CUDA_EMU
+  return ::emu::cluster_size();
+#else
+  return cooperative_groups::this_cluster().num_blocks();
+#endif
+}
+
+__device__ __forceinline__ void sync() {
+#ifdef PANTHER_CUDA_EMU
+  ::emu::cluster_sync();
+#else
+  cooperative_groups::this_cluster().sync();
+#endif
+}
+
+// The address in block `r`'s shared memory of what `p` addresses in the caller's.
+template <class T>
+__device__ __forceinline__ T* map(T* p, unsigned r) {
+#ifdef PANTHER_CUDA_EMU
+  return ::emu::map_shared_rank(p, r);
+#else
+  return cooperative_groups::this_cluster().map_shared_rank(p, r);
+#endif
+}
+
+}  // namespace panther::cluster
+
+#ifdef PANTHER_CUDA_EMU
+#define PANTHER_LAUNCH_CLUSTER(kernel, grid, block, cluster_x, smem, ...) \
+  ::emu::launch_cluster(kernel, grid, block, cluster_x, smem, __VA_ARGS__)
+#else
+// As PANTHER_LAUNCH, through cudaLaunchKernelEx with the cluster dimension attribute.
+#define PANTHER_LAUNCH_CLUSTER(kernel, grid, block, cluster_x, smem, ...)                     \
+  do {                                                                                        \
+    static std::atomic<uint64_t> panther_smem_set{0};                                         \
+    const int panther_dev = c10::cuda::current_device();                                      \
+    const uint64_t panther_bit = uint64_t{1} << (panther_dev & 63);                           \
+    if (!(panther_smem_set.load(std::memory_order_acquire) & panther_bit)) {                  \
+      C10_CUDA_CHECK(cudaFuncSetAttribute(                                                    \
+          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,                                \
+          static_cast<int>(::panther::max_smem_optin(panther_dev))));                         \
+      panther_smem_set.fetch_or(panther_bit, std::memory_order_acq_rel);                      \
+    }                                                                                         \
+    cudaLaunchConfig_t panther_cfg = {};                                                      \
+    panther_cfg.gridDim = (grid);                                                             \
+    panther_cfg.blockDim = (block);                                                           \
+    panther_cfg.dynamicSmemBytes = (smem);                                                    \
+    panther_cfg.stream = at::cuda::getCurrentCUDAStream();                                    \
+    cudaLaunchAttribute panther_attr[1];                                                      \
+    panther_attr[0].id = cudaLaunchAttributeClusterDimension;                                 \
+    panther_attr[0].val.clusterDim.x = (cluster_x);                                           \
+    panther_attr[0].val.clusterDim.y = 1;                                                     \
+    panther_attr[0].val.clusterDim.z = 1;                                                     \
+    panther_cfg.attrs = panther_attr;                                                         \
+    panther_cfg.numAttrs = 1;                                                                 \
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&panther_cfg, kernel, __VA_ARGS__));                    \
+  } while (0)
+#endif
