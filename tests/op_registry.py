@@ -385,6 +385,38 @@ def _favor_decode_step_sample_inputs(device, dtype):
     return out
 
 
+def _favor_decode_layer_sample_inputs(device, dtype):
+    """The layer's decoding step: from an empty state and after steps, bias or not, an empty batch,
+    the length counted; bf16 layers on a float32 state."""
+    out = []
+    for i, (desc, B, H, E, D, Dv, M, kernel, steps, bias) in enumerate([
+            ("softmax, empty state", 2, 3, 10, 4, 5, 7, "softmax", 0, True),
+            ("relu, after steps, no bias", 1, 2, 8, 4, 4, 5, "relu", 2, False),
+            ("softmax, after steps", 2, 2, 8, 4, 3, 6, "softmax", 2, True),
+            ("empty batch", 0, 2, 8, 4, 3, 5, "softmax", 0, True)]):
+        g = _gen(i)
+        r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+        rows = 2 * H * D + H * Dv
+        w, wo, W = r(rows, E) * E ** -0.5, r(E, H * Dv) * (H * Dv) ** -0.5, r(M, D)
+        b, bo = (r(rows), r(E)) if bias else (None, None)
+        kv, vs = torch.zeros(B, H, M, Dv + 1, dtype=torch.float64), torch.zeros(B, H, Dv + 1, dtype=torch.float64)
+        st = torch.full((B, H), float("-inf") if kernel == "softmax" else 0.0, dtype=torch.float64)
+        for _ in range(steps):
+            torch.ops.panther._favor_decode_layer_(r(B, E), w, b, W, kernel, wo, bo, kv, vs, st)
+        x = r(B, E)
+        t = lambda x: None if x is None else _leaf(x, device, dtype, False)
+        out.append(Sample(desc, (t(x), t(w), t(b), t(W), kernel, t(wo), t(bo), t(kv), t(vs), t(st))))
+        if steps > 0:
+            n = torch.tensor(steps, device=device)
+            out.append(Sample(desc + ", counting length", (t(x), t(w), t(b), t(W), kernel, t(wo), t(bo), t(kv),
+                                                           t(vs), t(st), n)))
+        if dtype == torch.float32:
+            lo = lambda x: None if x is None else _leaf(x, device, torch.bfloat16, False)
+            out.append(Sample(desc + ", bf16 layer", (lo(x), lo(w), lo(b), lo(W), kernel, lo(wo), lo(bo), t(kv),
+                                                      t(vs), t(st))))
+    return out
+
+
 _INTERNAL = ("internal op: reached only through {public}, whose entry runs this check "
              "(the check needs the public op's semantics)")
 
@@ -454,6 +486,9 @@ REGISTRY: List[OpEntry] = [
     _private("_favor_decode_step_", "pr.nn.RandMultiHeadAttention.step_", _favor_decode_step_sample_inputs,
              why="in-place decoding step of {public}, inference only (no autograd, float32/float64 "
                  "state): tests/test_decode.py checks its values against the Python math"),
+    _private("_favor_decode_layer_", "pr.nn.RandMultiHeadAttention.step_", _favor_decode_layer_sample_inputs,
+             why="in-place decoding step of a whole layer of {public}, inference only (no autograd, float32/float64 "
+                 "state): tests/test_decode.py checks its values against the step op and the projections"),
     _private("_rand_mha_self_attention", "pr.nn.RandMultiHeadAttention", _rand_mha_sample_inputs,
              why="CompositeImplicitAutograd: decomposes into aten ops and panther::favor_attention "
                  "(checked by its own entry); the module's tests cover {public}"),

@@ -8,6 +8,7 @@ wrong rescale or a misplaced eps changes the result by far more than the toleran
 """
 
 import copy
+import re
 import pickle
 
 import pytest
@@ -397,6 +398,7 @@ def test_step_in_place_on_cpu_keeps_python_math():
         with OpLog() as log:
             layer.step_(x[:, 3:], state)
     assert "panther._favor_decode_step_" not in log.names
+    assert "panther._favor_decode_layer_" not in log.names
 
 
 def test_step_op_counts_length_when_given():
@@ -412,6 +414,168 @@ def test_step_op_counts_length_when_given():
     b = STEP_OP(q, k, v, W, "softmax", *plain)
     assert int(length) == 10 and length.data_ptr() == ptr
     assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(counted, plain))
+
+
+# ------------------------------------------------------------------ the whole layer's step op
+
+LAYER_OP = torch.ops.panther._favor_decode_layer_
+
+
+def layer_inputs(B, H, E_in, D, Dv, M, E_out, bias, seed, dtype=F64):
+    """x, w_qkv (2 H D + H Dv, E_in), b_qkv, the projection (M, D), w_out (E_out, H Dv), b_out."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
+    w = r(2 * H * D + H * Dv, E_in) * E_in ** -0.5
+    wo = r(E_out, H * Dv) * (H * Dv) ** -0.5
+    b, bo = (r(2 * H * D + H * Dv), r(E_out)) if bias else (None, None)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(r(B, E_in)), cast(w), cast(b), r(M, D), cast(wo), cast(bo)
+
+
+def layer_reference(x, w, b, W, kernel_fn, wo, bo, kv, vs, r, H, length=None):
+    """The layer's step composed of at::linear and the step op (CPU)."""
+    B, D, Dv = x.shape[0], W.shape[1], kv.shape[-1] - 1
+    y = torch.nn.functional.linear(x, w, b)
+    q, k, v = y[:, :H * D].view(B, H, D), y[:, H * D:2 * H * D].view(B, H, D), y[:, 2 * H * D:].view(B, H, Dv)
+    ctx = STEP_OP(q, k, v, W.to(kv.dtype), kernel_fn, kv, vs, r, length)
+    return torch.nn.functional.linear(ctx.reshape(B, H * Dv), wo, bo)
+
+
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("B", [1, 3])
+def test_layer_op_equals_composition(kernel_fn, bias, B):
+    """The layer op (CPU) equals q/k/v projection, the step op and the output projection, step after
+    step, in place, counting the length."""
+    H, E_in, D, Dv, M, E_out = 3, 10, 4, 5, 7, 6
+    ours, ref = empty_state((B, H), M, Dv, kernel_fn), empty_state((B, H), M, Dv, kernel_fn)
+    n_ours, n_ref = torch.tensor(2), torch.tensor(2)
+    for t in range(4):
+        x, w, b, W, wo, bo = layer_inputs(B, H, E_in, D, Dv, M, E_out, bias, seed=t)
+        x = x * 2.0 / (1 + t)  # shrinking inputs: the key stabiliser rises
+        want = layer_reference(x, w, b, W, kernel_fn, wo, bo, *ref, H, n_ref)
+        ptrs = [s.data_ptr() for s in ours]
+        got = LAYER_OP(x, w, b, W, kernel_fn, wo, bo, *ours, n_ours)
+        assert [s.data_ptr() for s in ours] == ptrs and got.shape == (B, E_out)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        for s, r in zip(ours, ref):
+            torch.testing.assert_close(s, r, rtol=1e-12, atol=1e-12)
+        assert int(n_ours) == int(n_ref) == 3 + t
+
+
+def test_layer_op_errors():
+    B, H, E_in, D, Dv, M, E_out = 2, 3, 10, 4, 5, 7, 6
+    x, w, b, W, wo, bo = layer_inputs(B, H, E_in, D, Dv, M, E_out, True, seed=0)
+    state = empty_state((B, H), M, Dv, "softmax")
+    ok = [x, w, b, W, "softmax", wo, bo, *state]
+    LAYER_OP(*ok)
+    name = "panther::_favor_decode_layer_"
+    bad = {
+        0: (x[None], "x must be 2-d"),
+        1: (w[:-1], "w_qkv must have shape"),
+        2: (b[:-1], "b_qkv must have shape"),
+        3: (W[:, :-1], "w_qkv must have shape"),  # head_dim from the projection: the weights disagree
+        5: (wo[:, :-1], "w_out must have num_heads * value_dim = 15 columns"),
+        6: (bo[:-1], "b_out must have shape [6]"),
+        7: (state[0][:, :, :, :-1], "w_qkv must have shape"),  # value_dim from kv
+        8: (state[1][..., :-1], "v_sum must have shape"),
+        9: (state[2][:1], "stabiliser must have"),
+    }
+    for i, (arg, msg) in bad.items():
+        args = list(ok)
+        args[i] = arg
+        with pytest.raises(RuntimeError, match=re.escape(f"{name}: {msg}")):
+            LAYER_OP(*args)
+    with pytest.raises(RuntimeError, match=f"{name}: w_out must have the x's dtype"):
+        LAYER_OP(x, w, b, W, "softmax", wo.float(), bo, *state)
+    with pytest.raises(RuntimeError, match=f"{name}: kernel must be"):
+        LAYER_OP(x, w, b, W, "gelu", wo, bo, *state)
+    with pytest.raises(RuntimeError, match=f"{name}: w_qkv must not require grad"):
+        LAYER_OP(x, w.clone().requires_grad_(), b, W, "softmax", wo, bo, *state)
+    with pytest.raises(RuntimeError, match=f"{name}: length must be int64"):
+        LAYER_OP(*ok, torch.tensor(1.0))
+
+
+def test_layer_op_meta_shapes():
+    B, H, E_in, D, Dv, M, E_out = 2, 3, 10, 4, 5, 7, 6
+    args = [None if t is None else t.to("meta") for t in layer_inputs(B, H, E_in, D, Dv, M, E_out, True, seed=0)]
+    state = empty_state((B, H), M, Dv, "relu", device="meta")
+    out = LAYER_OP(*args[:4], "relu", *args[4:], *state)
+    assert out.shape == (B, E_out) and out.device.type == "meta" and out.dtype == F64
+
+
+# (B, H, E_in, D, Dv, M): the GPT-2-small head block; features not a multiple of the cluster; value_dim at
+# the cluster kernel's limit; and shapes it does not take (value_dim 128, head_dim 160, 300 features: the
+# GEMM and the one-block step kernel instead).
+LAYER_SHAPES = [(1, 12, 768, 64, 64, 256), (2, 3, 48, 16, 16, 40), (2, 2, 40, 33, 95, 100),
+                (1, 2, 64, 16, 128, 64), (1, 2, 64, 160, 16, 64), (2, 2, 32, 16, 16, 300)]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16])
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+@pytest.mark.parametrize("shape", LAYER_SHAPES)
+def test_layer_op_cuda_equals_cpu_math(shape, kernel_fn, dtype):
+    """The layer op on CUDA (the cluster kernel where it takes the call) equals the CPU op on the same
+    rounded inputs, from an empty state on; the length is counted; bias or not, strided x."""
+    B, H, E_in, D, Dv, M = shape
+    sd = F64 if dtype == F64 else torch.float32
+    ref = empty_state((B, H), M, Dv, kernel_fn, dtype=sd)
+    state = tuple(t.cuda() for t in ref)
+    n_ref, n = torch.tensor(0), torch.tensor(0, device="cuda")
+    if dtype == torch.bfloat16:
+        tol_out, tol_state = dict(rtol=2e-2, atol=2e-2), dict(rtol=1e-4, atol=2e-5)
+    elif dtype == torch.float32:
+        tol_out = tol_state = dict(rtol=1e-4, atol=2e-5)
+    else:
+        tol_out = tol_state = dict(rtol=1e-11, atol=1e-12)
+    for t in range(4):
+        x, w, b, W, wo, bo = layer_inputs(B, H, E_in, D, Dv, M, 2 * E_in, t % 2 == 0, seed=t, dtype=dtype)
+        x = x * 2.0 / (1 + t)
+        want = LAYER_OP(x, w, b, W.to(dtype), kernel_fn, wo, bo, *ref, n_ref)
+        xc = torch.cat([x, x], 1).cuda()[:, E_in // 2:E_in // 2 + E_in] if t == 1 else x.cuda()
+        cu = lambda a: None if a is None else a.cuda()  # noqa: E731
+        got = LAYER_OP(xc, cu(w), cu(b), cu(W.to(dtype)), kernel_fn, cu(wo), cu(bo), *state, n)
+        assert got.dtype == dtype and got.shape == (B, 2 * E_in)
+        torch.testing.assert_close(got.cpu(), want, **tol_out)
+        for s, r in zip(state, ref):
+            torch.testing.assert_close(s.cpu(), r, **tol_state)
+        assert int(n) == int(n_ref) == t + 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_layer_op_cuda_empty_batch_and_graph_capture():
+    """An empty batch only counts the length; the GPT-2-small layer's step replayed from a CUDA graph equals
+    eager calls."""
+    H, E_in, D, Dv, M = 12, 768, 64, 64, 256
+    x, w, b, W, wo, bo = (None if t is None else t.cuda() for t in
+                          layer_inputs(1, H, E_in, D, Dv, M, E_in, True, seed=3, dtype=torch.bfloat16))
+    W = W.to(torch.bfloat16)
+    n = torch.tensor(4, device="cuda")
+    empty = empty_state((0, H), M, Dv, "softmax", dtype=torch.float32, device="cuda")
+    assert LAYER_OP(x[:0], w, b, W, "softmax", wo, bo, *empty, n).shape == (0, E_in) and int(n) == 5
+    eager = empty_state((1, H), M, Dv, "softmax", dtype=torch.float32, device="cuda")
+    graphed = tuple(t.clone() for t in eager)
+    xs = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up on a copy of the state
+        LAYER_OP(xs, w, b, W, "softmax", wo, bo, *(t.clone() for t in graphed))
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = LAYER_OP(xs, w, b, W, "softmax", wo, bo, *graphed, n)
+    for t in range(3):
+        xt = x * 2.0 / (1 + t)
+        want = LAYER_OP(xt, w, b, W, "softmax", wo, bo, *eager)
+        xs.copy_(xt)
+        g.replay()
+        torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2)  # (bf16; the output GEMM's choice)
+    assert int(n) == 8
+    for a, e in zip(graphed, eager):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
 @pytest.mark.cuda
@@ -465,7 +629,7 @@ def test_step_op_cuda_low_precision_inputs(kernel_fn, in_dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
 def test_step_in_place_cuda_equals_full_causal_forward(kernel_fn, dtype):
-    """prefill + step_ on CUDA runs the fused op, and equals the causal forward position by
+    """prefill + step_ on CUDA runs the layer op, and equals the causal forward position by
     position."""
     layer = make_layer(kernel_fn, dtype=dtype, device="cuda")
     B, P, L = 3, 5, 14
@@ -477,7 +641,7 @@ def test_step_in_place_cuda_equals_full_causal_forward(kernel_fn, dtype):
         with OpLog() as log:
             for t in range(P, L):
                 outs.append(layer.step_(x[:, t:t + 1], state))
-        assert log.names.count("panther._favor_decode_step_") == L - P
+        assert log.names.count("panther._favor_decode_layer_") == L - P
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=tol, atol=tol)
     assert int(state.length) == L

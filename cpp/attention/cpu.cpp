@@ -1,4 +1,5 @@
-// CPU kernels of panther::favor_attention, _favor_attention_backward and _favor_decode_step_
+// CPU kernels of panther::favor_attention, _favor_attention_backward, _favor_decode_step_ and
+// _favor_decode_layer_
 // (the latter: the ATen math of impl.cpp). fp32/fp64 compute in
 // their own precision; fp16/bf16 compute features, states and sums in fp32 and round once at the
 // end. Causal mode runs in chunks of kCpuChunk positions (cpp/attention/impl.cpp).
@@ -140,6 +141,22 @@ at::Tensor favor_decode_step_cpu(const at::Tensor& query, const at::Tensor& key,
   return favor_decode_step_aten(d, query, key, value, projection, kv, v_sum, stabiliser, length);
 }
 
+at::Tensor favor_decode_layer_cpu(
+    const at::Tensor& x, const at::Tensor& w_qkv, const std::optional<at::Tensor>& b_qkv,
+    const at::Tensor& projection, c10::string_view kernel_fn, const at::Tensor& w_out,
+    const std::optional<at::Tensor>& b_out, const at::Tensor& kv, const at::Tensor& v_sum,
+    const at::Tensor& stabiliser, const std::optional<at::Tensor>& length) {
+  const char* op = "panther::_favor_decode_layer_";
+  check_favor_decode_layer_sym(op, x, w_qkv, b_qkv, projection, kernel_fn, w_out, b_out, kv,
+                               v_sum, stabiliser, length);
+  const auto [q, k, v] = favor_decode_layer_qkv(x, w_qkv, b_qkv, kv, projection);
+  const DecodeDims d =
+      check_favor_decode_step(op, q, k, v, projection, kernel_fn, kv, v_sum, stabiliser, length);
+  const at::Tensor ctx =
+      favor_decode_step_aten(d, q, k, v, projection, kv, v_sum, stabiliser, length);
+  return at::linear(ctx.reshape({x.size(0), kv.size(1) * (kv.size(3) - 1)}), w_out, b_out);
+}
+
 }  // namespace
 }  // namespace panther::cpu
 
@@ -147,4 +164,5 @@ TORCH_LIBRARY_IMPL(panther, CPU, m) {
   m.impl("favor_attention", &panther::cpu::favor_attention_cpu);
   m.impl("_favor_attention_backward", &panther::cpu::favor_attention_backward_cpu);
   m.impl("_favor_decode_step_", &panther::cpu::favor_decode_step_cpu);
+  m.impl("_favor_decode_layer_", &panther::cpu::favor_decode_layer_cpu);
 }

@@ -1,11 +1,16 @@
-// CUDA kernel of panther::_favor_decode_step_ (RandMultiHeadAttention.step_'s decoding step):
-// the fused kernel of decode_kernel.cuh, one launch per call on the current stream. Calls it does
-// not take (value_dim > 256, shared memory beyond the device's) run the ATen math of impl.cpp.
+// CUDA kernels of panther::_favor_decode_step_ and _favor_decode_layer_ (RandMultiHeadAttention.
+// step_'s decoding step). The step: the fused kernel of decode_kernel.cuh, one launch per call on
+// the current stream; calls it does not take (value_dim > 256, shared memory beyond the device's)
+// run the ATen math of impl.cpp. The layer: the cluster kernel of decode_layer.cuh (q/k/v
+// projections and the step) where it takes the call, else the q/k/v GEMM and the step; then the
+// output projection (decode_out_kernel for a few rows, else a GEMM).
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "attention/decode_kernel.cuh"
+#include "attention/decode_layer.cuh"
 #include "attention/impl.h"
 
 namespace panther::cuda {
@@ -27,9 +32,40 @@ at::Tensor favor_decode_step_cuda(const at::Tensor& query, const at::Tensor& key
   return decode::run_step(d, query, key, value, projection, kv, v_sum, stabiliser, length);
 }
 
+// Whether the device launches thread block clusters (compute capability 9.0 or newer).
+bool has_clusters(int device) {
+  return at::cuda::getDeviceProperties(device)->major >= 9;
+}
+
+at::Tensor favor_decode_layer_cuda(
+    const at::Tensor& x, const at::Tensor& w_qkv, const std::optional<at::Tensor>& b_qkv,
+    const at::Tensor& projection, c10::string_view kernel_fn, const at::Tensor& w_out,
+    const std::optional<at::Tensor>& b_out, const at::Tensor& kv, const at::Tensor& v_sum,
+    const at::Tensor& stabiliser, const std::optional<at::Tensor>& length) {
+  const char* op = "panther::_favor_decode_layer_";
+  check_favor_decode_layer_sym(op, x, w_qkv, b_qkv, projection, kernel_fn, w_out, b_out, kv,
+                               v_sum, stabiliser, length);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int dev = x.get_device();
+  const int64_t max_smem = ::panther::max_smem_optin(dev);
+  at::Tensor ctx;
+  if (decode::layer_takes(x.size(1), projection.size(1), kv.size(3) - 1, kv.size(2),
+                          kv.scalar_type(), max_smem, has_clusters(dev))) {
+    ctx = decode::run_layer_step(x, w_qkv, b_qkv, projection,
+                                 kernel_fn == c10::string_view("softmax"), kv, v_sum, stabiliser,
+                                 length);
+  } else {  // the q/k/v GEMM, then the one-block step kernel (or its ATen math)
+    const auto [q, k, v] = favor_decode_layer_qkv(x, w_qkv, b_qkv, kv, projection);
+    ctx = favor_decode_step_cuda(q, k, v, projection, kernel_fn, kv, v_sum, stabiliser, length)
+              .reshape({x.size(0), kv.size(1) * (kv.size(3) - 1)});
+  }
+  return decode::out_projection(ctx, w_out, b_out, max_smem);
+}
+
 }  // namespace
 }  // namespace panther::cuda
 
 TORCH_LIBRARY_IMPL(panther, CUDA, m) {
   m.impl("_favor_decode_step_", &panther::cuda::favor_decode_step_cuda);
+  m.impl("_favor_decode_layer_", &panther::cuda::favor_decode_layer_cuda);
 }

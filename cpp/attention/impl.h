@@ -198,6 +198,24 @@ at::Tensor favor_decode_step_aten(const DecodeDims& d, const at::Tensor& query,
                                   const at::Tensor& v_sum, const at::Tensor& stabiliser,
                                   const std::optional<at::Tensor>& length);
 
+// _favor_decode_layer_ (the decoding step of a self-attention layer: q/k/v projection of x, the
+// step, the output projection; see schema.cpp). Validates x (B, E), w_qkv (2 H D + H Dv, E),
+// w_out (E_out, H Dv) and the biases against x and the state (kv (B, H, M, Dv + 1) gives H and
+// Dv, the projection (M, D) gives D), then the state as _favor_decode_step_ does; returns the
+// output's sizes (B, E_out), symbolic for the Meta kernel.
+std::vector<c10::SymInt> check_favor_decode_layer_sym(
+    const char* op, const at::Tensor& x, const at::Tensor& w_qkv,
+    const std::optional<at::Tensor>& b_qkv, const at::Tensor& projection,
+    c10::string_view kernel_fn, const at::Tensor& w_out, const std::optional<at::Tensor>& b_out,
+    const at::Tensor& kv, const at::Tensor& v_sum, const at::Tensor& stabiliser,
+    const std::optional<at::Tensor>& length);
+
+// q (B, H, D), k (B, H, D), v (B, H, Dv): views of the layer's projection of x (one at::linear;
+// arguments checked by check_favor_decode_layer_sym).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_decode_layer_qkv(
+    const at::Tensor& x, const at::Tensor& w_qkv, const std::optional<at::Tensor>& b_qkv,
+    const at::Tensor& kv, const at::Tensor& projection);
+
 // Validates shapes, dtypes, devices, kernel_fn, the mask and causal's Lq == Lk.
 FavorDims check_favor_attention(const char* op, const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& projection,

@@ -1,5 +1,6 @@
 // Meta (shape-only) kernels of panther::favor_attention, _favor_attention_forward,
-// _favor_attention_backward and _favor_decode_step_ (its output only: the state it updates in
+// _favor_attention_backward, _favor_decode_step_ and _favor_decode_layer_ (their outputs only:
+// the state they update in
 // place keeps its shape), used by torch.compile, torch.export and FakeTensor tracing. They run
 // the same checks as the real kernels, on symbolic sizes (sym_size, empty_symint): under dynamic
 // shapes (torch.compile's automatic dynamic shapes, torch.export Dims) batch, heads and lengths
@@ -62,6 +63,17 @@ at::Tensor favor_decode_step_meta(const at::Tensor& query, const at::Tensor& key
   return at::empty_symint(out, query.options());
 }
 
+at::Tensor favor_decode_layer_meta(
+    const at::Tensor& x, const at::Tensor& w_qkv, const std::optional<at::Tensor>& b_qkv,
+    const at::Tensor& projection, c10::string_view kernel_fn, const at::Tensor& w_out,
+    const std::optional<at::Tensor>& b_out, const at::Tensor& kv, const at::Tensor& v_sum,
+    const at::Tensor& stabiliser, const std::optional<at::Tensor>& length) {
+  const std::vector<c10::SymInt> out = check_favor_decode_layer_sym(
+      "panther::_favor_decode_layer_", x, w_qkv, b_qkv, projection, kernel_fn, w_out, b_out, kv,
+      v_sum, stabiliser, length);
+  return at::empty_symint(out, x.options());
+}
+
 }  // namespace
 }  // namespace panther::meta
 
@@ -70,4 +82,5 @@ TORCH_LIBRARY_IMPL(panther, Meta, m) {
   m.impl("_favor_attention_forward", &panther::meta::favor_attention_forward_meta);
   m.impl("_favor_attention_backward", &panther::meta::favor_attention_backward_meta);
   m.impl("_favor_decode_step_", &panther::meta::favor_decode_step_meta);
+  m.impl("_favor_decode_layer_", &panther::meta::favor_decode_layer_meta);
 }

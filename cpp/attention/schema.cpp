@@ -1,6 +1,6 @@
 // Schemas of the FAVOR+ random-feature attention ops (favor_attention, its private
 // forward/backward pair, RandMultiHeadAttention's fused self-attention forward and its in-place
-// decoding step). The
+// decoding steps). The
 // namespace itself is declared once, in cpp/library.cpp; every family adds its ops with a fragment.
 #include <torch/library.h>
 
@@ -41,5 +41,14 @@ TORCH_LIBRARY_FRAGMENT(panther, m) {
   // for it). Inference only: no autograd kernel, so tensors that require grad under grad mode are
   // an error.
   m.def("_favor_decode_step_(Tensor query, Tensor key, Tensor value, Tensor projection, str kernel_fn, Tensor(a!) kv, Tensor(b!) v_sum, Tensor(c!) stabiliser, Tensor(d!)? length=None) -> Tensor");
+  // The decoding step of a causal self-attention layer (RandMultiHeadAttention.step_): x (B, E) in
+  // the layer's dtype; [q | k | v] = x w_qkv^T + b_qkv, w_qkv (2 H D + H Dv, E) the q rows, then
+  // the k rows, then the v rows (head-major each), with H and Dv from kv (B, H, M, Dv + 1) and D
+  // from the projection (M, D); then
+  // _favor_decode_step_'s update of the state (same arguments, same rules) and its readout ctx
+  // (B, H Dv); returns ctx w_out^T + b_out (B, E_out) in x's dtype. On CUDA (compute capability
+  // 9.0+) the projections and the step are one kernel (a thread block cluster per head), the
+  // output projection a GEMM. Inference only, as _favor_decode_step_.
+  m.def("_favor_decode_layer_(Tensor x, Tensor w_qkv, Tensor? b_qkv, Tensor projection, str kernel_fn, Tensor w_out, Tensor? b_out, Tensor(a!) kv, Tensor(b!) v_sum, Tensor(c!) stabiliser, Tensor(d!)? length=None) -> Tensor");
   m.def("_rand_mha_self_attention(Tensor x, Tensor Wq, Tensor Wk, Tensor Wv, Tensor? bq, Tensor? bk, Tensor? bv, Tensor W0, Tensor? b0, Tensor projection, int num_heads, str kernel_fn, bool causal, Tensor? key_padding_mask) -> Tensor");
 }

@@ -3,8 +3,9 @@ total time, of the calls whose targets are missed: SKLinear bf16 forward at 8192
 SKLinear bf16 forward+backward at 64 tokens, causal favor_attention forward+backward at 16k
 (bf16, 12 x 64 heads, M=256) and the RandMultiHeadAttention forward at 1k. ``decode``: the
 kernels of one 12-layer decoding step (RandMultiHeadAttention.step_, eager and replayed from a
-CUDA graph), the graph time of the fused step op alone and of the two projections alone, and
-exact attention with a 64k KV cache. ``encoder``: the BERT-base-shaped encoder of
+CUDA graph), the graph time of the fused step op alone, of the two projections alone, of the
+layer op against the same step without it (q/k/v GEMM, step op, output GEMM), and exact
+attention with a 64k KV cache. ``encoder``: the BERT-base-shaped encoder of
 bench_models.py (dense, every Linear at L=1 k=64, the zero-cost-Linear bound): host submit
 against wall time of a training step and of inference, and the kernels of each. ``shapes``: kernels of
 SKLinear, nn.Linear and the plain two-GEMM fwd+bwd at transformer widths (PROBE_SHAPES, entries
@@ -294,6 +295,22 @@ if "decode" in SECTIONS:
         step_op = lambda: [torch.ops.panther._favor_decode_step_(  # noqa: E731
             q, k, v, P, m0.kernel_fn, st0.kv, st0.v_sum, st0.stabiliser) for _ in range(nl)]
         replay_time("12 fused step ops alone, CUDA graph", BM._graphed(step_op, torch.device(dev)))
+        def unfused():  # the layer's step without the layer kernel: q/k/v GEMM, step op, output GEMM
+            outs = []
+            for _ in range(nl):
+                qkv = F.linear(x, Wqkv, bqkv).view(1, 3, H, d // H).unbind(1)
+                ctx = torch.ops.panther._favor_decode_step_(*qkv, P, m0.kernel_fn, st0.kv, st0.v_sum,
+                                                            st0.stabiliser, st0.length)
+                outs.append(F.linear(ctx.reshape(1, d), m0.W0, m0.b0))
+            return outs
+
+        layer_op = lambda: [torch.ops.panther._favor_decode_layer_(  # noqa: E731
+            x, Wqkv, bqkv, P, m0.kernel_fn, m0.W0, m0.b0, st0.kv, st0.v_sum, st0.stabiliser, st0.length)
+            for _ in range(nl)]
+        for name, f in (("12 x (q/k/v GEMM + step op + output GEMM)", unfused),
+                        ("12 layer ops (cluster kernel + output GEMM)", layer_op)):
+            replay_time(f"{name}, CUDA graph", BM._graphed(f, torch.device(dev)))
+            kernels(f"{name}, CUDA graph replay", BM._graphed(f, torch.device(dev)), top=6)
         proj = lambda: [F.linear(F.linear(x, Wqkv, bqkv)[:, :d], m0.W0, m0.b0) for _ in range(nl)]  # noqa: E731
         replay_time("12 x (q/k/v + output projection) alone, CUDA graph", BM._graphed(proj, torch.device(dev)))
         length = lambda: [st0.length.add_(1) for _ in range(nl)]  # noqa: E731

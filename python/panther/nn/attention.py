@@ -926,6 +926,20 @@ class RandMultiHeadAttention(nn.Module):
             raise ValueError(f"{name}: state.length must be a 0-d int64 tensor on {x.device}, got shape "
                              f"{list(n.shape)} {n.dtype} on {n.device}")
         P = self.projection_matrix
+        dropout = self.training and self.dropout > 0
+        if inplace and not dropout and _fm.fused_decode_applies(
+                x, kv, (x, self.Wq, self.Wk, self.Wv, self.bq, self.bk, self.bv, P, self.W0, self.b0, kv,
+                        v_sum, r)):
+            # The whole step as one op: q, k and v from the concatenated weights (cached), the
+            # state's update and readout (counting the position into its length), the output
+            # projection; on Hopper GPUs the first three are one kernel.
+            Wqkv, bqkv = self._decode_qkv_weights()
+            W = P if P.dtype in (x.dtype, cdt) else P.to(cdt)
+            out = torch.ops.panther._favor_decode_layer_(x, Wqkv, bqkv, W, self.kernel_fn, self.W0, self.b0,
+                                                         kv, v_sum, r, state.length)
+            if nd == 3:
+                out = out[:, None] if self.batch_first else out[None]
+            return out, kv, v_sum, r
         if inplace and _fm.fused_decode_applies(x, kv, (x, self.Wq, self.Wk, self.Wv, self.bq, self.bk,
                                                          self.bv, P, kv, v_sum, r)):
             # One GEMM for q, k and v (the concatenated weights, cached), read in place by one
@@ -945,7 +959,7 @@ class RandMultiHeadAttention(nn.Module):
             ctx = ctx.to(x.dtype).reshape(B, E)
             if inplace:
                 state.length.add_(1)
-        if self.training and self.dropout > 0:
+        if dropout:
             ctx = F.dropout(ctx, p=self.dropout, training=True)
         out = F.linear(ctx, self.W0, self.b0)
         if nd == 3:
@@ -1006,10 +1020,14 @@ class RandMultiHeadAttention(nn.Module):
         ``out = layer.step_(x_static, state)`` replays decoding: copy the next input into
         ``x_static``, ``graph.replay()``, read ``out``. Nothing synchronises with the host. Use it
         under ``torch.no_grad()`` (in-place updates of tensors that autograd saved would fail).
-        On CUDA a step is one projection of q, k and v together (the layer keeps the
-        concatenation of ``Wq, Wk, Wv`` for it, ``3 E^2`` elements, formed again after any of them
-        changes; copies and pickles leave it out), one fused kernel that updates the state (its
-        length included) and reads it out, and the output projection.
+        On CUDA a step is one op (``torch.ops.panther._favor_decode_layer_``): the projection of q,
+        k and v together (the layer keeps the concatenation of ``Wq, Wk, Wv`` for it, ``3 E^2``
+        elements, formed again after any of them changes; copies and pickles leave it out), the
+        update of the state (its length included) and its readout, and the output projection. On
+        Hopper GPUs (compute capability 9.0) the projection and the state's update run as one
+        kernel with a cluster of thread blocks per head (head_dim <= 128, value_dim <= 95,
+        ``num_random_features`` <= 256); elsewhere they are a GEMM and a one-block-per-head
+        kernel.
 
         >>> layer = RandMultiHeadAttention(16, 2, 8, iscausal=True).eval()
         >>> x = torch.randn(1, 4, 16)

@@ -1,0 +1,463 @@
+// The decoding step of a whole causal FAVOR+ self-attention layer's attention part on CUDA
+// (panther::_favor_decode_layer_): the q, k and v projections of the new position and the step of
+// decode_kernel.cuh in one launch, each (batch, head) row on a thread block cluster (sm_90) of
+// kCluster blocks instead of one block, so a batch-1 step of 12 heads runs on 96 SMs, not 12.
+// The output projection (it sums over every head) is a second kernel, a warp per output feature
+// (decode_out_kernel). The q, k and v weights come as one matrix (the module keeps their
+// concatenation for decoding).
+//
+// Per row (b, h), block c of the cluster (rank c), kLayerThreads threads:
+//   0. x[b] into shared memory; this block's kv rows and projection rows into registers (loads
+//      that depend on nothing, issued before the first barrier); the old v_sum and stabiliser.
+//   1. rows c*rpc .. of the head's 2D + Dv projection rows (q, then k, then v; rpc = ceil of
+//      (2D + Dv) / kCluster): a warp per row, x . w + bias, stored into every block's q/k/v
+//      (distributed shared memory).                                         cluster barrier 1
+//   2. the pre-activations of this block's features (features c*Mc .. (c+1)*Mc - 1 of the M;
+//      Mc = M / kCluster); their maxima over the block, stored into every block (softmax).
+//                                                                            cluster barrier 2
+//   3. the stabilisers (maxima over the cluster), the features, the update of this block's kv
+//      rows and their part of the readout, summed over the block and stored into block 0.
+//                                                                            cluster barrier 3
+//   4. block 0: out = num / den over the blocks' parts, written to ctx[b, h*Dv : (h+1)*Dv].
+// Rank 0 writes the new v_sum and stabiliser (every block read the old ones before barrier 1)
+// and block 0 of row 0 counts the position into `length`. Accumulation in T (the state's dtype,
+// float or double); x and the projection weights in I (the layer's dtype), the feature
+// projection in I or T; ctx in I. The math is decode_kernel.cuh's (same names), so the two agree
+// to rounding. No allocation but ctx, no host synchronisation (CUDA graph capture works). Compiles as
+// CUDA and, with PANTHER_CUDA_EMU, as host C++ against tests/emu/cuda_emu.h
+// (tests/emu/decode_test.cpp).
+#pragma once
+#include "attention/decode_kernel.cuh"
+#include "common/cluster.cuh"
+
+#include <cstring>
+
+namespace panther::decode {
+
+// Blocks per row, threads per block, kv rows (features) per warp, projection columns per lane
+// (D <= 32 kDCols), kv columns per lane (Dv + 1 <= 32 kLayerCols).
+constexpr int kCluster = 8, kLayerThreads = 256, kLayerRows = 4, kDCols = 4, kLayerCols = 3;
+constexpr int kLayerWarps = kLayerThreads / 32;
+
+template <class T, class I, class WT>
+struct LayerParams {
+  const I* x;  // (B, E) rows of stride x_stride
+  int64_t x_stride;
+  const I* w;     // (2 H D + H Dv, E) contiguous: the q rows, the k rows, the v rows
+  const I* bias;  // (2 H D + H Dv) or null
+  const WT* W;  // (M, D), contiguous
+  T* kv;        // (B H, M, Dv + 1), contiguous
+  T* v_sum;     // (B H, Dv + 1)
+  T* r;         // (B H)
+  I* ctx;       // (B, H Dv)
+  int64_t* length;
+  int E, H, D, Dv, M;
+  bool vec;  // weight rows read as 16-byte words (E a multiple of 16 / sizeof(I), aligned)
+  bool softmax;
+  T xscale, sM, eps, ek;
+};
+
+// Shared memory (elements of T): x (E), q/k/v (2D + Dv), the old then new v_sum (E1), this
+// block's query and key pre-activations then features (2 Mc), the blocks' maxima (2 kCluster),
+// the warps' maxima or readout parts (kLayerWarps E1, at least 2 kLayerWarps), the blocks'
+// readout parts (kCluster E1, block 0's used).
+inline int64_t layer_smem_elems(int64_t E, int64_t D, int64_t Dv, int64_t M) {
+  const int64_t E1 = Dv + 1, Mc = (M + kCluster - 1) / kCluster;
+  return E + 2 * D + Dv + E1 + 2 * Mc + 2 * kCluster + kLayerWarps * std::max<int64_t>(E1, 2) +
+         kCluster * E1;
+}
+
+// x . w over E for one lane (its share of the columns; the caller sums over the warp).
+template <class T, class I>
+__device__ __forceinline__ T lane_dot(const I* __restrict__ w, const T* __restrict__ sx, int E,
+                                      int lane, bool vec) {
+  T acc = 0;
+  if (vec) {
+    constexpr int kPer = 16 / sizeof(I);
+    const uint4* w4 = reinterpret_cast<const uint4*>(w);
+    for (int e4 = lane; e4 < E / kPer; e4 += 32) {
+      const uint4 word = w4[e4];
+      I wi[kPer];  // (a copy, not a cast: reading a uint4 through I* breaks aliasing rules)
+      memcpy(wi, &word, sizeof(word));
+#pragma unroll
+      for (int u = 0; u < kPer; ++u) acc += load_as<T>(wi + u) * sx[e4 * kPer + u];
+    }
+  } else {
+    for (int e = lane; e < E; e += 32) acc += load_as<T>(w + e) * sx[e];
+  }
+  return acc;
+}
+
+template <class T, class I, class WT>
+__global__ void __launch_bounds__(kLayerThreads)
+    decode_layer_kernel(const LayerParams<T, I, WT> p) {
+  PANTHER_DYNAMIC_SMEM(smem_raw);
+  const int E = p.E, D = p.D, Dv = p.Dv, E1 = Dv + 1, M = p.M, H = p.H;
+  const int Mc = (M + kCluster - 1) / kCluster, nq = 2 * D + Dv;
+  const int rpc = (nq + kCluster - 1) / kCluster;
+  T* sx = reinterpret_cast<T*>(smem_raw);
+  T* sqkv = sx + E;  // q (D), k (D), v (Dv)
+  T* svs = sqkv + nq;
+  T* sfq = svs + E1;
+  T* sfk = sfq + Mc;
+  T* smax = sfk + Mc;            // [0, kCluster): query maxima, then key maxima
+  T* swarp = smax + 2 * kCluster;  // kLayerWarps x max(E1, 2)
+  T* syp = swarp + kLayerWarps * (E1 > 2 ? E1 : 2);  // kCluster x E1
+  const unsigned c = panther::cluster::rank();
+  const int64_t row = blockIdx.x / kCluster;
+  const int64_t b = row / H;
+  const int h = static_cast<int>(row - b * H);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int m_lo = static_cast<int>(c) * Mc;
+  const int m_hi = m_lo + Mc < M ? m_lo + Mc : M;
+  T* kv = p.kv + row * M * E1;
+
+  // 0. Loads that depend on nothing: this warp's kv rows and projection rows (registers).
+  const int m0 = m_lo + warp * kLayerRows;  // kLayerWarps * kLayerRows >= Mc (layer_takes)
+  T xkv[kLayerRows][kLayerCols], xw[kLayerRows][kDCols];
+#pragma unroll
+  for (int u = 0; u < kLayerRows; ++u) {
+    const bool in = m0 + u < m_hi;
+#pragma unroll
+    for (int i = 0; i < kLayerCols; ++i) {
+      const int j = lane + 32 * i;
+      xkv[u][i] = in && j < E1 ? kv[static_cast<int64_t>(m0 + u) * E1 + j] : T(0);
+    }
+#pragma unroll
+    for (int i = 0; i < kDCols; ++i) {
+      const int d = lane + 32 * i;
+      xw[u][i] = in && d < D ? load_as<T>(p.W + static_cast<int64_t>(m0 + u) * D + d) : T(0);
+    }
+  }
+  const I* x = p.x + b * p.x_stride;
+  for (int e = tid; e < E; e += kLayerThreads) sx[e] = load_as<T>(x + e);
+  for (int j = tid; j < E1; j += kLayerThreads) svs[j] = p.v_sum[row * E1 + j];
+  const T r_old = p.softmax ? p.r[row] : T(0);
+  if (p.length != nullptr && row == 0 && c == 0 && tid == 0) *p.length += 1;
+  __syncthreads();
+
+  // 1. This block's share of the head's q, k, v rows, a warp per row, into every block.
+  for (int i = static_cast<int>(c) * rpc + warp; i < (static_cast<int>(c) + 1) * rpc && i < nq;
+       i += kLayerWarps) {
+    const int64_t hd = static_cast<int64_t>(H) * D;
+    const int64_t wr = i < D       ? h * D + i
+                       : i < 2 * D ? hd + h * D + (i - D)
+                                   : 2 * hd + static_cast<int64_t>(h) * Dv + (i - 2 * D);
+    T acc = warp_sum(lane_dot<T, I>(p.w + wr * E, sx, E, lane, p.vec));
+    if (p.bias != nullptr) acc += load_as<T>(p.bias + wr);
+    if (lane < kCluster) *panther::cluster::map(sqkv + i, static_cast<unsigned>(lane)) = acc;
+  }
+  panther::cluster::sync();  // 1
+
+  // 2. Pre-activations of this block's features (one warp per kLayerRows of them).
+  const T* sq = sqkv;
+  const T* sk = sqkv + D;
+  const T* sv = sqkv + 2 * D;
+  T hq = 0, hk = 0;  // |x'|^2 / 2 (softmax)
+  if (p.softmax) {
+    for (int d = lane; d < D; d += 32) {
+      const T qd = sq[d] * p.xscale, kd = sk[d] * p.xscale;
+      hq += qd * qd;
+      hk += kd * kd;
+    }
+    hq = warp_sum(hq) * T(0.5);
+    hk = warp_sum(hk) * T(0.5);
+  }
+  T aq[kLayerRows], ak[kLayerRows];
+#pragma unroll
+  for (int u = 0; u < kLayerRows; ++u) {
+    aq[u] = 0;
+    ak[u] = 0;
+#pragma unroll
+    for (int i = 0; i < kDCols; ++i) {
+      const int d = lane + 32 * i;
+      if (d < D) {
+        aq[u] += sq[d] * p.xscale * xw[u][i];
+        ak[u] += sk[d] * p.xscale * xw[u][i];
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+    for (int u = 0; u < kLayerRows; ++u) {
+      aq[u] += __shfl_xor_sync(0xffffffffu, aq[u], o);
+      ak[u] += __shfl_xor_sync(0xffffffffu, ak[u], o);
+    }
+  }
+  T mq = -INFINITY, mk = -INFINITY;
+#pragma unroll
+  for (int u = 0; u < kLayerRows; ++u) {
+    if (m0 + u < m_hi) {
+      aq[u] -= hq;
+      ak[u] -= hk;
+      mq = max_t(mq, aq[u]);
+      mk = max_t(mk, ak[u]);
+      if (lane == 0) {
+        sfq[m0 + u - m_lo] = aq[u];
+        sfk[m0 + u - m_lo] = ak[u];
+      }
+    }
+  }
+  if (lane == 0) {
+    swarp[warp] = mq;
+    swarp[kLayerWarps + warp] = mk;
+  }
+  // The new v_sum (this block's copy; block 0 also writes it back).
+  for (int j = tid; j < E1; j += kLayerThreads) {
+    const T s = svs[j] + (j < Dv ? sv[j] : T(1));
+    svs[j] = s;
+    if (c == 0) p.v_sum[row * E1 + j] = s;
+  }
+  __syncthreads();
+  if (p.softmax && tid < kCluster) {  // this block's maxima into every block
+    T block_q = swarp[0], block_k = swarp[kLayerWarps];
+    for (int w = 1; w < kLayerWarps; ++w) {
+      block_q = max_t(block_q, swarp[w]);
+      block_k = max_t(block_k, swarp[kLayerWarps + w]);
+    }
+    T* dst = panther::cluster::map(smax, static_cast<unsigned>(tid));
+    dst[c] = block_q;
+    dst[kCluster + c] = block_k;
+  }
+  panther::cluster::sync();  // 2
+
+  // 3. Stabilisers, features, this block's kv rows and readout part.
+  T alpha = 1, cq = 0, r_new = r_old;
+  if (p.softmax) {
+    cq = smax[0];
+    T ck = smax[kCluster];
+    for (int w = 1; w < kCluster; ++w) {
+      cq = max_t(cq, smax[w]);
+      ck = max_t(ck, smax[kCluster + w]);
+    }
+    r_new = max_t(r_old, ck);
+    alpha = exp_t(r_old - r_new);  // <= 1; 0 for an empty state (r_old = -inf)
+    if (c == 0 && tid == 0) p.r[row] = r_new;
+  }
+  T acc[kLayerCols];
+#pragma unroll
+  for (int i = 0; i < kLayerCols; ++i) acc[i] = 0;
+#pragma unroll
+  for (int u = 0; u < kLayerRows; ++u) {
+    if (m0 + u < m_hi) {
+      T ph, kf;
+      if (p.softmax) {
+        ph = p.sM * (exp_t(aq[u] - cq) + p.eps);
+        kf = p.sM * exp_t(ak[u] - r_new);
+      } else {
+        ph = p.sM * max_t(aq[u], T(0)) + p.eps;
+        kf = p.sM * max_t(ak[u], T(0));
+      }
+      T* kvr = kv + static_cast<int64_t>(m0 + u) * E1;
+#pragma unroll
+      for (int i = 0; i < kLayerCols; ++i) {
+        const int j = lane + 32 * i;
+        if (j < E1) {
+          const T nkv = alpha * xkv[u][i] + kf * (j < Dv ? sv[j] : T(1));
+          kvr[j] = nkv;
+          acc[i] += ph * (nkv + p.ek * svs[j]);
+        }
+      }
+    }
+  }
+  // (swarp's maxima were read before barrier 2: its slots are free again.)
+#pragma unroll
+  for (int i = 0; i < kLayerCols; ++i) {
+    const int j = lane + 32 * i;
+    if (j < E1) swarp[warp * E1 + j] = acc[i];
+  }
+  __syncthreads();
+  {
+    T* dst = panther::cluster::map(syp, 0u) + static_cast<int64_t>(c) * E1;
+    for (int j = tid; j < E1; j += kLayerThreads) {
+      T s = 0;
+      for (int w = 0; w < kLayerWarps; ++w) s += swarp[w * E1 + j];
+      dst[j] = s;
+    }
+  }
+  panther::cluster::sync();  // 3
+
+  // 4. Block 0: out = num / den (den > 0: the query sees at least its own key).
+  if (c == 0) {
+    T den = 0;
+    for (int r = 0; r < kCluster; ++r) den += syp[r * E1 + Dv];
+    I* out = p.ctx + b * (static_cast<int64_t>(H) * Dv) + static_cast<int64_t>(h) * Dv;
+    for (int j = tid; j < Dv; j += kLayerThreads) {
+      T num = 0;
+      for (int r = 0; r < kCluster; ++r) num += syp[r * E1 + j];
+      out[j] = store_as<I>(num / den);
+    }
+  }
+}
+
+// The output projection of a decoding step, out = ctx w^T + bias for a few rows of ctx (B <=
+// kOutMaxRows): a warp per output feature, kOutWarps features per block, so a 768-wide layer
+// runs on 96 blocks (cuBLAS picks 64-row tiles for one row of ctx: 12 blocks, ~4.4 us on an
+// H100 for 768 x 768 in bf16). ctx is staged in shared memory in T; w rows are read as 16-byte
+// words where aligned (`vec`); accumulation in T, the output rounded to I.
+constexpr int kOutThreads = 256, kOutWarps = kOutThreads / 32, kOutMaxRows = 8;
+
+template <class T, class I>
+struct OutParams {
+  const I* ctx;   // (B, K) contiguous
+  const I* w;     // (N, K) contiguous
+  const I* bias;  // (N) or null
+  I* out;         // (B, N)
+  int B, K, N;
+  bool vec;
+};
+
+template <class T, class I>
+__global__ void __launch_bounds__(kOutThreads) decode_out_kernel(const OutParams<T, I> p) {
+  PANTHER_DYNAMIC_SMEM(smem_raw);
+  T* sc = reinterpret_cast<T*>(smem_raw);  // B x K
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int n = blockIdx.x * kOutWarps + warp;
+  for (int i = tid; i < p.B * p.K; i += kOutThreads) sc[i] = load_as<T>(p.ctx + i);
+  __syncthreads();
+  if (n >= p.N) return;
+  const I* w = p.w + static_cast<int64_t>(n) * p.K;
+  T acc[kOutMaxRows];
+#pragma unroll
+  for (int b = 0; b < kOutMaxRows; ++b)
+    acc[b] = b < p.B ? lane_dot<T, I>(w, sc + static_cast<int64_t>(b) * p.K, p.K, lane, p.vec)
+                     : T(0);
+  const T bias = p.bias != nullptr ? load_as<T>(p.bias + n) : T(0);
+#pragma unroll
+  for (int b = 0; b < kOutMaxRows; ++b) {
+    if (b < p.B) {
+      const T y = warp_sum(acc[b]) + bias;
+      if (lane == 0) p.out[static_cast<int64_t>(b) * p.N + n] = store_as<I>(y);
+    }
+  }
+}
+
+// Whether the cluster kernel takes a layer: x (., E), head_dim D, value_dim Dv, M features, the
+// state in `st`; block shared memory within `max_smem`; `clusters`: the device launches
+// thread block clusters (compute capability 9.0 or newer). Others take the q/k/v GEMM and the
+// one-block step kernel (or its ATen math).
+inline bool layer_takes(int64_t E, int64_t D, int64_t Dv, int64_t M, at::ScalarType st,
+                        int64_t max_smem, bool clusters) {
+  if (!clusters || (st != at::kFloat && st != at::kDouble)) return false;
+  if (E < 1 || E > INT_MAX / 2 || D > 32 * kDCols || Dv + 1 > 32 * kLayerCols) return false;
+  if ((M + kCluster - 1) / kCluster > kLayerWarps * kLayerRows) return false;
+  return layer_smem_elems(E, D, Dv, M) * at::elementSize(st) <= max_smem;
+}
+
+// ctx (B, H Dv) in x's dtype from the cluster kernel, state dtype T, layer dtype I, projection
+// dtype WT (the caller checked the arguments and layer_takes, and set the device). The weights
+// and the state are read through contiguous copies (views of contiguous tensors in the module's
+// calls: no copy); a non-contiguous state is written back.
+template <class T, class I, class WT>
+at::Tensor layer_step(const at::Tensor& x, const at::Tensor& w_qkv,
+                      const std::optional<at::Tensor>& b_qkv, const at::Tensor& projection,
+                      bool softmax, const at::Tensor& kv, const at::Tensor& v_sum,
+                      const at::Tensor& stabiliser, const std::optional<at::Tensor>& length) {
+  const int64_t B = x.size(0), E = x.size(1), H = kv.size(1), M = kv.size(2),
+                Dv = kv.size(3) - 1, D = projection.size(1);
+  at::Tensor ctx = at::empty({B, H * Dv}, x.options());
+  const bool counts = length.has_value() && length->defined();
+  if (B == 0) {
+    if (counts) length->add_(1);
+    return ctx;
+  }
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  const at::Tensor w = w_qkv.contiguous(), W = projection.contiguous();
+  const at::Tensor bias =
+      b_qkv.has_value() && b_qkv->defined() ? b_qkv->contiguous() : at::Tensor();
+  const at::Tensor kvc = kv.contiguous(), vsc = v_sum.contiguous(), rc = stabiliser.contiguous();
+  LayerParams<T, I, WT> p{};
+  p.x = reinterpret_cast<const I*>(xc.data_ptr());
+  p.x_stride = xc.stride(0);
+  p.w = reinterpret_cast<const I*>(w.data_ptr());
+  p.bias = bias.defined() ? reinterpret_cast<const I*>(bias.data_ptr()) : nullptr;
+  p.W = reinterpret_cast<const WT*>(W.data_ptr());
+  p.kv = kvc.data_ptr<T>();
+  p.v_sum = vsc.data_ptr<T>();
+  p.r = rc.data_ptr<T>();
+  p.ctx = reinterpret_cast<I*>(ctx.data_ptr());
+  p.length = counts ? length->data_ptr<int64_t>() : nullptr;
+  p.E = static_cast<int>(E);
+  p.H = static_cast<int>(H);
+  p.D = static_cast<int>(D);
+  p.Dv = static_cast<int>(Dv);
+  p.M = static_cast<int>(M);
+  constexpr int64_t kPer = 16 / static_cast<int64_t>(sizeof(I));
+  p.vec = E % kPer == 0 && reinterpret_cast<uintptr_t>(p.w) % 16 == 0;
+  p.softmax = softmax;
+  const double sM = 1.0 / std::sqrt(static_cast<double>(M));
+  p.sM = static_cast<T>(sM);
+  p.xscale = softmax ? static_cast<T>(std::pow(static_cast<double>(D), -0.25)) : T(1);
+  p.eps = static_cast<T>(softmax ? detail::kFavorSoftmaxEps : detail::kFavorReluEps);
+  p.ek = static_cast<T>(softmax ? detail::kFavorSoftmaxEps * sM : detail::kFavorReluEps);
+  const size_t smem = static_cast<size_t>(layer_smem_elems(E, D, Dv, M) * sizeof(T));
+  auto* kernel = &decode_layer_kernel<T, I, WT>;
+  PANTHER_LAUNCH_CLUSTER(kernel, dim3(static_cast<unsigned>(B * H * kCluster)),
+                         dim3(kLayerThreads), kCluster, smem, p);
+  if (!kvc.is_same(kv)) kv.copy_(kvc);
+  if (!vsc.is_same(v_sum)) v_sum.copy_(vsc);
+  if (!rc.is_same(stabiliser)) stabiliser.copy_(rc);
+  return ctx;
+}
+
+// layer_step with the types of the call's tensors (as run_step).
+inline at::Tensor run_layer_step(const at::Tensor& x, const at::Tensor& w_qkv,
+                                 const std::optional<at::Tensor>& b_qkv,
+                                 const at::Tensor& projection, bool softmax, const at::Tensor& kv,
+                                 const at::Tensor& v_sum, const at::Tensor& stabiliser,
+                                 const std::optional<at::Tensor>& length) {
+  const at::ScalarType it = x.scalar_type();
+  const bool w_state = projection.scalar_type() != it;
+#define PANTHER_DECODE_LAYER(T, I, WT) \
+  layer_step<T, I, WT>(x, w_qkv, b_qkv, projection, softmax, kv, v_sum, stabiliser, length)
+  if (kv.scalar_type() == at::kDouble) return PANTHER_DECODE_LAYER(double, double, double);
+  if (it == at::kHalf)
+    return w_state ? PANTHER_DECODE_LAYER(float, __half, float)
+                   : PANTHER_DECODE_LAYER(float, __half, __half);
+  if (it == at::kBFloat16)
+    return w_state ? PANTHER_DECODE_LAYER(float, __nv_bfloat16, float)
+                   : PANTHER_DECODE_LAYER(float, __nv_bfloat16, __nv_bfloat16);
+  return PANTHER_DECODE_LAYER(float, float, float);
+#undef PANTHER_DECODE_LAYER
+}
+
+// out = ctx w_out^T + b_out (B, N) in ctx's dtype: decode_out_kernel for B <= kOutMaxRows rows
+// whose shared-memory copy fits `max_smem` (the caller set the device), else at::linear.
+inline at::Tensor out_projection(const at::Tensor& ctx, const at::Tensor& w_out,
+                                 const std::optional<at::Tensor>& b_out, int64_t max_smem) {
+  const int64_t B = ctx.size(0), K = ctx.size(1), N = w_out.size(0);
+  const at::ScalarType it = ctx.scalar_type();
+  const int64_t ts = it == at::kDouble ? 8 : 4;
+  if (B == 0 || B > kOutMaxRows || K > INT_MAX / kOutMaxRows || N > INT_MAX - kOutWarps ||
+      B * K * ts > max_smem)
+    return at::linear(ctx, w_out, b_out);
+  at::Tensor out = at::empty({B, N}, ctx.options());
+  const at::Tensor c = ctx.contiguous(), w = w_out.contiguous();
+  const at::Tensor bias =
+      b_out.has_value() && b_out->defined() ? b_out->contiguous() : at::Tensor();
+  auto go = [&](auto tag_t, auto tag_i) {
+    using T = decltype(tag_t);
+    using I = decltype(tag_i);
+    OutParams<T, I> p{};
+    p.ctx = reinterpret_cast<const I*>(c.data_ptr());
+    p.w = reinterpret_cast<const I*>(w.data_ptr());
+    p.bias = bias.defined() ? reinterpret_cast<const I*>(bias.data_ptr()) : nullptr;
+    p.out = reinterpret_cast<I*>(out.data_ptr());
+    p.B = static_cast<int>(B);
+    p.K = static_cast<int>(K);
+    p.N = static_cast<int>(N);
+    p.vec = K % (16 / static_cast<int64_t>(sizeof(I))) == 0 &&
+            reinterpret_cast<uintptr_t>(p.w) % 16 == 0;
+    auto* kernel = &decode_out_kernel<T, I>;
+    PANTHER_LAUNCH(kernel, dim3(static_cast<unsigned>((N + kOutWarps - 1) / kOutWarps)),
+                   dim3(kOutThreads), static_cast<size_t>(B * K * ts), p);
+  };
+  if (it == at::kDouble) go(double{}, double{});
+  else if (it == at::kHalf) go(float{}, __half{});
+  else if (it == at::kBFloat16) go(float{}, __nv_bfloat16{});
+  else go(float{}, float{});
+  return out;
+}
+
+}  // namespace panther::decode
