@@ -61,15 +61,7 @@ __device__ __forceinline__ T* map(T* p, unsigned r) {
 // As PANTHER_LAUNCH, through cudaLaunchKernelEx with the cluster dimension attribute.
 #define PANTHER_LAUNCH_CLUSTER(kernel, grid, block, cluster_x, smem, ...)                     \
   do {                                                                                        \
-    static std::atomic<uint64_t> panther_smem_set{0};                                         \
-    const int panther_dev = c10::cuda::current_device();                                      \
-    const uint64_t panther_bit = uint64_t{1} << (panther_dev & 63);                           \
-    if (!(panther_smem_set.load(std::memory_order_acquire) & panther_bit)) {                  \
-      C10_CUDA_CHECK(cudaFuncSetAttribute(                                                    \
-          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,                                \
-          static_cast<int>(::panther::max_smem_optin(panther_dev))));                         \
-      panther_smem_set.fetch_or(panther_bit, std::memory_order_acq_rel);                      \
-    }                                                                                         \
+    PANTHER_ALLOW_MAX_SMEM(kernel);                                                           \
     cudaLaunchConfig_t panther_cfg = {};                                                      \
     panther_cfg.gridDim = (grid);                                                             \
     panther_cfg.blockDim = (block);                                                           \

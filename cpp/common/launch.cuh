@@ -18,7 +18,9 @@
 #include <c10/cuda/CUDAFunctions.h>
 
 #include <atomic>
-#define PANTHER_LAUNCH(kernel, grid, block, smem, ...)                                        \
+// Lets `kernel` use all the dynamic shared memory the device allows, once per (launch site,
+// device); PANTHER_LAUNCH and PANTHER_LAUNCH_CLUSTER (common/cluster.cuh) start with it.
+#define PANTHER_ALLOW_MAX_SMEM(kernel)                                                        \
   do {                                                                                        \
     static std::atomic<uint64_t> panther_smem_set{0};                                         \
     const int panther_dev = c10::cuda::current_device();                                      \
@@ -29,6 +31,10 @@
           static_cast<int>(::panther::max_smem_optin(panther_dev))));                         \
       panther_smem_set.fetch_or(panther_bit, std::memory_order_acq_rel);                      \
     }                                                                                         \
+  } while (0)
+#define PANTHER_LAUNCH(kernel, grid, block, smem, ...)                                        \
+  do {                                                                                        \
+    PANTHER_ALLOW_MAX_SMEM(kernel);                                                           \
     kernel<<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__);             \
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                           \
   } while (0)
