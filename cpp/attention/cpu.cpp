@@ -147,14 +147,12 @@ at::Tensor favor_decode_layer_cpu(
     const std::optional<at::Tensor>& b_out, const at::Tensor& kv, const at::Tensor& v_sum,
     const at::Tensor& stabiliser, const std::optional<at::Tensor>& length) {
   const char* op = "panther::_favor_decode_layer_";
-  check_favor_decode_layer_sym(op, x, w_qkv, b_qkv, projection, kernel_fn, w_out, b_out, kv,
-                               v_sum, stabiliser, length);
+  const DecodeDims d = check_favor_decode_layer(op, x, w_qkv, b_qkv, projection, kernel_fn, w_out,
+                                                b_out, kv, v_sum, stabiliser, length);
   const auto [q, k, v] = favor_decode_layer_qkv(x, w_qkv, b_qkv, kv, projection);
-  const DecodeDims d =
-      check_favor_decode_step(op, q, k, v, projection, kernel_fn, kv, v_sum, stabiliser, length);
   const at::Tensor ctx =
       favor_decode_step_aten(d, q, k, v, projection, kv, v_sum, stabiliser, length);
-  return at::linear(ctx.reshape({x.size(0), kv.size(1) * (kv.size(3) - 1)}), w_out, b_out);
+  return at::linear(ctx.reshape({x.size(0), kv.size(1) * d.Dv}), w_out, b_out);
 }
 
 }  // namespace

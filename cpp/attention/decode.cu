@@ -43,21 +43,20 @@ at::Tensor favor_decode_layer_cuda(
     const std::optional<at::Tensor>& b_out, const at::Tensor& kv, const at::Tensor& v_sum,
     const at::Tensor& stabiliser, const std::optional<at::Tensor>& length) {
   const char* op = "panther::_favor_decode_layer_";
-  check_favor_decode_layer_sym(op, x, w_qkv, b_qkv, projection, kernel_fn, w_out, b_out, kv,
-                               v_sum, stabiliser, length);
+  const DecodeDims d = check_favor_decode_layer(op, x, w_qkv, b_qkv, projection, kernel_fn, w_out,
+                                                b_out, kv, v_sum, stabiliser, length);
   const c10::cuda::CUDAGuard guard(x.device());
   const int dev = x.get_device();
   const int64_t max_smem = ::panther::max_smem_optin(dev);
   at::Tensor ctx;
-  if (decode::layer_takes(x.size(1), projection.size(1), kv.size(3) - 1, kv.size(2),
-                          kv.scalar_type(), max_smem, has_clusters(dev))) {
-    ctx = decode::run_layer_step(x, w_qkv, b_qkv, projection,
-                                 kernel_fn == c10::string_view("softmax"), kv, v_sum, stabiliser,
-                                 length);
+  if (decode::layer_takes(x.size(1), d.D, d.Dv, d.M, kv.scalar_type(), max_smem,
+                          has_clusters(dev))) {
+    ctx = decode::run_layer_step(x, w_qkv, b_qkv, projection, d.kernel == FavorKernel::Softmax,
+                                 kv, v_sum, stabiliser, length);
   } else {  // the q/k/v GEMM, then the one-block step kernel (or its ATen math)
     const auto [q, k, v] = favor_decode_layer_qkv(x, w_qkv, b_qkv, kv, projection);
     ctx = favor_decode_step_cuda(q, k, v, projection, kernel_fn, kv, v_sum, stabiliser, length)
-              .reshape({x.size(0), kv.size(1) * (kv.size(3) - 1)});
+              .reshape({x.size(0), kv.size(1) * d.Dv});
   }
   return decode::out_projection(ctx, w_out, b_out, max_smem);
 }

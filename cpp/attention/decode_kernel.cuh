@@ -398,6 +398,19 @@ inline std::optional<RowLayout> row_layout(const at::Tensor& t) {
   return l;
 }
 
+// The feature map's constants of a call into kernel parameters `p` (this file's Params or
+// decode_layer.cuh's LayerParams): softmax, sM = M^-1/2, xscale (D^-1/4 for softmax), eps and ek.
+template <class P>
+inline void set_feature_constants(P& p, bool softmax, int64_t D, int64_t M) {
+  using T = decltype(p.sM);
+  const double sM = 1.0 / std::sqrt(static_cast<double>(M));
+  p.softmax = softmax;
+  p.sM = static_cast<T>(sM);
+  p.xscale = softmax ? static_cast<T>(std::pow(static_cast<double>(D), -0.25)) : T(1);
+  p.eps = static_cast<T>(softmax ? detail::kFavorSoftmaxEps : detail::kFavorReluEps);
+  p.ek = static_cast<T>(softmax ? detail::kFavorSoftmaxEps * sM : detail::kFavorReluEps);
+}
+
 // One block of kThreads per row, on the current stream.
 template <int kThreads, int kCols, class T, class I, class WT>
 void launch(const Params<T, I, WT>& p, unsigned rows, size_t smem) {
@@ -448,12 +461,7 @@ at::Tensor step(const detail::DecodeDims& d, const at::Tensor& query, const at::
   p.D = static_cast<int>(d.D);
   p.Dv = static_cast<int>(d.Dv);
   p.M = static_cast<int>(d.M);
-  p.softmax = d.kernel == detail::FavorKernel::Softmax;
-  const double sM = 1.0 / std::sqrt(static_cast<double>(d.M));
-  p.sM = static_cast<T>(sM);
-  p.xscale = p.softmax ? static_cast<T>(std::pow(static_cast<double>(d.D), -0.25)) : T(1);
-  p.eps = static_cast<T>(p.softmax ? detail::kFavorSoftmaxEps : detail::kFavorReluEps);
-  p.ek = static_cast<T>(p.softmax ? detail::kFavorSoftmaxEps * sM : detail::kFavorReluEps);
+  set_feature_constants(p, d.kernel == detail::FavorKernel::Softmax, d.D, d.M);
   const int64_t ts = sizeof(T), ws = sizeof(WT);
   if (config == Config::Auto)
     config = choose(d, p.kv, p.W, ts, ws, ::panther::max_smem_optin(kvc.get_device()));

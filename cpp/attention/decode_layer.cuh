@@ -385,12 +385,7 @@ at::Tensor layer_step(const at::Tensor& x, const at::Tensor& w_qkv,
   p.M = static_cast<int>(M);
   constexpr int64_t kPer = 16 / static_cast<int64_t>(sizeof(I));
   p.vec = E % kPer == 0 && reinterpret_cast<uintptr_t>(p.w) % 16 == 0;
-  p.softmax = softmax;
-  const double sM = 1.0 / std::sqrt(static_cast<double>(M));
-  p.sM = static_cast<T>(sM);
-  p.xscale = softmax ? static_cast<T>(std::pow(static_cast<double>(D), -0.25)) : T(1);
-  p.eps = static_cast<T>(softmax ? detail::kFavorSoftmaxEps : detail::kFavorReluEps);
-  p.ek = static_cast<T>(softmax ? detail::kFavorSoftmaxEps * sM : detail::kFavorReluEps);
+  set_feature_constants(p, softmax, D, M);
   const size_t smem = static_cast<size_t>(layer_smem_elems(E, D, Dv, M) * sizeof(T));
   auto* kernel = &decode_layer_kernel<T, I, WT>;
   PANTHER_LAUNCH_CLUSTER(kernel, dim3(static_cast<unsigned>(B * H * kCluster)),

@@ -457,6 +457,19 @@ std::vector<c10::SymInt> check_favor_decode_layer_sym(
   return {B, E_out};
 }
 
+DecodeDims check_favor_decode_layer(
+    const char* op, const at::Tensor& x, const at::Tensor& w_qkv,
+    const std::optional<at::Tensor>& b_qkv, const at::Tensor& projection,
+    c10::string_view kernel_fn, const at::Tensor& w_out, const std::optional<at::Tensor>& b_out,
+    const at::Tensor& kv, const at::Tensor& v_sum, const at::Tensor& stabiliser,
+    const std::optional<at::Tensor>& length) {
+  check_favor_decode_layer_sym(op, x, w_qkv, b_qkv, projection, kernel_fn, w_out, b_out, kv,
+                               v_sum, stabiliser, length);
+  const FavorKernel kernel =
+      kernel_fn == c10::string_view("softmax") ? FavorKernel::Softmax : FavorKernel::Relu;
+  return {kv.size(0) * kv.size(1), projection.size(1), kv.size(3) - 1, kv.size(2), kernel};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_decode_layer_qkv(
     const at::Tensor& x, const at::Tensor& w_qkv, const std::optional<at::Tensor>& b_qkv,
     const at::Tensor& kv, const at::Tensor& projection) {

@@ -210,6 +210,14 @@ std::vector<c10::SymInt> check_favor_decode_layer_sym(
     const at::Tensor& kv, const at::Tensor& v_sum, const at::Tensor& stabiliser,
     const std::optional<at::Tensor>& length);
 
+// check_favor_decode_layer_sym on concrete sizes; returns the step's dims (rows B H).
+DecodeDims check_favor_decode_layer(
+    const char* op, const at::Tensor& x, const at::Tensor& w_qkv,
+    const std::optional<at::Tensor>& b_qkv, const at::Tensor& projection,
+    c10::string_view kernel_fn, const at::Tensor& w_out, const std::optional<at::Tensor>& b_out,
+    const at::Tensor& kv, const at::Tensor& v_sum, const at::Tensor& stabiliser,
+    const std::optional<at::Tensor>& length);
+
 // q (B, H, D), k (B, H, D), v (B, H, Dv): views of the layer's projection of x (one at::linear;
 // arguments checked by check_favor_decode_layer_sym).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_decode_layer_qkv(

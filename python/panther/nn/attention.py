@@ -927,27 +927,23 @@ class RandMultiHeadAttention(nn.Module):
                              f"{list(n.shape)} {n.dtype} on {n.device}")
         P = self.projection_matrix
         dropout = self.training and self.dropout > 0
-        if inplace and not dropout and _fm.fused_decode_applies(
-                x, kv, (x, self.Wq, self.Wk, self.Wv, self.bq, self.bk, self.bv, P, self.W0, self.b0, kv,
-                        v_sum, r)):
-            # The whole step as one op: q, k and v from the concatenated weights (cached), the
-            # state's update and readout (counting the position into its length), the output
-            # projection; on Hopper GPUs the first three are one kernel.
-            Wqkv, bqkv = self._decode_qkv_weights()
-            W = P if P.dtype in (x.dtype, cdt) else P.to(cdt)
-            out = torch.ops.panther._favor_decode_layer_(x, Wqkv, bqkv, W, self.kernel_fn, self.W0, self.b0,
-                                                         kv, v_sum, r, state.length)
-            if nd == 3:
-                out = out[:, None] if self.batch_first else out[None]
-            return out, kv, v_sum, r
         if inplace and _fm.fused_decode_applies(x, kv, (x, self.Wq, self.Wk, self.Wv, self.bq, self.bk,
                                                          self.bv, P, kv, v_sum, r)):
-            # One GEMM for q, k and v (the concatenated weights, cached), read in place by one
-            # fused kernel in the layer's dtype, which also counts the position into the state's
-            # length; the output comes back in the layer's dtype.
+            # The concatenated q/k/v weights (cached) and the projection in the layer's dtype; the
+            # fused kernels count the position into the state's length.
             Wqkv, bqkv = self._decode_qkv_weights()
-            q, k, v = F.linear(x, Wqkv, bqkv).view(B, 3, H, hd).unbind(1)
             W = P if P.dtype in (x.dtype, cdt) else P.to(cdt)
+            if not dropout and _fm.fused_decode_applies(x, kv, (self.W0, self.b0)):
+                # The whole step as one op: q/k/v projection, the state's update and readout, the
+                # output projection (on Hopper GPUs the first two are one kernel).
+                out = torch.ops.panther._favor_decode_layer_(x, Wqkv, bqkv, W, self.kernel_fn, self.W0,
+                                                             self.b0, kv, v_sum, r, state.length)
+                if nd == 3:
+                    out = out[:, None] if self.batch_first else out[None]
+                return out, kv, v_sum, r
+            # (dropout between the readout and the output projection) One GEMM for q, k and v,
+            # read in place by the fused step kernel; the output comes back in the layer's dtype.
+            q, k, v = F.linear(x, Wqkv, bqkv).view(B, 3, H, hd).unbind(1)
             ctx = torch.ops.panther._favor_decode_step_(q, k, v, W, self.kernel_fn, kv, v_sum, r,
                                                         state.length).reshape(B, E)
         else:
