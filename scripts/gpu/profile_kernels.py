@@ -311,6 +311,10 @@ if "decode" in SECTIONS:
                         ("12 layer ops (cluster kernel + output GEMM)", layer_op)):
             replay_time(f"{name}, CUDA graph", BM._graphed(f, torch.device(dev)))
             kernels(f"{name}, CUDA graph replay", BM._graphed(f, torch.device(dev)), top=6)
+        os.environ["PANTHER_PORTABLE_KERNELS"] = "1"  # the output kernel as a plain launch
+        replay_time("12 layer ops, no programmatic dependent launch, CUDA graph",
+                    BM._graphed(layer_op, torch.device(dev)))
+        del os.environ["PANTHER_PORTABLE_KERNELS"]
         proj = lambda: [F.linear(F.linear(x, Wqkv, bqkv)[:, :d], m0.W0, m0.b0) for _ in range(nl)]  # noqa: E731
         replay_time("12 x (q/k/v + output projection) alone, CUDA graph", BM._graphed(proj, torch.device(dev)))
         length = lambda: [st0.length.add_(1) for _ in range(nl)]  # noqa: E731
