@@ -37,6 +37,8 @@ namespace panther::decode {
 // Blocks per row, threads per block, kv rows (features) per warp, projection columns per lane
 // (D <= 32 kDCols), kv columns per lane (Dv + 1 <= 32 kLayerCols).
 constexpr int kCluster = 8, kLayerThreads = 256, kLayerRows = 4, kDCols = 4, kLayerCols = 3;
+// q/k/v projection rows a warp computes together (step 1).
+constexpr int kQRows = 3;
 constexpr int kLayerWarps = kLayerThreads / 32;
 
 template <class T, class I, class WT>
@@ -67,25 +69,66 @@ inline int64_t layer_smem_elems(int64_t E, int64_t D, int64_t Dv, int64_t M) {
          kCluster * E1;
 }
 
-// x . w over E for one lane (its share of the columns; the caller sums over the warp).
+// x . w over E for one lane (its share of the columns; the caller sums over the warp), one
+// element at a time: the path for weight rows that are not read as 16-byte words.
 template <class T, class I>
 __device__ __forceinline__ T lane_dot(const I* __restrict__ w, const T* __restrict__ sx, int E,
-                                      int lane, bool vec) {
+                                      int lane) {
   T acc = 0;
-  if (vec) {
-    constexpr int kPer = 16 / sizeof(I);
-    const uint4* w4 = reinterpret_cast<const uint4*>(w);
-    for (int e4 = lane; e4 < E / kPer; e4 += 32) {
-      const uint4 word = w4[e4];
-      I wi[kPer];  // (a copy, not a cast: reading a uint4 through I* breaks aliasing rules)
-      memcpy(wi, &word, sizeof(word));
-#pragma unroll
-      for (int u = 0; u < kPer; ++u) acc += load_as<T>(wi + u) * sx[e4 * kPer + u];
-    }
-  } else {
-    for (int e = lane; e < E; e += 32) acc += load_as<T>(w + e) * sx[e];
-  }
+  for (int e = lane; e < E; e += 32) acc += load_as<T>(w + e) * sx[e];
   return acc;
+}
+
+// Weight rows read as 16-byte words, a chunk at a time: words base + lane + 32 u (u < kWords) of
+// R rows, all issued before any is used, so a warp waits for one memory latency per chunk, not
+// one per word and row (a 768-wide bf16 row is one chunk).
+constexpr int kWords = 4;
+
+template <int R, class I>
+__device__ __forceinline__ void load_words(uint4 (&words)[R][kWords], const I* const (&rows)[R],
+                                           int nw, int base, int lane) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int u = 0; u < kWords; ++u) {
+      const int i = base + lane + 32 * u;
+      words[r][u] = rows[r] != nullptr && i < nw ? reinterpret_cast<const uint4*>(rows[r])[i]
+                                                 : make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+}
+
+// acc[r][v] += (row r's words of the chunk at base) . (the same columns of vector v), for the nv
+// <= V vectors sx + v * ld (shared memory, in T); one lane's share.
+template <int R, int V, class T, class I>
+__device__ __forceinline__ void dot_words(const uint4 (&words)[R][kWords],
+                                          const T* __restrict__ sx, int64_t ld, int nv, int nw,
+                                          int base, int lane, T (&acc)[R][V]) {
+  constexpr int kPer = 16 / sizeof(I);
+#pragma unroll
+  for (int u = 0; u < kWords; ++u) {
+    const int i = base + lane + 32 * u;
+    if (i >= nw) continue;
+    T wt[R][kPer];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      I wi[kPer];  // (a copy, not a cast: reading a uint4 through I* breaks aliasing rules)
+      memcpy(wi, &words[r][u], sizeof(wi));
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) wt[r][k] = load_as<T>(wi + k);
+    }
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      if (v >= nv) continue;
+      const T* xv = sx + v * ld + static_cast<int64_t>(i) * kPer;
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const T xk = xv[k];
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r][v] += wt[r][k] * xk;
+      }
+    }
+  }
 }
 
 template <class T, class I, class WT>
@@ -129,6 +172,27 @@ __global__ void __launch_bounds__(kLayerThreads)
       xw[u][i] = in && d < D ? load_as<T>(p.W + static_cast<int64_t>(m0 + u) * D + d) : T(0);
     }
   }
+  // ... and the first chunk of this warp's first kQRows q/k/v weight rows (step 1).
+  const int q_lo = static_cast<int>(c) * rpc, q_hi = q_lo + rpc < nq ? q_lo + rpc : nq;
+  const int q_first = q_lo + warp, nw = p.vec ? E / (16 / static_cast<int>(sizeof(I))) : 0;
+  const I* qrows[kQRows];
+  int64_t qwr[kQRows];  // their rows of w
+  auto set_rows = [&](int i0) {
+#pragma unroll
+    for (int r = 0; r < kQRows; ++r) {
+      const int i = i0 + kLayerWarps * r;
+      const int64_t hd = static_cast<int64_t>(H) * D;
+      const int64_t wr = i < D       ? h * D + i
+                         : i < 2 * D ? hd + h * D + (i - D)
+                                     : 2 * hd + static_cast<int64_t>(h) * Dv + (i - 2 * D);
+      qwr[r] = wr;
+      qrows[r] = i < q_hi ? p.w + wr * E : nullptr;
+    }
+  };
+  set_rows(q_first);
+  uint4 words[kQRows][kWords];
+  if (p.vec) load_words(words, qrows, nw, 0, lane);
+  panther::launch_dependents();  // the output projection may start fetching its weights
   const I* x = p.x + b * p.x_stride;
   for (int e = tid; e < E; e += kLayerThreads) sx[e] = load_as<T>(x + e);
   for (int j = tid; j < E1; j += kLayerThreads) svs[j] = p.v_sum[row * E1 + j];
@@ -136,16 +200,31 @@ __global__ void __launch_bounds__(kLayerThreads)
   if (p.length != nullptr && row == 0 && c == 0 && tid == 0) *p.length += 1;
   __syncthreads();
 
-  // 1. This block's share of the head's q, k, v rows, a warp per row, into every block.
-  for (int i = static_cast<int>(c) * rpc + warp; i < (static_cast<int>(c) + 1) * rpc && i < nq;
-       i += kLayerWarps) {
-    const int64_t hd = static_cast<int64_t>(H) * D;
-    const int64_t wr = i < D       ? h * D + i
-                       : i < 2 * D ? hd + h * D + (i - D)
-                                   : 2 * hd + static_cast<int64_t>(h) * Dv + (i - 2 * D);
-    T acc = warp_sum(lane_dot<T, I>(p.w + wr * E, sx, E, lane, p.vec));
-    if (p.bias != nullptr) acc += load_as<T>(p.bias + wr);
-    if (lane < kCluster) *panther::cluster::map(sqkv + i, static_cast<unsigned>(lane)) = acc;
+  // 1. This block's share of the head's q, k, v rows (a warp per row, kQRows rows at a time),
+  // into every block.
+  for (int i0 = q_first; i0 < q_hi; i0 += kLayerWarps * kQRows) {
+    if (i0 != q_first) set_rows(i0);
+    T acc[kQRows][1];
+#pragma unroll
+    for (int r = 0; r < kQRows; ++r) acc[r][0] = 0;
+    if (p.vec) {
+      for (int base = 0; base < nw; base += 32 * kWords) {
+        if (i0 != q_first || base != 0) load_words(words, qrows, nw, base, lane);
+        dot_words<kQRows, 1, T, I>(words, sx, 0, 1, nw, base, lane, acc);
+      }
+    } else {
+#pragma unroll
+      for (int r = 0; r < kQRows; ++r)
+        if (qrows[r] != nullptr) acc[r][0] = lane_dot<T, I>(qrows[r], sx, E, lane);
+    }
+#pragma unroll
+    for (int r = 0; r < kQRows; ++r) {
+      const int i = i0 + kLayerWarps * r;
+      if (i >= q_hi) continue;
+      T y = warp_sum(acc[r][0]);
+      if (p.bias != nullptr) y += load_as<T>(p.bias + qwr[r]);
+      if (lane < kCluster) *panther::cluster::map(sqkv + i, static_cast<unsigned>(lane)) = y;
+    }
   }
   panther::cluster::sync();  // 1
 
@@ -295,7 +374,9 @@ __global__ void __launch_bounds__(kLayerThreads)
 // kOutMaxRows): a warp per output feature, kOutWarps features per block, so a 768-wide layer
 // runs on 96 blocks (cuBLAS picks 64-row tiles for one row of ctx: 12 blocks, ~4.4 us on an
 // H100 for 768 x 768 in bf16). ctx is staged in shared memory in T; w rows are read as 16-byte
-// words where aligned (`vec`); accumulation in T, the output rounded to I.
+// words where aligned (`vec`); accumulation in T, the output rounded to I. It is a programmatic
+// dependent launch: on sm_90 its first weight words are fetched while the kernel before it (the
+// cluster kernel, which lets it start early) still runs, and it reads ctx after the wait.
 constexpr int kOutThreads = 256, kOutWarps = kOutThreads / 32, kOutMaxRows = 8;
 
 template <class T, class I>
@@ -314,20 +395,32 @@ __global__ void __launch_bounds__(kOutThreads) decode_out_kernel(const OutParams
   T* sc = reinterpret_cast<T*>(smem_raw);  // B x K
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int n = blockIdx.x * kOutWarps + warp;
+  const I* rows[1] = {n < p.N ? p.w + static_cast<int64_t>(n) * p.K : nullptr};
+  const int nw = p.vec ? p.K / (16 / static_cast<int>(sizeof(I))) : 0;
+  uint4 words[1][kWords];
+  if (p.vec) load_words(words, rows, nw, 0, lane);  // in flight while ctx is staged
+  panther::grid_dependency_wait();                   // ctx is the previous kernel's output
   for (int i = tid; i < p.B * p.K; i += kOutThreads) sc[i] = load_as<T>(p.ctx + i);
   __syncthreads();
   if (n >= p.N) return;
-  const I* w = p.w + static_cast<int64_t>(n) * p.K;
-  T acc[kOutMaxRows];
+  T acc[1][kOutMaxRows];
 #pragma unroll
-  for (int b = 0; b < kOutMaxRows; ++b)
-    acc[b] = b < p.B ? lane_dot<T, I>(w, sc + static_cast<int64_t>(b) * p.K, p.K, lane, p.vec)
-                     : T(0);
+  for (int b = 0; b < kOutMaxRows; ++b) acc[0][b] = 0;
+  if (p.vec) {
+    for (int base = 0; base < nw; base += 32 * kWords) {
+      if (base != 0) load_words(words, rows, nw, base, lane);
+      dot_words<1, kOutMaxRows, T, I>(words, sc, p.K, p.B, nw, base, lane, acc);
+    }
+  } else {
+#pragma unroll
+    for (int b = 0; b < kOutMaxRows; ++b)
+      if (b < p.B) acc[0][b] = lane_dot<T, I>(rows[0], sc + static_cast<int64_t>(b) * p.K, p.K, lane);
+  }
   const T bias = p.bias != nullptr ? load_as<T>(p.bias + n) : T(0);
 #pragma unroll
   for (int b = 0; b < kOutMaxRows; ++b) {
     if (b < p.B) {
-      const T y = warp_sum(acc[b]) + bias;
+      const T y = warp_sum(acc[0][b]) + bias;
       if (lane == 0) p.out[static_cast<int64_t>(b) * p.N + n] = store_as<I>(y);
     }
   }
@@ -445,8 +538,8 @@ inline at::Tensor out_projection(const at::Tensor& ctx, const at::Tensor& w_out,
     p.vec = K % (16 / static_cast<int64_t>(sizeof(I))) == 0 &&
             reinterpret_cast<uintptr_t>(p.w) % 16 == 0;
     auto* kernel = &decode_out_kernel<T, I>;
-    PANTHER_LAUNCH(kernel, dim3(static_cast<unsigned>((N + kOutWarps - 1) / kOutWarps)),
-                   dim3(kOutThreads), static_cast<size_t>(B * K * ts), p);
+    PANTHER_LAUNCH_DEPENDENT(kernel, dim3(static_cast<unsigned>((N + kOutWarps - 1) / kOutWarps)),
+                             dim3(kOutThreads), static_cast<size_t>(B * K * ts), p);
   };
   if (it == at::kDouble) go(double{}, double{});
   else if (it == at::kHalf) go(float{}, __half{});

@@ -12,6 +12,8 @@
 #include "cuda_emu.h"
 #define PANTHER_LAUNCH(kernel, grid, block, smem, ...) \
   ::emu::launch(kernel, grid, block, smem, __VA_ARGS__)
+#define PANTHER_LAUNCH_DEPENDENT(kernel, grid, block, smem, ...) \
+  ::emu::launch(kernel, grid, block, smem, __VA_ARGS__)
 #else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -37,6 +39,29 @@
     PANTHER_ALLOW_MAX_SMEM(kernel);                                                           \
     kernel<<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__);             \
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                           \
+  } while (0)
+// As PANTHER_LAUNCH, as a programmatic dependent launch (common/device.cuh says what the kernel
+// must do) on devices of compute capability 9.0 or newer, unless portable kernels are asked for.
+#define PANTHER_LAUNCH_DEPENDENT(kernel, grid, block, smem, ...)                              \
+  do {                                                                                        \
+    const int panther_pdl_dev = c10::cuda::current_device();                                  \
+    if (::panther::device_attribute<cudaDevAttrComputeCapabilityMajor>(panther_pdl_dev) < 9 || \
+        ::panther::portable_kernels()) {                                                      \
+      PANTHER_LAUNCH(kernel, grid, block, smem, __VA_ARGS__);                                 \
+      break;                                                                                  \
+    }                                                                                         \
+    PANTHER_ALLOW_MAX_SMEM(kernel);                                                           \
+    cudaLaunchConfig_t panther_cfg = {};                                                      \
+    panther_cfg.gridDim = (grid);                                                             \
+    panther_cfg.blockDim = (block);                                                           \
+    panther_cfg.dynamicSmemBytes = (smem);                                                    \
+    panther_cfg.stream = at::cuda::getCurrentCUDAStream();                                    \
+    cudaLaunchAttribute panther_attr[1];                                                      \
+    panther_attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;                  \
+    panther_attr[0].val.programmaticStreamSerializationAllowed = 1;                           \
+    panther_cfg.attrs = panther_attr;                                                         \
+    panther_cfg.numAttrs = 1;                                                                 \
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&panther_cfg, kernel, __VA_ARGS__));                    \
   } while (0)
 #endif
 

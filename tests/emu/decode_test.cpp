@@ -282,6 +282,10 @@ int main(int argc, char** argv) {
       {2, 2, 5, 3, 13, 12, true, at::kDouble, at::kDouble, true, true, false, 3},
       {1, 2, 33, 95, 100, 40, false, at::kFloat, at::kFloat, true, true, true, 2},
       {2, 1, 16, 16, 40, 24, true, at::kFloat, at::kHalf, true, false, false, 3},
+      // two groups of q/k/v rows per warp (2D + Dv = 351) and two chunks of weight words per row
+      // (E = 1040 in bf16); weight rows not read as 16-byte words (E = 20 in fp16)
+      {1, 1, 128, 95, 64, 1040, true, at::kFloat, at::kBFloat16, true, false, false, 2},
+      {1, 2, 8, 8, 16, 20, true, at::kFloat, at::kHalf, false, false, false, 2},
   };
   int layer_fails = 0;
   for (const LayerCase& c : layers) layer_fails += !run_layer(c);
@@ -290,8 +294,9 @@ int main(int argc, char** argv) {
   layer_fails += !run_out(3, 20, 33, at::kHalf, false);
   layer_fails += !run_out(panther::decode::kOutMaxRows, 40, 13, at::kFloat, true);
   layer_fails += !run_out(2, 12, 9, at::kDouble, true);
+  layer_fails += !run_out(2, 1040, 24, at::kBFloat16, true);  // two chunks of words per row
   std::printf("%d of %d layer and output-projection runs failed\n", layer_fails,
-              static_cast<int>(std::size(layers)) + 4);
+              static_cast<int>(std::size(layers)) + 5);
   fails += layer_fails;
   std::printf("%d of %d decode runs failed (%d staged)\n", fails, n, staged);
   if (staged < 3 && !layer_only) {
