@@ -396,24 +396,25 @@ def _favor_decode_layer_sample_inputs(device, dtype):
             ("empty batch", 0, 2, 8, 4, 3, 5, "softmax", 0, True)]):
         g = _gen(i)
         r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
-        rows = 2 * H * D + H * Dv
-        w, wo, W = r(rows, E) * E ** -0.5, r(E, H * Dv) * (H * Dv) ** -0.5, r(M, D)
-        b, bo = (r(rows), r(E)) if bias else (None, None)
+        rows = (H * D, H * D, H * Dv)
+        ws = [r(n, E) * E ** -0.5 for n in rows]
+        bs = [r(n) if bias else None for n in rows]
+        wo, W = r(E, H * Dv) * (H * Dv) ** -0.5, r(M, D)
+        bo = r(E) if bias else None
         kv, vs = torch.zeros(B, H, M, Dv + 1, dtype=torch.float64), torch.zeros(B, H, Dv + 1, dtype=torch.float64)
         st = torch.full((B, H), float("-inf") if kernel == "softmax" else 0.0, dtype=torch.float64)
         for _ in range(steps):
-            torch.ops.panther._favor_decode_layer_(r(B, E), w, b, W, kernel, wo, bo, kv, vs, st)
+            torch.ops.panther._favor_decode_layer_(r(B, E), *ws, *bs, W, kernel, wo, bo, kv, vs, st)
         x = r(B, E)
         t = lambda x: None if x is None else _leaf(x, device, dtype, False)
-        out.append(Sample(desc, (t(x), t(w), t(b), t(W), kernel, t(wo), t(bo), t(kv), t(vs), t(st))))
+        layer = lambda c: (c(x), *map(c, ws), *map(c, bs), c(W), kernel, c(wo), c(bo))
+        out.append(Sample(desc, (*layer(t), t(kv), t(vs), t(st))))
         if steps > 0:
             n = torch.tensor(steps, device=device)
-            out.append(Sample(desc + ", counting length", (t(x), t(w), t(b), t(W), kernel, t(wo), t(bo), t(kv),
-                                                           t(vs), t(st), n)))
+            out.append(Sample(desc + ", counting length", (*layer(t), t(kv), t(vs), t(st), n)))
         if dtype == torch.float32:
             lo = lambda x: None if x is None else _leaf(x, device, torch.bfloat16, False)
-            out.append(Sample(desc + ", bf16 layer", (lo(x), lo(w), lo(b), lo(W), kernel, lo(wo), lo(bo), t(kv),
-                                                      t(vs), t(st))))
+            out.append(Sample(desc + ", bf16 layer", (*layer(lo), t(kv), t(vs), t(st))))
     return out
 
 

@@ -361,26 +361,6 @@ def test_step_op_low_precision_inputs(in_dtype, w_state):
             torch.testing.assert_close(s_.double(), r_, rtol=1e-5, atol=1e-6)
 
 
-def test_decode_qkv_weights_follow_the_parameters():
-    """The decoding step's concatenated q/k/v weights are kept between calls and formed again
-    after an in-place change of any of them."""
-    layer = make_layer()
-    W1, b1 = layer._decode_qkv_weights()
-    W2, b2 = layer._decode_qkv_weights()
-    assert W2 is W1 and b2 is b1
-    torch.testing.assert_close(W1, torch.cat([layer.Wq, layer.Wk, layer.Wv]), rtol=0, atol=0)
-    with torch.no_grad():
-        layer.Wk.mul_(2)
-        layer.bv.add_(1)
-    W3, b3 = layer._decode_qkv_weights()
-    assert W3 is not W1
-    # a cache, not state: copies and pickles leave it out
-    assert "_decode_qkv" not in copy.deepcopy(layer).__dict__
-    assert "_decode_qkv" not in pickle.loads(pickle.dumps(layer)).__dict__
-    torch.testing.assert_close(W3, torch.cat([layer.Wq, layer.Wk, layer.Wv]), rtol=0, atol=0)
-    torch.testing.assert_close(b3, torch.cat([layer.bq, layer.bk, layer.bv]), rtol=0, atol=0)
-
-
 def test_step_op_meta_shapes():
     lead, M, D, Dv = (2, 3), 5, 4, 3
     args = [t.to("meta") for t in step_inputs(lead, D, Dv, 0, seed=1)]
@@ -422,23 +402,30 @@ LAYER_OP = torch.ops.panther._favor_decode_layer_
 
 
 def layer_inputs(B, H, E_in, D, Dv, M, E_out, bias, seed, dtype=F64):
-    """x, w_qkv (2 H D + H Dv, E_in), b_qkv, the projection (M, D), w_out (E_out, H Dv), b_out."""
+    """x, qkv = (w_q (H D, E_in), w_k, w_v (H Dv, E_in), b_q, b_k, b_v), the projection (M, D), w_out
+    (E_out, H Dv), b_out."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
-    w = r(2 * H * D + H * Dv, E_in) * E_in ** -0.5
-    wo = r(E_out, H * Dv) * (H * Dv) ** -0.5
-    b, bo = (r(2 * H * D + H * Dv), r(E_out)) if bias else (None, None)
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    return cast(r(B, E_in)), cast(w), cast(b), r(M, D), cast(wo), cast(bo)
+    ws = [cast(r(n, E_in) * E_in ** -0.5) for n in (H * D, H * D, H * Dv)]
+    bs = [cast(r(n)) if bias else None for n in (H * D, H * D, H * Dv)]
+    wo = r(E_out, H * Dv) * (H * Dv) ** -0.5
+    bo = r(E_out) if bias else None
+    return cast(r(B, E_in)), (*ws, *bs), r(M, D), cast(wo), cast(bo)
 
 
-def layer_reference(x, w, b, W, kernel_fn, wo, bo, kv, vs, r, H, length=None):
+def on(qkv, f):
+    """f applied to each of the q/k/v weights and biases (None stays None)."""
+    return tuple(None if t is None else f(t) for t in qkv)
+
+
+def layer_reference(x, qkv, W, kernel_fn, wo, bo, kv, vs, r, H, length=None):
     """The layer's step composed of at::linear and the step op (CPU)."""
     B, D, Dv = x.shape[0], W.shape[1], kv.shape[-1] - 1
-    y = torch.nn.functional.linear(x, w, b)
-    q, k, v = y[:, :H * D].view(B, H, D), y[:, H * D:2 * H * D].view(B, H, D), y[:, 2 * H * D:].view(B, H, Dv)
+    lin = torch.nn.functional.linear
+    q, k, v = (lin(x, qkv[i], qkv[3 + i]).view(B, H, n) for i, n in enumerate((D, D, Dv)))
     ctx = STEP_OP(q, k, v, W.to(kv.dtype), kernel_fn, kv, vs, r, length)
-    return torch.nn.functional.linear(ctx.reshape(B, H * Dv), wo, bo)
+    return lin(ctx.reshape(B, H * Dv), wo, bo)
 
 
 @pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
@@ -451,11 +438,11 @@ def test_layer_op_equals_composition(kernel_fn, bias, B):
     ours, ref = empty_state((B, H), M, Dv, kernel_fn), empty_state((B, H), M, Dv, kernel_fn)
     n_ours, n_ref = torch.tensor(2), torch.tensor(2)
     for t in range(4):
-        x, w, b, W, wo, bo = layer_inputs(B, H, E_in, D, Dv, M, E_out, bias, seed=t)
+        x, qkv, W, wo, bo = layer_inputs(B, H, E_in, D, Dv, M, E_out, bias, seed=t)
         x = x * 2.0 / (1 + t)  # shrinking inputs: the key stabiliser rises
-        want = layer_reference(x, w, b, W, kernel_fn, wo, bo, *ref, H, n_ref)
+        want = layer_reference(x, qkv, W, kernel_fn, wo, bo, *ref, H, n_ref)
         ptrs = [s.data_ptr() for s in ours]
-        got = LAYER_OP(x, w, b, W, kernel_fn, wo, bo, *ours, n_ours)
+        got = LAYER_OP(x, *qkv, W, kernel_fn, wo, bo, *ours, n_ours)
         assert [s.data_ptr() for s in ours] == ptrs and got.shape == (B, E_out)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         for s, r in zip(ours, ref):
@@ -465,21 +452,26 @@ def test_layer_op_equals_composition(kernel_fn, bias, B):
 
 def test_layer_op_errors():
     B, H, E_in, D, Dv, M, E_out = 2, 3, 10, 4, 5, 7, 6
-    x, w, b, W, wo, bo = layer_inputs(B, H, E_in, D, Dv, M, E_out, True, seed=0)
+    x, qkv, W, wo, bo = layer_inputs(B, H, E_in, D, Dv, M, E_out, True, seed=0)
+    wq, wk, wv, bq, bk, bv = qkv
     state = empty_state((B, H), M, Dv, "softmax")
-    ok = [x, w, b, W, "softmax", wo, bo, *state]
+    ok = [x, *qkv, W, "softmax", wo, bo, *state]
     LAYER_OP(*ok)
     name = "panther::_favor_decode_layer_"
     bad = {
         0: (x[None], "x must be 2-d"),
-        1: (w[:-1], "w_qkv must have shape"),
-        2: (b[:-1], "b_qkv must have shape"),
-        3: (W[:, :-1], "w_qkv must have shape"),  # head_dim from the projection: the weights disagree
-        5: (wo[:, :-1], "w_out must have num_heads * value_dim = 15 columns"),
-        6: (bo[:-1], "b_out must have shape [6]"),
-        7: (state[0][:, :, :, :-1], "w_qkv must have shape"),  # value_dim from kv
-        8: (state[1][..., :-1], "v_sum must have shape"),
-        9: (state[2][:1], "stabiliser must have"),
+        1: (wq[:-1], "w_q must have shape (num_heads * head_dim, embed_dim) = (12, 10), got (11, 10)"),
+        2: (wk[:, :-1], "w_k must have shape (num_heads * head_dim, embed_dim) = (12, 10), got (12, 9)"),
+        3: (wv[:-1], "w_v must have shape (num_heads * value_dim, embed_dim) = (15, 10), got (14, 10)"),
+        4: (bq[:-1], "b_q must have shape [12]"),
+        5: (bk[:-1], "b_k must have shape [12]"),
+        6: (bv[:-1], "b_v must have shape [15]"),
+        7: (W[:, :-1], "w_q must have shape"),  # head_dim from the projection: the weights disagree
+        9: (wo[:, :-1], "w_out must have num_heads * value_dim = 15 columns"),
+        10: (bo[:-1], "b_out must have shape [6]"),
+        11: (state[0][:, :, :, :-1], "w_v must have shape"),  # value_dim from kv
+        12: (state[1][..., :-1], "v_sum must have shape"),
+        13: (state[2][:1], "stabiliser must have"),
     }
     for i, (arg, msg) in bad.items():
         args = list(ok)
@@ -487,26 +479,31 @@ def test_layer_op_errors():
         with pytest.raises(RuntimeError, match=re.escape(f"{name}: {msg}")):
             LAYER_OP(*args)
     with pytest.raises(RuntimeError, match=f"{name}: w_out must have the x's dtype"):
-        LAYER_OP(x, w, b, W, "softmax", wo.float(), bo, *state)
+        LAYER_OP(x, *qkv, W, "softmax", wo.float(), bo, *state)
+    with pytest.raises(RuntimeError, match=f"{name}: w_k must have the x's dtype"):
+        LAYER_OP(x, wq, wk.float(), wv, bq, bk, bv, W, "softmax", wo, bo, *state)
+    with pytest.raises(RuntimeError, match=f"{name}: b_v must have the x's dtype"):
+        LAYER_OP(x, wq, wk, wv, bq, bk, bv.float(), W, "softmax", wo, bo, *state)
     with pytest.raises(RuntimeError, match=f"{name}: kernel must be"):
-        LAYER_OP(x, w, b, W, "gelu", wo, bo, *state)
-    with pytest.raises(RuntimeError, match=f"{name}: w_qkv must not require grad"):
-        LAYER_OP(x, w.clone().requires_grad_(), b, W, "softmax", wo, bo, *state)
+        LAYER_OP(x, *qkv, W, "gelu", wo, bo, *state)
+    with pytest.raises(RuntimeError, match=f"{name}: w_v must not require grad"):
+        LAYER_OP(x, wq, wk, wv.clone().requires_grad_(), bq, bk, bv, W, "softmax", wo, bo, *state)
     with pytest.raises(RuntimeError, match=f"{name}: length must be int64"):
         LAYER_OP(*ok, torch.tensor(1.0))
 
 
 def test_layer_op_meta_shapes():
     B, H, E_in, D, Dv, M, E_out = 2, 3, 10, 4, 5, 7, 6
-    args = [None if t is None else t.to("meta") for t in layer_inputs(B, H, E_in, D, Dv, M, E_out, True, seed=0)]
+    x, qkv, W, wo, bo = layer_inputs(B, H, E_in, D, Dv, M, E_out, True, seed=0)
+    meta = lambda t: t.to("meta")  # noqa: E731
     state = empty_state((B, H), M, Dv, "relu", device="meta")
-    out = LAYER_OP(*args[:4], "relu", *args[4:], *state)
+    out = LAYER_OP(meta(x), *on(qkv, meta), meta(W), "relu", meta(wo), meta(bo), *state)
     assert out.shape == (B, E_out) and out.device.type == "meta" and out.dtype == F64
 
 
 # (B, H, E_in, D, Dv, M): the GPT-2-small head block; features not a multiple of the cluster; value_dim at
 # the cluster kernel's limit; and shapes it does not take (value_dim 128, head_dim 160, 300 features: the
-# GEMM and the one-block step kernel instead).
+# projection kernels and the one-block step kernel instead).
 LAYER_SHAPES = [(1, 12, 768, 64, 64, 256), (2, 3, 48, 16, 16, 40), (2, 2, 40, 33, 95, 100),
                 (1, 2, 64, 16, 128, 64), (1, 2, 64, 160, 16, 64), (2, 2, 32, 16, 16, 300)]
 
@@ -518,11 +515,12 @@ LAYER_SHAPES = [(1, 12, 768, 64, 64, 256), (2, 3, 48, 16, 16, 40), (2, 2, 40, 33
 @pytest.mark.parametrize("shape", LAYER_SHAPES)
 def test_layer_op_cuda_equals_cpu_math(shape, kernel_fn, dtype):
     """The layer op on CUDA (the cluster kernel where it takes the call) equals the CPU op on the same
-    rounded inputs, from an empty state on; the length is counted; bias or not, strided x."""
+    rounded inputs, from an empty state on; the length is counted; biases or not (or on k only), strided
+    x."""
     B, H, E_in, D, Dv, M = shape
     sd = F64 if dtype == F64 else torch.float32
     # The cluster kernel (the first three shapes) projects q, k and v in float32 from bf16 x and
-    # weights, where the GEMM path rounds them to bf16: its reference is the float64 math of the
+    # weights, where the other path rounds them to bf16: its reference is the float64 math of the
     # same bf16 inputs.
     exact = dtype == torch.bfloat16 and shape in LAYER_SHAPES[:3]
     rdt = F64 if exact else dtype
@@ -536,13 +534,15 @@ def test_layer_op_cuda_equals_cpu_math(shape, kernel_fn, dtype):
     else:
         tol_out = tol_state = dict(rtol=1e-11, atol=1e-12)
     for t in range(4):
-        x, w, b, W, wo, bo = layer_inputs(B, H, E_in, D, Dv, M, 2 * E_in, t % 2 == 0, seed=t, dtype=dtype)
+        x, qkv, W, wo, bo = layer_inputs(B, H, E_in, D, Dv, M, 2 * E_in, t % 2 == 0, seed=t, dtype=dtype)
+        if t == 2:  # a bias on k only
+            qkv = (*qkv[:3], None, torch.ones_like(qkv[1][:, 0]), None)
         x = x * 2.0 / (1 + t)
         up = lambda a: None if a is None else a.to(rdt)  # noqa: E731
-        want = LAYER_OP(up(x), up(w), up(b), W.to(dtype).to(rdt), kernel_fn, up(wo), up(bo), *ref, n_ref).to(dtype)
+        want = LAYER_OP(up(x), *on(qkv, up), W.to(dtype).to(rdt), kernel_fn, up(wo), up(bo), *ref, n_ref).to(dtype)
         xc = torch.cat([x, torch.zeros_like(x)], 1).cuda()[:, :E_in] if t == 1 else x.cuda()  # strided rows
         cu = lambda a: None if a is None else a.cuda()  # noqa: E731
-        got = LAYER_OP(xc, cu(w), cu(b), cu(W.to(dtype)), kernel_fn, cu(wo), cu(bo), *state, n)
+        got = LAYER_OP(xc, *on(qkv, cu), cu(W.to(dtype)), kernel_fn, cu(wo), cu(bo), *state, n)
         assert got.dtype == dtype and got.shape == (B, 2 * E_in)
         torch.testing.assert_close(got.cpu(), want, **tol_out)
         for s, r in zip(state, ref):
@@ -556,26 +556,25 @@ def test_layer_op_cuda_empty_batch_and_graph_capture():
     """An empty batch only counts the length; the GPT-2-small layer's step replayed from a CUDA graph equals
     eager calls."""
     H, E_in, D, Dv, M = 12, 768, 64, 64, 256
-    x, w, b, W, wo, bo = (None if t is None else t.cuda() for t in
-                          layer_inputs(1, H, E_in, D, Dv, M, E_in, True, seed=3, dtype=torch.bfloat16))
-    W = W.to(torch.bfloat16)
+    x, qkv, W, wo, bo = layer_inputs(1, H, E_in, D, Dv, M, E_in, True, seed=3, dtype=torch.bfloat16)
+    x, qkv, W, wo, bo = x.cuda(), on(qkv, lambda t: t.cuda()), W.to("cuda", torch.bfloat16), wo.cuda(), bo.cuda()
     n = torch.tensor(4, device="cuda")
     empty = empty_state((0, H), M, Dv, "softmax", dtype=torch.float32, device="cuda")
-    assert LAYER_OP(x[:0], w, b, W, "softmax", wo, bo, *empty, n).shape == (0, E_in) and int(n) == 5
+    assert LAYER_OP(x[:0], *qkv, W, "softmax", wo, bo, *empty, n).shape == (0, E_in) and int(n) == 5
     eager = empty_state((1, H), M, Dv, "softmax", dtype=torch.float32, device="cuda")
     graphed = tuple(t.clone() for t in eager)
     xs = x.clone()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm-up on a copy of the state
-        LAYER_OP(xs, w, b, W, "softmax", wo, bo, *(t.clone() for t in graphed))
+        LAYER_OP(xs, *qkv, W, "softmax", wo, bo, *(t.clone() for t in graphed))
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out = LAYER_OP(xs, w, b, W, "softmax", wo, bo, *graphed, n)
+        out = LAYER_OP(xs, *qkv, W, "softmax", wo, bo, *graphed, n)
     for t in range(3):
         xt = x * 2.0 / (1 + t)
-        want = LAYER_OP(xt, w, b, W, "softmax", wo, bo, *eager)
+        want = LAYER_OP(xt, *qkv, W, "softmax", wo, bo, *eager)
         xs.copy_(xt)
         g.replay()
         torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2)  # (bf16; the output GEMM's choice)

@@ -142,14 +142,21 @@ at::Tensor favor_decode_step_cpu(const at::Tensor& query, const at::Tensor& key,
 }
 
 at::Tensor favor_decode_layer_cpu(
-    const at::Tensor& x, const at::Tensor& w_qkv, const std::optional<at::Tensor>& b_qkv,
-    const at::Tensor& projection, c10::string_view kernel_fn, const at::Tensor& w_out,
-    const std::optional<at::Tensor>& b_out, const at::Tensor& kv, const at::Tensor& v_sum,
-    const at::Tensor& stabiliser, const std::optional<at::Tensor>& length) {
+    const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_k, const at::Tensor& w_v,
+    const std::optional<at::Tensor>& b_q, const std::optional<at::Tensor>& b_k,
+    const std::optional<at::Tensor>& b_v, const at::Tensor& projection,
+    c10::string_view kernel_fn, const at::Tensor& w_out, const std::optional<at::Tensor>& b_out,
+    const at::Tensor& kv, const at::Tensor& v_sum, const at::Tensor& stabiliser,
+    const std::optional<at::Tensor>& length) {
   const char* op = "panther::_favor_decode_layer_";
-  const DecodeDims d = check_favor_decode_layer(op, x, w_qkv, b_qkv, projection, kernel_fn, w_out,
-                                                b_out, kv, v_sum, stabiliser, length);
-  const auto [q, k, v] = favor_decode_layer_qkv(x, w_qkv, b_qkv, kv, projection);
+  const QkvWeights qkv{w_q, w_k, w_v, b_q, b_k, b_v};
+  const DecodeDims d = check_favor_decode_layer(op, x, qkv, projection, kernel_fn, w_out, b_out,
+                                                kv, v_sum, stabiliser, length);
+  const auto [q, k, v] = favor_decode_layer_qkv(
+      x, qkv, kv, projection,
+      [](const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+        return at::linear(a, w, b);
+      });
   const at::Tensor ctx =
       favor_decode_step_aten(d, q, k, v, projection, kv, v_sum, stabiliser, length);
   return at::linear(ctx.reshape({x.size(0), kv.size(1) * d.Dv}), w_out, b_out);

@@ -3,8 +3,8 @@
 // decode_kernel.cuh in one launch, each (batch, head) row on a thread block cluster (sm_90) of
 // kCluster blocks instead of one block, so a batch-1 step of 12 heads runs on 96 SMs, not 12.
 // The output projection (it sums over every head) is a second kernel, a warp per output feature
-// (decode_out_kernel). The q, k and v weights come as one matrix (the module keeps their
-// concatenation for decoding).
+// (linear_rows_kernel, which also serves the q/k/v projections where the cluster kernel does not
+// run). The q, k and v weights are the layer's own three matrices.
 //
 // Per row (b, h), block c of the cluster (rank c), kLayerThreads threads:
 //   0. x[b] into shared memory; this block's kv rows and projection rows into registers (loads
@@ -45,8 +45,8 @@ template <class T, class I, class WT>
 struct LayerParams {
   const I* x;  // (B, E) rows of stride x_stride
   int64_t x_stride;
-  const I* w;     // (2 H D + H Dv, E) contiguous: the q rows, the k rows, the v rows
-  const I* bias;  // (2 H D + H Dv) or null
+  const I* w[3];     // w_q (H D, E), w_k (H D, E), w_v (H Dv, E), contiguous
+  const I* bias[3];  // b_q, b_k, b_v, each or null
   const WT* W;  // (M, D), contiguous
   T* kv;        // (B H, M, Dv + 1), contiguous
   T* v_sum;     // (B H, Dv + 1)
@@ -176,17 +176,18 @@ __global__ void __launch_bounds__(kLayerThreads)
   const int q_lo = static_cast<int>(c) * rpc, q_hi = q_lo + rpc < nq ? q_lo + rpc : nq;
   const int q_first = q_lo + warp, nw = p.vec ? E / (16 / static_cast<int>(sizeof(I))) : 0;
   const I* qrows[kQRows];
-  int64_t qwr[kQRows];  // their rows of w
+  int qwhich[kQRows];   // 0, 1, 2: q, k, v
+  int64_t qwr[kQRows];  // their rows of that weight
   auto set_rows = [&](int i0) {
 #pragma unroll
     for (int r = 0; r < kQRows; ++r) {
       const int i = i0 + kLayerWarps * r;
-      const int64_t hd = static_cast<int64_t>(H) * D;
-      const int64_t wr = i < D       ? h * D + i
-                         : i < 2 * D ? hd + h * D + (i - D)
-                                     : 2 * hd + static_cast<int64_t>(h) * Dv + (i - 2 * D);
+      const int which = i < D ? 0 : i < 2 * D ? 1 : 2;  // q, k or v
+      const int64_t wr = which < 2 ? static_cast<int64_t>(h) * D + (i - which * D)
+                                   : static_cast<int64_t>(h) * Dv + (i - 2 * D);
+      qwhich[r] = which;
       qwr[r] = wr;
-      qrows[r] = i < q_hi ? p.w + wr * E : nullptr;
+      qrows[r] = i < q_hi ? p.w[which] + wr * E : nullptr;
     }
   };
   set_rows(q_first);
@@ -222,7 +223,7 @@ __global__ void __launch_bounds__(kLayerThreads)
       const int i = i0 + kLayerWarps * r;
       if (i >= q_hi) continue;
       T y = warp_sum(acc[r][0]);
-      if (p.bias != nullptr) y += load_as<T>(p.bias + qwr[r]);
+      if (p.bias[qwhich[r]] != nullptr) y += load_as<T>(p.bias[qwhich[r]] + qwr[r]);
       if (lane < kCluster) *panther::cluster::map(sqkv + i, static_cast<unsigned>(lane)) = y;
     }
   }
@@ -370,8 +371,9 @@ __global__ void __launch_bounds__(kLayerThreads)
   }
 }
 
-// The output projection of a decoding step, out = ctx w^T + bias for a few rows of ctx (B <=
-// kOutMaxRows): a warp per output feature, kOutWarps features per block, so a 768-wide layer
+// A linear layer on a few rows, out = ctx w^T + bias (B <= kOutMaxRows rows of ctx): the output
+// projection of a decoding step (and its q, k and v projections where the cluster kernel does
+// not run). A warp per output feature, kOutWarps features per block, so a 768-wide layer
 // runs on 96 blocks (cuBLAS picks 64-row tiles for one row of ctx: 12 blocks, ~4.4 us on an
 // H100 for 768 x 768 in bf16). ctx is staged in shared memory in T; w rows are read as 16-byte
 // words where aligned (`vec`); accumulation in T, the output rounded to I. It is a programmatic
@@ -380,7 +382,7 @@ __global__ void __launch_bounds__(kLayerThreads)
 constexpr int kOutThreads = 256, kOutWarps = kOutThreads / 32, kOutMaxRows = 8;
 
 template <class T, class I>
-struct OutParams {
+struct LinearRowsParams {
   const I* ctx;   // (B, K) contiguous
   const I* w;     // (N, K) contiguous
   const I* bias;  // (N) or null
@@ -390,7 +392,7 @@ struct OutParams {
 };
 
 template <class T, class I>
-__global__ void __launch_bounds__(kOutThreads) decode_out_kernel(const OutParams<T, I> p) {
+__global__ void __launch_bounds__(kOutThreads) linear_rows_kernel(const LinearRowsParams<T, I> p) {
   PANTHER_DYNAMIC_SMEM(smem_raw);
   T* sc = reinterpret_cast<T*>(smem_raw);  // B x K
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -414,7 +416,8 @@ __global__ void __launch_bounds__(kOutThreads) decode_out_kernel(const OutParams
   } else {
 #pragma unroll
     for (int b = 0; b < kOutMaxRows; ++b)
-      if (b < p.B) acc[0][b] = lane_dot<T, I>(rows[0], sc + static_cast<int64_t>(b) * p.K, p.K, lane);
+      if (b < p.B)
+        acc[0][b] = lane_dot<T, I>(rows[0], sc + static_cast<int64_t>(b) * p.K, p.K, lane);
   }
   const T bias = p.bias != nullptr ? load_as<T>(p.bias + n) : T(0);
 #pragma unroll
@@ -440,13 +443,13 @@ inline bool layer_takes(int64_t E, int64_t D, int64_t Dv, int64_t M, at::ScalarT
 
 // ctx (B, H Dv) in x's dtype from the cluster kernel, state dtype T, layer dtype I, projection
 // dtype WT (the caller checked the arguments and layer_takes, and set the device). The weights
-// and the state are read through contiguous copies (views of contiguous tensors in the module's
-// calls: no copy); a non-contiguous state is written back.
+// and the state are read through contiguous copies (the module's parameters and state are
+// contiguous: no copy); a non-contiguous state is written back.
 template <class T, class I, class WT>
-at::Tensor layer_step(const at::Tensor& x, const at::Tensor& w_qkv,
-                      const std::optional<at::Tensor>& b_qkv, const at::Tensor& projection,
-                      bool softmax, const at::Tensor& kv, const at::Tensor& v_sum,
-                      const at::Tensor& stabiliser, const std::optional<at::Tensor>& length) {
+at::Tensor layer_step(const at::Tensor& x, const detail::QkvWeights& qkv,
+                      const at::Tensor& projection, bool softmax, const at::Tensor& kv,
+                      const at::Tensor& v_sum, const at::Tensor& stabiliser,
+                      const std::optional<at::Tensor>& length) {
   const int64_t B = x.size(0), E = x.size(1), H = kv.size(1), M = kv.size(2),
                 Dv = kv.size(3) - 1, D = projection.size(1);
   at::Tensor ctx = at::empty({B, H * Dv}, x.options());
@@ -456,15 +459,22 @@ at::Tensor layer_step(const at::Tensor& x, const at::Tensor& w_qkv,
     return ctx;
   }
   const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
-  const at::Tensor w = w_qkv.contiguous(), W = projection.contiguous();
-  const at::Tensor bias =
-      b_qkv.has_value() && b_qkv->defined() ? b_qkv->contiguous() : at::Tensor();
+  const at::Tensor w[3] = {qkv.w_q.contiguous(), qkv.w_k.contiguous(), qkv.w_v.contiguous()};
+  const std::optional<at::Tensor>* b[3] = {&qkv.b_q, &qkv.b_k, &qkv.b_v};
+  at::Tensor bias[3];
+  const at::Tensor W = projection.contiguous();
   const at::Tensor kvc = kv.contiguous(), vsc = v_sum.contiguous(), rc = stabiliser.contiguous();
   LayerParams<T, I, WT> p{};
   p.x = reinterpret_cast<const I*>(xc.data_ptr());
   p.x_stride = xc.stride(0);
-  p.w = reinterpret_cast<const I*>(w.data_ptr());
-  p.bias = bias.defined() ? reinterpret_cast<const I*>(bias.data_ptr()) : nullptr;
+  constexpr int64_t kPer = 16 / static_cast<int64_t>(sizeof(I));
+  p.vec = E % kPer == 0;
+  for (int i = 0; i < 3; ++i) {
+    p.w[i] = reinterpret_cast<const I*>(w[i].data_ptr());
+    p.vec = p.vec && reinterpret_cast<uintptr_t>(p.w[i]) % 16 == 0;
+    if (b[i]->has_value() && (*b[i])->defined()) bias[i] = (*b[i])->contiguous();
+    p.bias[i] = bias[i].defined() ? reinterpret_cast<const I*>(bias[i].data_ptr()) : nullptr;
+  }
   p.W = reinterpret_cast<const WT*>(W.data_ptr());
   p.kv = kvc.data_ptr<T>();
   p.v_sum = vsc.data_ptr<T>();
@@ -476,8 +486,6 @@ at::Tensor layer_step(const at::Tensor& x, const at::Tensor& w_qkv,
   p.D = static_cast<int>(D);
   p.Dv = static_cast<int>(Dv);
   p.M = static_cast<int>(M);
-  constexpr int64_t kPer = 16 / static_cast<int64_t>(sizeof(I));
-  p.vec = E % kPer == 0 && reinterpret_cast<uintptr_t>(p.w) % 16 == 0;
   set_feature_constants(p, softmax, D, M);
   const size_t smem = static_cast<size_t>(layer_smem_elems(E, D, Dv, M) * sizeof(T));
   auto* kernel = &decode_layer_kernel<T, I, WT>;
@@ -490,15 +498,14 @@ at::Tensor layer_step(const at::Tensor& x, const at::Tensor& w_qkv,
 }
 
 // layer_step with the types of the call's tensors (as run_step).
-inline at::Tensor run_layer_step(const at::Tensor& x, const at::Tensor& w_qkv,
-                                 const std::optional<at::Tensor>& b_qkv,
+inline at::Tensor run_layer_step(const at::Tensor& x, const detail::QkvWeights& qkv,
                                  const at::Tensor& projection, bool softmax, const at::Tensor& kv,
                                  const at::Tensor& v_sum, const at::Tensor& stabiliser,
                                  const std::optional<at::Tensor>& length) {
   const at::ScalarType it = x.scalar_type();
   const bool w_state = projection.scalar_type() != it;
 #define PANTHER_DECODE_LAYER(T, I, WT) \
-  layer_step<T, I, WT>(x, w_qkv, b_qkv, projection, softmax, kv, v_sum, stabiliser, length)
+  layer_step<T, I, WT>(x, qkv, projection, softmax, kv, v_sum, stabiliser, length)
   if (kv.scalar_type() == at::kDouble) return PANTHER_DECODE_LAYER(double, double, double);
   if (it == at::kHalf)
     return w_state ? PANTHER_DECODE_LAYER(float, __half, float)
@@ -510,10 +517,10 @@ inline at::Tensor run_layer_step(const at::Tensor& x, const at::Tensor& w_qkv,
 #undef PANTHER_DECODE_LAYER
 }
 
-// out = ctx w_out^T + b_out (B, N) in ctx's dtype: decode_out_kernel for B <= kOutMaxRows rows
-// whose shared-memory copy fits `max_smem` (the caller set the device), else at::linear.
-inline at::Tensor out_projection(const at::Tensor& ctx, const at::Tensor& w_out,
-                                 const std::optional<at::Tensor>& b_out, int64_t max_smem) {
+// ctx w_out^T + b_out (B, N) in ctx's dtype: linear_rows_kernel for B <= kOutMaxRows rows whose
+// shared-memory copy fits `max_smem` (the caller set the device), else at::linear.
+inline at::Tensor linear_rows(const at::Tensor& ctx, const at::Tensor& w_out,
+                              const std::optional<at::Tensor>& b_out, int64_t max_smem) {
   const int64_t B = ctx.size(0), K = ctx.size(1), N = w_out.size(0);
   const at::ScalarType it = ctx.scalar_type();
   const int64_t ts = it == at::kDouble ? 8 : 4;
@@ -527,7 +534,7 @@ inline at::Tensor out_projection(const at::Tensor& ctx, const at::Tensor& w_out,
   auto go = [&](auto tag_t, auto tag_i) {
     using T = decltype(tag_t);
     using I = decltype(tag_i);
-    OutParams<T, I> p{};
+    LinearRowsParams<T, I> p{};
     p.ctx = reinterpret_cast<const I*>(c.data_ptr());
     p.w = reinterpret_cast<const I*>(w.data_ptr());
     p.bias = bias.defined() ? reinterpret_cast<const I*>(bias.data_ptr()) : nullptr;
@@ -537,7 +544,7 @@ inline at::Tensor out_projection(const at::Tensor& ctx, const at::Tensor& w_out,
     p.N = static_cast<int>(N);
     p.vec = K % (16 / static_cast<int64_t>(sizeof(I))) == 0 &&
             reinterpret_cast<uintptr_t>(p.w) % 16 == 0;
-    auto* kernel = &decode_out_kernel<T, I>;
+    auto* kernel = &linear_rows_kernel<T, I>;
     PANTHER_LAUNCH_DEPENDENT(kernel, dim3(static_cast<unsigned>((N + kOutWarps - 1) / kOutWarps)),
                              dim3(kOutThreads), static_cast<size_t>(B * K * ts), p);
   };

@@ -406,34 +406,43 @@ DecodeDims check_favor_decode_step(const char* op, const at::Tensor& query, cons
 }
 
 std::vector<c10::SymInt> check_favor_decode_layer_sym(
-    const char* op, const at::Tensor& x, const at::Tensor& w_qkv,
-    const std::optional<at::Tensor>& b_qkv, const at::Tensor& projection,
+    const char* op, const at::Tensor& x, const QkvWeights& qkv, const at::Tensor& projection,
     c10::string_view kernel_fn, const at::Tensor& w_out, const std::optional<at::Tensor>& b_out,
     const at::Tensor& kv, const at::Tensor& v_sum, const at::Tensor& stabiliser,
     const std::optional<at::Tensor>& length) {
-  checks::defined(op, {{"x", x}, {"w_qkv", w_qkv}, {"projection", projection}, {"w_out", w_out},
-                       {"kv", kv}, {"v_sum", v_sum}, {"stabiliser", stabiliser}});
+  checks::defined(op, {{"x", x}, {"w_q", qkv.w_q}, {"w_k", qkv.w_k}, {"w_v", qkv.w_v},
+                       {"projection", projection}, {"w_out", w_out}, {"kv", kv}, {"v_sum", v_sum},
+                       {"stabiliser", stabiliser}});
   checks::dim(op, "x", x, 2, "(batch, embed_dim)");
   checks::dim(op, "kv", kv, 4, "(batch, num_heads, num_random_features, value_dim + 1)");
   checks::dim(op, "projection", projection, 2, "(num_random_features, head_dim)");
-  checks::dim(op, "w_qkv", w_qkv, 2,
-              "(2 * num_heads * head_dim + num_heads * value_dim, embed_dim)");
+  checks::dim(op, "w_q", qkv.w_q, 2, "(num_heads * head_dim, embed_dim)");
+  checks::dim(op, "w_k", qkv.w_k, 2, "(num_heads * head_dim, embed_dim)");
+  checks::dim(op, "w_v", qkv.w_v, 2, "(num_heads * value_dim, embed_dim)");
   checks::dim(op, "w_out", w_out, 2, "(out_features, num_heads * value_dim)");
   const c10::SymInt B = x.sym_size(0), E = x.sym_size(1), H = kv.sym_size(1),
                     Dv = kv.sym_size(3) - 1, D = projection.sym_size(1);
   PANTHER_CHECK_ARG(E >= 1, op, "x", "have embed_dim >= 1, got shape ", shape_str(x.sym_sizes()));
-  const c10::SymInt rows = 2 * H * D + H * Dv, E_out = w_out.sym_size(0);
+  const c10::SymInt E_out = w_out.sym_size(0);
   // The weights and biases: the layer's dtype (x's), x's device, the shapes the state implies.
-  for (const checks::Arg& a : {checks::Arg{"w_qkv", w_qkv}, checks::Arg{"w_out", w_out}}) {
-    checks::same_dtype(op, a.name, a.tensor, "x", x);
-    checks::same_device(op, a.name, a.tensor, "x", x);
-  }
-  PANTHER_CHECK_ARG(w_qkv.sym_size(0) == rows && w_qkv.sym_size(1) == E, op, "w_qkv",
-                    "have shape (2 * num_heads * head_dim + num_heads * value_dim, embed_dim) = [",
-                    rows, ", ", E, "], got ", shape_str(w_qkv.sym_sizes()));
+  std::vector<checks::Arg> params = {{"x", x}};
+  auto weight = [&](const char* name, const at::Tensor& w, const c10::SymInt& rows,
+                    const char* rows_text) {
+    checks::same_dtype(op, name, w, "x", x);
+    checks::same_device(op, name, w, "x", x);
+    PANTHER_CHECK_ARG(w.sym_size(0) == rows && w.sym_size(1) == E, op, name, "have shape (",
+                      rows_text, ", embed_dim) = (", rows, ", ", E, "), got ",
+                      shape_str(w.sym_sizes()));
+    params.push_back({name, w});
+  };
+  weight("w_q", qkv.w_q, H * D, "num_heads * head_dim");
+  weight("w_k", qkv.w_k, H * D, "num_heads * head_dim");
+  weight("w_v", qkv.w_v, H * Dv, "num_heads * value_dim");
+  checks::same_dtype(op, "w_out", w_out, "x", x);
+  checks::same_device(op, "w_out", w_out, "x", x);
   PANTHER_CHECK_ARG(w_out.sym_size(1) == H * Dv, op, "w_out", "have num_heads * value_dim = ",
                     H * Dv, " columns, got shape ", shape_str(w_out.sym_sizes()));
-  std::vector<checks::Arg> params = {{"x", x}, {"w_qkv", w_qkv}, {"w_out", w_out}};
+  params.push_back({"w_out", w_out});
   auto bias = [&](const char* name, const std::optional<at::Tensor>& b, const c10::SymInt& n) {
     if (!b.has_value() || !b->defined()) return;
     checks::same_dtype(op, name, *b, "x", x);
@@ -442,7 +451,9 @@ std::vector<c10::SymInt> check_favor_decode_layer_sym(
                       "], got ", shape_str(b->sym_sizes()));
     params.push_back({name, *b});
   };
-  bias("b_qkv", b_qkv, rows);
+  bias("b_q", qkv.b_q, H * D);
+  bias("b_k", qkv.b_k, H * D);
+  bias("b_v", qkv.b_v, H * Dv);
   bias("b_out", b_out, E_out);
   const bool grad = at::GradMode::is_enabled();
   for (const checks::Arg& a : params)
@@ -458,25 +469,15 @@ std::vector<c10::SymInt> check_favor_decode_layer_sym(
 }
 
 DecodeDims check_favor_decode_layer(
-    const char* op, const at::Tensor& x, const at::Tensor& w_qkv,
-    const std::optional<at::Tensor>& b_qkv, const at::Tensor& projection,
+    const char* op, const at::Tensor& x, const QkvWeights& qkv, const at::Tensor& projection,
     c10::string_view kernel_fn, const at::Tensor& w_out, const std::optional<at::Tensor>& b_out,
     const at::Tensor& kv, const at::Tensor& v_sum, const at::Tensor& stabiliser,
     const std::optional<at::Tensor>& length) {
-  check_favor_decode_layer_sym(op, x, w_qkv, b_qkv, projection, kernel_fn, w_out, b_out, kv,
-                               v_sum, stabiliser, length);
+  check_favor_decode_layer_sym(op, x, qkv, projection, kernel_fn, w_out, b_out, kv, v_sum,
+                               stabiliser, length);
   const FavorKernel kernel =
       kernel_fn == c10::string_view("softmax") ? FavorKernel::Softmax : FavorKernel::Relu;
   return {kv.size(0) * kv.size(1), projection.size(1), kv.size(3) - 1, kv.size(2), kernel};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_decode_layer_qkv(
-    const at::Tensor& x, const at::Tensor& w_qkv, const std::optional<at::Tensor>& b_qkv,
-    const at::Tensor& kv, const at::Tensor& projection) {
-  const int64_t B = x.size(0), H = kv.size(1), D = projection.size(1), Dv = kv.size(3) - 1;
-  const at::Tensor y = at::linear(x, w_qkv, b_qkv);
-  return {y.narrow(1, 0, H * D).view({B, H, D}), y.narrow(1, H * D, H * D).view({B, H, D}),
-          y.narrow(1, 2 * H * D, H * Dv).view({B, H, Dv})};
 }
 
 at::Tensor favor_decode_step_aten(const DecodeDims& d, const at::Tensor& query_in,

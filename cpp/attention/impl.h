@@ -198,31 +198,43 @@ at::Tensor favor_decode_step_aten(const DecodeDims& d, const at::Tensor& query,
                                   const at::Tensor& v_sum, const at::Tensor& stabiliser,
                                   const std::optional<at::Tensor>& length);
 
-// _favor_decode_layer_ (the decoding step of a self-attention layer: q/k/v projection of x, the
-// step, the output projection; see schema.cpp). Validates x (B, E), w_qkv (2 H D + H Dv, E),
-// w_out (E_out, H Dv) and the biases against x and the state (kv (B, H, M, Dv + 1) gives H and
-// Dv, the projection (M, D) gives D), then the state as _favor_decode_step_ does; returns the
-// output's sizes (B, E_out), symbolic for the Meta kernel.
+// The q, k and v projections of _favor_decode_layer_: weights (rows, E), biases (rows) or none.
+struct QkvWeights {
+  at::Tensor w_q, w_k, w_v;
+  std::optional<at::Tensor> b_q, b_k, b_v;
+};
+
+// _favor_decode_layer_ (the decoding step of a self-attention layer: q/k/v projections of x, the
+// step, the output projection; see schema.cpp). Validates x (B, E), w_q and w_k (H D, E), w_v
+// (H Dv, E), w_out (E_out, H Dv) and the biases against x and the state (kv (B, H, M, Dv + 1)
+// gives H and Dv, the projection (M, D) gives D), then the state as _favor_decode_step_ does;
+// returns the output's sizes (B, E_out), symbolic for the Meta kernel.
 std::vector<c10::SymInt> check_favor_decode_layer_sym(
-    const char* op, const at::Tensor& x, const at::Tensor& w_qkv,
-    const std::optional<at::Tensor>& b_qkv, const at::Tensor& projection,
+    const char* op, const at::Tensor& x, const QkvWeights& qkv, const at::Tensor& projection,
     c10::string_view kernel_fn, const at::Tensor& w_out, const std::optional<at::Tensor>& b_out,
     const at::Tensor& kv, const at::Tensor& v_sum, const at::Tensor& stabiliser,
     const std::optional<at::Tensor>& length);
 
 // check_favor_decode_layer_sym on concrete sizes; returns the step's dims (rows B H).
 DecodeDims check_favor_decode_layer(
-    const char* op, const at::Tensor& x, const at::Tensor& w_qkv,
-    const std::optional<at::Tensor>& b_qkv, const at::Tensor& projection,
+    const char* op, const at::Tensor& x, const QkvWeights& qkv, const at::Tensor& projection,
     c10::string_view kernel_fn, const at::Tensor& w_out, const std::optional<at::Tensor>& b_out,
     const at::Tensor& kv, const at::Tensor& v_sum, const at::Tensor& stabiliser,
     const std::optional<at::Tensor>& length);
 
-// q (B, H, D), k (B, H, D), v (B, H, Dv): views of the layer's projection of x (one at::linear;
-// arguments checked by check_favor_decode_layer_sym).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_decode_layer_qkv(
-    const at::Tensor& x, const at::Tensor& w_qkv, const std::optional<at::Tensor>& b_qkv,
-    const at::Tensor& kv, const at::Tensor& projection);
+// q (B, H, D), k (B, H, D), v (B, H, Dv): the layer's projections of x, `linear` (x, w, b) -> (B,
+// rows) for each (at::linear, or a faster kernel on CUDA); arguments checked by
+// check_favor_decode_layer_sym.
+template <class Linear>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_decode_layer_qkv(const at::Tensor& x,
+                                                                      const QkvWeights& qkv,
+                                                                      const at::Tensor& kv,
+                                                                      const at::Tensor& projection,
+                                                                      Linear&& linear) {
+  const int64_t B = x.size(0), H = kv.size(1), D = projection.size(1), Dv = kv.size(3) - 1;
+  return {linear(x, qkv.w_q, qkv.b_q).view({B, H, D}), linear(x, qkv.w_k, qkv.b_k).view({B, H, D}),
+          linear(x, qkv.w_v, qkv.b_v).view({B, H, Dv})};
+}
 
 // Validates shapes, dtypes, devices, kernel_fn, the mask and causal's Lq == Lk.
 FavorDims check_favor_attention(const char* op, const at::Tensor& query, const at::Tensor& key,

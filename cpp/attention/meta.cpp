@@ -64,13 +64,15 @@ at::Tensor favor_decode_step_meta(const at::Tensor& query, const at::Tensor& key
 }
 
 at::Tensor favor_decode_layer_meta(
-    const at::Tensor& x, const at::Tensor& w_qkv, const std::optional<at::Tensor>& b_qkv,
-    const at::Tensor& projection, c10::string_view kernel_fn, const at::Tensor& w_out,
-    const std::optional<at::Tensor>& b_out, const at::Tensor& kv, const at::Tensor& v_sum,
-    const at::Tensor& stabiliser, const std::optional<at::Tensor>& length) {
+    const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_k, const at::Tensor& w_v,
+    const std::optional<at::Tensor>& b_q, const std::optional<at::Tensor>& b_k,
+    const std::optional<at::Tensor>& b_v, const at::Tensor& projection,
+    c10::string_view kernel_fn, const at::Tensor& w_out, const std::optional<at::Tensor>& b_out,
+    const at::Tensor& kv, const at::Tensor& v_sum, const at::Tensor& stabiliser,
+    const std::optional<at::Tensor>& length) {
   const std::vector<c10::SymInt> out = check_favor_decode_layer_sym(
-      "panther::_favor_decode_layer_", x, w_qkv, b_qkv, projection, kernel_fn, w_out, b_out, kv,
-      v_sum, stabiliser, length);
+      "panther::_favor_decode_layer_", x, QkvWeights{w_q, w_k, w_v, b_q, b_k, b_v}, projection,
+      kernel_fn, w_out, b_out, kv, v_sum, stabiliser, length);
   return at::empty_symint(out, x.options());
 }
 

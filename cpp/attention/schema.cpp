@@ -42,13 +42,12 @@ TORCH_LIBRARY_FRAGMENT(panther, m) {
   // an error.
   m.def("_favor_decode_step_(Tensor query, Tensor key, Tensor value, Tensor projection, str kernel_fn, Tensor(a!) kv, Tensor(b!) v_sum, Tensor(c!) stabiliser, Tensor(d!)? length=None) -> Tensor");
   // The decoding step of a causal self-attention layer (RandMultiHeadAttention.step_): x (B, E) in
-  // the layer's dtype; [q | k | v] = x w_qkv^T + b_qkv, w_qkv (2 H D + H Dv, E) the q rows, then
-  // the k rows, then the v rows (head-major each), with H and Dv from kv (B, H, M, Dv + 1) and D
-  // from the projection (M, D); then
-  // _favor_decode_step_'s update of the state (same arguments, same rules) and its readout ctx
-  // (B, H Dv); returns ctx w_out^T + b_out (B, E_out) in x's dtype. On CUDA (compute capability
-  // 9.0+) the projections and the step are one kernel (a thread block cluster per head), the
-  // output projection a GEMM. Inference only, as _favor_decode_step_.
-  m.def("_favor_decode_layer_(Tensor x, Tensor w_qkv, Tensor? b_qkv, Tensor projection, str kernel_fn, Tensor w_out, Tensor? b_out, Tensor(a!) kv, Tensor(b!) v_sum, Tensor(c!) stabiliser, Tensor(d!)? length=None) -> Tensor");
+  // the layer's dtype; q = x w_q^T + b_q (B, H D), k = x w_k^T + b_k (B, H D), v = x w_v^T + b_v
+  // (B, H Dv) (head-major), with H and Dv from kv (B, H, M, Dv + 1) and D from the projection
+  // (M, D); then _favor_decode_step_'s update of the state (same arguments, same rules) and its
+  // readout ctx (B, H Dv); returns ctx w_out^T + b_out (B, E_out) in x's dtype. On CUDA (compute
+  // capability 9.0+) the projections and the step are one kernel (a thread block cluster per
+  // head), the output projection a second one. Inference only, as _favor_decode_step_.
+  m.def("_favor_decode_layer_(Tensor x, Tensor w_q, Tensor w_k, Tensor w_v, Tensor? b_q, Tensor? b_k, Tensor? b_v, Tensor projection, str kernel_fn, Tensor w_out, Tensor? b_out, Tensor(a!) kv, Tensor(b!) v_sum, Tensor(c!) stabiliser, Tensor(d!)? length=None) -> Tensor");
   m.def("_rand_mha_self_attention(Tensor x, Tensor Wq, Tensor Wk, Tensor Wv, Tensor? bq, Tensor? bk, Tensor? bv, Tensor W0, Tensor? b0, Tensor projection, int num_heads, str kernel_fn, bool causal, Tensor? key_padding_mask) -> Tensor");
 }

@@ -9,7 +9,7 @@ OUTD=${OUT:-/tmp/ncu}; mkdir -p "$OUTD"
 if [ "${NCU_WHAT:-attention}" = decode ]; then
 # The decoding step of one GPT-2-small attention layer (bf16, 12 x 64 heads, M=256, batch 1),
 # repeated: the layer op's cluster kernel and its output kernel.
-KREGEX='decode_layer_kernel|decode_out_kernel|favor_decode'; SKIP=4; COUNT=4
+KREGEX='decode_layer_kernel|linear_rows_kernel|favor_decode'; SKIP=4; COUNT=4
 cat > /tmp/ncu_drv.py <<'PY'
 import torch, panther as pr
 torch.manual_seed(0)

@@ -288,7 +288,8 @@ if "decode" in SECTIONS:
         replay_time("decode step, 12 layers, CUDA graph", graphed)
         kernels("decode step, 12 layers, CUDA graph replay", graphed, top=16)
         m0, st0 = layers[0], states[0]
-        Wqkv, bqkv = m0._decode_qkv_weights()
+        qkv = (m0.Wq, m0.Wk, m0.Wv, m0.bq, m0.bk, m0.bv)
+        Wqkv, bqkv = torch.cat(qkv[:3]), torch.cat(qkv[3:])
         x = x_t[:, 0]
         q, k, v = F.linear(x, Wqkv, bqkv).view(1, 3, H, d // H).unbind(1)
         P = m0.projection_matrix
@@ -298,17 +299,17 @@ if "decode" in SECTIONS:
         def unfused():  # the layer's step without the layer kernel: q/k/v GEMM, step op, output GEMM
             outs = []
             for _ in range(nl):
-                qkv = F.linear(x, Wqkv, bqkv).view(1, 3, H, d // H).unbind(1)
-                ctx = torch.ops.panther._favor_decode_step_(*qkv, P, m0.kernel_fn, st0.kv, st0.v_sum,
+                q3 = F.linear(x, Wqkv, bqkv).view(1, 3, H, d // H).unbind(1)
+                ctx = torch.ops.panther._favor_decode_step_(*q3, P, m0.kernel_fn, st0.kv, st0.v_sum,
                                                             st0.stabiliser, st0.length)
                 outs.append(F.linear(ctx.reshape(1, d), m0.W0, m0.b0))
             return outs
 
         layer_op = lambda: [torch.ops.panther._favor_decode_layer_(  # noqa: E731
-            x, Wqkv, bqkv, P, m0.kernel_fn, m0.W0, m0.b0, st0.kv, st0.v_sum, st0.stabiliser, st0.length)
+            x, *qkv, P, m0.kernel_fn, m0.W0, m0.b0, st0.kv, st0.v_sum, st0.stabiliser, st0.length)
             for _ in range(nl)]
         for name, f in (("12 x (q/k/v GEMM + step op + output GEMM)", unfused),
-                        ("12 layer ops (cluster kernel + output GEMM)", layer_op)):
+                        ("12 layer ops (cluster kernel + output kernel)", layer_op)):
             replay_time(f"{name}, CUDA graph", BM._graphed(f, torch.device(dev)))
             kernels(f"{name}, CUDA graph replay", BM._graphed(f, torch.device(dev)), top=6)
         os.environ["PANTHER_PORTABLE_KERNELS"] = "1"  # the output kernel as a plain launch

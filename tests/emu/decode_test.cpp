@@ -124,7 +124,7 @@ bool run(const Case& c, panther::decode::Config config) {
 }
 
 // The whole layer's step on the cluster kernel (decode_layer.cuh): q, k, v projected from x
-// inside it (one concatenated weight), against at::linear in the state's dtype then the ATen
+// inside it, against at::linear in the state's dtype then the ATen
 // step math.
 struct LayerCase {
   int64_t B, H, D, Dv, M, E;
@@ -150,9 +150,6 @@ bool run_layer(const LayerCase& c) {
     bk = at::randn({c.H * c.D}, o).to(c.in_dt);
     bv = at::randn({c.H * c.Dv}, o).to(c.in_dt);
   }
-  const at::Tensor wqkv = at::cat({wq, wk, wv});
-  const std::optional<at::Tensor> bqkv =
-      c.bias ? std::optional<at::Tensor>(at::cat({*bq, *bk, *bv})) : std::nullopt;
   const at::Tensor W = at::randn({c.M, c.D}, c.w_state ? o : io);
   const double ninf = c.softmax ? -std::numeric_limits<double>::infinity() : 0.0;
   at::Tensor kv = at::zeros({c.B, c.H, c.M, c.Dv + 1}, o), vs = at::zeros({c.B, c.H, c.Dv + 1}, o),
@@ -184,8 +181,8 @@ bool run_layer(const LayerCase& c) {
     const at::Tensor ref =
         panther::detail::favor_decode_step_aten(d, q, k, v, Wt, kv_ref, vs_ref, r_ref, length_ref)
             .reshape({c.B, c.H * c.Dv});
-    const at::Tensor out = panther::decode::run_layer_step(x, wqkv, bqkv, W, c.softmax, kv, vs,
-                                                           r, length);
+    const at::Tensor out = panther::decode::run_layer_step(
+        x, panther::detail::QkvWeights{wq, wk, wv, bq, bk, bv}, W, c.softmax, kv, vs, r, length);
     ok = ok && out.scalar_type() == c.in_dt && out.sizes() == ref.sizes();
     ok = ok && length.item<int64_t>() == 4 + t && length_ref.item<int64_t>() == 4 + t;
     const double eo = rel_err(out, ref.to(c.in_dt));
@@ -210,7 +207,7 @@ bool run_layer(const LayerCase& c) {
   return ok;
 }
 
-// The output projection kernel (decode_out_kernel) against at::linear in its accumulation dtype.
+// The rows-linear kernel (linear_rows_kernel, the output projection) against at::linear in its accumulation dtype.
 bool run_out(int64_t B, int64_t K, int64_t N, at::ScalarType dt, bool bias) {
   const auto o = at::TensorOptions().dtype(dt);
   const at::Tensor ctx = at::randn({B, K}, o), w = at::randn({N, K}, o);
@@ -219,7 +216,7 @@ bool run_out(int64_t B, int64_t K, int64_t N, at::ScalarType dt, bool bias) {
   const at::ScalarType acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor ref =
       at::linear(ctx.to(acc), w.to(acc), b ? std::optional<at::Tensor>(b->to(acc)) : std::nullopt);
-  const at::Tensor got = panther::decode::out_projection(ctx, w, b, panther::max_smem_optin(0));
+  const at::Tensor got = panther::decode::linear_rows(ctx, w, b, panther::max_smem_optin(0));
   const double tol = dt == at::kBFloat16 ? 1e-2
                      : dt == at::kHalf   ? 2e-3
                      : dt == at::kFloat  ? 1e-5

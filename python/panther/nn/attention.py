@@ -929,21 +929,23 @@ class RandMultiHeadAttention(nn.Module):
         dropout = self.training and self.dropout > 0
         if inplace and _fm.fused_decode_applies(x, kv, (x, self.Wq, self.Wk, self.Wv, self.bq, self.bk,
                                                          self.bv, P, kv, v_sum, r)):
-            # The concatenated q/k/v weights (cached) and the projection in the layer's dtype; the
-            # fused kernels count the position into the state's length.
-            Wqkv, bqkv = self._decode_qkv_weights()
+            # The projection in the layer's dtype; the fused kernels count the position into the
+            # state's length.
             W = P if P.dtype in (x.dtype, cdt) else P.to(cdt)
             if not dropout and _fm.fused_decode_applies(x, kv, (self.W0, self.b0)):
-                # The whole step as one op: q/k/v projection, the state's update and readout, the
+                # The whole step as one op: q/k/v projections, the state's update and readout, the
                 # output projection (on Hopper GPUs the first two are one kernel).
-                out = torch.ops.panther._favor_decode_layer_(x, Wqkv, bqkv, W, self.kernel_fn, self.W0,
-                                                             self.b0, kv, v_sum, r, state.length)
+                out = torch.ops.panther._favor_decode_layer_(
+                    x, self.Wq, self.Wk, self.Wv, self.bq, self.bk, self.bv, W, self.kernel_fn, self.W0,
+                    self.b0, kv, v_sum, r, state.length)
                 if nd == 3:
                     out = out[:, None] if self.batch_first else out[None]
                 return out, kv, v_sum, r
-            # (dropout between the readout and the output projection) One GEMM for q, k and v,
-            # read in place by the fused step kernel; the output comes back in the layer's dtype.
-            q, k, v = F.linear(x, Wqkv, bqkv).view(B, 3, H, hd).unbind(1)
+            # (dropout between the readout and the output projection) The fused step kernel; the
+            # output comes back in the layer's dtype.
+            q = F.linear(x, self.Wq, self.bq).view(B, H, hd)
+            k = F.linear(x, self.Wk, self.bk).view(B, H, hd)
+            v = F.linear(x, self.Wv, self.bv).view(B, H, hd)
             ctx = torch.ops.panther._favor_decode_step_(q, k, v, W, self.kernel_fn, kv, v_sum, r,
                                                         state.length).reshape(B, E)
         else:
@@ -961,28 +963,6 @@ class RandMultiHeadAttention(nn.Module):
         if nd == 3:
             out = out[:, None] if self.batch_first else out[None]
         return out, kv, v_sum, r
-
-    @torch.jit.unused
-    def _decode_qkv_weights(self) -> Tuple[Tensor, Optional[Tensor]]:
-        """``cat([Wq, Wk, Wv])`` and ``cat([bq, bk, bv])`` (or None) for the decoding step, kept
-        between calls and formed again when any of them was replaced (another tensor object) or
-        changed in place (its version counter moved). Under torch.compile they are formed in the
-        graph instead."""
-        if torch.compiler.is_compiling():
-            b = torch.cat([self.bq, self.bk, self.bv]) if self.bq is not None else None
-            return torch.cat([self.Wq, self.Wk, self.Wv]), b
-        parts = (self.Wq, self.Wk, self.Wv, self.bq, self.bk, self.bv)
-        cached = self.__dict__.get("_decode_qkv")
-        if cached is None or not all(t is c and (t is None or t._version == v)
-                                     for t, (c, v) in zip(parts, cached[0])):
-            with torch.no_grad():
-                W = torch.cat([self.Wq, self.Wk, self.Wv])
-                b = torch.cat([self.bq, self.bk, self.bv]) if self.bq is not None else None
-            # (the tensors themselves, not their addresses: a replaced parameter's memory can be
-            # reused by its successor)
-            cached = (tuple((t, None if t is None else t._version) for t in parts), W, b)
-            self.__dict__["_decode_qkv"] = cached
-        return cached[1], cached[2]
 
     @torch.jit.unused
     def step(self, x_t: Tensor, state: FavorDecodeState) -> Tuple[Tensor, FavorDecodeState]:
@@ -1016,14 +996,12 @@ class RandMultiHeadAttention(nn.Module):
         ``out = layer.step_(x_static, state)`` replays decoding: copy the next input into
         ``x_static``, ``graph.replay()``, read ``out``. Nothing synchronises with the host. Use it
         under ``torch.no_grad()`` (in-place updates of tensors that autograd saved would fail).
-        On CUDA a step is one op (``torch.ops.panther._favor_decode_layer_``): the projection of q,
-        k and v together (the layer keeps the concatenation of ``Wq, Wk, Wv`` for it, ``3 E^2``
-        elements, formed again after any of them changes; copies and pickles leave it out), the
-        update of the state (its length included) and its readout, and the output projection. On
-        Hopper GPUs (compute capability 9.0) the projection and the state's update run as one
-        kernel with a cluster of thread blocks per head (head_dim <= 128, value_dim <= 95,
-        ``num_random_features`` <= 256); elsewhere they are a GEMM and a one-block-per-head
-        kernel.
+        On CUDA a step is one op (``torch.ops.panther._favor_decode_layer_``): the projections of
+        q, k and v, the update of the state (its length included) and its readout, and the output
+        projection. On Hopper GPUs (compute capability 9.0) the q/k/v projections and the state's
+        update run as one kernel with a cluster of thread blocks per head (head_dim <= 128,
+        value_dim <= 95, ``num_random_features`` <= 256); elsewhere they are three projection
+        kernels and a one-block-per-head kernel.
 
         >>> layer = RandMultiHeadAttention(16, 2, 8, iscausal=True).eval()
         >>> x = torch.randn(1, 4, 16)
@@ -1047,16 +1025,8 @@ class RandMultiHeadAttention(nn.Module):
             memo[id(group)] = group
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
         return new
-
-    @torch.jit.unused
-    def __getstate__(self):
-        # The decoding step's concatenated q/k/v weights are a cache of the parameters: copies and
-        # pickles leave it out (it is formed again on the first step).
-        state = self.__dict__.copy()
-        state.pop("_decode_qkv", None)
-        return state
 
     def __prepare_scriptable__(self):
         # TorchScript has no keyword-only arguments: script a twin (same parameters, buffers
