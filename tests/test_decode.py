@@ -525,7 +525,7 @@ def test_layer_op_cuda_equals_cpu_math(shape, kernel_fn, dtype):
     exact = dtype == torch.bfloat16 and shape in LAYER_SHAPES[:3]
     rdt = F64 if exact else dtype
     ref = empty_state((B, H), M, Dv, kernel_fn, dtype=F64 if exact else sd)
-    state = tuple(t.cuda() for t in ref)
+    state = tuple(t.to("cuda", sd) for t in ref)
     n_ref, n = torch.tensor(0), torch.tensor(0, device="cuda")
     if dtype == torch.bfloat16:
         tol_out, tol_state = dict(rtol=2e-2, atol=2e-2), dict(rtol=1e-4, atol=2e-5)
