@@ -16,29 +16,44 @@
 #include <cooperative_groups.h>
 #endif
 
+// Device code for architectures below 9.0 (a build for several, say "8.0;9.0") has no clusters:
+// there the functions below act as for a cluster of one block. Kernels that use them are
+// launched only on devices of compute capability 9.0 or newer.
+#if !defined(PANTHER_CUDA_EMU) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PANTHER_CLUSTERS 1
+#else
+#define PANTHER_CLUSTERS 0
+#endif
+
 namespace panther::cluster {
 
 __device__ __forceinline__ unsigned rank() {
 #ifdef PANTHER_CUDA_EMU
   return ::emu::cluster_rank();
-#else
+#elif PANTHER_CLUSTERS
   return cooperative_groups::this_cluster().block_rank();
+#else
+  return 0;
 #endif
 }
 
 __device__ __forceinline__ unsigned size() {
 #ifdef PANTHER_CUDA_EMU
   return ::emu::cluster_size();
-#else
+#elif PANTHER_CLUSTERS
   return cooperative_groups::this_cluster().num_blocks();
+#else
+  return 1;
 #endif
 }
 
 __device__ __forceinline__ void sync() {
 #ifdef PANTHER_CUDA_EMU
   ::emu::cluster_sync();
-#else
+#elif PANTHER_CLUSTERS
   cooperative_groups::this_cluster().sync();
+#else
+  __syncthreads();
 #endif
 }
 
@@ -47,8 +62,11 @@ template <class T>
 __device__ __forceinline__ T* map(T* p, unsigned r) {
 #ifdef PANTHER_CUDA_EMU
   return ::emu::map_shared_rank(p, r);
-#else
+#elif PANTHER_CLUSTERS
   return cooperative_groups::this_cluster().map_shared_rank(p, r);
+#else
+  (void)r;
+  return p;
 #endif
 }
 
