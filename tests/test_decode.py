@@ -7,9 +7,7 @@ along the sequence, so the key stabiliser rises during the steps and the state i
 wrong rescale or a misplaced eps changes the result by far more than the tolerance).
 """
 
-import copy
 import re
-import pickle
 
 import pytest
 import torch
