@@ -3,7 +3,9 @@ B=1, 12 x 64 heads, M=256) against SDPA at a few lengths, fwd and fwd+bwd, media
 timings with the two measured round-robin (common.time_fns, as bench_attention.py); then GPU
 time per kernel of the op's fwd+bwd. Run once per build (scripts/gpu/gpu_ab.sh runs it for two
 builds of the same tree, A/B).
-Usage: python3 scripts/gpu/ab_timing.py [LABEL]    env: PROBE_LENGTHS (default 8192,16384)"""
+With AB_WHAT=decode: the decoding step of 12 GPT-2-small layers' attention instead (bf16, M=256,
+batch 1), graph-replayed, and its GPU time per kernel.
+Usage: python3 scripts/gpu/ab_timing.py [LABEL]    env: PROBE_LENGTHS (default 8192,16384), AB_WHAT"""
 import os
 import sys
 
@@ -28,6 +30,45 @@ def median_ms(fns):
     return {k: v.median_ms for k, v in t.items()}
 
 
+def kernel_times(fn, n=20):
+    """GPU time per kernel name of one call of fn (us), largest first."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / n) for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+if os.environ.get("AB_WHAT", "attention") == "decode":
+    import bench_models as BM  # noqa: E402
+
+    d, H, nl = 768, 12, 12
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layers = [panther.nn.RandMultiHeadAttention(d, H, 256, iscausal=True, device=dev, dtype=dt).eval()
+                  for _ in range(nl)]
+        states = [m.prefill(torch.randn(1, 64, d, device=dev, dtype=dt))[1] for m in layers]
+        x_t = torch.randn(1, 1, d, device=dev, dtype=dt)
+        replay = BM._graphed(lambda: [m.step_(x_t, st) for m, st in zip(layers, states)], torch.device(dev))
+        per_call = []
+        for _ in range(5):  # medians of 5 runs of 200 back-to-back replays
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            replay()
+            s.record()
+            for _ in range(200):
+                replay()
+            e.record()
+            torch.cuda.synchronize()
+            per_call.append(1e3 * s.elapsed_time(e) / 200)
+        print(f"[{label}] decode step, 12 layers, CUDA graph: {sorted(per_call)[2]:.1f} us per call "
+              f"(runs: {', '.join(f'{t:.1f}' for t in per_call)})", flush=True)
+        print(f"[{label}] decode kernels (us per layer): " + ", ".join(
+            f"{n.split('<')[0].split('(')[0][-24:]} {t / nl:.2f}" for n, t in kernel_times(replay)[:4]), flush=True)
+    sys.exit(0)
+
 torch.manual_seed(0)
 for L in [int(s) for s in os.environ.get("PROBE_LENGTHS", "8192,16384").split(",")]:
     q, k, v = (torch.randn(1, 12, L, 64, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
@@ -41,12 +82,5 @@ for L in [int(s) for s in os.environ.get("PROBE_LENGTHS", "8192,16384").split(",
     b = median_ms({"op": fb, "sdpa": sb})
     print(f"[{label}] L={L} causal fwd: op {f['op']:.3f} ms sdpa {f['sdpa']:.3f} ms ({f['sdpa'] / f['op']:.2f}x) | "
           f"fwd+bwd: op {b['op']:.3f} ms sdpa {b['sdpa']:.3f} ms ({b['sdpa'] / b['op']:.2f}x)", flush=True)
-    fb()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            fb()
-        torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total / 5) for e in prof.key_averages() if e.device_time_total > 0]
-    rows.sort(key=lambda r: -r[1])
+    rows = kernel_times(fb, n=5)
     print(f"[{label}] L={L} kernels (us per fwd+bwd): " + ", ".join(f"{n.split('<')[0].split('(')[0][-28:]} {t:.0f}" for n, t in rows[:10]), flush=True)
