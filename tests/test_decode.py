@@ -163,6 +163,26 @@ def test_step_in_place_compiles_without_graph_breaks():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
 
 
+def test_step_with_parametrized_weights():
+    """A weight under torch.nn.utils.parametrize (not in the module's parameter dict) is read as
+    the parametrization gives it, by step_ as by the forward."""
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    layer = make_layer()
+    parametrize.register_parametrization(layer, "Wv", Double())
+    parametrize.register_parametrization(layer, "b0", Double())
+    x = growing_input(2, 7, seed=5)
+    with torch.no_grad():
+        full, _ = layer(x, x, x)
+        out, state = layer.prefill(x[:, :4])
+        steps = [layer.step_(x[:, t:t + 1], state) for t in range(4, 7)]
+    torch.testing.assert_close(torch.cat([out] + steps, 1), full, rtol=1e-10, atol=1e-12)
+
+
 def test_errors():
     nc = pr.nn.RandMultiHeadAttention(E, H, M, dtype=F64)
     with pytest.raises(ValueError, match=r"prefill: decoding needs a causal layer"):
@@ -182,6 +202,11 @@ def test_errors():
     _, state = layer.prefill(growing_input(2, 3))
     with pytest.raises(ValueError, match=r"step: x_t must be \(batch, 1, embed_dim\)"):
         layer.step(torch.randn(2, 2, E, dtype=F64), state)
+    for bad_x in (torch.randn(2, 0, E, dtype=F64), torch.randn(E, dtype=F64), torch.randn(1, 2, 1, E, dtype=F64)):
+        with pytest.raises(ValueError, match=r"step_: x_t must be \(batch, 1, embed_dim\)"):
+            layer.step_(bad_x, state)
+    with pytest.raises(TypeError, match=r"step_: x_t must be a Tensor, got list"):
+        layer.step_([0.0] * E, state)
     with pytest.raises(ValueError, match=r"state must hold kv \(3, 2, 8, 9\)"):
         layer.step(torch.randn(3, 1, E, dtype=F64), state)
     with pytest.raises(ValueError, match=r"state must be a FavorDecodeState"):

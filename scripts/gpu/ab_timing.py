@@ -4,7 +4,7 @@ timings with the two measured round-robin (common.time_fns, as bench_attention.p
 time per kernel of the op's fwd+bwd. Run once per build (scripts/gpu/gpu_ab.sh runs it for two
 builds of the same tree, A/B).
 With AB_WHAT=decode: the decoding step of 12 GPT-2-small layers' attention instead (bf16, M=256,
-batch 1), graph-replayed, and its GPU time per kernel.
+batch 1), graph-replayed and eager, and its GPU time per kernel.
 Usage: python3 scripts/gpu/ab_timing.py [LABEL]    env: PROBE_LENGTHS (default 8192,16384), AB_WHAT"""
 import os
 import sys
@@ -65,6 +65,18 @@ if os.environ.get("AB_WHAT", "attention") == "decode":
             per_call.append(1e3 * s.elapsed_time(e) / 200)
         print(f"[{label}] decode step, 12 layers, CUDA graph: {sorted(per_call)[2]:.1f} us per call "
               f"(runs: {', '.join(f'{t:.1f}' for t in per_call)})", flush=True)
+        step = lambda: [m.step_(x_t, st) for m, st in zip(layers, states)]  # noqa: E731
+        eager = []
+        for _ in range(5):  # eager (host-bound): medians of 5 runs of 100 back-to-back steps
+            step()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(100):
+                step()
+            e.record()
+            torch.cuda.synchronize()
+            eager.append(1e3 * s.elapsed_time(e) / 100)
+        print(f"[{label}] decode step, 12 layers, eager: {sorted(eager)[2]:.1f} us per call", flush=True)
         print(f"[{label}] decode kernels (us per layer): " + ", ".join(
             f"{n.split('<')[0].split('(')[0][-24:]} {t / nl:.2f}" for n, t in kernel_times(replay)[:4]), flush=True)
     sys.exit(0)

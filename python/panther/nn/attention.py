@@ -891,77 +891,94 @@ class RandMultiHeadAttention(nn.Module):
         return out, state
 
     @torch.jit.unused
+    def _decode_weights(self) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor],
+                                       Optional[Tensor], Tensor, Optional[Tensor], Tensor]:
+        """(Wq, Wk, Wv, bq, bk, bv, W0, b0, projection_matrix), read from the module's parameter and
+        buffer dicts: a decoding step is host-bound, and each ``nn.Module.__getattr__`` costs about
+        a microsecond. Falls back to attribute access where a name is not there (a parametrized
+        weight, for one)."""
+        if torch.compiler.is_compiling():  # (traced once: attribute access is free there)
+            return (self.Wq, self.Wk, self.Wv, self.bq, self.bk, self.bv, self.W0, self.b0,
+                    self.projection_matrix)
+        ps, bs = self._parameters, self._buffers
+        try:
+            return (ps["Wq"], ps["Wk"], ps["Wv"], ps["bq"], ps["bk"], ps["bv"], ps["W0"], ps["b0"],
+                    bs["projection_matrix"])
+        except KeyError:
+            return (self.Wq, self.Wk, self.Wv, self.bq, self.bk, self.bv, self.W0, self.b0,
+                    self.projection_matrix)
+
+    @torch.jit.unused
     def _step_math(self, x_t: Tensor, state: FavorDecodeState, what: str,
                    inplace: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """(out, kv, v_sum, stabiliser) after one position (``inplace``: written into ``state``'s
-        tensors, its length included); no host synchronisation."""
-        name = f"RandMultiHeadAttention.{what}"
+        tensors, its length included); no host synchronisation. Every step checks its arguments;
+        the checks are written for a host-bound loop (no list building, no module attribute
+        lookups), since a decoding step's GPU work is a few microseconds."""
         self._check_decode(what)
-        check_tensor(name, "x_t", x_t)
-        if not isinstance(state, tuple) or len(state) != 4 or not all(isinstance(t, Tensor) for t in state):
-            raise ValueError(f"{name}: state must be a FavorDecodeState (from prefill or step), got "
-                             f"{type(state).__name__}")
+        if not isinstance(x_t, Tensor):
+            check_tensor(f"RandMultiHeadAttention.{what}", "x_t", x_t)
+        if not (isinstance(state, tuple) and len(state) == 4 and isinstance(state[0], Tensor)
+                and isinstance(state[1], Tensor) and isinstance(state[2], Tensor) and isinstance(state[3], Tensor)):
+            raise ValueError(f"RandMultiHeadAttention.{what}: state must be a FavorDecodeState (from prefill or "
+                             f"step), got {type(state).__name__}")
         E, H, hd, M = self.embed_dim, self.num_heads, self.head_dim, self.num_random_features
-        nd = x_t.dim()
-        if nd == 3:
-            x = x_t[:, 0] if self.batch_first else x_t[0]
-            ok = (x_t.shape[1] if self.batch_first else x_t.shape[0]) == 1
-        else:
-            x, ok = x_t, nd == 2
-        B = x.shape[0] if nd in (2, 3) else -1
-        if not ok or x_t.shape[-1] != E:
+        shape = x_t.shape
+        nd = len(shape)
+        time_dim = 1 if self.batch_first else 0  # (of a 3-d x_t)
+        if not (nd == 2 or (nd == 3 and shape[time_dim] == 1)) or shape[-1] != E:
             layout = "(batch, 1, embed_dim)" if self.batch_first else "(1, batch, embed_dim)"
-            raise ValueError(f"{name}: x_t must be {layout} or (batch, embed_dim) with embed_dim={E}, got "
-                             f"{list(x_t.shape)}")
-        kv, v_sum, r = state.kv, state.v_sum, state.stabiliser
-        cdt = self._decode_dtype()
-        if (list(kv.shape) != [B, H, M, hd + 1] or list(v_sum.shape) != [B, H, hd + 1]
-                or list(r.shape) != [B, H] or kv.dtype != cdt or kv.device != x.device):
-            raise ValueError(f"{name}: state must hold kv ({B}, {H}, {M}, {hd + 1}), v_sum ({B}, {H}, {hd + 1}) "
-                             f"and stabiliser ({B}, {H}) in {cdt} on {x.device} for x_t of batch {B}, got kv "
-                             f"{list(kv.shape)} {kv.dtype} on {kv.device}, v_sum {list(v_sum.shape)}, "
-                             f"stabiliser {list(r.shape)}")
-        n = state.length
-        if n.dim() != 0 or n.dtype != torch.int64 or n.device != x.device:
-            raise ValueError(f"{name}: state.length must be a 0-d int64 tensor on {x.device}, got shape "
-                             f"{list(n.shape)} {n.dtype} on {n.device}")
-        P = self.projection_matrix
+            raise ValueError(f"RandMultiHeadAttention.{what}: x_t must be {layout} or (batch, embed_dim) with "
+                             f"embed_dim={E}, got {list(shape)}")
+        x = x_t.select(time_dim, 0) if nd == 3 else x_t
+        B = x.shape[0]
+        kv, v_sum, r, n = state
+        Wq, Wk, Wv, bq, bk, bv, W0, b0, P = self._decode_weights()
+        dt = Wq.dtype
+        cdt = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+        dev = x.device
+        if (kv.shape != (B, H, M, hd + 1) or v_sum.shape != (B, H, hd + 1) or r.shape != (B, H)
+                or kv.dtype != cdt or kv.device != dev):
+            raise ValueError(f"RandMultiHeadAttention.{what}: state must hold kv ({B}, {H}, {M}, {hd + 1}), "
+                             f"v_sum ({B}, {H}, {hd + 1}) and stabiliser ({B}, {H}) in {cdt} on {dev} for x_t "
+                             f"of batch {B}, got kv {list(kv.shape)} {kv.dtype} on {kv.device}, v_sum "
+                             f"{list(v_sum.shape)}, stabiliser {list(r.shape)}")
+        if n.dim() != 0 or n.dtype != torch.int64 or n.device != dev:
+            raise ValueError(f"RandMultiHeadAttention.{what}: state.length must be a 0-d int64 tensor on {dev}, "
+                             f"got shape {list(n.shape)} {n.dtype} on {n.device}")
         dropout = self.training and self.dropout > 0
-        if inplace and _fm.fused_decode_applies(x, kv, (x, self.Wq, self.Wk, self.Wv, self.bq, self.bk,
-                                                         self.bv, P, kv, v_sum, r)):
+        if inplace and _fm.fused_decode_applies(x, kv, (x, Wq, Wk, Wv, bq, bk, bv, P, kv, v_sum, r)):
             # The projection in the layer's dtype; the fused kernels count the position into the
             # state's length.
             W = P if P.dtype in (x.dtype, cdt) else P.to(cdt)
-            if not dropout and _fm.fused_decode_applies(x, kv, (self.W0, self.b0)):
+            if not dropout and _fm.fused_decode_applies(x, kv, (W0, b0)):
                 # The whole step as one op: q/k/v projections, the state's update and readout, the
                 # output projection (on Hopper GPUs the first two are one kernel).
                 out = torch.ops.panther._favor_decode_layer_(
-                    x, self.Wq, self.Wk, self.Wv, self.bq, self.bk, self.bv, W, self.kernel_fn, self.W0,
-                    self.b0, kv, v_sum, r, state.length)
+                    x, Wq, Wk, Wv, bq, bk, bv, W, self.kernel_fn, W0, b0, kv, v_sum, r, n)
                 if nd == 3:
-                    out = out[:, None] if self.batch_first else out[None]
+                    out = out.unsqueeze(time_dim)
                 return out, kv, v_sum, r
             # (dropout between the readout and the output projection) The fused step kernel; the
             # output comes back in the layer's dtype.
-            q = F.linear(x, self.Wq, self.bq).view(B, H, hd)
-            k = F.linear(x, self.Wk, self.bk).view(B, H, hd)
-            v = F.linear(x, self.Wv, self.bv).view(B, H, hd)
-            ctx = torch.ops.panther._favor_decode_step_(q, k, v, W, self.kernel_fn, kv, v_sum, r,
-                                                        state.length).reshape(B, E)
+            q = F.linear(x, Wq, bq).view(B, H, hd)
+            k = F.linear(x, Wk, bk).view(B, H, hd)
+            v = F.linear(x, Wv, bv).view(B, H, hd)
+            ctx = torch.ops.panther._favor_decode_step_(q, k, v, W, self.kernel_fn, kv, v_sum, r, n).reshape(B, E)
         else:
             W = P if P.dtype == cdt else P.to(cdt)
-            q = F.linear(x, self.Wq, self.bq).reshape(B, H, hd).to(cdt)
-            k = F.linear(x, self.Wk, self.bk).reshape(B, H, hd).to(cdt)
-            v = F.linear(x, self.Wv, self.bv).reshape(B, H, hd).to(cdt)
+            q = F.linear(x, Wq, bq).reshape(B, H, hd).to(cdt)
+            k = F.linear(x, Wk, bk).reshape(B, H, hd).to(cdt)
+            v = F.linear(x, Wv, bv).reshape(B, H, hd).to(cdt)
             ctx, kv, v_sum, r = _fm.decode_step(q, k, v, W, self.kernel_fn, kv, v_sum, r, inplace)
             ctx = ctx.to(x.dtype).reshape(B, E)
             if inplace:
-                state.length.add_(1)
+                n.add_(1)
         if dropout:
             ctx = F.dropout(ctx, p=self.dropout, training=True)
-        out = F.linear(ctx, self.W0, self.b0)
+        out = F.linear(ctx, W0, b0)
         if nd == 3:
-            out = out[:, None] if self.batch_first else out[None]
+            out = out.unsqueeze(time_dim)
         return out, kv, v_sum, r
 
     @torch.jit.unused
