@@ -221,3 +221,40 @@ def test_none_tensors_named():
         attn(x, x, x, key_padding_mask=[[0, 0, 1]])
     with pytest.raises(TypeError, match="SKLinear: input must be a Tensor, got None"):
         make_sk()(None)
+
+
+def test_sketch_weights_under_parametrize_prune_and_functional_call():
+    """SKLinear reads its sketches from the module's parameter dicts on the fast path; weights
+    that live elsewhere (a parametrization, pruning's recomputed attribute, functional_call's
+    swapped tensors) are the ones the layer uses."""
+    from torch.nn.utils import parametrize, prune
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 12, dtype=torch.float64)
+
+    def twin(m, **replace):  # a plain layer with the same (or replaced) tensors
+        t = make_sk(dtype=torch.float64)
+        with torch.no_grad():
+            for name, value in tensors(t).items():
+                value.copy_(replace.get(name, getattr(m, name)))
+        return t
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    m = make_sk(dtype=torch.float64)
+    plain = twin(m)
+    parametrize.register_parametrization(m, "S1s", Double())
+    want = twin(m, S1s=2 * plain.S1s)(x)
+    torch.testing.assert_close(m(x), want)
+    assert not torch.allclose(plain(x), want)
+
+    m = make_sk(dtype=torch.float64)
+    prune.random_unstructured(m, "S2s", amount=0.5)
+    torch.testing.assert_close(m(x), twin(m, S2s=m.S2s_orig * m.S2s_mask)(x))
+
+    m = make_sk(dtype=torch.float64)
+    other = torch.randn_like(m.S2s)
+    got = torch.func.functional_call(m, {"S2s": other}, (x,))
+    torch.testing.assert_close(got, twin(m, S2s=other)(x))

@@ -2,7 +2,7 @@
 
 import math
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -242,6 +242,20 @@ class SKLinear(nn.Module):
         W_t = torch.einsum("lik,lko->io", S1, U1) + torch.einsum("lik,lko->io", U2, S2)
         return (W_t / (2 * L)).t().to(self.S1s.dtype)
 
+    @torch.jit.unused
+    def _operands(self) -> Tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """(S1s, S2s, U1s, U2s, bias) read from the module's parameter and buffer dicts: at
+        transformer widths an eager layer is host-bound, and each ``nn.Module.__getattr__`` costs
+        about a microsecond. Falls back to attribute access where a name is not there (a
+        parametrized or pruned sketch, for one) and while torch.compile traces."""
+        if not torch.compiler.is_compiling():
+            ps, bs = self._parameters, self._buffers
+            try:
+                return ps["S1s"], ps["S2s"], bs["U1s"], bs["U2s"], ps["bias"]
+            except KeyError:
+                pass
+        return self.S1s, self.S2s, self.U1s, self.U2s, self.bias
+
     def forward(self, input: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
             check_tensor("SKLinear", "input", input)
@@ -251,6 +265,9 @@ class SKLinear(nn.Module):
             raise ValueError(
                 f"SKLinear: input last dim must be in_features={self.in_features}, got {input.size(-1)}"
             )
+        if not torch.jit.is_scripting():
+            S1s, S2s, U1s, U2s, bias = self._operands()
+            return torch.ops.panther.sketched_linear(input, S1s, S2s, U1s, U2s, bias)
         return torch.ops.panther.sketched_linear(input, self.S1s, self.S2s, self.U1s, self.U2s, self.bias)
 
     def extra_repr(self) -> str:
