@@ -165,19 +165,23 @@ def test_step_in_place_compiles_without_graph_breaks():
 
 def test_step_with_parametrized_weights():
     """A weight under torch.nn.utils.parametrize (not in the module's parameter dict) is read as
-    the parametrization gives it, by step_ as by the forward."""
+    the parametrization gives it, by the forward and by step_."""
     from torch.nn.utils import parametrize
 
     class Double(torch.nn.Module):
         def forward(self, w):
             return 2 * w
 
-    layer = make_layer()
+    layer, twin = make_layer(), make_layer()
+    with torch.no_grad():
+        twin.Wv.mul_(2)
+        twin.b0.mul_(2)
     parametrize.register_parametrization(layer, "Wv", Double())
     parametrize.register_parametrization(layer, "b0", Double())
     x = growing_input(2, 7, seed=5)
     with torch.no_grad():
         full, _ = layer(x, x, x)
+        torch.testing.assert_close(full, twin(x, x, x)[0], rtol=1e-12, atol=1e-13)
         out, state = layer.prefill(x[:, :4])
         steps = [layer.step_(x[:, t:t + 1], state) for t in range(4, 7)]
     torch.testing.assert_close(torch.cat([out] + steps, 1), full, rtol=1e-10, atol=1e-12)

@@ -401,9 +401,9 @@ class RandMultiHeadAttention(nn.Module):
         cached, so in-place edits are seen)."""
         if torch.compiler.is_compiling() or (self.training and self.dropout > 0):
             return None
+        Wq, Wk, Wv, bq, bk, bv, W0, b0, P = self._weights()
         return torch.ops.panther._rand_mha_self_attention(
-            x, self.Wq, self.Wk, self.Wv, self.bq, self.bk, self.bv, self.W0, self.b0,
-            self.projection_matrix, self.num_heads, self.kernel_fn, causal, kpm)
+            x, Wq, Wk, Wv, bq, bk, bv, W0, b0, P, self.num_heads, self.kernel_fn, causal, kpm)
 
     @torch.jit.unused
     def redraw_projection(self, generator: Optional[torch.Generator] = None) -> None:
@@ -891,12 +891,12 @@ class RandMultiHeadAttention(nn.Module):
         return out, state
 
     @torch.jit.unused
-    def _decode_weights(self) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor],
+    def _weights(self) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor],
                                        Optional[Tensor], Tensor, Optional[Tensor], Tensor]:
         """(Wq, Wk, Wv, bq, bk, bv, W0, b0, projection_matrix), read from the module's parameter and
-        buffer dicts: a decoding step is host-bound, and each ``nn.Module.__getattr__`` costs about
-        a microsecond. Falls back to attribute access where a name is not there (a parametrized
-        weight, for one)."""
+        buffer dicts: a decoding step and a short sequence's eager forward are host-bound, and each
+        ``nn.Module.__getattr__`` costs about a microsecond. Falls back to attribute access where a
+        name is not there (a parametrized weight, for one)."""
         if torch.compiler.is_compiling():  # (traced once: attribute access is free there)
             return (self.Wq, self.Wk, self.Wv, self.bq, self.bk, self.bv, self.W0, self.b0,
                     self.projection_matrix)
@@ -933,7 +933,7 @@ class RandMultiHeadAttention(nn.Module):
         x = x_t.select(time_dim, 0) if nd == 3 else x_t
         B = x.shape[0]
         kv, v_sum, r, n = state
-        Wq, Wk, Wv, bq, bk, bv, W0, b0, P = self._decode_weights()
+        Wq, Wk, Wv, bq, bk, bv, W0, b0, P = self._weights()
         dt = Wq.dtype
         cdt = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
         dev = x.device
