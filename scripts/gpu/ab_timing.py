@@ -4,7 +4,10 @@ timings with the two measured round-robin (common.time_fns, as bench_attention.p
 time per kernel of the op's fwd+bwd. Run once per build (scripts/gpu/gpu_ab.sh runs it for two
 builds of the same tree, A/B).
 With AB_WHAT=decode: the decoding step of 12 GPT-2-small layers' attention instead (bf16, M=256,
-batch 1), graph-replayed and eager, and its GPU time per kernel.
+batch 1), graph-replayed and eager, and its GPU time per kernel. With AB_WHAT=linear: host submit
+and total time of the BERT-base-shaped encoder's training step and inference with every Linear
+sketched (L=1, k=64; bench_models.py), and of one eager SKLinear 768 x 768 fwd+bwd at 16384
+tokens, with its kernels.
 Usage: python3 scripts/gpu/ab_timing.py [LABEL]    env: PROBE_LENGTHS (default 8192,16384), AB_WHAT"""
 import os
 import sys
@@ -41,6 +44,45 @@ def kernel_times(fn, n=20):
     rows = [(e.key, e.device_time_total / n) for e in prof.key_averages() if e.device_time_total > 0]
     return sorted(rows, key=lambda r: -r[1])
 
+
+if os.environ.get("AB_WHAT", "attention") == "linear":
+    import time
+
+    import bench_models as BM  # noqa: E402
+
+    def host_total(fn, n):
+        """(host submit, total) microseconds per call of n back-to-back calls."""
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        return 1e6 * (t1 - t0) / n, 1e6 * (time.perf_counter() - t0) / n
+
+    torch.manual_seed(0)
+    spec = BM.ENCODER
+    B, S, d = spec["batch"], spec["seq"], spec["d"]
+    kw = dict(heads=spec["heads"], ffn=spec["ffn"], causal=spec["causal"], fused_qkv=spec["fused_qkv"], device=dev)
+    x = torch.randn(B, S, d, device=dev, dtype=dt)
+    gy = torch.randn(B, S, d, device=dev, dtype=dt)
+    base = BM.Stack(spec["layers"], d, dtype=dt, **kw)
+    sk = BM.Variant("SK L=1 k=64", BM.sketched(base, 1, 64), x, gy)
+    for what, fn in (("train step", sk.train_step), ("inference", sk.infer)):
+        h, t = host_total(fn, 10)
+        print(f"[{label}] encoder SK L=1 k=64 {what}: host submit {h / 1e3:.2f} ms, total {t / 1e3:.2f} ms", flush=True)
+    layer = panther.nn.SKLinear(768, 768, 1, 64, device=dev, dtype=dt)
+    xl = torch.randn(16384, 768, device=dev, dtype=dt, requires_grad=True)
+    gl = torch.randn(16384, 768, device=dev, dtype=dt)
+    params = [xl, *layer.parameters()]
+    h, t = host_total(lambda: torch.autograd.grad(layer(xl), params, gl), 100)
+    print(f"[{label}] SKLinear 768x768x16384 fwd+bwd: host submit {h:.1f} us, total {t:.1f} us", flush=True)
+    print(f"[{label}] its kernels (us per call): " + ", ".join(
+        f"{n.split('<')[0].split('(')[0][-28:]} {v:.1f}"
+        for n, v in kernel_times(lambda: torch.autograd.grad(layer(xl), params, gl))[:8]), flush=True)
+    sys.exit(0)
 
 if os.environ.get("AB_WHAT", "attention") == "decode":
     import bench_models as BM  # noqa: E402
