@@ -9,8 +9,10 @@ from torch import Tensor, nn
 
 from .. import _favor_math as _fm
 from .._checks import check_dtype, check_fits, check_int, check_tensor
+from ._tensors import module_tensors
 
 _KERNELS = ("softmax", "relu")
+_WEIGHTS = ("Wq", "Wk", "Wv", "bq", "bk", "bv", "W0", "b0", "projection_matrix")  # (_weights)
 # Must match kFavorSoftmaxEps / kFavorReluEps in cpp/attention/impl.h.
 _SOFTMAX_EPS = 1e-6
 _RELU_EPS = 1e-3
@@ -891,22 +893,11 @@ class RandMultiHeadAttention(nn.Module):
         return out, state
 
     @torch.jit.unused
-    def _weights(self) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor],
-                                       Optional[Tensor], Tensor, Optional[Tensor], Tensor]:
-        """(Wq, Wk, Wv, bq, bk, bv, W0, b0, projection_matrix), read from the module's parameter and
-        buffer dicts: a decoding step and a short sequence's eager forward are host-bound, and each
-        ``nn.Module.__getattr__`` costs about a microsecond. Falls back to attribute access where a
-        name is not there (a parametrized weight, for one)."""
-        if torch.compiler.is_compiling():  # (traced once: attribute access is free there)
-            return (self.Wq, self.Wk, self.Wv, self.bq, self.bk, self.bv, self.W0, self.b0,
-                    self.projection_matrix)
-        ps, bs = self._parameters, self._buffers
-        try:
-            return (ps["Wq"], ps["Wk"], ps["Wv"], ps["bq"], ps["bk"], ps["bv"], ps["W0"], ps["b0"],
-                    bs["projection_matrix"])
-        except KeyError:
-            return (self.Wq, self.Wk, self.Wv, self.bq, self.bk, self.bv, self.W0, self.b0,
-                    self.projection_matrix)
+    def _weights(self) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor],
+                                Tensor, Optional[Tensor], Tensor]:
+        """(Wq, Wk, Wv, bq, bk, bv, W0, b0, projection_matrix), read cheaply (module_tensors): a
+        decoding step and a short sequence's eager forward are host-bound."""
+        return module_tensors(self, _WEIGHTS)  # type: ignore[return-value]
 
     @torch.jit.unused
     def _step_math(self, x_t: Tensor, state: FavorDecodeState, what: str,

@@ -8,6 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_dtype, check_int, check_tensor, memory_limit_bytes
+from ._tensors import module_tensors
+
+_OPERANDS = ("S1s", "S2s", "U1s", "U2s", "bias")
 
 
 def _check_positive_int(layer: str, name: str, value) -> int:
@@ -244,17 +247,8 @@ class SKLinear(nn.Module):
 
     @torch.jit.unused
     def _operands(self) -> Tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
-        """(S1s, S2s, U1s, U2s, bias) read from the module's parameter and buffer dicts: at
-        transformer widths an eager layer is host-bound, and each ``nn.Module.__getattr__`` costs
-        about a microsecond. Falls back to attribute access where a name is not there (a
-        parametrized or pruned sketch, for one) and while torch.compile traces."""
-        if not torch.compiler.is_compiling():
-            ps, bs = self._parameters, self._buffers
-            try:
-                return ps["S1s"], ps["S2s"], bs["U1s"], bs["U2s"], ps["bias"]
-            except KeyError:
-                pass
-        return self.S1s, self.S2s, self.U1s, self.U2s, self.bias
+        """(S1s, S2s, U1s, U2s, bias), read cheaply (module_tensors)."""
+        return module_tensors(self, _OPERANDS)  # type: ignore[return-value]
 
     def forward(self, input: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
