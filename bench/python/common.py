@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -226,6 +226,40 @@ def time_fns(fns: Dict[str, Callable[[], object]], device: torch.device, *, warm
         if rounds >= min_reps and time.perf_counter() - start_all > budget_s:
             break
     return {k: Timing(statistics.median(v), min(v), len(v)) for k, v in times.items()}
+
+
+def host_and_total_us(fn: Callable[[], object], device: torch.device, n: int,
+                      warmup: int = 3) -> Tuple[float, float]:
+    """(host submit, total) microseconds per call of n back-to-back calls after warm-up: the time
+    to return from the n calls, and to their end on the device. Close together: the calls are
+    bound by the host (launch and dispatch), not by the device's work."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    synchronize(device)
+    return 1e6 * (t1 - t0) / n, 1e6 * (time.perf_counter() - t0) / n
+
+
+def back_to_back_us(fn: Callable[[], object], n: int, runs: int = 1, warmup: int = 1) -> List[float]:
+    """CUDA: microseconds per call of n back-to-back calls between two events (after `warmup`
+    calls), for each of `runs` runs, sorted (the median is [runs // 2]). The calls queue up
+    without waiting for each other: for CUDA graph replays and host-bound loops."""
+    out = []
+    for _ in range(runs):
+        for _ in range(warmup):
+            fn()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(n):
+            fn()
+        e.record()
+        torch.cuda.synchronize()
+        out.append(1e3 * s.elapsed_time(e) / n)
+    return sorted(out)
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:

@@ -46,21 +46,7 @@ def kernel_times(fn, n=20):
 
 
 if os.environ.get("AB_WHAT", "attention") == "linear":
-    import time
-
     import bench_models as BM  # noqa: E402
-
-    def host_total(fn, n):
-        """(host submit, total) microseconds per call of n back-to-back calls."""
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        return 1e6 * (t1 - t0) / n, 1e6 * (time.perf_counter() - t0) / n
 
     torch.manual_seed(0)
     spec = BM.ENCODER
@@ -71,13 +57,13 @@ if os.environ.get("AB_WHAT", "attention") == "linear":
     base = BM.Stack(spec["layers"], d, dtype=dt, **kw)
     sk = BM.Variant("SK L=1 k=64", BM.sketched(base, 1, 64), x, gy)
     for what, fn in (("train step", sk.train_step), ("inference", sk.infer)):
-        h, t = host_total(fn, 10)
+        h, t = C.host_and_total_us(fn, torch.device(dev), 10, warmup=1)
         print(f"[{label}] encoder SK L=1 k=64 {what}: host submit {h / 1e3:.2f} ms, total {t / 1e3:.2f} ms", flush=True)
     layer = panther.nn.SKLinear(768, 768, 1, 64, device=dev, dtype=dt)
     xl = torch.randn(16384, 768, device=dev, dtype=dt, requires_grad=True)
     gl = torch.randn(16384, 768, device=dev, dtype=dt)
     params = [xl, *layer.parameters()]
-    h, t = host_total(lambda: torch.autograd.grad(layer(xl), params, gl), 100)
+    h, t = C.host_and_total_us(lambda: torch.autograd.grad(layer(xl), params, gl), torch.device(dev), 100)
     print(f"[{label}] SKLinear 768x768x16384 fwd+bwd: host submit {h:.1f} us, total {t:.1f} us", flush=True)
     print(f"[{label}] its kernels (us per call): " + ", ".join(
         f"{n.split('<')[0].split('(')[0][-28:]} {v:.1f}"
@@ -95,30 +81,11 @@ if os.environ.get("AB_WHAT", "attention") == "decode":
         states = [m.prefill(torch.randn(1, 64, d, device=dev, dtype=dt))[1] for m in layers]
         x_t = torch.randn(1, 1, d, device=dev, dtype=dt)
         replay = BM._graphed(lambda: [m.step_(x_t, st) for m, st in zip(layers, states)], torch.device(dev))
-        per_call = []
-        for _ in range(5):  # medians of 5 runs of 200 back-to-back replays
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            replay()
-            s.record()
-            for _ in range(200):
-                replay()
-            e.record()
-            torch.cuda.synchronize()
-            per_call.append(1e3 * s.elapsed_time(e) / 200)
-        print(f"[{label}] decode step, 12 layers, CUDA graph: {sorted(per_call)[2]:.1f} us per call "
+        per_call = C.back_to_back_us(replay, 200, runs=5)
+        print(f"[{label}] decode step, 12 layers, CUDA graph: {per_call[2]:.1f} us per call "
               f"(runs: {', '.join(f'{t:.1f}' for t in per_call)})", flush=True)
-        step = lambda: [m.step_(x_t, st) for m, st in zip(layers, states)]  # noqa: E731
-        eager = []
-        for _ in range(5):  # eager (host-bound): medians of 5 runs of 100 back-to-back steps
-            step()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            for _ in range(100):
-                step()
-            e.record()
-            torch.cuda.synchronize()
-            eager.append(1e3 * s.elapsed_time(e) / 100)
-        print(f"[{label}] decode step, 12 layers, eager: {sorted(eager)[2]:.1f} us per call", flush=True)
+        eager = C.back_to_back_us(lambda: [m.step_(x_t, st) for m, st in zip(layers, states)], 100, runs=5)
+        print(f"[{label}] decode step, 12 layers, eager (host-bound): {eager[2]:.1f} us per call", flush=True)
         print(f"[{label}] decode kernels (us per layer): " + ", ".join(
             f"{n.split('<')[0].split('(')[0][-24:]} {t / nl:.2f}" for n, t in kernel_times(replay)[:4]), flush=True)
     sys.exit(0)

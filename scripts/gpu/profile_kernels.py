@@ -28,20 +28,15 @@ from torch.profiler import ProfilerActivity, profile
 
 import panther as pr
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench", "python"))
+import common as C  # noqa: E402
+
 dev, dt = "cuda", torch.bfloat16
 
 
 def timing(name, fn, n=30):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    print(f"{name}: host submit {1e6 * (t1 - t0) / n:8.1f} us/call, total {1e6 * (t2 - t0) / n:8.1f} us/call")
+    h, t = C.host_and_total_us(fn, torch.device(dev), n, warmup=5)
+    print(f"{name}: host submit {h:8.1f} us/call, total {t:8.1f} us/call")
 
 
 def latency(name, fn, n=30):
@@ -79,16 +74,8 @@ def kernels(name, fn, reps=5, top=12):
 
 def replay_time(name, fn, n=50):
     """Back-to-back replays of fn (e.g. a CUDA graph's replay) between two events, per call."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(n):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    print(f"{name}: {1e3 * s.elapsed_time(e) / n:8.1f} us per call (back to back)")
+    t = C.back_to_back_us(fn, n, warmup=5)[0]
+    print(f"{name}: {t:8.1f} us per call (back to back)")
 
 
 SECTIONS = sys.argv[1:] or ["linear", "attention", "module"]
@@ -212,8 +199,6 @@ if "module" in SECTIONS:
 
     # The module at 1k as bench_attention.py times it: round-robin with the other implementations
     # (no synchronisation between them), and alone.
-    sys.path.insert(0, "bench/python")
-    import common as C  # noqa: E402
 
     mha = torch.nn.MultiheadAttention(768, 12, batch_first=True, device=dev, dtype=dt)
     mask = torch.ones(1024, 1024, dtype=torch.bool, device=dev).triu(1)
