@@ -7,8 +7,9 @@
 // run). The q, k and v weights are the layer's own three matrices.
 //
 // Per row (b, h), block c of the cluster (rank c), kLayerThreads threads:
-//   0. x[b] into shared memory; this block's kv rows and projection rows into registers (loads
-//      that depend on nothing, issued before the first barrier); the old v_sum and stabiliser.
+//   0. every load, issued at once in the order of use: x[b] (then into shared memory), the
+//      first q/k/v weight words and biases, the old v_sum and stabiliser, this block's
+//      projection rows and kv rows (registers, unconverted until used).
 //   1. rows c*rpc .. of the head's 2D + Dv projection rows (q, then k, then v; rpc = ceil of
 //      (2D + Dv) / kCluster): a warp per row, x . w + bias, stored into every block's q/k/v
 //      (distributed shared memory).                                         cluster barrier 1
@@ -18,9 +19,11 @@
 //   3. the stabilisers (maxima over the cluster), the features, the update of this block's kv
 //      rows and their part of the readout, summed over the block and stored into block 0.
 //                                                                            cluster barrier 3
+//   then the state's global stores (each block its kv rows; rank 0 the new v_sum and
+//   stabiliser, and in row 0 the count of `length`), none before: a cluster barrier's release
+//   fence waits for every outstanding global store.
 //   4. block 0: out = num / den over the blocks' parts, written to ctx[b, h*Dv : (h+1)*Dv].
-// Rank 0 writes the new v_sum and stabiliser (every block read the old ones before barrier 1)
-// and block 0 of row 0 counts the position into `length`. Accumulation in T (the state's dtype,
+// Accumulation in T (the state's dtype,
 // float or double); x and the projection weights in I (the layer's dtype), the feature
 // projection in I or T; ctx in I. The math is decode_kernel.cuh's (same names), so the two agree
 // to rounding. No allocation but ctx, no host synchronisation (CUDA graph capture works). Compiles as
@@ -37,8 +40,10 @@ namespace panther::decode {
 // Blocks per row, threads per block, kv rows (features) per warp, projection columns per lane
 // (D <= 32 kDCols), kv columns per lane (Dv + 1 <= 32 kLayerCols).
 constexpr int kCluster = 8, kLayerThreads = 256, kLayerRows = 4, kDCols = 4, kLayerCols = 3;
-// q/k/v projection rows a warp computes together (step 1).
-constexpr int kQRows = 3;
+// q/k/v projection rows a warp computes together (step 1); elements of x and of v_sum per thread
+// loaded into registers first (x beyond kXPer kLayerThreads elements is read in a loop after).
+constexpr int kQRows = 3, kXPer = 4, kVsPer = 1;
+static_assert(32 * kLayerCols <= kVsPer * kLayerThreads, "v_sum (Dv + 1 <= 32 kLayerCols)");
 constexpr int kLayerWarps = kLayerThreads / 32;
 
 template <class T, class I, class WT>
@@ -155,24 +160,18 @@ __global__ void __launch_bounds__(kLayerThreads)
   const int m_hi = m_lo + Mc < M ? m_lo + Mc : M;
   T* kv = p.kv + row * M * E1;
 
-  // 0. Loads that depend on nothing: this warp's kv rows and projection rows (registers).
-  const int m0 = m_lo + warp * kLayerRows;  // kLayerWarps * kLayerRows >= Mc (layer_takes)
-  T xkv[kLayerRows][kLayerCols], xw[kLayerRows][kDCols];
+  // 0. The loads, in the order they are needed: x (step 1 waits for it), the first chunk of this
+  // warp's q/k/v weight rows and their biases (step 1), the old v_sum and stabiliser, this warp's
+  // projection rows (step 2) and kv rows (step 3). Values stay as loaded (no conversion) until
+  // their use, so before the barrier only the stores of x and v_sum into shared memory wait for
+  // memory, once, with every load in flight.
+  const I* x = p.x + b * p.x_stride;
+  I xr[kXPer];  // x[tid + kLayerThreads j]; beyond kXPer kLayerThreads, a loop below
 #pragma unroll
-  for (int u = 0; u < kLayerRows; ++u) {
-    const bool in = m0 + u < m_hi;
-#pragma unroll
-    for (int i = 0; i < kLayerCols; ++i) {
-      const int j = lane + 32 * i;
-      xkv[u][i] = in && j < E1 ? kv[static_cast<int64_t>(m0 + u) * E1 + j] : T(0);
-    }
-#pragma unroll
-    for (int i = 0; i < kDCols; ++i) {
-      const int d = lane + 32 * i;
-      xw[u][i] = in && d < D ? load_as<T>(p.W + static_cast<int64_t>(m0 + u) * D + d) : T(0);
-    }
+  for (int j = 0; j < kXPer; ++j) {
+    const int e = tid + kLayerThreads * j;
+    if (e < E) xr[j] = x[e];
   }
-  // ... and the first chunk of this warp's first kQRows q/k/v weight rows (step 1).
   const int q_lo = static_cast<int>(c) * rpc, q_hi = q_lo + rpc < nq ? q_lo + rpc : nq;
   const int q_first = q_lo + warp, nw = p.vec ? E / (16 / static_cast<int>(sizeof(I))) : 0;
   const I* qrows[kQRows];
@@ -193,12 +192,46 @@ __global__ void __launch_bounds__(kLayerThreads)
   set_rows(q_first);
   uint4 words[kQRows][kWords];
   if (p.vec) load_words(words, qrows, nw, 0, lane);
-  panther::launch_dependents();  // the output projection may start fetching its weights
-  const I* x = p.x + b * p.x_stride;
-  for (int e = tid; e < E; e += kLayerThreads) sx[e] = load_as<T>(x + e);
-  for (int j = tid; j < E1; j += kLayerThreads) svs[j] = p.v_sum[row * E1 + j];
+  I qb[kQRows];  // the first group's biases
+#pragma unroll
+  for (int r = 0; r < kQRows; ++r)
+    if (qrows[r] != nullptr && p.bias[qwhich[r]] != nullptr) qb[r] = p.bias[qwhich[r]][qwr[r]];
+  T vs_old[kVsPer];
+#pragma unroll
+  for (int i = 0; i < kVsPer; ++i) {
+    const int j = tid + kLayerThreads * i;
+    if (j < E1) vs_old[i] = p.v_sum[row * E1 + j];
+  }
   const T r_old = p.softmax ? p.r[row] : T(0);
-  if (p.length != nullptr && row == 0 && c == 0 && tid == 0) *p.length += 1;
+  const int m0 = m_lo + warp * kLayerRows;  // kLayerWarps * kLayerRows >= Mc (layer_takes)
+  WT xw[kLayerRows][kDCols];
+  T xkv[kLayerRows][kLayerCols];  // the kv rows; after step 3, their new values
+#pragma unroll
+  for (int u = 0; u < kLayerRows; ++u) {
+    const bool in = m0 + u < m_hi;
+#pragma unroll
+    for (int i = 0; i < kDCols; ++i) {
+      const int d = lane + 32 * i;
+      if (in && d < D) xw[u][i] = p.W[static_cast<int64_t>(m0 + u) * D + d];
+    }
+#pragma unroll
+    for (int i = 0; i < kLayerCols; ++i) {
+      const int j = lane + 32 * i;
+      xkv[u][i] = in && j < E1 ? kv[static_cast<int64_t>(m0 + u) * E1 + j] : T(0);
+    }
+  }
+  panther::launch_dependents();  // the output projection may start fetching its weights
+#pragma unroll
+  for (int j = 0; j < kXPer; ++j) {
+    const int e = tid + kLayerThreads * j;
+    if (e < E) sx[e] = load_as<T>(&xr[j]);
+  }
+  for (int e = tid + kLayerThreads * kXPer; e < E; e += kLayerThreads) sx[e] = load_as<T>(x + e);
+#pragma unroll
+  for (int i = 0; i < kVsPer; ++i) {
+    const int j = tid + kLayerThreads * i;
+    if (j < E1) svs[j] = vs_old[i];
+  }
   __syncthreads();
 
   // 1. This block's share of the head's q, k, v rows (a warp per row, kQRows rows at a time),
@@ -223,7 +256,8 @@ __global__ void __launch_bounds__(kLayerThreads)
       const int i = i0 + kLayerWarps * r;
       if (i >= q_hi) continue;
       T y = warp_sum(acc[r][0]);
-      if (p.bias[qwhich[r]] != nullptr) y += load_as<T>(p.bias[qwhich[r]] + qwr[r]);
+      if (p.bias[qwhich[r]] != nullptr)
+        y += load_as<T>(i0 == q_first ? &qb[r] : p.bias[qwhich[r]] + qwr[r]);
       if (lane < kCluster) *panther::cluster::map(sqkv + i, static_cast<unsigned>(lane)) = y;
     }
   }
@@ -252,8 +286,9 @@ __global__ void __launch_bounds__(kLayerThreads)
     for (int i = 0; i < kDCols; ++i) {
       const int d = lane + 32 * i;
       if (d < D) {
-        aq[u] += sq[d] * p.xscale * xw[u][i];
-        ak[u] += sk[d] * p.xscale * xw[u][i];
+        const T w = load_as<T>(&xw[u][i]);
+        aq[u] += sq[d] * p.xscale * w;
+        ak[u] += sk[d] * p.xscale * w;
       }
     }
   }
@@ -283,12 +318,8 @@ __global__ void __launch_bounds__(kLayerThreads)
     swarp[warp] = mq;
     swarp[kLayerWarps + warp] = mk;
   }
-  // The new v_sum (this block's copy; block 0 also writes it back).
-  for (int j = tid; j < E1; j += kLayerThreads) {
-    const T s = svs[j] + (j < Dv ? sv[j] : T(1));
-    svs[j] = s;
-    if (c == 0) p.v_sum[row * E1 + j] = s;
-  }
+  // The new v_sum (this block's copy; block 0 writes it back after the last barrier).
+  for (int j = tid; j < E1; j += kLayerThreads) svs[j] += j < Dv ? sv[j] : T(1);
   __syncthreads();
   if (p.softmax && tid < kCluster) {  // this block's maxima into every block
     T block_q = swarp[0], block_k = swarp[kLayerWarps];
@@ -313,7 +344,6 @@ __global__ void __launch_bounds__(kLayerThreads)
     }
     r_new = max_t(r_old, ck);
     alpha = exp_t(r_old - r_new);  // <= 1; 0 for an empty state (r_old = -inf)
-    if (c == 0 && tid == 0) p.r[row] = r_new;
   }
   T acc[kLayerCols];
 #pragma unroll
@@ -329,13 +359,12 @@ __global__ void __launch_bounds__(kLayerThreads)
         ph = p.sM * max_t(aq[u], T(0)) + p.eps;
         kf = p.sM * max_t(ak[u], T(0));
       }
-      T* kvr = kv + static_cast<int64_t>(m0 + u) * E1;
 #pragma unroll
       for (int i = 0; i < kLayerCols; ++i) {
         const int j = lane + 32 * i;
         if (j < E1) {
           const T nkv = alpha * xkv[u][i] + kf * (j < Dv ? sv[j] : T(1));
-          kvr[j] = nkv;
+          xkv[u][i] = nkv;  // (stored after the last barrier)
           acc[i] += ph * (nkv + p.ek * svs[j]);
         }
       }
@@ -357,6 +386,24 @@ __global__ void __launch_bounds__(kLayerThreads)
     }
   }
   panther::cluster::sync();  // 3
+
+  // The state's global stores, after the last cluster barrier: its fence (the release of the
+  // distributed shared memory writes) then has no global store to wait for.
+#pragma unroll
+  for (int u = 0; u < kLayerRows; ++u) {
+    if (m0 + u >= m_hi) continue;
+    T* kvr = kv + static_cast<int64_t>(m0 + u) * E1;
+#pragma unroll
+    for (int i = 0; i < kLayerCols; ++i) {
+      const int j = lane + 32 * i;
+      if (j < E1) kvr[j] = xkv[u][i];
+    }
+  }
+  if (c == 0) {
+    for (int j = tid; j < E1; j += kLayerThreads) p.v_sum[row * E1 + j] = svs[j];
+    if (p.softmax && tid == 0) p.r[row] = r_new;
+    if (p.length != nullptr && row == 0 && tid == 0) *p.length += 1;
+  }
 
   // 4. Block 0: out = num / den (den > 0: the query sees at least its own key).
   if (c == 0) {
