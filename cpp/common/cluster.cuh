@@ -79,19 +79,11 @@ __device__ __forceinline__ T* map(T* p, unsigned r) {
 // As PANTHER_LAUNCH, through cudaLaunchKernelEx with the cluster dimension attribute.
 #define PANTHER_LAUNCH_CLUSTER(kernel, grid, block, cluster_x, smem, ...)                     \
   do {                                                                                        \
-    PANTHER_ALLOW_MAX_SMEM(kernel);                                                           \
-    cudaLaunchConfig_t panther_cfg = {};                                                      \
-    panther_cfg.gridDim = (grid);                                                             \
-    panther_cfg.blockDim = (block);                                                           \
-    panther_cfg.dynamicSmemBytes = (smem);                                                    \
-    panther_cfg.stream = at::cuda::getCurrentCUDAStream();                                    \
-    cudaLaunchAttribute panther_attr[1];                                                      \
-    panther_attr[0].id = cudaLaunchAttributeClusterDimension;                                 \
-    panther_attr[0].val.clusterDim.x = (cluster_x);                                           \
-    panther_attr[0].val.clusterDim.y = 1;                                                     \
-    panther_attr[0].val.clusterDim.z = 1;                                                     \
-    panther_cfg.attrs = panther_attr;                                                         \
-    panther_cfg.numAttrs = 1;                                                                 \
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&panther_cfg, kernel, __VA_ARGS__));                    \
+    cudaLaunchAttribute panther_cluster = {};                                                 \
+    panther_cluster.id = cudaLaunchAttributeClusterDimension;                                 \
+    panther_cluster.val.clusterDim.x = (cluster_x);                                           \
+    panther_cluster.val.clusterDim.y = 1;                                                     \
+    panther_cluster.val.clusterDim.z = 1;                                                     \
+    PANTHER_LAUNCH_WITH(kernel, grid, block, smem, panther_cluster, __VA_ARGS__);             \
   } while (0)
 #endif

@@ -40,6 +40,21 @@
     kernel<<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__);             \
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                           \
   } while (0)
+// cudaLaunchKernelEx of `kernel` on the current stream with one launch attribute `attr` (a
+// cudaLaunchAttribute), after PANTHER_ALLOW_MAX_SMEM.
+#define PANTHER_LAUNCH_WITH(kernel, grid, block, smem, attr, ...)                             \
+  do {                                                                                        \
+    PANTHER_ALLOW_MAX_SMEM(kernel);                                                           \
+    cudaLaunchConfig_t panther_cfg = {};                                                      \
+    panther_cfg.gridDim = (grid);                                                             \
+    panther_cfg.blockDim = (block);                                                           \
+    panther_cfg.dynamicSmemBytes = (smem);                                                    \
+    panther_cfg.stream = at::cuda::getCurrentCUDAStream();                                    \
+    cudaLaunchAttribute panther_attr[1] = {(attr)};                                           \
+    panther_cfg.attrs = panther_attr;                                                         \
+    panther_cfg.numAttrs = 1;                                                                 \
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&panther_cfg, kernel, __VA_ARGS__));                    \
+  } while (0)
 // As PANTHER_LAUNCH, as a programmatic dependent launch (common/device.cuh says what the kernel
 // must do) on devices of compute capability 9.0 or newer, unless portable kernels are asked for.
 #define PANTHER_LAUNCH_DEPENDENT(kernel, grid, block, smem, ...)                              \
@@ -50,18 +65,10 @@
       PANTHER_LAUNCH(kernel, grid, block, smem, __VA_ARGS__);                                 \
       break;                                                                                  \
     }                                                                                         \
-    PANTHER_ALLOW_MAX_SMEM(kernel);                                                           \
-    cudaLaunchConfig_t panther_cfg = {};                                                      \
-    panther_cfg.gridDim = (grid);                                                             \
-    panther_cfg.blockDim = (block);                                                           \
-    panther_cfg.dynamicSmemBytes = (smem);                                                    \
-    panther_cfg.stream = at::cuda::getCurrentCUDAStream();                                    \
-    cudaLaunchAttribute panther_attr[1];                                                      \
-    panther_attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;                  \
-    panther_attr[0].val.programmaticStreamSerializationAllowed = 1;                           \
-    panther_cfg.attrs = panther_attr;                                                         \
-    panther_cfg.numAttrs = 1;                                                                 \
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&panther_cfg, kernel, __VA_ARGS__));                    \
+    cudaLaunchAttribute panther_pdl = {};                                                     \
+    panther_pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;                      \
+    panther_pdl.val.programmaticStreamSerializationAllowed = 1;                               \
+    PANTHER_LAUNCH_WITH(kernel, grid, block, smem, panther_pdl, __VA_ARGS__);                 \
   } while (0)
 #endif
 
