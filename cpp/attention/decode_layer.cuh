@@ -8,20 +8,19 @@
 //
 // Per row (b, h), block c of the cluster (rank c), kLayerThreads threads:
 //   0. every load, issued at once in the order of use: x[b] (then into shared memory), the
-//      first q/k/v weight words and biases, the old v_sum and stabiliser, this block's
-//      projection rows and kv rows (registers, unconverted until used).
+//      first q/k/v weight words and biases, the old v_sum and stabiliser, projection row tid,
+//      this block's kv rows (registers, unconverted until used).
 //   1. rows c*rpc .. of the head's 2D + Dv projection rows (q, then k, then v; rpc = ceil of
 //      (2D + Dv) / kCluster): a warp per row, x . w + bias, stored into every block's q/k/v
-//      (distributed shared memory).                                         cluster barrier 1
-//   2. the pre-activations of this block's features (features c*Mc .. (c+1)*Mc - 1 of the M;
-//      Mc = M / kCluster); their maxima over the block, stored into every block (softmax).
-//                                                                            cluster barrier 2
-//   3. the stabilisers (maxima over the cluster), the features, the update of this block's kv
-//      rows and their part of the readout, summed over the block and stored into block 0.
-//                                                                            cluster barrier 3
+//      (distributed shared memory).                                           cluster barrier
+//   2. the pre-activations of all M features (thread m: feature m; every block forms them all
+//      the same way, so their maxima need no exchange) and their maxima; this block's features
+//      (c*Mc .. (c+1)*Mc - 1, Mc = M / kCluster) kept in shared memory.
+//   3. the stabilisers, the features, the update of this block's kv rows and their part of
+//      the readout, summed over the block and stored into block 0.             cluster barrier
 //   then the state's global stores (each block its kv rows; rank 0 the new v_sum and
 //   stabiliser, and in row 0 the count of `length`), none before: a cluster barrier's release
-//   fence waits for every outstanding global store.
+//   fence waits for every outstanding global store. Two cluster barriers in all.
 //   4. block 0: out = num / den over the blocks' parts, written to ctx[b, h*Dv : (h+1)*Dv].
 // Accumulation in T (the state's dtype,
 // float or double); x and the projection weights in I (the layer's dtype), the feature
@@ -37,14 +36,18 @@
 
 namespace panther::decode {
 
-// Blocks per row, threads per block, kv rows (features) per warp, projection columns per lane
-// (D <= 32 kDCols), kv columns per lane (Dv + 1 <= 32 kLayerCols).
-constexpr int kCluster = 8, kLayerThreads = 256, kLayerRows = 4, kDCols = 4, kLayerCols = 3;
+// Blocks per row, threads per block, kv rows (features) per warp, the largest head_dim
+// (kMaxD), kv columns per lane (Dv + 1 <= 32 kLayerCols); a projection row of at most
+// kWRowWords 16-byte words is kept in registers from the start.
+constexpr int kCluster = 8, kLayerThreads = 256, kLayerRows = 4, kMaxD = 128, kLayerCols = 3;
+constexpr int kWRowWords = 8;
 // q/k/v projection rows a warp computes together (step 1); elements of x and of v_sum per thread
 // loaded into registers first (x beyond kXPer kLayerThreads elements is read in a loop after).
 constexpr int kQRows = 3, kXPer = 4, kVsPer = 1;
 static_assert(32 * kLayerCols <= kVsPer * kLayerThreads, "v_sum (Dv + 1 <= 32 kLayerCols)");
 constexpr int kLayerWarps = kLayerThreads / 32;
+// (every block forms all M <= kCluster kLayerWarps kLayerRows pre-activations, one per thread)
+static_assert(kCluster * kLayerWarps * kLayerRows <= kLayerThreads, "a thread per feature");
 
 template <class T, class I, class WT>
 struct LayerParams {
@@ -59,19 +62,18 @@ struct LayerParams {
   I* ctx;       // (B, H Dv)
   int64_t* length;
   int E, H, D, Dv, M;
-  bool vec;  // weight rows read as 16-byte words (E a multiple of 16 / sizeof(I), aligned)
+  bool vec;   // weight rows read as 16-byte words (E a multiple of 16 / sizeof(I), aligned)
+  bool wvec;  // projection rows read as <= kWRowWords 16-byte words (D likewise, aligned)
   bool softmax;
   T xscale, sM, eps, ek;
 };
 
 // Shared memory (elements of T): x (E), q/k/v (2D + Dv), the old then new v_sum (E1), this
-// block's query and key pre-activations then features (2 Mc), the blocks' maxima (2 kCluster),
-// the warps' maxima or readout parts (kLayerWarps E1, at least 2 kLayerWarps), the blocks'
-// readout parts (kCluster E1, block 0's used).
+// block's query and key pre-activations (2 Mc), the warps' maxima (2 kLayerWarps), the warps'
+// readout parts (kLayerWarps E1), the blocks' readout parts (kCluster E1, block 0's used).
 inline int64_t layer_smem_elems(int64_t E, int64_t D, int64_t Dv, int64_t M) {
   const int64_t E1 = Dv + 1, Mc = (M + kCluster - 1) / kCluster;
-  return E + 2 * D + Dv + E1 + 2 * Mc + 2 * kCluster + kLayerWarps * std::max<int64_t>(E1, 2) +
-         kCluster * E1;
+  return E + 2 * D + Dv + E1 + 2 * Mc + 2 * kLayerWarps + kLayerWarps * E1 + kCluster * E1;
 }
 
 // x . w over E for one lane (its share of the columns; the caller sums over the warp), one
@@ -148,9 +150,9 @@ __global__ void __launch_bounds__(kLayerThreads)
   T* svs = sqkv + nq;
   T* sfq = svs + E1;
   T* sfk = sfq + Mc;
-  T* smax = sfk + Mc;            // [0, kCluster): query maxima, then key maxima
-  T* swarp = smax + 2 * kCluster;  // kLayerWarps x max(E1, 2)
-  T* syp = swarp + kLayerWarps * (E1 > 2 ? E1 : 2);  // kCluster x E1
+  T* smax = sfk + Mc;                 // the warps' query maxima, then their key maxima
+  T* swarp = smax + 2 * kLayerWarps;  // kLayerWarps x E1
+  T* syp = swarp + kLayerWarps * E1;  // kCluster x E1
   const unsigned c = panther::cluster::rank();
   const int64_t row = blockIdx.x / kCluster;
   const int64_t b = row / H;
@@ -203,17 +205,20 @@ __global__ void __launch_bounds__(kLayerThreads)
     if (j < E1) vs_old[i] = p.v_sum[row * E1 + j];
   }
   const T r_old = p.softmax ? p.r[row] : T(0);
+  // Projection row `tid` (every block forms all M pre-activations, step 2), as 16-byte words
+  // where it is kWRowWords of them or fewer.
+  constexpr int kWPer = 16 / static_cast<int>(sizeof(WT));
+  const int nwrow = p.wvec ? D / kWPer : 0;
+  uint4 wrow[kWRowWords];
+#pragma unroll
+  for (int k = 0; k < kWRowWords; ++k)
+    if (tid < M && k < nwrow)
+      wrow[k] = reinterpret_cast<const uint4*>(p.W + static_cast<int64_t>(tid) * D)[k];
   const int m0 = m_lo + warp * kLayerRows;  // kLayerWarps * kLayerRows >= Mc (layer_takes)
-  WT xw[kLayerRows][kDCols];
   T xkv[kLayerRows][kLayerCols];  // the kv rows; after step 3, their new values
 #pragma unroll
   for (int u = 0; u < kLayerRows; ++u) {
     const bool in = m0 + u < m_hi;
-#pragma unroll
-    for (int i = 0; i < kDCols; ++i) {
-      const int d = lane + 32 * i;
-      if (in && d < D) xw[u][i] = p.W[static_cast<int64_t>(m0 + u) * D + d];
-    }
 #pragma unroll
     for (int i = 0; i < kLayerCols; ++i) {
       const int j = lane + 32 * i;
@@ -261,7 +266,7 @@ __global__ void __launch_bounds__(kLayerThreads)
       if (lane < kCluster) *panther::cluster::map(sqkv + i, static_cast<unsigned>(lane)) = y;
     }
   }
-  panther::cluster::sync();  // 1
+  panther::cluster::sync();  // (1 of 2)
 
   // 2. Pre-activations of this block's features (one warp per kLayerRows of them).
   const T* sq = sqkv;
@@ -277,73 +282,66 @@ __global__ void __launch_bounds__(kLayerThreads)
     hq = warp_sum(hq) * T(0.5);
     hk = warp_sum(hk) * T(0.5);
   }
-  T aq[kLayerRows], ak[kLayerRows];
+  // Thread m: feature m's pre-activations; their maxima over all M features (each block forms
+  // them all, the same way, so no exchange is needed); this block's own into sfq, sfk.
+  T aq_m = 0, ak_m = 0;
+  if (tid < M) {
+    auto add = [&](int d, T w) {
+      aq_m += sq[d] * p.xscale * w;
+      ak_m += sk[d] * p.xscale * w;
+    };
+    if (nwrow > 0) {
 #pragma unroll
-  for (int u = 0; u < kLayerRows; ++u) {
-    aq[u] = 0;
-    ak[u] = 0;
+      for (int k = 0; k < kWRowWords; ++k) {
+        if (k >= nwrow) continue;
+        WT wk[kWPer];
+        memcpy(wk, &wrow[k], sizeof(wk));
 #pragma unroll
-    for (int i = 0; i < kDCols; ++i) {
-      const int d = lane + 32 * i;
-      if (d < D) {
-        const T w = load_as<T>(&xw[u][i]);
-        aq[u] += sq[d] * p.xscale * w;
-        ak[u] += sk[d] * p.xscale * w;
+        for (int e = 0; e < kWPer; ++e) add(k * kWPer + e, load_as<T>(wk + e));
       }
+    } else {
+      const WT* w = p.W + static_cast<int64_t>(tid) * D;
+      for (int d = 0; d < D; ++d) add(d, load_as<T>(w + d));
+    }
+    aq_m -= hq;
+    ak_m -= hk;
+    if (tid >= m_lo && tid < m_hi) {
+      sfq[tid - m_lo] = aq_m;
+      sfk[tid - m_lo] = ak_m;
     }
   }
+  T mq = tid < M ? aq_m : T(-INFINITY), mk = tid < M ? ak_m : T(-INFINITY);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
-#pragma unroll
-    for (int u = 0; u < kLayerRows; ++u) {
-      aq[u] += __shfl_xor_sync(0xffffffffu, aq[u], o);
-      ak[u] += __shfl_xor_sync(0xffffffffu, ak[u], o);
-    }
-  }
-  T mq = -INFINITY, mk = -INFINITY;
-#pragma unroll
-  for (int u = 0; u < kLayerRows; ++u) {
-    if (m0 + u < m_hi) {
-      aq[u] -= hq;
-      ak[u] -= hk;
-      mq = max_t(mq, aq[u]);
-      mk = max_t(mk, ak[u]);
-      if (lane == 0) {
-        sfq[m0 + u - m_lo] = aq[u];
-        sfk[m0 + u - m_lo] = ak[u];
-      }
-    }
+    mq = max_t(mq, __shfl_xor_sync(0xffffffffu, mq, o));
+    mk = max_t(mk, __shfl_xor_sync(0xffffffffu, mk, o));
   }
   if (lane == 0) {
-    swarp[warp] = mq;
-    swarp[kLayerWarps + warp] = mk;
+    smax[warp] = mq;
+    smax[kLayerWarps + warp] = mk;
   }
   // The new v_sum (this block's copy; block 0 writes it back after the last barrier).
   for (int j = tid; j < E1; j += kLayerThreads) svs[j] += j < Dv ? sv[j] : T(1);
   __syncthreads();
-  if (p.softmax && tid < kCluster) {  // this block's maxima into every block
-    T block_q = swarp[0], block_k = swarp[kLayerWarps];
-    for (int w = 1; w < kLayerWarps; ++w) {
-      block_q = max_t(block_q, swarp[w]);
-      block_k = max_t(block_k, swarp[kLayerWarps + w]);
-    }
-    T* dst = panther::cluster::map(smax, static_cast<unsigned>(tid));
-    dst[c] = block_q;
-    dst[kCluster + c] = block_k;
-  }
-  panther::cluster::sync();  // 2
 
   // 3. Stabilisers, features, this block's kv rows and readout part.
   T alpha = 1, cq = 0, r_new = r_old;
   if (p.softmax) {
     cq = smax[0];
-    T ck = smax[kCluster];
-    for (int w = 1; w < kCluster; ++w) {
+    T ck = smax[kLayerWarps];
+    for (int w = 1; w < kLayerWarps; ++w) {
       cq = max_t(cq, smax[w]);
-      ck = max_t(ck, smax[kCluster + w]);
+      ck = max_t(ck, smax[kLayerWarps + w]);
     }
     r_new = max_t(r_old, ck);
     alpha = exp_t(r_old - r_new);  // <= 1; 0 for an empty state (r_old = -inf)
+  }
+  T aq[kLayerRows], ak[kLayerRows];
+#pragma unroll
+  for (int u = 0; u < kLayerRows; ++u) {
+    const bool in = m0 + u < m_hi;
+    aq[u] = in ? sfq[m0 + u - m_lo] : T(0);
+    ak[u] = in ? sfk[m0 + u - m_lo] : T(0);
   }
   T acc[kLayerCols];
 #pragma unroll
@@ -370,7 +368,6 @@ __global__ void __launch_bounds__(kLayerThreads)
       }
     }
   }
-  // (swarp's maxima were read before barrier 2: its slots are free again.)
 #pragma unroll
   for (int i = 0; i < kLayerCols; ++i) {
     const int j = lane + 32 * i;
@@ -385,7 +382,7 @@ __global__ void __launch_bounds__(kLayerThreads)
       dst[j] = s;
     }
   }
-  panther::cluster::sync();  // 3
+  panther::cluster::sync();  // (2 of 2)
 
   // The state's global stores, after the last cluster barrier: its fence (the release of the
   // distributed shared memory writes) then has no global store to wait for.
@@ -483,7 +480,7 @@ __global__ void __launch_bounds__(kOutThreads) linear_rows_kernel(const LinearRo
 inline bool layer_takes(int64_t E, int64_t D, int64_t Dv, int64_t M, at::ScalarType st,
                         int64_t max_smem, bool clusters) {
   if (!clusters || (st != at::kFloat && st != at::kDouble)) return false;
-  if (E < 1 || E > INT_MAX / 2 || D > 32 * kDCols || Dv + 1 > 32 * kLayerCols) return false;
+  if (E < 1 || E > INT_MAX / 2 || D > kMaxD || Dv + 1 > 32 * kLayerCols) return false;
   if ((M + kCluster - 1) / kCluster > kLayerWarps * kLayerRows) return false;
   return layer_smem_elems(E, D, Dv, M) * at::elementSize(st) <= max_smem;
 }
@@ -533,6 +530,9 @@ at::Tensor layer_step(const at::Tensor& x, const detail::QkvWeights& qkv,
   p.D = static_cast<int>(D);
   p.Dv = static_cast<int>(Dv);
   p.M = static_cast<int>(M);
+  const int64_t wbytes = D * static_cast<int64_t>(sizeof(WT));
+  p.wvec = wbytes % 16 == 0 && wbytes <= 16 * kWRowWords &&
+           reinterpret_cast<uintptr_t>(W.data_ptr()) % 16 == 0;
   set_feature_constants(p, softmax, D, M);
   const size_t smem = static_cast<size_t>(layer_smem_elems(E, D, Dv, M) * sizeof(T));
   auto* kernel = &decode_layer_kernel<T, I, WT>;
