@@ -262,6 +262,22 @@ def back_to_back_us(fn: Callable[[], object], n: int, runs: int = 1, warmup: int
     return sorted(out)
 
 
+def kernel_rows(fn: Callable[[], object], reps: int = 5) -> List[Tuple[str, float, float]]:
+    """CUDA: (kernel name, GPU microseconds per call of fn, launches per call) from the torch
+    profiler over `reps` calls after one unprofiled call, largest time first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / reps, e.count / reps) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
     """Extra device memory one call of ``fn`` needs at its peak (CUDA), or None (CPU)."""
     if device.type != "cuda":

@@ -14,7 +14,6 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 import panther  # noqa: F401
 
@@ -35,14 +34,7 @@ def median_ms(fns):
 
 def kernel_times(fn, n=20):
     """GPU time per kernel name of one call of fn (us), largest first."""
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total / n) for e in prof.key_averages() if e.device_time_total > 0]
-    return sorted(rows, key=lambda r: -r[1])
+    return [(k, t) for k, t, _ in C.kernel_rows(fn, n)]
 
 
 if os.environ.get("AB_WHAT", "attention") == "linear":

@@ -57,15 +57,7 @@ def latency(name, fn, n=30):
 
 
 def kernels(name, fn, reps=5, top=12):
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total / reps, e.count / reps) for e in prof.key_averages()
-            if e.device_time_total > 0]
-    rows.sort(key=lambda r: -r[1])
+    rows = C.kernel_rows(fn, reps)
     total = sum(r[1] for r in rows)
     print(f"-- {name}: GPU kernel time per call {total:.1f} us, {sum(r[2] for r in rows):.0f} kernels")
     for k, t, c in rows[:top]:
