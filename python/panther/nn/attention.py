@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .. import _favor_math as _fm
 from .._checks import check_dtype, check_fits, check_int, check_tensor
-from ._tensors import module_tensors
+from ._tensors import module_tensors, panther_op
 
 _KERNELS = ("softmax", "relu")
 _WEIGHTS = ("Wq", "Wk", "Wv", "bq", "bk", "bv", "W0", "b0", "projection_matrix")  # (_weights)
@@ -404,7 +404,7 @@ class RandMultiHeadAttention(nn.Module):
         if torch.compiler.is_compiling() or (self.training and self.dropout > 0):
             return None
         Wq, Wk, Wv, bq, bk, bv, W0, b0, P = self._weights()
-        return torch.ops.panther._rand_mha_self_attention(
+        return panther_op("_rand_mha_self_attention")(
             x, Wq, Wk, Wv, bq, bk, bv, W0, b0, P, self.num_heads, self.kernel_fn, causal, kpm)
 
     @torch.jit.unused
@@ -945,7 +945,7 @@ class RandMultiHeadAttention(nn.Module):
             if not dropout and _fm.fused_decode_applies(x, kv, (W0, b0)):
                 # The whole step as one op: q/k/v projections, the state's update and readout, the
                 # output projection (on Hopper GPUs the first two are one kernel).
-                out = torch.ops.panther._favor_decode_layer_(
+                out = panther_op("_favor_decode_layer_")(
                     x, Wq, Wk, Wv, bq, bk, bv, W, self.kernel_fn, W0, b0, kv, v_sum, r, n)
                 if nd == 3:
                     out = out.unsqueeze(time_dim)
@@ -955,7 +955,7 @@ class RandMultiHeadAttention(nn.Module):
             q = F.linear(x, Wq, bq).view(B, H, hd)
             k = F.linear(x, Wk, bk).view(B, H, hd)
             v = F.linear(x, Wv, bv).view(B, H, hd)
-            ctx = torch.ops.panther._favor_decode_step_(q, k, v, W, self.kernel_fn, kv, v_sum, r, n).reshape(B, E)
+            ctx = panther_op("_favor_decode_step_")(q, k, v, W, self.kernel_fn, kv, v_sum, r, n).reshape(B, E)
         else:
             W = P if P.dtype == cdt else P.to(cdt)
             q = F.linear(x, Wq, bq).reshape(B, H, hd).to(cdt)

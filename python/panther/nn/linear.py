@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_dtype, check_int, check_tensor, memory_limit_bytes
-from ._tensors import module_tensors
+from ._tensors import module_tensors, panther_op
 
 _OPERANDS = ("S1s", "S2s", "U1s", "U2s", "bias")
 
@@ -261,7 +261,7 @@ class SKLinear(nn.Module):
             )
         if not torch.jit.is_scripting():
             S1s, S2s, U1s, U2s, bias = self._operands()
-            return torch.ops.panther.sketched_linear(input, S1s, S2s, U1s, U2s, bias)
+            return panther_op("sketched_linear")(input, S1s, S2s, U1s, U2s, bias)
         return torch.ops.panther.sketched_linear(input, self.S1s, self.S2s, self.U1s, self.U2s, self.bias)
 
     def extra_repr(self) -> str:
