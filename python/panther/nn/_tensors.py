@@ -25,7 +25,6 @@ def module_tensors(module: nn.Module, names: Tuple[str, ...]) -> Tuple[Optional[
     return tuple(getattr(module, n) for n in names)
 
 
-
 _DIRECT: Dict[str, Callable[..., Any]] = {}
 
 
