@@ -223,6 +223,27 @@ def test_none_tensors_named():
         make_sk()(None)
 
 
+@pytest.mark.parametrize("make,run,op", [pytest.param(make_sk, run_sk, "sketched_linear", id="SKLinear"),
+                                          pytest.param(make_attn, run_attn, "_rand_mha_self_attention",
+                                                       id="RandMHA")])
+def test_eager_forward_calls_the_op_entry_not_the_packet(make, run, op, monkeypatch):
+    """An eager forward calls its op through the default overload's C++ entry
+    (panther.nn._tensors.panther_op), not through the torch.ops packet, whose overload resolution
+    runs in Python on every call: with the packet replaced by one that raises, the forward still
+    runs and gives the same result."""
+    torch.manual_seed(0)
+    m = make(dtype=torch.float64)
+    torch.manual_seed(1)
+    want = run(m)
+
+    def packet(*args, **kwargs):
+        raise AssertionError(f"torch.ops.panther.{op} called on the eager path")
+
+    monkeypatch.setattr(torch.ops.panther, op, packet)
+    torch.manual_seed(1)
+    torch.testing.assert_close(run(m), want, rtol=0, atol=0)
+
+
 def test_sketch_weights_under_parametrize_prune_and_functional_call():
     """SKLinear reads its sketches from the module's parameter dicts on the fast path; weights
     that live elsewhere (a parametrization, pruning's recomputed attribute, functional_call's
