@@ -20,7 +20,6 @@ Usage: python3 scripts/gpu/profile_kernels.py [linear] [attention] [module] [sho
 (default: linear attention module)"""
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -191,7 +190,6 @@ if "module" in SECTIONS:
 
     # The module at 1k as bench_attention.py times it: round-robin with the other implementations
     # (no synchronisation between them), and alone.
-
     mha = torch.nn.MultiheadAttention(768, 12, batch_first=True, device=dev, dtype=dt)
     mask = torch.ones(1024, 1024, dtype=torch.bool, device=dev).triu(1)
     fns = {
